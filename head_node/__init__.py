@@ -1,0 +1,1 @@
+"""The dcf head: registry of providers, scheduler, durable job store, REST API."""

@@ -1,0 +1,70 @@
+"""``dcf-head`` / ``python -m head_node``: run the head."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from common import config, tasks
+from common.errors import ConfigError
+from common.logs import setup_logging
+
+log = logging.getLogger("dcf.head")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = config.parse(config.HEAD_OPTIONS, argv, "dcf-head",
+                           "Run the dcf head: registration, scheduling, job store and REST API.")
+        setup_logging(cfg.log_level, cfg.log_json)
+        tasks.load_plugins(cfg.plugins)
+        ports = {cfg.http_port, cfg.registration_port, cfg.task_port, cfg.result_port}
+        if len(ports) != 4:
+            raise ConfigError("the HTTP, registration, task and result ports must all differ")
+    except ConfigError as exc:
+        print(f"dcf-head: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+async def serve(cfg) -> None:  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from .api import create_app
+    from .server import Head
+
+    head = Head(cfg)
+    await head.start()
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]  # the head handles signals itself
+            yield
+
+    server = Server(uvicorn.Config(create_app(head), host=cfg.host, port=cfg.http_port,
+                                   log_level="warning", access_log=False, lifespan="off"))
+    loop = asyncio.get_running_loop()
+
+    def stop(*_: object) -> None:
+        loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    try:
+        await server.serve()
+    finally:
+        await head.stop()
+        log.info("head stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

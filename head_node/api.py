@@ -1,0 +1,132 @@
+"""The head's REST API (FastAPI). Runs in the head's event loop: handlers call the Head directly.
+
+Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from common import __version__, tasks
+from common.errors import DcfError, Unauthorized
+
+from .server import Head
+
+log = logging.getLogger("dcf.head.api")
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(min_length=1, max_length=64, description="task type, e.g. matmul")
+    inputs: dict[str, str] = Field(default_factory=dict, description="input name -> blob id")
+    params: dict[str, Any] = Field(default_factory=dict)
+    nodes: int | None = Field(default=None, ge=1, le=100_000, description="at most this many providers")
+
+
+class BigFileResponse(FileResponse):
+    chunk_size = 4 * 1024 * 1024
+
+
+def create_app(head: Head) -> FastAPI:
+    app = FastAPI(title="dcf head", version=__version__,
+                  description="Submit jobs, follow them, fetch results; see the providers.")
+
+    async def auth(request: Request) -> None:
+        token = head.cfg.api_token
+        if not token:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            log.warning("rejected request without a valid token from %s",
+                        request.client.host if request.client else "?")
+            raise Unauthorized("missing or wrong bearer token")
+
+    @app.exception_handler(DcfError)
+    async def dcf_error(request: Request, exc: DcfError) -> JSONResponse:
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.http_status, exc.code,
+                 exc.message)
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        msg = f"{where}: {first.get('msg', 'invalid request')}"
+        log.info("%s %s -> 422: %s", request.method, request.url.path, msg)
+        return JSONResponse({"error": {"code": "invalid", "message": msg}}, status_code=422)
+
+    guarded = [Depends(auth)]
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "epoch": head.epoch, "queue": head.queue.name,
+                "task_types": tasks.names()}
+
+    @app.put("/v1/blobs", status_code=201, dependencies=guarded)
+    async def upload(request: Request) -> dict[str, Any]:
+        """Upload one array as the raw bytes of a .npy file (C order, float32 or float64)."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > head.cfg.max_upload_bytes:
+            raise DcfError(f"upload of {declared} bytes exceeds {head.cfg.max_upload_bytes}",
+                           code="too_large")
+        writer = head.blobs.writer(head.cfg.max_upload_bytes)
+        try:
+            async for chunk in request.stream():
+                writer.feed(chunk)
+            blob_id, meta = writer.finish(head.cfg.fsync)
+        except BaseException:
+            writer.abort()
+            raise
+        log.info("blob stored: %s %s", meta.dtype, list(meta.shape), extra={"blob_id": blob_id})
+        return {"blob_id": blob_id, **meta.to_dict(), "bytes": meta.nbytes}
+
+    @app.delete("/v1/blobs/{blob_id}", status_code=204, dependencies=guarded)
+    async def delete_blob(blob_id: str) -> None:
+        from common.errors import NotFound
+
+        if not head.blobs.delete_blob(blob_id):
+            raise NotFound(f"no blob {blob_id}")
+
+    @app.post("/v1/jobs", status_code=201, dependencies=guarded)
+    async def submit(spec: JobSpec) -> dict[str, Any]:
+        job_id = await head.submit(spec.model_dump())
+        return head.job_view(job_id)
+
+    @app.get("/v1/jobs", dependencies=guarded)
+    async def list_jobs(state: str | None = Query(None, pattern="^(queued|running|done|failed|cancelled)$"),
+                        limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        return head.list_jobs(state, limit)
+
+    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
+    async def job(job_id: str, wait: float = Query(0.0, ge=0.0, le=60.0,
+                                                  description="seconds to wait for the job to end")
+                  ) -> dict[str, Any]:
+        return await head.wait(job_id, wait)
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=guarded)
+    async def cancel(job_id: str) -> dict[str, Any]:
+        return head.cancel(job_id)
+
+    @app.delete("/v1/jobs/{job_id}", status_code=204, dependencies=guarded)
+    async def delete(job_id: str) -> None:
+        await head.delete(job_id)
+
+    @app.get("/v1/jobs/{job_id}/result", dependencies=guarded)
+    async def result(job_id: str, name: str | None = Query(None, max_length=64)) -> FileResponse:
+        path = head.result_path(job_id, name)
+        return BigFileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{path.name}")
+
+    @app.get("/v1/nodes", dependencies=guarded)
+    async def nodes() -> list[dict[str, Any]]:
+        import time
+
+        return head.state.provider_rows(time.time())
+
+    return app

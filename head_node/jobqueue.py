@@ -1,0 +1,186 @@
+"""Durable job queues. A job id is returned to the user only after ``publish`` returned.
+
+* ``EmbeddedQueue``: the SQLite job store in the state dir is the queue; unfinished
+  accepted jobs are delivered again when the head starts.
+* ``AmqpQueue``: a durable RabbitMQ queue ``dcf.jobs``; persistent messages, publisher
+  confirms, manual ack only once the job's outcome is stored. Unacked jobs come back
+  after a head crash or a broker restart. Messages hold the job spec and blob ids,
+  never bulk data (claim-check), encoded with msgpack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgpack
+
+from common.errors import DcfError, HeadUnreachable, ProtocolError
+from common.protocol import check_id
+
+from .store import JobStore
+
+log = logging.getLogger("dcf.head.queue")
+
+Ack = Callable[[], Awaitable[None]]
+Deliver = Callable[[dict[str, Any], Ack], None]
+
+JOB_QUEUE = "dcf.jobs"
+JOB_FIELDS = {"job_id": str, "type": str, "params": dict, "inputs": dict, "outputs": dict,
+              "created_at": (int, float)}
+
+
+class JobQueue(Protocol):
+    name: str
+
+    async def start(self, deliver: Deliver) -> None: ...
+
+    async def publish(self, record: dict[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def _no_ack() -> None:
+    return None
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": 1, **record}, use_bin_type=True)
+
+
+def decode_record(body: bytes) -> dict[str, Any]:
+    try:
+        if len(body) > 1 << 20:
+            raise ValueError("too large")
+        record = msgpack.unpackb(body, raw=False)
+    except Exception:
+        raise ProtocolError("job message is not msgpack") from None
+    if not isinstance(record, dict) or record.get("v") != 1:
+        raise ProtocolError("job message has no version 1 header")
+    for key, types in JOB_FIELDS.items():
+        if not isinstance(record.get(key), types):
+            raise ProtocolError(f"job message field {key!r} missing or of the wrong type")
+    check_id(record["job_id"], "job id")
+    nodes = record.get("nodes")
+    if nodes is not None and (not isinstance(nodes, int) or nodes < 1):
+        raise ProtocolError("job message field 'nodes' must be a positive int or null")
+    record.pop("v")
+    return record
+
+
+class EmbeddedQueue:
+    name = "embedded"
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.deliver: Deliver | None = None
+
+    async def start(self, deliver: Deliver) -> None:
+        self.deliver = deliver
+        failed = self.store.fail_unaccepted()
+        if failed:
+            log.warning("%d submissions were cut off before acceptance and are marked failed", failed)
+        for record in self.store.unfinished():
+            log.info("recovering job", extra={"job_id": record["job_id"]})
+            deliver(record, _no_ack)
+
+    async def publish(self, record: dict[str, Any]) -> None:
+        self.store.mark_accepted(record["job_id"])
+        assert self.deliver is not None
+        self.deliver(record, _no_ack)
+
+    async def close(self) -> None:
+        return None
+
+
+class AmqpQueue:
+    name = "rabbitmq"
+
+    def __init__(self, url: str, store: JobStore, prefetch: int = 1000) -> None:
+        self.url = url
+        self.store = store
+        self.prefetch = prefetch
+        self.connection: Any = None
+        self.channel: Any = None
+        self.deliver: Deliver | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self, deliver: Deliver) -> None:
+        import aio_pika
+
+        self.deliver = deliver
+        delay = 0.5
+        while True:
+            try:
+                self.connection = await aio_pika.connect_robust(self.url, timeout=10)
+                break
+            except Exception as exc:  # broker down at start: keep trying, with backoff
+                log.warning("RabbitMQ at %s unreachable (%s); retrying in %.1fs", _safe(self.url), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.connection.reconnect_callbacks.add(self._on_reconnect)
+        self.connection.close_callbacks.add(self._on_close)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        await self.channel.set_qos(prefetch_count=self.prefetch)
+        queue = await self.channel.declare_queue(JOB_QUEUE, durable=True)
+        await queue.consume(self._on_message, no_ack=False)
+        self.connected.set()
+        log.info("job queue: RabbitMQ queue %s at %s", JOB_QUEUE, _safe(self.url))
+
+    def _on_close(self, *args: Any) -> None:
+        self.connected.clear()
+        log.warning("RabbitMQ connection lost; reconnecting")
+
+    def _on_reconnect(self, *args: Any) -> None:
+        self.connected.set()
+        log.info("RabbitMQ connection restored")
+
+    async def _on_message(self, message: Any) -> None:
+        try:
+            record = decode_record(message.body)
+        except DcfError as exc:
+            log.error("dropping malformed job message: %s", exc.message)
+            await message.reject(requeue=False)
+            return
+
+        async def ack() -> None:
+            try:
+                await message.ack()
+            except Exception as exc:  # channel gone: the broker redelivers; the head dedupes
+                log.warning("could not ack job message (%s); it will be redelivered", exc,
+                            extra={"job_id": record["job_id"]})
+
+        self.store.insert(record, accepted=True)
+        self.store.mark_accepted(record["job_id"])
+        assert self.deliver is not None
+        self.deliver(record, ack)
+
+    async def publish(self, record: dict[str, Any]) -> None:
+        import aio_pika
+
+        if not self.connected.is_set():
+            raise HeadUnreachable("the job queue (RabbitMQ) is unreachable; try again shortly")
+        message = aio_pika.Message(encode_record(record), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   message_id=record["job_id"], content_type="application/msgpack",
+                                   type=f"dcf.job.{record['type']}")
+        try:
+            await asyncio.wait_for(self.channel.default_exchange.publish(message, routing_key=JOB_QUEUE),
+                                   timeout=15)
+        except Exception as exc:
+            raise HeadUnreachable(f"the job queue did not confirm the job ({type(exc).__name__}); "
+                                  "try again") from None
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url

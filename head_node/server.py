@@ -1,0 +1,454 @@
+"""The head's I/O layer: one asyncio event loop owns the ZeroMQ sockets, the HTTP server,
+the job queue and the state machine (head_node/state.py). Nothing else changes state.
+
+Sockets (all bound by the head):
+  ROUTER  registration_port  register / heartbeat / unregister; every request gets a reply
+  XPUB    task_port          subtasks, topic = provider id; subscriptions mark providers ready
+  PULL    result_port        ack / result / failed from providers
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from common import protocol, tasks
+from common.errors import Conflict, DcfError, NotFound, ProtocolError, ValidationError
+from common.protocol import check_id
+from common.tasks import ArrayMeta
+
+from . import state as st
+from .jobqueue import Ack, AmqpQueue, EmbeddedQueue, JobQueue
+from .store import BlobStore, JobStore
+
+log = logging.getLogger("dcf.head")
+
+PROVIDER_TYPES = ("register", "heartbeat", "unregister")
+RESULT_TYPES = ("ack", "result", "failed")
+
+
+class ActiveJob:
+    """What the I/O layer holds for a running job: its open operands, outputs and queue ack."""
+
+    def __init__(self, operands: dict[str, np.ndarray], outputs: dict[str, np.ndarray], ack: Ack) -> None:
+        self.operands = operands
+        self.outputs = outputs
+        self.ack = ack
+        self.nonfinite = 0
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+
+class Head:
+    def __init__(self, cfg: Namespace) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.state_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.epoch = uuid.uuid4().hex
+        self.state = st.ClusterState(self.epoch, st.Timing(
+            heartbeat_interval=cfg.heartbeat_interval, ack_timeout=cfg.ack_timeout,
+            min_deadline=cfg.min_deadline, max_attempts=cfg.max_attempts))
+        self.blobs = BlobStore(self.root)
+        self.store = JobStore(self.root / "jobs.sqlite3")
+        self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store) if cfg.amqp_url
+                                else EmbeddedQueue(self.store))
+        self.active: dict[str, ActiveJob] = {}
+        self.waiters: dict[str, asyncio.Event] = {}
+        self.ctx = zmq.asyncio.Context()
+        self.stopping = asyncio.Event()
+        self.started_at = time.time()
+        self.counters = {"bytes_out": 0, "bytes_in": 0, "bad_messages": 0}
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _bind(self, kind: int, port: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_MESSAGE_BYTES)
+        sock.bind(f"tcp://{self.cfg.host}:{port}")
+        return sock
+
+    async def start(self) -> None:
+        self.router = self._bind(zmq.ROUTER, self.cfg.registration_port)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        self.xpub.setsockopt(zmq.LINGER, 0)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.xpub.setsockopt(zmq.SNDHWM, 100_000)
+        self.xpub.bind(f"tcp://{self.cfg.host}:{self.cfg.task_port}")
+        self.pull = self._bind(zmq.PULL, self.cfg.result_port)
+        self.pull.setsockopt(zmq.RCVHWM, 100_000)
+        for coro in (self._router_loop(), self._xpub_loop(), self._pull_loop(), self._tick_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+        await self.queue.start(self._deliver)
+        log.info("head %s up: registration %d, tasks %d, results %d, store %s, state dir %s",
+                 self.epoch[:8], self.cfg.registration_port, self.cfg.task_port, self.cfg.result_port,
+                 self.queue.name, self.root)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.queue.close()
+        self.ctx.destroy(linger=0)
+        self.store.close()
+
+    # ---- jobs -----------------------------------------------------------------------------
+    async def submit(self, spec: dict[str, Any]) -> str:
+        """Validate a job, persist it, publish it durably; only then return its id."""
+        record = self.make_record(spec)
+        self.store.insert(record, accepted=False)
+        try:
+            await self.queue.publish(record)
+        except DcfError:
+            self.store.update(record["job_id"], state="failed", error="not accepted: job queue unavailable",
+                              finished_at=time.time())
+            raise
+        self.store.mark_accepted(record["job_id"])
+        log.info("job accepted: %s", record["type"], extra={"job_id": record["job_id"]})
+        return record["job_id"]
+
+    def make_record(self, spec: dict[str, Any]) -> dict[str, Any]:
+        task = tasks.get(spec["type"])
+        blob_ids = spec.get("inputs") or {}
+        missing = [n for n in task.inputs if n not in blob_ids]
+        extra = [n for n in blob_ids if n not in task.inputs]
+        if missing or extra:
+            raise ValidationError(f"{task.name} takes inputs {list(task.inputs)}; missing {missing}, "
+                                  f"unexpected {extra}")
+        metas = {name: self.blobs.meta(blob_id) for name, blob_id in blob_ids.items()}
+        outputs = task.validate(spec.get("params") or {}, metas)
+        return {
+            "job_id": uuid.uuid4().hex, "type": task.name, "params": spec.get("params") or {},
+            "inputs": {n: {"blob": b, **metas[n].to_dict()} for n, b in blob_ids.items()},
+            "outputs": {n: m.to_dict() for n, m in outputs.items()},
+            "nodes": spec.get("nodes"), "created_at": time.time(),
+        }
+
+    def _deliver(self, record: dict[str, Any], ack: Ack) -> None:
+        """A job from the durable queue (new, recovered or redelivered) enters the scheduler."""
+        job_id = record["job_id"]
+        if job_id in self.active:
+            self.active[job_id].ack = ack  # redelivery after a broker reconnect: the new tag counts
+            return
+        row = self.store.get(job_id)
+        if row is not None and row["state"] in st.terminal_states():
+            asyncio.ensure_future(ack())
+            return
+        try:
+            job, operands = self._open_job(record)
+            outputs = self.blobs.create_outputs(job_id, job.outputs)
+        except (DcfError, OSError, ValueError) as exc:
+            msg = exc.message if isinstance(exc, DcfError) else f"{type(exc).__name__}: {exc}"
+            log.error("job cannot run: %s", msg, extra={"job_id": job_id})
+            self.store.update(job_id, state="failed", error=msg, finished_at=time.time())
+            asyncio.ensure_future(ack())
+            return
+        self.active[job_id] = ActiveJob(operands, outputs, ack)
+        self.store.update(job_id, state="queued")
+        self._run(self.state.add_job(job, time.time()))
+
+    def _open_job(self, record: dict[str, Any]) -> tuple[st.Job, dict[str, np.ndarray]]:
+        task = tasks.get(record["type"])
+        operands, metas = {}, {}
+        for name, ref in record["inputs"].items():
+            operands[name] = self.blobs.open(ref["blob"])
+            metas[name] = ArrayMeta.of(operands[name])
+        outputs = task.validate(record["params"], metas)
+        job = st.Job(record["job_id"], task.name, record["params"], metas, outputs,
+                     record.get("nodes"), created_at=record["created_at"])
+        return job, operands
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            row = self._row(job_id)
+            raise Conflict(f"job {job_id} is already {row['state']}")
+        self.state.cancel(job_id, time.time())
+        self._close_job(job, "cancelled")
+        return self.job_view(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        job = self.state.jobs.get(job_id)
+        if job is not None and not job.state.terminal:
+            raise Conflict(f"job {job_id} is {job.state.value}; cancel it first")
+        row = self._row(job_id)
+        self.state.forget(job_id)
+        self.blobs.delete_job(job_id)
+        self.store.delete(job_id)
+        for ref in row["inputs"].values():
+            if not self.store.blob_in_use(ref["blob"], job_id):
+                self.blobs.delete_blob(ref["blob"])
+
+    def _row(self, job_id: str) -> dict[str, Any]:
+        row = self.store.get(job_id) if _is_id(job_id) else None
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return row
+
+    def job_view(self, job_id: str) -> dict[str, Any]:
+        job = self.state.jobs.get(job_id)
+        if job is not None:
+            view = st.job_view(job, self._names())
+            view["stats"] = {**job.stats, **self._live_stats(job_id)}
+            return view
+        row = self._row(job_id)
+        stats = row["stats"] or {}
+        return {
+            "job_id": job_id, "type": row["type"], "state": row["state"], "params": row["params"],
+            "inputs": {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in row["inputs"].items()},
+            "outputs": row["outputs"], "nodes": row["nodes"], "created_at": row["created_at"],
+            "started_at": row["started_at"], "finished_at": row["finished_at"], "error": row["error"],
+            "waiting": None if row["state"] != "queued" else "waiting for the head to schedule it",
+            "progress": stats.get("progress", {"done": 0, "total": 0}),
+            "shares": stats.get("shares", {}), "stats": stats,
+        }
+
+    def _live_stats(self, job_id: str) -> dict[str, Any]:
+        act = self.active.get(job_id)
+        if act is None:
+            return {}
+        return {"result_nonfinite": act.nonfinite, "bytes_out": act.bytes_out, "bytes_in": act.bytes_in}
+
+    def _names(self) -> dict[str, str]:
+        return {pid: p.info.name for pid, p in self.state.providers.items()}
+
+    def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        out = []
+        for row in self.store.list(state, limit):
+            live = self.state.jobs.get(row["job_id"])
+            if live is not None:
+                out.append(st.job_view(live, self._names()))
+            else:
+                out.append(self.job_view(row["job_id"]))
+        return out
+
+    async def wait(self, job_id: str, timeout: float) -> dict[str, Any]:
+        view = self.job_view(job_id)
+        if view["state"] in st.terminal_states() or timeout <= 0:
+            return view
+        event = self.waiters.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        return self.job_view(job_id)
+
+    def result_path(self, job_id: str, name: str | None) -> Path:
+        view = self.job_view(job_id)
+        if view["state"] != "done":
+            raise Conflict(f"job {job_id} is {view['state']}; its result is not available")
+        name = name or next(iter(view["outputs"]))
+        if name not in view["outputs"]:
+            raise NotFound(f"job {job_id} has no output {name!r}")
+        path = self.blobs.output_path(job_id, name)
+        if not path.exists():
+            raise NotFound(f"result {name!r} of job {job_id} is missing from the state dir")
+        return path
+
+    # ---- actions --------------------------------------------------------------------------
+    def _run(self, actions: list[st.Action]) -> None:
+        for action in actions:
+            if isinstance(action, st.Dispatch):
+                self._dispatch(action)
+            elif isinstance(action, st.JobStarted):
+                self.store.update(action.job_id, state="running",
+                                  started_at=self.state.jobs[action.job_id].started_at)
+                log.info("job started with %d subtasks", len(self.state.jobs[action.job_id].subtasks),
+                         extra={"job_id": action.job_id})
+            elif isinstance(action, st.JobFinished):
+                self._close_job(self.state.jobs[action.job_id], "done")
+            elif isinstance(action, st.JobFailed):
+                self._close_job(self.state.jobs[action.job_id], "failed")
+            elif isinstance(action, st.ProviderLost):
+                log.warning("provider lost; %d subtasks re-queued", action.requeued,
+                            extra={"provider_id": action.provider_id})
+
+    def _dispatch(self, d: st.Dispatch) -> None:
+        job = self.state.jobs[d.job_id]
+        act = self.active[d.job_id]
+        sub = job.subtasks[d.subtask]
+        task = tasks.get(job.task_type)
+        arrays = task.subtask_inputs(sub.params, act.operands)
+        frames = protocol.encode("subtask", {
+            "job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.epoch,
+            "task_type": job.task_type, "params": sub.params}, arrays, topic=d.provider_id.encode())
+        nbytes = sum(a.nbytes for a in arrays)
+        act.bytes_out += nbytes
+        self.counters["bytes_out"] += nbytes
+        # PUB never blocks: past the high-water mark it drops, and the ack timeout re-sends.
+        sent = self.xpub.send_multipart(frames, copy=False)
+        sent.add_done_callback(_log_send_error)
+        log.debug("dispatched", extra={"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt,
+                                       "provider_id": d.provider_id})
+
+    def _close_job(self, job: st.Job, outcome: str) -> None:
+        act = self.active.pop(job.job_id, None)
+        stats = {**job.stats, "progress": {"done": job.done_count, "total": len(job.subtasks)},
+                 "shares": {self._names().get(p, p): round(f, 4) for p, f in job.shares().items()}}
+        if act is not None:
+            stats.update(result_nonfinite=act.nonfinite, bytes_out=act.bytes_out, bytes_in=act.bytes_in)
+        if job.started_at and job.finished_at:
+            stats["compute_s"] = round(job.finished_at - job.started_at, 4)
+        job.stats = stats
+        try:
+            if outcome == "done" and act is not None:
+                self.blobs.commit_outputs(job.job_id, act.outputs, self.cfg.fsync)
+        except OSError as exc:
+            job.state, job.error, outcome = st.JobState.FAILED, f"could not store result: {exc}", "failed"
+        self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at,
+                          error=job.error, stats=stats)
+        if act is not None:
+            asyncio.ensure_future(act.ack())  # only after the outcome is stored
+        log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
+                 extra={"job_id": job.job_id})
+        event = self.waiters.pop(job.job_id, None)
+        if event is not None:
+            event.set()
+
+    # ---- sockets --------------------------------------------------------------------------
+    async def _router_loop(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart(copy=False)
+            if len(frames) < 3 or frames[1].bytes != b"":
+                self.counters["bad_messages"] += 1
+                log.warning("dropped a registration message without a REQ envelope")
+                continue
+            envelope = [frames[0].bytes, b""]
+            peer = frames[0].bytes.hex()[:16]
+            try:
+                msg = protocol.decode(frames[2:], max_bytes=0, expect=PROVIDER_TYPES)
+                reply = self._on_provider_request(msg)
+            except DcfError as exc:
+                self.counters["bad_messages"] += 1
+                log.warning("bad request from provider: %s", exc.message, extra={"peer": peer})
+                reply = protocol.error_frames(exc.code, exc.message)
+            except Exception as exc:  # never let one message stop the loop
+                log.exception("error handling a provider request", extra={"peer": peer})
+                reply = protocol.error_frames("internal", f"{type(exc).__name__}")
+            await self.router.send_multipart(envelope + reply)
+
+    def _on_provider_request(self, msg: protocol.Message) -> list[Any]:
+        now = time.time()
+        pid = check_id(msg["provider_id"], "provider_id")
+        if msg.type == "register":
+            info = _provider_info(msg)
+            self._run(self.state.register(info, now))
+            log.info("provider registered: %s (%s, %s, %.1f GFLOP/s)", info.name, info.device_kind,
+                     info.device_name, info.gflops, extra={"provider_id": pid})
+            return protocol.encode("registered", {"provider_id": pid, "epoch": self.epoch,
+                                                  "heartbeat_interval_s": self.cfg.heartbeat_interval})
+        if msg.type == "heartbeat":
+            if not self.state.heartbeat(pid, now, msg["queued"]):
+                return protocol.error_frames("unknown_provider", "register again")
+            return protocol.encode("heartbeat_ack", {"epoch": self.epoch})
+        self._run(self.state.unregister(pid, now))
+        log.info("provider left", extra={"provider_id": pid})
+        return protocol.encode("ok")
+
+    async def _xpub_loop(self) -> None:
+        while True:
+            frame = await self.xpub.recv()
+            if not frame or frame[0] not in (0, 1):
+                continue
+            topic = frame[1:].decode("ascii", "replace")
+            if not protocol.ID_RE.match(topic):
+                continue
+            subscribed = frame[0] == 1
+            log.debug("subscription %s", "on" if subscribed else "off", extra={"provider_id": topic})
+            self._run(self.state.subscription(topic, subscribed, time.time()))
+
+    async def _pull_loop(self) -> None:
+        while True:
+            frames = await self.pull.recv_multipart(copy=False)
+            try:
+                msg = protocol.decode(frames, expect=RESULT_TYPES)
+                self._on_result(msg)
+            except DcfError as exc:
+                self.counters["bad_messages"] += 1
+                log.warning("bad message on the result socket: %s", exc.message)
+            except Exception:
+                log.exception("error handling a result message")
+
+    def _on_result(self, msg: protocol.Message) -> None:
+        now = time.time()
+        pid = check_id(msg["provider_id"], "provider_id")
+        key = (msg["job_id"], msg["subtask"], msg["attempt"], msg["epoch"])
+        ctx = {"job_id": key[0], "subtask": key[1], "attempt": key[2], "provider_id": pid}
+        if msg.type == "ack":
+            self.state.acked(pid, *key, now)
+            return
+        if msg.type == "failed":
+            log.warning("subtask failed on provider: %s", msg["error"], extra=ctx)
+            self._run(self.state.failed(pid, *key, msg["error"][:500], msg["retryable"], now))
+            return
+        job = self.state.jobs.get(key[0])
+        act = self.active.get(key[0])
+        if job is None or act is None or not 0 <= key[1] < len(job.subtasks):
+            self.state.counters["results_ignored"] += 1
+            log.info("ignored result for an unknown or finished job", extra=ctx)
+            return
+        task = tasks.get(job.task_type)
+        try:
+            task.check_result(job.subtasks[key[1]].params, job.outputs, msg.arrays)
+        except ValidationError as exc:
+            log.warning("invalid result: %s", exc.message, extra=ctx)
+            self._run(self.state.failed(pid, *key, f"invalid result: {exc.message}", True, now))
+            return
+        if not self.state.result(pid, *key, now):
+            log.info("ignored late or duplicate result", extra=ctx)
+            return
+        task.merge(job.subtasks[key[1]].params, msg.arrays, act.outputs)
+        nbytes = sum(a.nbytes for a in msg.arrays)
+        act.bytes_in += nbytes
+        self.counters["bytes_in"] += nbytes
+        stats = msg["stats"]
+        if isinstance(stats.get("nonfinite"), int):
+            act.nonfinite += stats["nonfinite"]
+        log.debug("result merged", extra=ctx)
+        self._run(self.state.merged(key[0], now))
+
+    async def _tick_loop(self) -> None:
+        period = min(0.25, self.cfg.heartbeat_interval / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self._run(self.state.tick(time.time()))
+            except Exception:
+                log.exception("error in the scheduler tick")
+
+
+def _is_id(value: str) -> bool:
+    return bool(protocol.ID_RE.match(value))
+
+
+def _provider_info(msg: protocol.Message) -> st.ProviderInfo:
+    def strs(name: str) -> frozenset[str]:
+        values = msg[name]
+        if not all(isinstance(v, str) for v in values) or len(values) > 64:
+            raise ProtocolError(f"register: {name} must be a list of strings")
+        return frozenset(values)
+
+    gflops = float(msg["gflops"])
+    if not 0 < gflops < 1e7:
+        raise ProtocolError("register: gflops must be positive")
+    if msg["device_kind"] not in ("cpu", "cuda", "mps"):
+        raise ProtocolError("register: device_kind must be cpu, cuda or mps")
+    return st.ProviderInfo(
+        provider_id=msg["provider_id"], name=msg["name"][:64] or msg["provider_id"][:8],
+        host=msg["host"][:128], os=msg["os"][:64], device_kind=msg["device_kind"],
+        device_name=msg["device_name"][:128], memory_bytes=msg["memory_bytes"], cores=msg["cores"],
+        task_types=strs("task_types"), dtypes=strs("dtypes"), version=msg["version"][:32], gflops=gflops)
+
+
+def _log_send_error(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("subtask send failed: %s; the ack timeout will re-send it", fut.exception())

@@ -1,0 +1,486 @@
+"""The head's state machine: providers, jobs, subtasks. No I/O, no clock, no threads.
+
+Every change goes through a method that takes the current time ``now`` and returns
+a list of actions for the I/O layer (head_node/server.py) to carry out: send a
+subtask, finish or fail a job. Being pure, it is unit-tested without sockets.
+
+Reliability rules held here:
+  * a provider is *ready* only when registered, subscribed to its topic (the head saw
+    the XPUB subscription: no slow-joiner loss) and alive (heartbeat within 3 intervals);
+  * a subtask sent but not acknowledged within ``ack_timeout`` is sent again;
+  * a subtask not finished by its deadline, or whose provider died, goes to another;
+  * a result is accepted once per subtask, only for an attempt that was issued in this
+    head epoch; later or duplicate results are ignored (idempotent).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common import tasks
+from common.errors import Conflict, DcfError, NotFound
+from common.tasks import ArrayMeta, Worker
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class SubState(str, enum.Enum):
+    PENDING = "pending"  # waiting for a provider
+    SENT = "sent"  # published, not yet acknowledged
+    RUNNING = "running"  # acknowledged by the provider
+    DONE = "done"
+
+
+@dataclass
+class ProviderInfo:
+    provider_id: str
+    name: str
+    host: str
+    os: str
+    device_kind: str
+    device_name: str
+    memory_bytes: int
+    cores: int
+    task_types: frozenset[str]
+    dtypes: frozenset[str]
+    version: str
+    gflops: float
+
+    def worker(self) -> Worker:
+        return Worker(self.provider_id, self.gflops, self.memory_bytes, self.device_kind, self.dtypes)
+
+
+@dataclass
+class Provider:
+    info: ProviderInfo
+    registered_at: float
+    last_seen: float
+    subscribed: bool = False
+    alive: bool = True
+    assigned: set[tuple[str, int]] = field(default_factory=set)
+    subtasks_done: int = 0
+    flops_done: float = 0.0
+    queued_on_provider: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.subscribed
+
+    def load(self, jobs: Mapping[str, Job]) -> float:
+        """Seconds of work assigned and not yet finished, at the measured throughput."""
+        cost = sum(jobs[j].subtasks[i].cost for j, i in self.assigned if j in jobs)
+        return cost / (self.info.gflops * 1e9)
+
+
+@dataclass
+class Subtask:
+    index: int
+    params: dict[str, Any]
+    cost: float
+    state: SubState = SubState.PENDING
+    attempt: int = 0
+    provider_id: str | None = None
+    sent_at: float = 0.0
+    deadline: float = 0.0
+    done_by: str | None = None
+    tried: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    job_id: str
+    task_type: str
+    params: dict[str, Any]
+    inputs: dict[str, ArrayMeta]
+    outputs: dict[str, ArrayMeta]
+    nodes: int | None
+    created_at: float
+    state: JobState = JobState.QUEUED
+    subtasks: list[Subtask] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    waiting: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done_count(self) -> int:
+        return sum(1 for s in self.subtasks if s.state is SubState.DONE)
+
+    def shares(self) -> dict[str, float]:
+        """provider id -> fraction of the job's work (by cost) it computed."""
+        total = sum(s.cost for s in self.subtasks) or 1.0
+        out: dict[str, float] = {}
+        for s in self.subtasks:
+            if s.done_by:
+                out[s.done_by] = out.get(s.done_by, 0.0) + s.cost / total
+        return out
+
+
+# ---- actions for the I/O layer -------------------------------------------------------------
+@dataclass(frozen=True)
+class Dispatch:
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    job_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ProviderLost:
+    provider_id: str
+    requeued: int
+
+
+Action = Dispatch | JobStarted | JobFinished | JobFailed | ProviderLost
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_interval: float = 5.0
+    missed_heartbeats: int = 3
+    ack_timeout: float = 10.0
+    min_deadline: float = 60.0
+    deadline_factor: float = 10.0
+    max_attempts: int = 5
+
+    @property
+    def dead_after(self) -> float:
+        return self.heartbeat_interval * self.missed_heartbeats
+
+
+class ClusterState:
+    def __init__(self, epoch: str, timing: Timing | None = None) -> None:
+        self.epoch = epoch
+        self.timing = timing or Timing()
+        self.providers: dict[str, Provider] = {}
+        self.jobs: dict[str, Job] = {}
+        self.subscribed_topics: set[str] = set()
+        self.counters: dict[str, int] = {
+            "subtasks_dispatched": 0, "subtasks_completed": 0, "subtasks_failed": 0,
+            "subtasks_retried": 0, "results_ignored": 0, "providers_lost": 0,
+        }
+
+    # ---- providers ---------------------------------------------------------------------
+    def register(self, info: ProviderInfo, now: float) -> list[Action]:
+        old = self.providers.get(info.provider_id)
+        prov = Provider(info, registered_at=now, last_seen=now,
+                        subscribed=info.provider_id in self.subscribed_topics)
+        if old is not None:
+            prov.assigned = old.assigned
+            prov.subtasks_done = old.subtasks_done
+            prov.flops_done = old.flops_done
+        self.providers[info.provider_id] = prov
+        return self.schedule(now)
+
+    def heartbeat(self, provider_id: str, now: float, queued: int = 0) -> bool:
+        """False if the provider is unknown (it must register again)."""
+        prov = self.providers.get(provider_id)
+        if prov is None or not prov.alive:
+            return False
+        prov.last_seen = now
+        prov.queued_on_provider = queued
+        return True
+
+    def subscription(self, topic: str, subscribed: bool, now: float) -> list[Action]:
+        if subscribed:
+            self.subscribed_topics.add(topic)
+        else:
+            self.subscribed_topics.discard(topic)
+        prov = self.providers.get(topic)
+        if prov is None:
+            return []
+        prov.subscribed = subscribed
+        return self.schedule(now) if subscribed else []
+
+    def unregister(self, provider_id: str, now: float) -> list[Action]:
+        if provider_id not in self.providers:
+            return []
+        actions = self._lose(provider_id)
+        del self.providers[provider_id]
+        return actions + self.schedule(now)
+
+    def _lose(self, provider_id: str) -> list[Action]:
+        prov = self.providers[provider_id]
+        prov.alive = False
+        requeued = 0
+        for job_id, index in sorted(prov.assigned):
+            job = self.jobs.get(job_id)
+            if job is None or job.state is not JobState.RUNNING:
+                continue
+            sub = job.subtasks[index]
+            if sub.state is not SubState.DONE and sub.provider_id == provider_id:
+                self._requeue(sub)
+                requeued += 1
+        prov.assigned.clear()
+        self.counters["providers_lost"] += 1
+        return [ProviderLost(provider_id, requeued)]
+
+    def _requeue(self, sub: Subtask) -> None:
+        sub.state = SubState.PENDING
+        sub.provider_id = None
+        self.counters["subtasks_retried"] += 1
+
+    # ---- jobs --------------------------------------------------------------------------
+    def add_job(self, job: Job, now: float) -> list[Action]:
+        if job.job_id in self.jobs:
+            return []
+        self.jobs[job.job_id] = job
+        return self.schedule(now)
+
+    def cancel(self, job_id: str, now: float) -> Job:
+        job = self.get_job(job_id)
+        if job.state.terminal:
+            raise Conflict(f"job {job_id} is already {job.state.value}")
+        self._finish(job, JobState.CANCELLED, now, "cancelled by user")
+        return job
+
+    def get_job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def _finish(self, job: Job, state: JobState, now: float, error: str | None = None) -> None:
+        job.state = state
+        job.finished_at = now
+        job.error = error
+        for sub in job.subtasks:
+            if sub.provider_id and sub.provider_id in self.providers:
+                self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
+
+    # ---- subtask lifecycle ---------------------------------------------------------------
+    def _live_subtask(self, job_id: str, index: int, attempt: int, epoch: str) -> Subtask | None:
+        if epoch != self.epoch:
+            return None
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not JobState.RUNNING or not 0 <= index < len(job.subtasks):
+            return None
+        sub = job.subtasks[index]
+        if sub.state is SubState.DONE or not 1 <= attempt <= sub.attempt:
+            return None
+        return sub
+
+    def acked(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
+              now: float) -> None:
+        sub = self._live_subtask(job_id, index, attempt, epoch)
+        if sub is None or sub.provider_id != provider_id or sub.attempt != attempt:
+            return
+        if sub.state is SubState.SENT:
+            sub.state = SubState.RUNNING
+            prov = self.providers.get(provider_id)
+            ahead = prov.load(self.jobs) if prov else 0.0
+            gflops = prov.info.gflops if prov else 1.0
+            own = sub.cost / (gflops * 1e9)
+            sub.deadline = now + max(self.timing.min_deadline,
+                                     self.timing.deadline_factor * (ahead + own))
+
+    def result(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
+               now: float) -> bool:
+        """True if this result is the one to merge; False if late, duplicate or unknown."""
+        sub = self._live_subtask(job_id, index, attempt, epoch)
+        if sub is None or sub.tried[attempt - 1] != provider_id:
+            self.counters["results_ignored"] += 1
+            return False
+        if sub.provider_id and sub.provider_id in self.providers:
+            self.providers[sub.provider_id].assigned.discard((job_id, index))
+        sub.state = SubState.DONE
+        sub.done_by = provider_id
+        prov = self.providers.get(provider_id)
+        if prov is not None:
+            prov.subtasks_done += 1
+            prov.flops_done += sub.cost
+        self.counters["subtasks_completed"] += 1
+        return True
+
+    def merged(self, job_id: str, now: float) -> list[Action]:
+        """Call after a result accepted by ``result`` was merged into the outputs."""
+        job = self.jobs[job_id]
+        if job.state is JobState.RUNNING and job.done_count == len(job.subtasks):
+            self._finish(job, JobState.DONE, now)
+            return [JobFinished(job_id)]
+        return []
+
+    def failed(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
+               error: str, retryable: bool, now: float) -> list[Action]:
+        sub = self._live_subtask(job_id, index, attempt, epoch)
+        if sub is None or sub.attempt != attempt:
+            return []
+        self.counters["subtasks_failed"] += 1
+        job = self.jobs[job_id]
+        if sub.provider_id in self.providers:
+            self.providers[sub.provider_id].assigned.discard((job_id, index))
+        if not retryable or sub.attempt >= self.timing.max_attempts:
+            self._finish(job, JobState.FAILED, now, f"subtask {index} failed on provider "
+                                                     f"{provider_id[:8]}: {error}")
+            return [JobFailed(job_id, job.error or error)]
+        self._requeue(sub)
+        return self.schedule(now)
+
+    # ---- time ----------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for pid, prov in list(self.providers.items()):
+            if prov.alive and now - prov.last_seen > self.timing.dead_after:
+                actions += self._lose(pid)
+        for job in self.jobs.values():
+            if job.state is not JobState.RUNNING:
+                continue
+            for sub in job.subtasks:
+                unacked = sub.state is SubState.SENT and now - sub.sent_at > self.timing.ack_timeout
+                overdue = sub.state is SubState.RUNNING and now > sub.deadline
+                if unacked or overdue:
+                    self._release(job, sub)
+        return actions + self.schedule(now)
+
+    def _release(self, job: Job, sub: Subtask) -> None:
+        if sub.provider_id in self.providers:
+            self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
+        self._requeue(sub)
+
+    # ---- scheduling ----------------------------------------------------------------------
+    def eligible_workers(self, job: Job) -> tuple[list[Worker], str | None]:
+        task = tasks.get(job.task_type)
+        workers: list[Worker] = []
+        reasons: list[str] = []
+        for prov in self.providers.values():
+            if not prov.ready:
+                continue
+            if job.task_type not in prov.info.task_types:
+                reasons.append(f"{prov.info.name} lacks task type {job.task_type}")
+                continue
+            why = task.eligible(prov.info.worker(), job.params, job.inputs)
+            if why:
+                reasons.append(why)
+                continue
+            workers.append(prov.info.worker())
+        workers.sort(key=lambda w: w.gflops, reverse=True)
+        if workers:
+            return workers, None
+        if not reasons:
+            return [], "waiting for providers: none is connected"
+        return [], "waiting for a suitable provider: " + "; ".join(sorted(set(reasons)))
+
+    def schedule(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for job in sorted(self.jobs.values(), key=lambda j: j.created_at):
+            if job.state is JobState.QUEUED:
+                actions += self._start(job, now)
+            if job.state is JobState.RUNNING:
+                actions += self._assign_pending(job, now)
+        return actions
+
+    def _start(self, job: Job, now: float) -> list[Action]:
+        workers, why = self.eligible_workers(job)
+        job.waiting = why
+        if not workers:
+            return []
+        if job.nodes:
+            workers = workers[: job.nodes]
+        task = tasks.get(job.task_type)
+        try:
+            plans = task.split(job.params, job.inputs, workers)
+        except DcfError as exc:
+            self._finish(job, JobState.FAILED, now, exc.message)
+            return [JobFailed(job.job_id, exc.message)]
+        job.subtasks = [Subtask(i, p.params, p.cost, provider_id=p.provider_id)
+                        for i, p in enumerate(plans)]
+        job.state = JobState.RUNNING
+        job.started_at = now
+        actions: list[Action] = [JobStarted(job.job_id)]
+        for sub in job.subtasks:
+            actions.append(self._send(job, sub, sub.provider_id or "", now))
+        return actions
+
+    def _assign_pending(self, job: Job, now: float) -> list[Action]:
+        pending = [s for s in job.subtasks if s.state is SubState.PENDING]
+        if not pending:
+            return []
+        workers, why = self.eligible_workers(job)
+        job.waiting = why
+        if not workers:
+            return []
+        actions: list[Action] = []
+        for sub in pending:
+            fresh = [w for w in workers if w.provider_id not in sub.tried[-1:]] or workers
+            best = min(fresh, key=lambda w: (self.providers[w.provider_id].load(self.jobs)
+                                             + sub.cost / (w.gflops * 1e9)))
+            actions.append(self._send(job, sub, best.provider_id, now))
+        return actions
+
+    def _send(self, job: Job, sub: Subtask, provider_id: str, now: float) -> Dispatch:
+        sub.state = SubState.SENT
+        sub.attempt += 1
+        sub.provider_id = provider_id
+        sub.sent_at = now
+        sub.tried.append(provider_id)
+        self.providers[provider_id].assigned.add((job.job_id, sub.index))
+        self.counters["subtasks_dispatched"] += 1
+        return Dispatch(provider_id, job.job_id, sub.index, sub.attempt)
+
+    # ---- views ---------------------------------------------------------------------------
+    def provider_rows(self, now: float) -> list[dict[str, Any]]:
+        rows = []
+        for prov in self.providers.values():
+            info = prov.info
+            state = "ready" if prov.ready else ("dead" if not prov.alive else "connecting")
+            rows.append({
+                "provider_id": info.provider_id, "name": info.name, "host": info.host, "os": info.os,
+                "device": info.device_kind, "device_name": info.device_name,
+                "memory_bytes": info.memory_bytes, "cores": info.cores, "gflops": round(info.gflops, 2),
+                "task_types": sorted(info.task_types), "dtypes": sorted(info.dtypes),
+                "version": info.version, "state": state, "assigned": len(prov.assigned),
+                "subtasks_done": prov.subtasks_done, "last_heartbeat_s": round(now - prov.last_seen, 3),
+            })
+        return rows
+
+
+def job_view(job: Job, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    names = names or {}
+    total = len(job.subtasks)
+    return {
+        "job_id": job.job_id, "type": job.task_type, "state": job.state.value,
+        "params": job.params, "inputs": {k: v.to_dict() for k, v in job.inputs.items()},
+        "outputs": {k: v.to_dict() for k, v in job.outputs.items()},
+        "nodes": job.nodes, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "error": job.error, "waiting": job.waiting,
+        "progress": {"done": job.done_count, "total": total},
+        "shares": {names.get(pid, pid): round(f, 4) for pid, f in job.shares().items()},
+        "stats": job.stats,
+    }
+
+
+def terminal_states() -> Iterable[str]:
+    return [s.value for s in JobState if s.terminal]

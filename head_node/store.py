@@ -1,0 +1,246 @@
+"""The head's durable state on disk (claim-check store).
+
+* ``BlobStore``: operands and results as ``.npy`` files in ``STATE_DIR/blobs`` and
+  ``STATE_DIR/jobs/<job_id>/``. Bulk data never goes through RabbitMQ: queue
+  messages hold blob ids.
+* ``JobStore``: one SQLite table of jobs (WAL, synchronous=FULL): spec, state,
+  timings and final figures. Used from the head's event-loop thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from common.errors import NotFound, TooLarge, ValidationError
+from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
+from common.protocol import check_id
+from common.tasks import ArrayMeta
+
+
+def _fsync_file(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    if os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class BlobWriter:
+    """Receives a .npy file in chunks, validating its header first and its length last."""
+
+    def __init__(self, store: BlobStore, max_bytes: int) -> None:
+        self.store = store
+        self.blob_id = uuid.uuid4().hex
+        self.tmp = store.blob_dir / f".{self.blob_id}.part"
+        self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self.head = b""
+        self.meta: ArrayMeta | None = None
+        self.expected = 0
+        self.received = 0
+        self.max_bytes = max_bytes
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.max_bytes:
+            raise TooLarge(f"upload exceeds {self.max_bytes} bytes")
+        if self.meta is None:
+            self.head += chunk
+            parsed = parse_npy_header(self.head)
+            if parsed is None:
+                if len(self.head) > MAX_NPY_HEADER + 16:
+                    raise ValidationError("malformed .npy header")
+                return
+            self.meta, hlen = parsed
+            self.expected = hlen + self.meta.nbytes
+            if self.expected > self.max_bytes:
+                raise TooLarge(f"array of {self.meta.nbytes} bytes exceeds the {self.max_bytes} byte limit")
+            chunk, self.head = self.head, b""
+        if self.received > self.expected:
+            raise ValidationError(f"body longer than the .npy header declares ({self.expected} bytes)")
+        self.file.write(chunk)
+
+    def finish(self, fsync: bool) -> tuple[str, ArrayMeta]:
+        if self.meta is None or self.received != self.expected:
+            raise ValidationError(f"truncated .npy upload: got {self.received} of "
+                                  f"{self.expected or 'unknown'} bytes")
+        if fsync:
+            _fsync_file(self.file)
+        self.file.close()
+        os.replace(self.tmp, self.store.blob_path(self.blob_id))
+        self.store.metas[self.blob_id] = self.meta
+        return self.blob_id, self.meta
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.blob_dir = root / "blobs"
+        self.job_dir = root / "jobs"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.metas: dict[str, ArrayMeta] = {}
+        for part in self.blob_dir.glob(".*.part"):  # uploads cut off by a crash
+            part.unlink(missing_ok=True)
+
+    def blob_path(self, blob_id: str) -> Path:
+        return self.blob_dir / f"{check_id(blob_id, 'blob id')}.npy"
+
+    def writer(self, max_bytes: int) -> BlobWriter:
+        return BlobWriter(self, max_bytes)
+
+    def meta(self, blob_id: str) -> ArrayMeta:
+        if blob_id in self.metas:
+            return self.metas[blob_id]
+        path = self.blob_path(blob_id)
+        try:
+            with open(path, "rb") as f:
+                parsed = parse_npy_header(f.read(MAX_NPY_HEADER + 16))
+        except FileNotFoundError:
+            raise NotFound(f"no blob {blob_id}") from None
+        if parsed is None:
+            raise ValidationError(f"blob {blob_id} is damaged")
+        self.metas[blob_id] = parsed[0]
+        return parsed[0]
+
+    def open(self, blob_id: str) -> np.ndarray:
+        self.meta(blob_id)
+        return np.load(self.blob_path(blob_id), mmap_mode="r", allow_pickle=False)
+
+    def put_array(self, arr: np.ndarray) -> str:
+        """Store an in-process array (used by tests and the head itself)."""
+        blob_id = uuid.uuid4().hex
+        np.save(self.blob_path(blob_id), np.ascontiguousarray(arr), allow_pickle=False)
+        return blob_id
+
+    def delete_blob(self, blob_id: str) -> bool:
+        self.metas.pop(blob_id, None)
+        path = self.blob_path(blob_id)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        return existed
+
+    # ---- job outputs -----------------------------------------------------------------
+    def output_path(self, job_id: str, name: str) -> Path:
+        return self.job_dir / check_id(job_id, "job id") / f"{name}.npy"
+
+    def create_outputs(self, job_id: str, metas: dict[str, ArrayMeta]) -> dict[str, np.ndarray]:
+        folder = self.job_dir / check_id(job_id, "job id")
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for name, meta in metas.items():
+            tmp = folder / f".{name}.npy.part"
+            out[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=meta.dtype, shape=meta.shape)
+        return out
+
+    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], fsync: bool) -> None:
+        """Flush and atomically publish the outputs of a finished job."""
+        folder = self.job_dir / job_id
+        for name, arr in arrays.items():
+            arr.flush()  # type: ignore[attr-defined]
+            tmp = folder / f".{name}.npy.part"
+            if fsync:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, folder / f"{name}.npy")
+        if fsync:
+            fsync_dir(folder)
+
+    def delete_job(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir / check_id(job_id, "job id"), ignore_errors=True)
+
+
+_COLUMNS = ("job_id", "type", "params", "inputs", "outputs", "nodes", "state", "accepted",
+            "created_at", "started_at", "finished_at", "error", "stats")
+_JSON_COLUMNS = ("params", "inputs", "outputs", "stats")
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, type TEXT NOT NULL, "
+            "params TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL, nodes INTEGER, "
+            "state TEXT NOT NULL, accepted INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, "
+            "started_at REAL, finished_at REAL, error TEXT, stats TEXT NOT NULL DEFAULT '{}')")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def insert(self, record: dict[str, Any], accepted: bool) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO jobs (job_id, type, params, inputs, outputs, nodes, state, accepted, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (record["job_id"], record["type"], json.dumps(record["params"]), json.dumps(record["inputs"]),
+             json.dumps(record["outputs"]), record.get("nodes"), int(accepted), record["created_at"]))
+
+    def mark_accepted(self, job_id: str) -> None:
+        self.db.execute("UPDATE jobs SET accepted = 1 WHERE job_id = ?", (job_id,))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        cols = [c for c in fields if c in _COLUMNS and c != "job_id"]
+        values = [json.dumps(fields[c]) if c in _JSON_COLUMNS else fields[c] for c in cols]
+        sql = "UPDATE jobs SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE job_id = ?"
+        self.db.execute(sql, (*values, job_id))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
+        row = cur.fetchone()
+        return self._row(row) if row else None
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+        args: tuple[Any, ...] = ()
+        if state:
+            sql += " WHERE state = ?"
+            args = (state,)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        return [self._row(r) for r in self.db.execute(sql, (*args, limit))]
+
+    def unfinished(self) -> Iterator[dict[str, Any]]:
+        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE accepted = 1 AND "
+                              "state IN ('queued', 'running') ORDER BY created_at")
+        for row in cur.fetchall():
+            yield self._row(row)
+
+    def fail_unaccepted(self) -> int:
+        cur = self.db.execute("UPDATE jobs SET state = 'failed', error = 'submission interrupted before "
+                              "it was accepted', finished_at = ? WHERE accepted = 0 AND state = 'queued'",
+                              (time.time(),))
+        return cur.rowcount
+
+    def blob_in_use(self, blob_id: str, except_job: str) -> bool:
+        cur = self.db.execute("SELECT 1 FROM jobs WHERE job_id != ? AND inputs LIKE ? LIMIT 1",
+                              (except_job, f"%{blob_id}%"))
+        return cur.fetchone() is not None
+
+    def delete(self, job_id: str) -> None:
+        self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> dict[str, Any]:
+        out = dict(zip(_COLUMNS, row, strict=True))
+        for c in _JSON_COLUMNS:
+            out[c] = json.loads(out[c]) if out[c] else {}
+        out["accepted"] = bool(out["accepted"])
+        return out

@@ -1,0 +1,52 @@
+"""``dcf-provider`` / ``python -m provider_node``: run one provider."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from common import config, tasks
+from common.errors import DcfError
+from common.logs import setup_logging
+
+log = logging.getLogger("dcf.provider")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = config.parse(config.PROVIDER_OPTIONS, argv, "dcf-provider",
+                           "Run a dcf provider: compute subtasks for a head on this machine's device.")
+        setup_logging(cfg.log_level, cfg.log_json)
+        tasks.load_plugins(cfg.plugins)
+        if cfg.threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=cfg.threads)
+            try:
+                import torch
+
+                torch.set_num_threads(cfg.threads)
+            except ImportError:
+                pass
+        from .device import detect
+        from .node import ProviderNode
+
+        node = ProviderNode(cfg, detect(cfg.device))
+    except DcfError as exc:
+        print(f"dcf-provider: {exc.message}", file=sys.stderr)
+        return 2
+
+    def stop(*_: object) -> None:
+        node.stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    node.run()
+    log.info("provider stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The provider's main loop.
+
+Main thread: Lazy Pirate REQ (register, heartbeats), SUB (subtasks on this provider's
+topic), PUSH (acks). Compute thread: runs subtasks one at a time and PUSHes results on
+its own socket (ZeroMQ sockets are never shared between threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import socket
+import threading
+import time
+import uuid
+from argparse import Namespace
+from typing import Any
+
+import numpy as np
+import zmq
+
+from common import __version__, protocol, tasks
+from common.errors import DcfError
+
+from .device import ComputeDevice, benchmark_gflops
+from .pirate import LazyPirate
+
+log = logging.getLogger("dcf.provider")
+
+
+class ProviderNode:
+    def __init__(self, cfg: Namespace, device: ComputeDevice, gflops: float | None = None) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.provider_id = uuid.uuid4().hex
+        self.topic = self.provider_id.encode()
+        self.name = cfg.name or f"{socket.gethostname()}-{device.kind}-{os.getpid()}"
+        self.gflops = gflops if gflops is not None else benchmark_gflops(device)
+        self.ctx = zmq.Context()
+        self.work: queue.Queue[protocol.Message | None] = queue.Queue()
+        self.in_hand: set[tuple[str, int, str]] = set()  # (job, subtask, epoch) queued or running
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.registered = False
+        self.epoch = ""
+        self.heartbeat_interval = cfg.heartbeat_interval
+        self.next_heartbeat = 0.0
+        self.running: list[str] = []
+
+    def endpoint(self, port: int) -> str:
+        host = self.cfg.head
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6 literal
+        return f"tcp://{host}:{port}"
+
+    # ---- messages -------------------------------------------------------------------------
+    def register_frames(self) -> list[Any]:
+        return protocol.encode("register", {
+            "provider_id": self.provider_id, "name": self.name, "host": socket.gethostname(),
+            "os": f"{platform.system()} {platform.release()}", "device_kind": self.device.kind,
+            "device_name": self.device.name, "memory_bytes": self.device.available_memory(),
+            "cores": os.cpu_count() or 1, "task_types": tasks.names(), "dtypes": list(self.device.dtypes),
+            "version": __version__, "gflops": float(self.gflops)})
+
+    def heartbeat_frames(self) -> list[Any]:
+        with self.lock:
+            running = [f"{j}:{s}" for j, s, _ in sorted(self.in_hand)][:64]
+        return protocol.encode("heartbeat", {"provider_id": self.provider_id, "running": running,
+                                             "queued": self.work.qsize()})
+
+    # ---- main loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 1000)
+        sub.connect(self.endpoint(self.cfg.task_port))
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        acks = self._push()
+        pirate = LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), self.cfg.request_timeout)
+        worker = threading.Thread(target=self._compute_loop, name="dcf-compute", daemon=True)
+        worker.start()
+        log.info("provider %s (%s, %s, %.1f GFLOP/s) connecting to %s", self.name, self.device.kind,
+                 self.device.name, self.gflops, self.cfg.head, extra={"provider_id": self.provider_id})
+        pirate.send(self.register_frames(), time.monotonic())
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                wait = min(pirate.next_event(now), max(0.0, self.next_heartbeat - now), 0.5)
+                poller = zmq.Poller()
+                poller.register(sub, zmq.POLLIN)
+                poller.register(pirate.socket, zmq.POLLIN)
+                events = dict(poller.poll(wait * 1000))
+                if sub in events:
+                    self._on_subtask(sub.recv_multipart(copy=False), acks)
+                if pirate.socket in events:
+                    reply = pirate.on_readable()
+                    if reply is not None:
+                        self._on_reply(reply, pirate)
+                now = time.monotonic()
+                pirate.check(now)
+                if self.registered and not pirate.busy and now >= self.next_heartbeat:
+                    pirate.send(self.heartbeat_frames(), now)
+                    self.next_heartbeat = now + self.heartbeat_interval
+        finally:
+            self._leave(pirate)
+            self.work.put(None)
+            worker.join(timeout=5)
+            sub.close(linger=0)
+            acks.close(linger=0)
+            self.ctx.term()
+
+    def _push(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(self.endpoint(self.cfg.result_port))
+        return sock
+
+    def _on_reply(self, msg: protocol.Message, pirate: LazyPirate) -> None:
+        now = time.monotonic()
+        if msg.type == "registered":
+            self.registered = True
+            self.epoch = msg["epoch"]
+            self.heartbeat_interval = float(msg["heartbeat_interval_s"])
+            self.next_heartbeat = now + self.heartbeat_interval
+            log.info("registered with head %s", self.epoch[:8], extra={"provider_id": self.provider_id})
+        elif msg.type == "heartbeat_ack":
+            if msg["epoch"] != self.epoch:
+                self.epoch = msg["epoch"]
+        elif msg.type == "error":
+            if msg["code"] in ("unknown_provider",):
+                log.warning("the head does not know this provider (restarted?); registering again")
+            else:
+                log.error("head refused a request: %s: %s", msg["code"], msg["message"])
+            self.registered = False
+            pirate.send(self.register_frames(), now)
+
+    def _on_subtask(self, frames: list[Any], acks: zmq.Socket) -> None:
+        if frames[0].bytes != self.topic:
+            return
+        try:
+            msg = protocol.decode(frames[1:], expect=("subtask",))
+        except DcfError as exc:
+            log.warning("bad subtask message: %s", exc.message)
+            return
+        key = (msg["job_id"], msg["subtask"], msg["epoch"])
+        acks.send_multipart(protocol.encode("ack", self._key_fields(msg)))
+        try:
+            tasks.get(msg["task_type"])
+        except DcfError as exc:
+            acks.send_multipart(protocol.encode("failed", {**self._key_fields(msg), "error": exc.message,
+                                                           "retryable": True}))
+            return
+        with self.lock:
+            if key in self.in_hand:  # re-sent because an ack was lost: the first copy is enough
+                return
+            self.in_hand.add(key)
+        self.work.put(msg)
+
+    def _key_fields(self, msg: protocol.Message) -> dict[str, Any]:
+        return {"job_id": msg["job_id"], "subtask": msg["subtask"], "attempt": msg["attempt"],
+                "epoch": msg["epoch"], "provider_id": self.provider_id}
+
+    def _leave(self, pirate: LazyPirate) -> None:
+        if not self.registered:
+            pirate.close()
+            return
+        pirate.close()
+        pirate = LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), 1.0)
+        pirate.send(protocol.encode("unregister", {"provider_id": self.provider_id}), time.monotonic())
+        if pirate.socket.poll(1000):
+            pirate.on_readable()
+        pirate.close()
+
+    # ---- compute thread -------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        push = self._push()
+        try:
+            while True:
+                msg = self.work.get()
+                if msg is None:
+                    return
+                push.send_multipart(self._execute(msg), copy=False)
+                with self.lock:
+                    self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
+        finally:
+            push.close(linger=2000)
+
+    def _execute(self, msg: protocol.Message) -> list[Any]:
+        fields = self._key_fields(msg)
+        ctx = {"job_id": msg["job_id"], "subtask": msg["subtask"], "attempt": msg["attempt"]}
+        if self.cfg.delay:
+            time.sleep(self.cfg.delay)
+        t0 = time.perf_counter()
+        try:
+            outputs = tasks.get(msg["task_type"]).run(msg["params"], msg.arrays, self.device)
+        except Exception as exc:
+            retryable = not (isinstance(exc, DcfError) and exc.http_status < 500)
+            log.error("subtask failed: %s: %s", type(exc).__name__, exc, extra=ctx)
+            return protocol.encode("failed", {**fields, "error": f"{type(exc).__name__}: {exc}"[:500],
+                                              "retryable": retryable})
+        elapsed = time.perf_counter() - t0
+        nonfinite = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in outputs
+                        if a.dtype.kind == "f")
+        log.debug("subtask done in %.3fs", elapsed, extra=ctx)
+        return protocol.encode("result", {**fields, "elapsed_s": elapsed,
+                                          "stats": {"nonfinite": nonfinite, "device": self.device.kind}},
+                               outputs)

@@ -1,0 +1,232 @@
+"""Python API of dcf::
+
+    from user_client import Client
+    c = Client("http://127.0.0.1:8080")
+    C = c.matmul(A, B)              # submit, wait, fetch
+    job = c.submit_matmul(A, B)     # or step by step
+    c.wait(job); C = c.result(job)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from common.errors import DcfError, HeadUnreachable, TaskError, ValidationError, error_from_dict
+from common.npyfmt import npy_header, parse_npy_header
+
+Progress = Callable[[int, int], None]  # (done, total)
+CHUNK = 4 * 1024 * 1024
+TERMINAL = ("done", "failed", "cancelled")
+
+
+def check_operand(arr: Any, name: str) -> np.ndarray:
+    """The array as it will be sent: 2-D, non-empty, C-ordered float32/float64. Ints are cast."""
+    arr = np.asarray(arr)
+    if arr.dtype.hasobject or arr.dtype.kind not in "fiub":
+        raise ValidationError(f"{name}: dtype {arr.dtype} is not numeric")
+    if arr.dtype.kind in "iub" or arr.dtype.name not in ("float32", "float64"):
+        arr = arr.astype(np.float64)
+    if arr.ndim == 0:
+        raise ValidationError(f"{name}: 0-d arrays cannot be multiplied")
+    if arr.size == 0:
+        raise ValidationError(f"{name}: empty array (shape {list(arr.shape)})")
+    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        self.url = (url or os.environ.get("DCF_HEAD_URL") or "http://127.0.0.1:8080").rstrip("/")
+        token = token if token is not None else os.environ.get("DCF_API_TOKEN", "")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers,
+                                 timeout=httpx.Timeout(timeout, connect=5.0), trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
+        self._raise_for(resp)
+        return resp
+
+    @staticmethod
+    def _raise_for(resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        try:
+            body = resp.json().get("error")
+        except Exception:
+            body = {"code": "http_error", "message": f"HTTP {resp.status_code}: {resp.text[:200]}"}
+        raise error_from_dict(body, resp.status_code)
+
+    # ---- API --------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/health").json()
+
+    def upload(self, arr: np.ndarray, progress: Progress | None = None) -> dict[str, Any]:
+        """Send one array to the head's store; returns ``{"blob_id", "dtype", "shape", ...}``."""
+        arr = check_operand(arr, "array")
+        header = npy_header(arr)
+        body = memoryview(arr.reshape(-1)).cast("B")
+        total = len(header) + body.nbytes
+
+        def chunks() -> Iterator[bytes]:
+            yield header
+            sent = len(header)
+            for start in range(0, body.nbytes, CHUNK):
+                piece = body[start:start + CHUNK]
+                yield piece  # type: ignore[misc]
+                sent += piece.nbytes
+                if progress:
+                    progress(sent, total)
+
+        return self._request("PUT", "/v1/blobs", content=chunks(),
+                             headers={"content-type": "application/octet-stream",
+                                      "content-length": str(total)}).json()
+
+    def upload_file(self, path: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
+        return self.upload(load_npy(path), progress)
+
+    def submit(self, task_type: str, inputs: dict[str, str], params: dict[str, Any] | None = None,
+               nodes: int | None = None) -> str:
+        body = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
+        return self._request("POST", "/v1/jobs", json=body).json()["job_id"]
+
+    def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
+                      progress: Progress | None = None) -> str:
+        a = check_operand(a, "a")
+        b = check_operand(b, "b")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise ValidationError(f"shapes {list(a.shape)} and {list(b.shape)} cannot be multiplied")
+        if a.dtype != b.dtype:
+            a, b = a.astype(np.result_type(a, b)), b.astype(np.result_type(a, b))
+        blob_a = self.upload(a, progress)["blob_id"]
+        blob_b = self.upload(b, progress)["blob_id"]
+        return self.submit("matmul", {"a": blob_a, "b": blob_b}, nodes=nodes)
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
+               timeout: float | None = None) -> np.ndarray:
+        job = self.submit_matmul(a, b, nodes)
+        self.wait(job, timeout)
+        return self.result(job)
+
+    def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,
+                             timeout=wait + 30).json()
+
+    def wait(self, job_id: str, timeout: float | None = None,
+             on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 20.0) -> dict[str, Any]:
+        """Block until the job ends; raise TaskError if it failed or was cancelled."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = poll if end is None else min(poll, max(0.0, end - time.monotonic()))
+            view = self.status(job_id, wait=left)
+            if on_update:
+                on_update(view)
+            if view["state"] in TERMINAL:
+                break
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"job {job_id} still {view['state']} after {timeout}s")
+        if view["state"] != "done":
+            raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}".rstrip(": "))
+        return view
+
+    def result(self, job_id: str, name: str | None = None, out: str | os.PathLike[str] | None = None,
+               progress: Progress | None = None) -> np.ndarray:
+        """Download a finished job's result; also write it to ``out`` (.npy) if given."""
+        params = {"name": name} if name else None
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params=params, timeout=120) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._raise_for(resp)
+                total = int(resp.headers.get("content-length", 0))
+                arr = _receive_npy(resp.iter_raw(CHUNK), total, progress)
+        except httpx.TransportError as exc:
+            raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
+        if out is not None:
+            np.save(out, arr, allow_pickle=False)
+        return arr
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        return self._request("GET", "/v1/jobs", params=params).json()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/nodes").json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def delete(self, job_id: str) -> None:
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
+
+def _receive_npy(chunks: Iterator[bytes], total: int, progress: Progress | None) -> np.ndarray:
+    head = b""
+    arr: np.ndarray | None = None
+    view: memoryview | None = None
+    pos = 0
+    got = 0
+    for chunk in chunks:
+        got += len(chunk)
+        if arr is None:
+            head += chunk
+            parsed = parse_npy_header(head)
+            if parsed is None:
+                continue
+            meta, hlen = parsed
+            arr = np.empty(meta.shape, dtype=meta.dtype)
+            view = memoryview(arr.reshape(-1)).cast("B")
+            chunk = head[hlen:]
+        assert view is not None
+        end = pos + len(chunk)
+        if end > view.nbytes:
+            raise DcfError("result is longer than its header declares")
+        view[pos:end] = chunk
+        pos = end
+        if progress:
+            progress(got, total)
+    if arr is None or view is None or pos != view.nbytes:
+        raise DcfError("result download was cut short")
+    return arr
+
+
+def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a user's .npy file safely (no pickles) with clear errors."""
+    p = Path(path)
+    if not p.exists():
+        raise ValidationError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValidationError(f"{p}: is a directory, not a .npy file")
+    try:
+        with open(p, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValidationError(f"{p}: not a .npy file")
+        arr = np.load(p, allow_pickle=False, mmap_mode="r")
+    except PermissionError:
+        raise ValidationError(f"{p}: permission denied") from None
+    except ValueError as exc:  # object arrays need pickles, which we refuse
+        raise ValidationError(f"{p}: cannot be read without pickle ({exc}); save a numeric array") from None
+    except OSError as exc:
+        raise ValidationError(f"{p}: unreadable: {exc}") from None
+    return check_operand(arr, str(p))

@@ -1,0 +1,140 @@
+"""A local cluster: a head and N providers as child processes on this machine.
+
+Used by ``dcf up``, ``dcf demo``, the tests and the benchmarks. No Docker, no
+RabbitMQ needed (the head's embedded store); pass ``amqp_url`` to use RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from common.errors import DcfError, HeadUnreachable
+
+from .client import Client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    def __init__(self, providers: int = 2, *, http_port: int | None = None, state_dir: str | None = None,
+                 amqp_url: str = "", threads: int | None = None, heartbeat: float = 5.0,
+                 head_args: list[str] | None = None, provider_args: list[str] | None = None,
+                 log_dir: str | None = None, quiet: bool = True, env: dict[str, str] | None = None) -> None:
+        self.n_providers = providers
+        self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix="dcf-")
+        self.state_dir = Path(state_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.log_dir = Path(log_dir) if log_dir else self.state_dir / "logs"
+        self.http_port = http_port or free_port()
+        self.ports = {"registration": free_port(), "task": free_port(), "result": free_port()}
+        self.amqp_url = amqp_url
+        self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // max(1, providers))
+        self.heartbeat = heartbeat
+        self.head_args = head_args or []
+        self.provider_args = provider_args or []
+        self.quiet = quiet
+        self.env = {**os.environ, **(env or {})}
+        self.head: subprocess.Popen[bytes] | None = None
+        self.providers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def port_args(self) -> list[str]:
+        return ["--registration-port", str(self.ports["registration"]), "--task-port", str(self.ports["task"]),
+                "--result-port", str(self.ports["result"]), "--heartbeat-interval", str(self.heartbeat)]
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        out: Any = None
+        if self.quiet:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{log_name}.log", "ab")  # noqa: SIM115 (closed in stop)
+            self._logs.append(out)
+        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=out, env=self.env)
+
+    def start_head(self, timeout: float = 30.0) -> None:
+        args = ["-m", "head_node", "--host", "127.0.0.1", "--http-port", str(self.http_port),
+                "--state-dir", str(self.state_dir), *self.port_args(), *self.head_args]
+        if self.amqp_url:
+            args += ["--amqp-url", self.amqp_url]
+        self.head = self._spawn(args, "head")
+        self._wait(lambda c: c.health(), timeout, "the head did not come up", self.head)
+
+    def add_provider(self, *extra: str) -> subprocess.Popen[bytes]:
+        i = len(self.providers)
+        args = ["-m", "provider_node", "--head", "127.0.0.1", "--threads", str(self.threads),
+                "--name", f"local-{i}", *self.port_args(), *self.provider_args, *extra]
+        proc = self._spawn(args, f"provider-{i}")
+        self.providers.append(proc)
+        return proc
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        try:
+            self.start_head(timeout)
+            for _ in range(self.n_providers):
+                self.add_provider()
+            self.wait_ready(self.n_providers, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, count: int, timeout: float = 60.0) -> None:
+        def ready(c: Client) -> bool:
+            return sum(1 for n in c.nodes() if n["state"] == "ready") >= count
+        self._wait(ready, timeout, f"{count} providers did not become ready")
+
+    def _wait(self, probe: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+        end = time.monotonic() + timeout
+        with Client(self.url, timeout=5) as client:
+            while time.monotonic() < end:
+                if proc is not None and proc.poll() is not None:
+                    raise DcfError(f"{what}: it exited with code {proc.returncode} (logs in {self.log_dir})")
+                try:
+                    if probe(client):
+                        return
+                except HeadUnreachable:
+                    pass
+                time.sleep(0.05)
+        raise DcfError(f"{what} within {timeout:.0f}s (logs in {self.log_dir})")
+
+    def kill_head(self) -> None:
+        if self.head is not None:
+            self.head.kill()
+            self.head.wait()
+
+    def stop(self) -> None:
+        procs = [p for p in [*self.providers, self.head] if p is not None and p.poll() is None]
+        for p in procs:
+            p.terminate()  # SIGTERM on POSIX: head and providers stop cleanly
+        end = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
