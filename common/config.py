@@ -9,6 +9,7 @@ then default. ``python -m common.config`` prints the table kept in the README.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ def _port(v: int) -> bool:
 
 
 def _positive(v: float) -> bool:
-    return v > 0
+    return math.isfinite(v) and v > 0
 
 
 def _bool(text: str) -> bool:
@@ -97,8 +98,10 @@ PROVIDER_OPTIONS = [
     Option("threads", int, 0, "BLAS/torch threads on the CPU (0: all cores)", lambda v: v >= 0, ">= 0"),
     Option("request_timeout", float, 2.5, "Lazy Pirate: seconds to wait for a head reply before retrying",
            _positive, "> 0"),
+    Option("shared_files", str, "auto", "auto: when on the head's machine, read operands and write results "
+           "in the head's state dir instead of sending them; off: always send", choices=("auto", "off")),
     Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask",
-           lambda v: v >= 0, ">= 0"),
+           lambda v: math.isfinite(v) and v >= 0, ">= 0"),
 ]
 
 CLIENT_OPTIONS = [

@@ -46,7 +46,7 @@ def parse_npy_header(data: bytes) -> tuple[ArrayMeta, int] | None:
         return None
     try:
         header = ast.literal_eval(data[start:start + hlen].decode("latin1"))
-    except (ValueError, SyntaxError, UnicodeDecodeError):
+    except (ValueError, SyntaxError, UnicodeDecodeError, TypeError, RecursionError, MemoryError):
         raise ValidationError("malformed .npy header") from None
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
         raise ValidationError("malformed .npy header")
@@ -69,7 +69,7 @@ def _meta_from_header(header: dict[str, Any]) -> ArrayMeta:
         raise ValidationError("big-endian arrays are not accepted")
     if fortran:
         raise ValidationError("Fortran-ordered arrays are not accepted; save with C order")
-    if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValidationError("malformed shape in .npy header")
     if len(shape) == 0:
         raise ValidationError("0-d arrays are not accepted")

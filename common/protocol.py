@@ -35,7 +35,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024**3
 #: dtypes that may cross the wire, as numpy ``dtype.str`` (explicit byte order).
 WIRE_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "|u1", "|i1", "|b1"})
 
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ID_RE = re.compile(r"[0-9a-f]{32}")  # use with fullmatch
 
 _INT = (int,)
 _NUM = (int, float)
@@ -63,18 +63,21 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "cores": _f(int), "task_types": _f(list), "dtypes": _f(list),
         "version": _f(str), "gflops": _f(*_NUM),
     },
-    "heartbeat": {"provider_id": _f(str), "running": _f(list), "queued": _f(int)},
+    "heartbeat": {"provider_id": _f(str), "running": _f(list), "queued": _f(int),
+                  "local_epoch": _f(str, required=False)},
     "unregister": {"provider_id": _f(str)},
     # head -> provider, ROUTER -> REQ
-    "registered": {"provider_id": _f(str), "epoch": _f(str), "heartbeat_interval_s": _f(*_NUM)},
+    "registered": {"provider_id": _f(str), "epoch": _f(str), "heartbeat_interval_s": _f(*_NUM),
+                   "state_dir": _f(str, required=False)},
     "heartbeat_ack": {"epoch": _f(str)},
     "ok": {},
     "error": {"code": _f(str), "message": _f(str)},
     # head -> provider, XPUB -> SUB
-    "subtask": {**_SUBTASK_KEY, "task_type": _f(str), "params": _f(dict)},
+    "subtask": {**_SUBTASK_KEY, "task_type": _f(str), "params": _f(dict), "shared": _f(dict, required=False)},
     # provider -> head, PUSH -> PULL
     "ack": {**_SUBTASK_KEY, "provider_id": _f(str)},
-    "result": {**_SUBTASK_KEY, "provider_id": _f(str), "elapsed_s": _f(*_NUM), "stats": _f(dict)},
+    "result": {**_SUBTASK_KEY, "provider_id": _f(str), "elapsed_s": _f(*_NUM), "stats": _f(dict),
+               "in_place": _f(bool, required=False)},
     "failed": {**_SUBTASK_KEY, "provider_id": _f(str), "error": _f(str), "retryable": _f(bool)},
 }
 
@@ -95,7 +98,7 @@ class Message:
 
 
 def check_id(value: object, what: str = "id") -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise ProtocolError(f"{what} must be 32 lowercase hex digits, got {value!r:.60}")
     return value
 
@@ -189,7 +192,7 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     if not isinstance(header, dict):
         raise ProtocolError("header must be a msgpack map")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {version!r:.20} not supported (this peer speaks "
                               f"{PROTOCOL_VERSION})")
     mtype = header.get("type")
@@ -227,7 +230,7 @@ def _check_array_meta(i: int, meta: Any) -> tuple[np.dtype, tuple[int, ...]]:
         raise ProtocolError(f"array {i}: descriptor must be a map")
     dtype = meta.get("dtype")
     shape = meta.get("shape")
-    if dtype not in WIRE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
         raise ProtocolError(f"array {i}: dtype {dtype!r:.20} not allowed")
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):

@@ -94,6 +94,10 @@ class TaskType(ABC):
             return f"{worker.device_kind} provider does not support {', '.join(sorted(missing))}"
         return None
 
+    def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
+        """Can this worker hold one already-split subtask (used when a subtask is re-assigned)?"""
+        return True
+
     @abstractmethod
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
               workers: Sequence[Worker]) -> list[SubtaskPlan]:
@@ -118,6 +122,15 @@ class TaskType(ABC):
     def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
             device: Device) -> list[np.ndarray]:
         """Provider side: compute one subtask."""
+
+    def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
+                 outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
+        """Provider side, co-located with the head: compute one subtask straight into the job's
+        output arrays (memory-mapped files of the head's state dir). Returns what it wrote.
+        The default runs ``run`` then ``merge``; override it to skip the copy."""
+        results = self.run(sub_params, arrays, device)
+        self.merge(sub_params, results, outputs)
+        return results
 
 
 _REGISTRY: dict[str, TaskType] = {}

@@ -29,11 +29,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcf-head: {exc.message}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(cfg))
+        _run_loop(serve(cfg))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def _run_loop(coro) -> None:  # type: ignore[no-untyped-def]
+    """uvloop where it is installed (faster HTTP bodies), asyncio elsewhere (e.g. Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
 
 
 async def serve(cfg) -> None:  # type: ignore[no-untyped-def]

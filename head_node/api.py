@@ -30,6 +30,11 @@ class JobSpec(BaseModel):
     nodes: int | None = Field(default=None, ge=1, le=100_000, description="at most this many providers")
 
 
+class Adopt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    upload_id: str = Field(pattern="^[0-9a-f]{32}$")
+
+
 class BigFileResponse(FileResponse):
     chunk_size = 4 * 1024 * 1024
 
@@ -69,6 +74,11 @@ def create_app(head: Head) -> FastAPI:
         return {"status": "ok", "version": __version__, "epoch": head.epoch, "queue": head.queue.name,
                 "task_types": tasks.names()}
 
+    @app.get("/v1/info", dependencies=guarded)
+    async def info() -> dict[str, Any]:
+        """Where the state dir is: a client on this machine that can read it exchanges files there."""
+        return {"epoch": head.epoch, "state_dir": str(head.root.resolve()), "fsync": head.cfg.fsync}
+
     @app.put("/v1/blobs", status_code=201, dependencies=guarded)
     async def upload(request: Request) -> dict[str, Any]:
         """Upload one array as the raw bytes of a .npy file (C order, float32 or float64)."""
@@ -85,6 +95,13 @@ def create_app(head: Head) -> FastAPI:
             writer.abort()
             raise
         log.info("blob stored: %s %s", meta.dtype, list(meta.shape), extra={"blob_id": blob_id})
+        return {"blob_id": blob_id, **meta.to_dict(), "bytes": meta.nbytes}
+
+    @app.post("/v1/blobs/adopt", status_code=201, dependencies=guarded)
+    async def adopt(body: Adopt) -> dict[str, Any]:
+        """Take a .npy file a client on the head's machine wrote to STATE_DIR/incoming/<upload_id>.npy."""
+        blob_id, meta = head.blobs.adopt(body.upload_id, head.cfg.max_upload_bytes, head.cfg.fsync)
+        log.info("blob adopted: %s %s", meta.dtype, list(meta.shape), extra={"blob_id": blob_id})
         return {"blob_id": blob_id, **meta.to_dict(), "bytes": meta.nbytes}
 
     @app.delete("/v1/blobs/{blob_id}", status_code=204, dependencies=guarded)

@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from common import protocol, tasks
+from common import layout, protocol, tasks
 from common.errors import Conflict, DcfError, NotFound, ProtocolError, ValidationError
 from common.protocol import check_id
 from common.tasks import ArrayMeta
@@ -40,7 +40,9 @@ RESULT_TYPES = ("ack", "result", "failed")
 class ActiveJob:
     """What the I/O layer holds for a running job: its open operands, outputs and queue ack."""
 
-    def __init__(self, operands: dict[str, np.ndarray], outputs: dict[str, np.ndarray], ack: Ack) -> None:
+    def __init__(self, blob_ids: dict[str, str], operands: dict[str, np.ndarray],
+                 outputs: dict[str, np.ndarray], ack: Ack) -> None:
+        self.blob_ids = blob_ids
         self.operands = operands
         self.outputs = outputs
         self.ack = ack
@@ -90,6 +92,7 @@ class Head:
         self.pull.setsockopt(zmq.RCVHWM, 100_000)
         for coro in (self._router_loop(), self._xpub_loop(), self._pull_loop(), self._tick_loop()):
             self._tasks.append(asyncio.create_task(coro))
+        (self.root / layout.MARKER).write_text(self.epoch)
         await self.queue.start(self._deliver)
         log.info("head %s up: registration %d, tasks %d, results %d, store %s, state dir %s",
                  self.epoch[:8], self.cfg.registration_port, self.cfg.task_port, self.cfg.result_port,
@@ -147,14 +150,15 @@ class Head:
             return
         try:
             job, operands = self._open_job(record)
-            outputs = self.blobs.create_outputs(job_id, job.outputs)
+            outputs = self.blobs.create_outputs(job_id, job.outputs, self.epoch)
         except (DcfError, OSError, ValueError) as exc:
             msg = exc.message if isinstance(exc, DcfError) else f"{type(exc).__name__}: {exc}"
             log.error("job cannot run: %s", msg, extra={"job_id": job_id})
             self.store.update(job_id, state="failed", error=msg, finished_at=time.time())
             asyncio.ensure_future(ack())
             return
-        self.active[job_id] = ActiveJob(operands, outputs, ack)
+        blob_ids = {name: ref["blob"] for name, ref in record["inputs"].items()}
+        self.active[job_id] = ActiveJob(blob_ids, operands, outputs, ack)
         self.store.update(job_id, state="queued")
         self._run(self.state.add_job(job, time.time()))
 
@@ -276,19 +280,24 @@ class Head:
         job = self.state.jobs[d.job_id]
         act = self.active[d.job_id]
         sub = job.subtasks[d.subtask]
-        task = tasks.get(job.task_type)
-        arrays = task.subtask_inputs(sub.params, act.operands)
-        frames = protocol.encode("subtask", {
-            "job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.epoch,
-            "task_type": job.task_type, "params": sub.params}, arrays, topic=d.provider_id.encode())
+        fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.epoch,
+                  "task_type": job.task_type, "params": sub.params}
+        if self.state.providers[d.provider_id].local:
+            # co-located provider: it maps the operands and writes the result in place
+            fields["shared"] = {"inputs": act.blob_ids, "outputs": sorted(job.outputs)}
+            arrays: list[np.ndarray] = []
+        else:
+            arrays = tasks.get(job.task_type).subtask_inputs(sub.params, act.operands)
+        frames = protocol.encode("subtask", fields, arrays, topic=d.provider_id.encode())
         nbytes = sum(a.nbytes for a in arrays)
         act.bytes_out += nbytes
         self.counters["bytes_out"] += nbytes
         # PUB never blocks: past the high-water mark it drops, and the ack timeout re-sends.
         sent = self.xpub.send_multipart(frames, copy=False)
         sent.add_done_callback(_log_send_error)
-        log.debug("dispatched", extra={"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt,
-                                       "provider_id": d.provider_id})
+        log.debug("dispatched%s", " by reference" if not arrays else "",
+                  extra={"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt,
+                         "provider_id": d.provider_id})
 
     def _close_job(self, job: st.Job, outcome: str) -> None:
         act = self.active.pop(job.job_id, None)
@@ -301,7 +310,7 @@ class Head:
         job.stats = stats
         try:
             if outcome == "done" and act is not None:
-                self.blobs.commit_outputs(job.job_id, act.outputs, self.cfg.fsync)
+                self.blobs.commit_outputs(job.job_id, act.outputs, self.epoch, self.cfg.fsync)
         except OSError as exc:
             job.state, job.error, outcome = st.JobState.FAILED, f"could not store result: {exc}", "failed"
         self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at,
@@ -345,9 +354,11 @@ class Head:
             log.info("provider registered: %s (%s, %s, %.1f GFLOP/s)", info.name, info.device_kind,
                      info.device_name, info.gflops, extra={"provider_id": pid})
             return protocol.encode("registered", {"provider_id": pid, "epoch": self.epoch,
-                                                  "heartbeat_interval_s": self.cfg.heartbeat_interval})
+                                                  "heartbeat_interval_s": self.cfg.heartbeat_interval,
+                                                  "state_dir": str(self.root.resolve())})
         if msg.type == "heartbeat":
-            if not self.state.heartbeat(pid, now, msg["queued"]):
+            local = msg.get("local_epoch") == self.epoch
+            if not self.state.heartbeat(pid, now, msg["queued"], local):
                 return protocol.error_frames("unknown_provider", "register again")
             return protocol.encode("heartbeat_ack", {"epoch": self.epoch})
         self._run(self.state.unregister(pid, now))
@@ -360,7 +371,7 @@ class Head:
             if not frame or frame[0] not in (0, 1):
                 continue
             topic = frame[1:].decode("ascii", "replace")
-            if not protocol.ID_RE.match(topic):
+            if not protocol.ID_RE.fullmatch(topic):
                 continue
             subscribed = frame[0] == 1
             log.debug("subscription %s", "on" if subscribed else "off", extra={"provider_id": topic})
@@ -397,16 +408,23 @@ class Head:
             log.info("ignored result for an unknown or finished job", extra=ctx)
             return
         task = tasks.get(job.task_type)
+        in_place = bool(msg.get("in_place"))
         try:
-            task.check_result(job.subtasks[key[1]].params, job.outputs, msg.arrays)
+            if in_place:
+                prov = self.state.providers.get(pid)
+                if prov is None or not prov.local or msg.arrays:
+                    raise ValidationError("in-place result from a provider that does not share the state dir")
+            else:
+                task.check_result(job.subtasks[key[1]].params, job.outputs, msg.arrays)
         except ValidationError as exc:
             log.warning("invalid result: %s", exc.message, extra=ctx)
             self._run(self.state.failed(pid, *key, f"invalid result: {exc.message}", True, now))
             return
-        if not self.state.result(pid, *key, now):
+        if not self.state.result(pid, *key, now, elapsed=float(msg["elapsed_s"])):
             log.info("ignored late or duplicate result", extra=ctx)
             return
-        task.merge(job.subtasks[key[1]].params, msg.arrays, act.outputs)
+        if not in_place:
+            task.merge(job.subtasks[key[1]].params, msg.arrays, act.outputs)
         nbytes = sum(a.nbytes for a in msg.arrays)
         act.bytes_in += nbytes
         self.counters["bytes_in"] += nbytes
@@ -427,7 +445,7 @@ class Head:
 
 
 def _is_id(value: str) -> bool:
-    return bool(protocol.ID_RE.match(value))
+    return bool(protocol.ID_RE.fullmatch(value))
 
 
 def _provider_info(msg: protocol.Message) -> st.ProviderInfo:

@@ -24,6 +24,11 @@ from common import tasks
 from common.errors import Conflict, DcfError, NotFound
 from common.tasks import ArrayMeta, Worker
 
+#: subtasks of at least this many flops update a provider's measured throughput
+MEASURABLE_FLOPS = 2e8
+#: weight of the newest measurement in that running average
+SPEED_WEIGHT = 0.5
+
 
 class JobState(str, enum.Enum):
     QUEUED = "queued"
@@ -70,6 +75,7 @@ class Provider:
     last_seen: float
     subscribed: bool = False
     alive: bool = True
+    local: bool = False  # shares the head's state dir: subtasks go by file reference
     assigned: set[tuple[str, int]] = field(default_factory=set)
     subtasks_done: int = 0
     flops_done: float = 0.0
@@ -96,7 +102,8 @@ class Subtask:
     sent_at: float = 0.0
     deadline: float = 0.0
     done_by: str | None = None
-    tried: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)  # provider of attempt k is tried[k - 1]
+    strikes: int = 0  # failures, missed acks and missed deadlines (provider deaths do not count)
 
 
 @dataclass
@@ -202,13 +209,14 @@ class ClusterState:
         self.providers[info.provider_id] = prov
         return self.schedule(now)
 
-    def heartbeat(self, provider_id: str, now: float, queued: int = 0) -> bool:
+    def heartbeat(self, provider_id: str, now: float, queued: int = 0, local: bool = False) -> bool:
         """False if the provider is unknown (it must register again)."""
         prov = self.providers.get(provider_id)
         if prov is None or not prov.alive:
             return False
         prov.last_seen = now
         prov.queued_on_provider = queued
+        prov.local = local
         return True
 
     def subscription(self, topic: str, subscribed: bool, now: float) -> list[Action]:
@@ -223,9 +231,10 @@ class ClusterState:
         return self.schedule(now) if subscribed else []
 
     def unregister(self, provider_id: str, now: float) -> list[Action]:
-        if provider_id not in self.providers:
+        prov = self.providers.get(provider_id)
+        if prov is None:
             return []
-        actions = self._lose(provider_id)
+        actions = self._lose(provider_id) if prov.alive else []
         del self.providers[provider_id]
         return actions + self.schedule(now)
 
@@ -301,14 +310,12 @@ class ClusterState:
         if sub.state is SubState.SENT:
             sub.state = SubState.RUNNING
             prov = self.providers.get(provider_id)
-            ahead = prov.load(self.jobs) if prov else 0.0
-            gflops = prov.info.gflops if prov else 1.0
-            own = sub.cost / (gflops * 1e9)
-            sub.deadline = now + max(self.timing.min_deadline,
-                                     self.timing.deadline_factor * (ahead + own))
+            # the provider's load includes this subtask and everything queued before it
+            load = prov.load(self.jobs) if prov else 0.0
+            sub.deadline = now + max(self.timing.min_deadline, self.timing.deadline_factor * load)
 
     def result(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
-               now: float) -> bool:
+               now: float, elapsed: float = 0.0) -> bool:
         """True if this result is the one to merge; False if late, duplicate or unknown."""
         sub = self._live_subtask(job_id, index, attempt, epoch)
         if sub is None or sub.tried[attempt - 1] != provider_id:
@@ -322,6 +329,9 @@ class ClusterState:
         if prov is not None:
             prov.subtasks_done += 1
             prov.flops_done += sub.cost
+            if sub.cost >= MEASURABLE_FLOPS and elapsed > 0:  # learn the real speed: the next split uses it
+                measured = sub.cost / elapsed / 1e9
+                prov.info.gflops = (1 - SPEED_WEIGHT) * prov.info.gflops + SPEED_WEIGHT * measured
         self.counters["subtasks_completed"] += 1
         return True
 
@@ -336,18 +346,27 @@ class ClusterState:
     def failed(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
                error: str, retryable: bool, now: float) -> list[Action]:
         sub = self._live_subtask(job_id, index, attempt, epoch)
-        if sub is None or sub.attempt != attempt:
+        if (sub is None or sub.attempt != attempt or sub.tried[attempt - 1] != provider_id
+                or sub.state is SubState.PENDING):
             return []
         self.counters["subtasks_failed"] += 1
         job = self.jobs[job_id]
-        if sub.provider_id in self.providers:
-            self.providers[sub.provider_id].assigned.discard((job_id, index))
-        if not retryable or sub.attempt >= self.timing.max_attempts:
-            self._finish(job, JobState.FAILED, now, f"subtask {index} failed on provider "
-                                                     f"{provider_id[:8]}: {error}")
-            return [JobFailed(job_id, job.error or error)]
-        self._requeue(sub)
-        return self.schedule(now)
+        if not retryable:
+            return self._fail(job, now, f"subtask {index} failed on provider {provider_id[:8]}: {error}")
+        return self._strike(job, sub, now, f"failed on provider {provider_id[:8]}: {error}") + self.schedule(now)
+
+    def _strike(self, job: Job, sub: Subtask, now: float, why: str) -> list[Action]:
+        """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job
+        once it has struck out ``max_attempts`` times (so nothing is retried forever)."""
+        self._release(job, sub)
+        sub.strikes += 1
+        if sub.strikes >= self.timing.max_attempts:
+            return self._fail(job, now, f"subtask {sub.index} gave up after {sub.strikes} tries; last: {why}")
+        return []
+
+    def _fail(self, job: Job, now: float, error: str) -> list[Action]:
+        self._finish(job, JobState.FAILED, now, error)
+        return [JobFailed(job.job_id, error)]
 
     # ---- time ----------------------------------------------------------------------------
     def tick(self, now: float) -> list[Action]:
@@ -359,16 +378,19 @@ class ClusterState:
             if job.state is not JobState.RUNNING:
                 continue
             for sub in job.subtasks:
-                unacked = sub.state is SubState.SENT and now - sub.sent_at > self.timing.ack_timeout
-                overdue = sub.state is SubState.RUNNING and now > sub.deadline
-                if unacked or overdue:
-                    self._release(job, sub)
+                if job.state is not JobState.RUNNING:
+                    break
+                if sub.state is SubState.SENT and now - sub.sent_at > self.timing.ack_timeout:
+                    actions += self._strike(job, sub, now, "not acknowledged in time")
+                elif sub.state is SubState.RUNNING and now > sub.deadline:
+                    actions += self._strike(job, sub, now, "deadline passed")
         return actions + self.schedule(now)
 
     def _release(self, job: Job, sub: Subtask) -> None:
         if sub.provider_id in self.providers:
             self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
-        self._requeue(sub)
+        if sub.state is not SubState.PENDING:
+            self._requeue(sub)
 
     # ---- scheduling ----------------------------------------------------------------------
     def eligible_workers(self, job: Job) -> tuple[list[Worker], str | None]:
@@ -413,8 +435,7 @@ class ClusterState:
         try:
             plans = task.split(job.params, job.inputs, workers)
         except DcfError as exc:
-            self._finish(job, JobState.FAILED, now, exc.message)
-            return [JobFailed(job.job_id, exc.message)]
+            return self._fail(job, now, exc.message)
         job.subtasks = [Subtask(i, p.params, p.cost, provider_id=p.provider_id)
                         for i, p in enumerate(plans)]
         job.state = JobState.RUNNING
@@ -429,15 +450,24 @@ class ClusterState:
         if not pending:
             return []
         workers, why = self.eligible_workers(job)
-        job.waiting = why
-        if not workers:
-            return []
+        if job.nodes:  # keep to the providers the job already uses once it has its cap
+            used = {p for s in job.subtasks for p in (s.provider_id, s.done_by) if p}
+            in_use = [w for w in workers if w.provider_id in used]
+            if len(used) >= job.nodes and in_use:
+                workers = in_use
+        task = tasks.get(job.task_type)
         actions: list[Action] = []
         for sub in pending:
-            fresh = [w for w in workers if w.provider_id not in sub.tried[-1:]] or workers
+            fit = [w for w in workers if task.fits(w, sub.params, job.inputs)]
+            if not fit:
+                job.waiting = why or "waiting for a provider with enough memory for a subtask"
+                continue
+            fresh = [w for w in fit if w.provider_id not in sub.tried[-1:]] or fit
             best = min(fresh, key=lambda w: (self.providers[w.provider_id].load(self.jobs)
                                              + sub.cost / (w.gflops * 1e9)))
             actions.append(self._send(job, sub, best.provider_id, now))
+        if actions:
+            job.waiting = None
         return actions
 
     def _send(self, job: Job, sub: Subtask, provider_id: str, now: float) -> Dispatch:
@@ -461,7 +491,8 @@ class ClusterState:
                 "device": info.device_kind, "device_name": info.device_name,
                 "memory_bytes": info.memory_bytes, "cores": info.cores, "gflops": round(info.gflops, 2),
                 "task_types": sorted(info.task_types), "dtypes": sorted(info.dtypes),
-                "version": info.version, "state": state, "assigned": len(prov.assigned),
+                "version": info.version, "state": state, "shares_state_dir": prov.local,
+                "assigned": len(prov.assigned),
                 "subtasks_done": prov.subtasks_done, "last_heartbeat_s": round(now - prov.last_seen, 3),
             })
         return rows

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,9 +22,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from common import layout
 from common.errors import NotFound, TooLarge, ValidationError
 from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
-from common.protocol import check_id
 from common.tasks import ArrayMeta
 
 
@@ -93,19 +94,55 @@ class BlobWriter:
 
 class BlobStore:
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.blob_dir = root / "blobs"
         self.job_dir = root / "jobs"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir = root / "incoming"
+        for d in (self.blob_dir, self.job_dir, self.incoming_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for stale in self.incoming_dir.glob("*.npy"):  # left by clients that died mid-write
+            stale.unlink(missing_ok=True)
         self.metas: dict[str, ArrayMeta] = {}
         for part in self.blob_dir.glob(".*.part"):  # uploads cut off by a crash
             part.unlink(missing_ok=True)
 
     def blob_path(self, blob_id: str) -> Path:
-        return self.blob_dir / f"{check_id(blob_id, 'blob id')}.npy"
+        return layout.blob_path(self.root, blob_id)
 
     def writer(self, max_bytes: int) -> BlobWriter:
         return BlobWriter(self, max_bytes)
+
+    def adopt(self, upload_id: str, max_bytes: int, fsync: bool) -> tuple[str, ArrayMeta]:
+        """Take a .npy file a co-located client wrote into ``incoming/``: validate it like an
+        upload (header, dtype, exact length; a regular file, not a link), then move it in."""
+        path = layout.incoming_path(self.root, upload_id)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise NotFound(f"no incoming file {upload_id}") from None
+        if not stat.S_ISREG(st.st_mode):
+            path.unlink(missing_ok=True)
+            raise ValidationError("incoming upload is not a regular file")
+        try:
+            with open(path, "rb") as f:
+                parsed = parse_npy_header(f.read(MAX_NPY_HEADER + 16))
+                if parsed is None:
+                    raise ValidationError("truncated .npy header")
+                meta, hlen = parsed
+                if hlen + meta.nbytes > max_bytes:
+                    raise TooLarge(f"array of {meta.nbytes} bytes exceeds the {max_bytes} byte limit")
+                if st.st_size != hlen + meta.nbytes:
+                    raise ValidationError(f"truncated .npy file: {st.st_size} bytes, header says "
+                                          f"{hlen + meta.nbytes}")
+                if fsync:
+                    os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        blob_id = uuid.uuid4().hex
+        os.replace(path, self.blob_path(blob_id))
+        self.metas[blob_id] = meta
+        return blob_id, meta
 
     def meta(self, blob_id: str) -> ArrayMeta:
         if blob_id in self.metas:
@@ -140,32 +177,32 @@ class BlobStore:
 
     # ---- job outputs -----------------------------------------------------------------
     def output_path(self, job_id: str, name: str) -> Path:
-        return self.job_dir / check_id(job_id, "job id") / f"{name}.npy"
+        return layout.output_path(self.root, job_id, name)
 
-    def create_outputs(self, job_id: str, metas: dict[str, ArrayMeta]) -> dict[str, np.ndarray]:
-        folder = self.job_dir / check_id(job_id, "job id")
+    def create_outputs(self, job_id: str, metas: dict[str, ArrayMeta], epoch: str) -> dict[str, np.ndarray]:
+        """Fresh output files for a job run by this head epoch (older runs' files are removed)."""
+        folder = layout.job_dir(self.root, job_id)
         folder.mkdir(parents=True, exist_ok=True)
-        out = {}
-        for name, meta in metas.items():
-            tmp = folder / f".{name}.npy.part"
-            out[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=meta.dtype, shape=meta.shape)
-        return out
+        for stale in folder.glob(".*.part"):
+            stale.unlink(missing_ok=True)
+        return {name: np.lib.format.open_memmap(layout.output_part_path(self.root, job_id, name, epoch),
+                                                mode="w+", dtype=meta.dtype, shape=meta.shape)
+                for name, meta in metas.items()}
 
-    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], fsync: bool) -> None:
+    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], epoch: str, fsync: bool) -> None:
         """Flush and atomically publish the outputs of a finished job."""
-        folder = self.job_dir / job_id
         for name, arr in arrays.items():
-            arr.flush()  # type: ignore[attr-defined]
-            tmp = folder / f".{name}.npy.part"
-            if fsync:
-                with open(tmp, "rb+") as f:
+            part = layout.output_part_path(self.root, job_id, name, epoch)
+            if fsync:  # without it the shared page cache already holds every byte
+                arr.flush()  # type: ignore[attr-defined]
+                with open(part, "rb+") as f:
                     os.fsync(f.fileno())
-            os.replace(tmp, folder / f"{name}.npy")
+            os.replace(part, self.output_path(job_id, name))
         if fsync:
-            fsync_dir(folder)
+            fsync_dir(layout.job_dir(self.root, job_id))
 
     def delete_job(self, job_id: str) -> None:
-        shutil.rmtree(self.job_dir / check_id(job_id, "job id"), ignore_errors=True)
+        shutil.rmtree(layout.job_dir(self.root, job_id), ignore_errors=True)
 
 
 _COLUMNS = ("job_id", "type", "params", "inputs", "outputs", "nodes", "state", "accepted",

@@ -22,10 +22,11 @@ import numpy as np
 import zmq
 
 from common import __version__, protocol, tasks
-from common.errors import DcfError
+from common.errors import DcfError, TaskError
 
 from .device import ComputeDevice, benchmark_gflops
 from .pirate import LazyPirate
+from .shared import SharedFiles
 
 log = logging.getLogger("dcf.provider")
 
@@ -47,7 +48,9 @@ class ProviderNode:
         self.epoch = ""
         self.heartbeat_interval = cfg.heartbeat_interval
         self.next_heartbeat = 0.0
-        self.running: list[str] = []
+        self.shared: SharedFiles | None = None
+        self.register_at: float | None = None  # when to retry a refused registration
+        self.register_backoff = 1.0
 
     def endpoint(self, port: int) -> str:
         host = self.cfg.head
@@ -67,8 +70,11 @@ class ProviderNode:
     def heartbeat_frames(self) -> list[Any]:
         with self.lock:
             running = [f"{j}:{s}" for j, s, _ in sorted(self.in_hand)][:64]
-        return protocol.encode("heartbeat", {"provider_id": self.provider_id, "running": running,
-                                             "queued": self.work.qsize()})
+        fields: dict[str, Any] = {"provider_id": self.provider_id, "running": running,
+                                  "queued": self.work.qsize()}
+        if self.shared is not None:
+            fields["local_epoch"] = self.shared.epoch
+        return protocol.encode("heartbeat", fields)
 
     # ---- main loop ------------------------------------------------------------------------
     def run(self) -> None:
@@ -87,7 +93,11 @@ class ProviderNode:
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
-                wait = min(pirate.next_event(now), max(0.0, self.next_heartbeat - now), 0.5)
+                wait = min(pirate.next_event(now), 0.5)
+                if self.registered and not pirate.busy:
+                    wait = min(wait, max(0.0, self.next_heartbeat - now))
+                elif self.register_at is not None:
+                    wait = min(wait, max(0.0, self.register_at - now))
                 poller = zmq.Poller()
                 poller.register(sub, zmq.POLLIN)
                 poller.register(pirate.socket, zmq.POLLIN)
@@ -100,6 +110,9 @@ class ProviderNode:
                         self._on_reply(reply, pirate)
                 now = time.monotonic()
                 pirate.check(now)
+                if self.register_at is not None and now >= self.register_at and not pirate.busy:
+                    self.register_at = None
+                    pirate.send(self.register_frames(), now)
                 if self.registered and not pirate.busy and now >= self.next_heartbeat:
                     pirate.send(self.heartbeat_frames(), now)
                     self.next_heartbeat = now + self.heartbeat_interval
@@ -121,20 +134,30 @@ class ProviderNode:
         now = time.monotonic()
         if msg.type == "registered":
             self.registered = True
+            self.register_backoff = 1.0
             self.epoch = msg["epoch"]
             self.heartbeat_interval = float(msg["heartbeat_interval_s"])
             self.next_heartbeat = now + self.heartbeat_interval
-            log.info("registered with head %s", self.epoch[:8], extra={"provider_id": self.provider_id})
+            self.shared = None
+            if self.cfg.shared_files == "auto" and msg.get("state_dir"):
+                self.shared = SharedFiles.probe(msg["state_dir"], self.epoch)
+                self.next_heartbeat = now  # tell the head at once
+            log.info("registered with head %s%s", self.epoch[:8],
+                     " (shares its state dir)" if self.shared else "", extra={"provider_id": self.provider_id})
         elif msg.type == "heartbeat_ack":
             if msg["epoch"] != self.epoch:
                 self.epoch = msg["epoch"]
         elif msg.type == "error":
-            if msg["code"] in ("unknown_provider",):
-                log.warning("the head does not know this provider (restarted?); registering again")
-            else:
-                log.error("head refused a request: %s: %s", msg["code"], msg["message"])
             self.registered = False
-            pirate.send(self.register_frames(), now)
+            if msg["code"] == "unknown_provider":
+                log.warning("the head does not know this provider (restarted?); registering again")
+                self.register_backoff = 1.0
+                pirate.send(self.register_frames(), now)
+            else:  # refused: try again later, not in a tight loop
+                log.error("head refused a request: %s: %s; retrying in %.0fs", msg["code"], msg["message"],
+                          self.register_backoff)
+                self.register_at = now + self.register_backoff
+                self.register_backoff = min(self.register_backoff * 2, 60.0)
 
     def _on_subtask(self, frames: list[Any], acks: zmq.Socket) -> None:
         if frames[0].bytes != self.topic:
@@ -193,8 +216,12 @@ class ProviderNode:
         if self.cfg.delay:
             time.sleep(self.cfg.delay)
         t0 = time.perf_counter()
+        shared = msg.get("shared")
         try:
-            outputs = tasks.get(msg["task_type"]).run(msg["params"], msg.arrays, self.device)
+            if shared is not None:
+                outputs = self._run_shared(msg, shared)
+            else:
+                outputs = tasks.get(msg["task_type"]).run(msg["params"], msg.arrays, self.device)
         except Exception as exc:
             retryable = not (isinstance(exc, DcfError) and exc.http_status < 500)
             log.error("subtask failed: %s: %s", type(exc).__name__, exc, extra=ctx)
@@ -204,6 +231,19 @@ class ProviderNode:
         nonfinite = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in outputs
                         if a.dtype.kind == "f")
         log.debug("subtask done in %.3fs", elapsed, extra=ctx)
-        return protocol.encode("result", {**fields, "elapsed_s": elapsed,
-                                          "stats": {"nonfinite": nonfinite, "device": self.device.kind}},
-                               outputs)
+        stats = {"nonfinite": nonfinite, "device": self.device.kind}
+        if shared is not None:
+            return protocol.encode("result", {**fields, "elapsed_s": elapsed, "stats": stats, "in_place": True})
+        return protocol.encode("result", {**fields, "elapsed_s": elapsed, "stats": stats}, outputs)
+
+    def _run_shared(self, msg: protocol.Message, shared: dict[str, Any]) -> list[np.ndarray]:
+        files = self.shared
+        if files is None or msg["epoch"] != files.epoch:
+            raise TaskError("subtask by reference, but this provider does not share the head's state dir")
+        blob_ids, names = shared.get("inputs"), shared.get("outputs")
+        if not isinstance(blob_ids, dict) or not isinstance(names, list):
+            raise TaskError("malformed 'shared' field")
+        task = tasks.get(msg["task_type"])
+        arrays = task.subtask_inputs(msg["params"], files.inputs(blob_ids))
+        outputs = files.outputs(msg["job_id"], names, msg["epoch"])
+        return task.run_into(msg["params"], arrays, outputs, self.device)

@@ -1,0 +1,792 @@
+"""Unit tests of head_node/state.py: the pure ClusterState machine (no I/O, explicit clock)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from common.errors import Conflict, NotFound
+from common.tasks import ArrayMeta
+from head_node import state as st
+from head_node.state import (
+    ClusterState,
+    Dispatch,
+    JobFailed,
+    JobFinished,
+    JobStarted,
+    JobState,
+    ProviderInfo,
+    ProviderLost,
+    SubState,
+    Timing,
+)
+
+GiB = 1024**3
+
+
+def hexid() -> str:
+    return uuid.uuid4().hex
+
+
+def make_info(gflops: float = 10.0, *, name: str | None = None, device_kind: str = "cpu",
+              dtypes=("float32", "float64"), memory_bytes: int = 16 * GiB,
+              task_types=("matmul",), pid: str | None = None) -> ProviderInfo:
+    pid = pid or hexid()
+    return ProviderInfo(provider_id=pid, name=name or pid[:8], host="host", os="linux",
+                        device_kind=device_kind, device_name="dev", memory_bytes=memory_bytes, cores=4,
+                        task_types=frozenset(task_types), dtypes=frozenset(dtypes), version="0.1.0",
+                        gflops=gflops)
+
+
+def make_job(m: int = 100, k: int = 8, n: int = 6, dtype: str = "float64", nodes: int | None = None,
+             created_at: float = 0.0) -> st.Job:
+    return st.Job(job_id=hexid(), task_type="matmul", params={},
+                  inputs={"a": ArrayMeta(dtype, (m, k)), "b": ArrayMeta(dtype, (k, n))},
+                  outputs={"c": ArrayMeta(dtype, (m, n))}, nodes=nodes, created_at=created_at)
+
+
+def connect(cs: ClusterState, info: ProviderInfo, now: float = 0.0) -> list:
+    """Register and subscribe: the provider becomes ready."""
+    return cs.register(info, now) + cs.subscription(info.provider_id, True, now)
+
+
+def dispatches(actions) -> list[Dispatch]:
+    return [a for a in actions if isinstance(a, Dispatch)]
+
+
+def rows_by_provider(job: st.Job) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for sub in job.subtasks:
+        out[sub.provider_id] = out.get(sub.provider_id, 0) + sub.params["rows"]
+    return out
+
+
+def finish_all(cs: ClusterState, job: st.Job, now: float) -> list:
+    """Report a result for every subtask at its current attempt, from its current provider."""
+    actions = []
+    for sub in job.subtasks:
+        assert cs.result(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch, now)
+        actions += cs.merged(job.job_id, now)
+    return actions
+
+
+@pytest.fixture
+def cs() -> ClusterState:
+    return ClusterState(epoch=hexid())
+
+
+# ---- readiness -----------------------------------------------------------------------------------
+def test_register_alone_is_not_ready(cs):
+    info = make_info()
+    assert cs.register(info, 0.0) == []
+    assert not cs.providers[info.provider_id].ready
+    assert cs.provider_rows(0.0)[0]["state"] == "connecting"
+
+
+def test_subscription_alone_is_not_a_provider(cs):
+    pid = hexid()
+    assert cs.subscription(pid, True, 0.0) == []
+    assert pid not in cs.providers
+
+
+@pytest.mark.parametrize("subscribe_first", [False, True])
+def test_ready_after_register_and_subscription_in_either_order(cs, subscribe_first):
+    info = make_info()
+    job = make_job()
+    cs.add_job(job, 0.0)
+    if subscribe_first:
+        assert cs.subscription(info.provider_id, True, 0.0) == []
+        actions = cs.register(info, 1.0)
+    else:
+        assert cs.register(info, 0.0) == []
+        actions = cs.subscription(info.provider_id, True, 1.0)
+    assert cs.providers[info.provider_id].ready
+    assert cs.provider_rows(1.0)[0]["state"] == "ready"
+    assert actions[0] == JobStarted(job.job_id)
+    assert {d.provider_id for d in dispatches(actions)} == {info.provider_id}
+    assert job.state is JobState.RUNNING
+
+
+def test_no_dispatch_before_subscription(cs):
+    info = make_info()
+    job = make_job()
+    cs.register(info, 0.0)
+    assert cs.add_job(job, 0.0) == []
+    assert job.state is JobState.QUEUED
+    assert job.waiting == "waiting for providers: none is connected"
+    assert cs.tick(1.0) == []
+
+
+def test_unsubscribed_provider_gets_no_new_work(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    connect(cs, b)
+    assert cs.subscription(b.provider_id, False, 0.0) == []
+    assert not cs.providers[b.provider_id].ready
+    job = make_job()
+    actions = cs.add_job(job, 0.0)
+    assert {d.provider_id for d in dispatches(actions)} == {a.provider_id}
+
+
+def test_dispatch_only_to_ready_providers(cs):
+    ready = [make_info(10.0), make_info(5.0)]
+    for info in ready:
+        connect(cs, info)
+    not_ready = make_info(100.0)
+    cs.register(not_ready, 0.0)
+    job = make_job(m=300)
+    actions = cs.add_job(job, 0.0)
+    targets = {d.provider_id for d in dispatches(actions)}
+    assert targets == {p.provider_id for p in ready}
+    assert all(d.attempt == 1 for d in dispatches(actions))
+    assert sum(s.params["rows"] for s in job.subtasks) == 300
+
+
+# ---- waiting -------------------------------------------------------------------------------------
+def test_job_waits_without_providers(cs):
+    job = make_job()
+    assert cs.add_job(job, 0.0) == []
+    assert job.state is JobState.QUEUED
+    assert job.waiting is not None and "none is connected" in job.waiting
+
+
+def test_job_waits_for_provider_with_dtype(cs):
+    mps = make_info(50.0, name="mac", device_kind="mps", dtypes={"float32"})
+    connect(cs, mps)
+    job = make_job(dtype="float64")
+    assert cs.add_job(job, 0.0) == []
+    assert job.state is JobState.QUEUED
+    assert job.waiting is not None
+    assert job.waiting.startswith("waiting for a suitable provider")
+    assert "mps provider does not support float64" in job.waiting
+    # a float32 job runs there
+    job32 = make_job(dtype="float32")
+    assert dispatches(cs.add_job(job32, 0.0))
+    assert job32.waiting is None
+    # a cpu provider with float64 arrives: the waiting job starts on it only
+    cpu = make_info(1.0, dtypes={"float32", "float64"})
+    actions = connect(cs, cpu, 1.0)
+    assert JobStarted(job.job_id) in actions
+    assert {d.provider_id for d in dispatches(actions) if d.job_id == job.job_id} == {cpu.provider_id}
+    assert job.waiting is None
+
+
+def test_job_waits_for_provider_with_task_type(cs):
+    info = make_info(task_types=("other",), name="nomm")
+    connect(cs, info)
+    job = make_job()
+    assert cs.add_job(job, 0.0) == []
+    assert "nomm lacks task type matmul" in job.waiting
+
+
+def test_duplicate_add_job_is_ignored(cs):
+    connect(cs, make_info())
+    job = make_job()
+    first = cs.add_job(job, 0.0)
+    assert first
+    assert cs.add_job(job, 0.0) == []
+
+
+def test_jobs_scheduled_in_creation_order(cs):
+    late, early = make_job(created_at=5.0), make_job(created_at=1.0)
+    cs.add_job(late, 6.0)
+    cs.add_job(early, 6.0)
+    actions = connect(cs, make_info(), 7.0)
+    started = [a.job_id for a in actions if isinstance(a, JobStarted)]
+    assert started == [early.job_id, late.job_id]
+
+
+# ---- split ---------------------------------------------------------------------------------------
+def test_split_proportional_to_gflops(cs):
+    fast, slow = make_info(20.0), make_info(10.0)
+    connect(cs, slow)
+    connect(cs, fast)
+    job = make_job(m=300)
+    cs.add_job(job, 0.0)
+    rows = rows_by_provider(job)
+    assert rows == {fast.provider_id: 200, slow.provider_id: 100}
+
+
+def test_split_three_way_sums_to_rows(cs):
+    infos = [make_info(g) for g in (30.0, 20.0, 7.0)]
+    for info in infos:
+        connect(cs, info)
+    job = make_job(m=1001)
+    cs.add_job(job, 0.0)
+    rows = rows_by_provider(job)
+    assert sum(rows.values()) == 1001
+    for info in infos:
+        assert abs(rows[info.provider_id] - 1001 * info.gflops / 57.0) <= 1
+    # the rows cover [0, m) exactly once
+    covered = sorted((s.params["row0"], s.params["rows"]) for s in job.subtasks)
+    pos = 0
+    for row0, count in covered:
+        assert row0 == pos
+        pos += count
+    assert pos == 1001
+
+
+def test_nodes_cap_uses_only_the_fastest(cs):
+    infos = [make_info(g) for g in (5.0, 40.0, 10.0)]
+    for info in infos:
+        connect(cs, info)
+    job = make_job(m=100, nodes=1)
+    actions = cs.add_job(job, 0.0)
+    assert {d.provider_id for d in dispatches(actions)} == {infos[1].provider_id}
+    assert rows_by_provider(job) == {infos[1].provider_id: 100}
+
+
+def test_nodes_cap_two(cs):
+    infos = [make_info(g) for g in (5.0, 40.0, 10.0)]
+    for info in infos:
+        connect(cs, info)
+    job = make_job(m=100, nodes=2)
+    cs.add_job(job, 0.0)
+    assert set(rows_by_provider(job)) == {infos[1].provider_id, infos[2].provider_id}
+
+
+def test_split_failure_fails_the_job(cs):
+    tiny = make_info(memory_bytes=1024)
+    connect(cs, tiny)
+    job = make_job(m=10, k=100, n=100)
+    actions = cs.add_job(job, 0.0)
+    assert len(actions) == 1 and isinstance(actions[0], JobFailed)
+    assert job.state is JobState.FAILED
+    assert "does not fit" in (job.error or "")
+
+
+# ---- happy path ------------------------------------------------------------------------------------
+def test_full_job_lifecycle(cs):
+    a, b = make_info(20.0), make_info(10.0)
+    connect(cs, a)
+    connect(cs, b)
+    job = make_job(m=90)
+    cs.add_job(job, 1.0)
+    assert job.started_at == 1.0
+    for sub in job.subtasks:
+        assert sub.state is SubState.SENT
+        cs.acked(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch, 1.5)
+        assert sub.state is SubState.RUNNING
+        assert sub.deadline >= 1.5 + cs.timing.min_deadline
+    actions = []
+    for i, sub in enumerate(job.subtasks):
+        assert cs.result(sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 2.0)
+        actions = cs.merged(job.job_id, 2.0)
+        if i < len(job.subtasks) - 1:
+            assert actions == []
+    assert actions == [JobFinished(job.job_id)]
+    assert job.state is JobState.DONE
+    assert job.finished_at == 2.0
+    assert job.done_count == len(job.subtasks)
+    assert sum(job.shares().values()) == pytest.approx(1.0)
+    assert job.shares()[a.provider_id] == pytest.approx(60 / 90)
+    assert all(not p.assigned for p in cs.providers.values())
+    assert cs.counters["subtasks_completed"] == len(job.subtasks)
+    view = st.job_view(job)
+    assert view["state"] == "done" and view["progress"] == {"done": 2, "total": 2}
+
+
+# ---- duplicates, late and foreign results -----------------------------------------------------------
+@pytest.fixture
+def running(cs):
+    """One ready provider p and one running job of a single subtask."""
+    p = make_info()
+    connect(cs, p)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    assert len(job.subtasks) == 1
+    return cs, p, job
+
+
+def test_duplicate_result_is_ignored(running):
+    cs, p, job = running
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.1) is False
+    assert cs.counters["results_ignored"] == 1
+    assert cs.counters["subtasks_completed"] == 1
+    assert cs.providers[p.provider_id].subtasks_done == 1
+
+
+def test_late_result_after_job_done_is_ignored(running):
+    cs, p, job = running
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert cs.merged(job.job_id, 1.0) == [JobFinished(job.job_id)]
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 2.0) is False
+
+
+def test_result_for_old_attempt_after_done_is_ignored(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    connect(cs, b, 0.0)
+    # no ack from a: re-sent (to b, the other provider) as attempt 2
+    for pid in (a.provider_id, b.provider_id):
+        cs.heartbeat(pid, 11.0)
+    d = dispatches(cs.tick(11.0))
+    assert d == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert cs.result(b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is True
+    # the first attempt's result comes late: ignored
+    assert cs.result(a.provider_id, job.job_id, 0, 1, cs.epoch, 12.5) is False
+
+
+def test_result_with_wrong_epoch_is_ignored(running):
+    cs, p, job = running
+    assert cs.result(p.provider_id, job.job_id, 0, 1, hexid(), 1.0) is False
+    assert job.subtasks[0].state is SubState.SENT
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+
+
+def test_result_from_provider_not_sent_that_attempt_is_ignored(running):
+    cs, p, job = running
+    stranger = make_info()
+    connect(cs, stranger)
+    assert cs.result(stranger.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
+    assert cs.result(hexid(), job.job_id, 0, 1, cs.epoch, 1.0) is False
+    assert job.subtasks[0].state is SubState.SENT
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+
+
+@pytest.mark.parametrize(("job_id", "index", "attempt"), [
+    (None, 0, 2), (None, 0, 0), (None, 1, 1), (None, -1, 1), ("other", 0, 1),
+])
+def test_result_for_unknown_subtask_or_attempt_is_ignored(running, job_id, index, attempt):
+    cs, p, job = running
+    jid = hexid() if job_id == "other" else job.job_id
+    assert cs.result(p.provider_id, jid, index, attempt, cs.epoch, 1.0) is False
+    assert job.subtasks[0].state is SubState.SENT
+
+
+def test_old_attempt_result_accepted_if_subtask_still_open(cs):
+    """A result of attempt 1 that arrives while attempt 2 is out is still a good result."""
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    connect(cs, b)
+    cs.heartbeat(a.provider_id, 11.0)
+    cs.heartbeat(b.provider_id, 11.0)
+    assert dispatches(cs.tick(11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert cs.result(a.provider_id, job.job_id, 0, 1, cs.epoch, 11.5) is True
+    assert cs.merged(job.job_id, 11.5) == [JobFinished(job.job_id)]
+    assert not cs.providers[b.provider_id].assigned
+    assert cs.result(b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is False
+
+
+# ---- acks and deadlines ----------------------------------------------------------------------------
+def test_ack_timeout_resends(running):
+    cs, p, job = running
+    sub = job.subtasks[0]
+    cs.heartbeat(p.provider_id, 10.0)
+    assert dispatches(cs.tick(10.0)) == []  # not yet: exactly ack_timeout
+    cs.heartbeat(p.provider_id, 10.5)
+    actions = cs.tick(10.5)
+    assert dispatches(actions) == [Dispatch(p.provider_id, job.job_id, 0, 2)]  # only provider
+    assert sub.attempt == 2 and sub.state is SubState.SENT and sub.sent_at == 10.5
+    assert sub.tried == [p.provider_id, p.provider_id]
+    assert cs.counters["subtasks_retried"] == 1
+
+
+def test_ack_timeout_prefers_another_provider(cs):
+    a, b = make_info(10.0), make_info(1.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    connect(cs, b)
+    cs.heartbeat(a.provider_id, 10.5)
+    cs.heartbeat(b.provider_id, 10.5)
+    assert dispatches(cs.tick(10.5)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert (job.job_id, 0) not in cs.providers[a.provider_id].assigned
+    assert (job.job_id, 0) in cs.providers[b.provider_id].assigned
+
+
+def test_acked_subtask_is_not_resent_before_deadline(running):
+    cs, p, job = running
+    cs.acked(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    sub = job.subtasks[0]
+    assert sub.state is SubState.RUNNING
+    assert sub.deadline == pytest.approx(1.0 + cs.timing.min_deadline)
+    for t in (20.0, 40.0, 60.0, 61.0):
+        cs.heartbeat(p.provider_id, t)
+        assert dispatches(cs.tick(t)) == []
+    cs.heartbeat(p.provider_id, 61.5)
+    assert dispatches(cs.tick(61.5)) == [Dispatch(p.provider_id, job.job_id, 0, 2)]
+
+
+def test_deadline_expiry_resends_to_another_provider(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    connect(cs, b)
+    cs.acked(a.provider_id, job.job_id, 0, 1, cs.epoch, 0.5)
+    deadline = job.subtasks[0].deadline
+    for pid in (a.provider_id, b.provider_id):
+        cs.heartbeat(pid, deadline + 0.1)
+    assert dispatches(cs.tick(deadline + 0.1)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+
+
+def test_deadline_grows_with_work():
+    cs = ClusterState(hexid(), Timing(min_deadline=1.0, deadline_factor=10.0))
+    p = make_info(gflops=1.0)  # 1 GFLOP/s
+    connect(cs, p)
+    job = make_job(m=1000, k=1000, n=500)  # 1e9 flop
+    cs.add_job(job, 0.0)
+    cs.acked(p.provider_id, job.job_id, 0, 1, cs.epoch, 0.0)
+    assert job.subtasks[0].deadline >= 10.0
+
+
+@pytest.mark.parametrize("how", ["wrong_provider", "wrong_attempt", "wrong_epoch"])
+def test_foreign_ack_is_ignored(running, how):
+    cs, p, job = running
+    pid, attempt, epoch = p.provider_id, 1, cs.epoch
+    if how == "wrong_provider":
+        pid = hexid()
+    elif how == "wrong_attempt":
+        attempt = 2
+    else:
+        epoch = hexid()
+    cs.acked(pid, job.job_id, 0, attempt, epoch, 1.0)
+    assert job.subtasks[0].state is SubState.SENT
+
+
+def test_ack_of_old_attempt_is_ignored(running):
+    cs, p, job = running
+    cs.heartbeat(p.provider_id, 10.5)
+    cs.tick(10.5)  # attempt 2 to the same provider
+    cs.acked(p.provider_id, job.job_id, 0, 1, cs.epoch, 11.0)
+    assert job.subtasks[0].state is SubState.SENT
+    cs.acked(p.provider_id, job.job_id, 0, 2, cs.epoch, 11.0)
+    assert job.subtasks[0].state is SubState.RUNNING
+
+
+# ---- dead providers --------------------------------------------------------------------------------
+def test_dead_after_three_missed_heartbeats(cs):
+    p = make_info()
+    connect(cs, p)
+    assert cs.timing.dead_after == 15.0
+    assert cs.tick(15.0) == []
+    assert cs.providers[p.provider_id].alive
+    actions = cs.tick(15.01)
+    assert actions == [ProviderLost(p.provider_id, 0)]
+    assert not cs.providers[p.provider_id].ready
+    assert cs.provider_rows(15.01)[0]["state"] == "dead"
+    assert cs.heartbeat(p.provider_id, 16.0) is False  # must register again
+    assert cs.counters["providers_lost"] == 1
+    assert cs.tick(100.0) == []  # lost once
+
+
+def test_heartbeats_keep_a_provider_alive(cs):
+    p = make_info()
+    connect(cs, p)
+    for t in range(5, 100, 5):
+        assert cs.heartbeat(p.provider_id, float(t)) is True
+        assert cs.tick(float(t) + 0.5) == []
+    assert cs.providers[p.provider_id].alive
+    assert cs.heartbeat(hexid(), 1.0) is False
+
+
+def test_custom_heartbeat_interval():
+    cs = ClusterState(hexid(), Timing(heartbeat_interval=1.0))
+    p = make_info()
+    connect(cs, p)
+    assert cs.tick(3.0) == []
+    assert cs.tick(3.01) == [ProviderLost(p.provider_id, 0)]
+
+
+def test_dead_provider_subtasks_reassigned_with_next_attempt(cs):
+    fast, slow = make_info(20.0), make_info(10.0)
+    connect(cs, fast)
+    connect(cs, slow)
+    job = make_job(m=300)
+    cs.add_job(job, 0.0)
+    for sub in job.subtasks:
+        cs.acked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 1.0)
+    lost = [s.index for s in job.subtasks if s.provider_id == fast.provider_id]
+    cs.heartbeat(slow.provider_id, 15.0)
+    actions = cs.tick(16.0)
+    assert ProviderLost(fast.provider_id, len(lost)) in actions
+    redo = dispatches(actions)
+    assert sorted(d.subtask for d in redo) == lost
+    assert all(d.provider_id == slow.provider_id and d.attempt == 2 for d in redo)
+    for i in lost:
+        assert job.subtasks[i].tried == [fast.provider_id, slow.provider_id]
+        assert job.subtasks[i].state is SubState.SENT
+    assert not cs.providers[fast.provider_id].assigned
+    # the job completes on the survivor
+    assert finish_all(cs, job, 17.0)[-1] == JobFinished(job.job_id)
+    assert job.shares() == {slow.provider_id: pytest.approx(1.0)}
+
+
+def test_dead_provider_subtasks_wait_without_providers(running):
+    cs, p, job = running
+    actions = cs.tick(20.0)
+    assert actions == [ProviderLost(p.provider_id, 1)]
+    sub = job.subtasks[0]
+    assert sub.state is SubState.PENDING and sub.provider_id is None
+    assert job.state is JobState.RUNNING
+    assert job.waiting is not None and "none is connected" in job.waiting
+    # a new provider picks it up
+    q = make_info()
+    actions = connect(cs, q, 21.0)
+    assert dispatches(actions) == [Dispatch(q.provider_id, job.job_id, 0, 2)]
+
+
+def test_reregistered_provider_is_ready_again(cs):
+    p = make_info()
+    connect(cs, p)
+    cs.tick(20.0)
+    assert not cs.providers[p.provider_id].alive
+    cs.register(p, 21.0)  # the subscription is still known
+    assert cs.providers[p.provider_id].ready
+    assert cs.heartbeat(p.provider_id, 22.0)
+
+
+# ---- failures ------------------------------------------------------------------------------------
+def _failed_args(sub, job, cs, **over):
+    args = {"provider_id": sub.provider_id, "job_id": job.job_id, "index": sub.index,
+            "attempt": sub.attempt, "epoch": cs.epoch, "error": "boom", "retryable": True, "now": 1.0}
+    args.update(over)
+    return args
+
+
+def test_retryable_failure_requeues(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    connect(cs, b)
+    sub = job.subtasks[0]
+    actions = cs.failed(**_failed_args(sub, job, cs))
+    assert dispatches(actions) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert job.state is JobState.RUNNING
+    assert cs.counters["subtasks_failed"] == 1 and cs.counters["subtasks_retried"] == 1
+    assert (job.job_id, 0) not in cs.providers[a.provider_id].assigned
+
+
+def test_retryable_failure_with_one_provider_retries_there(running):
+    cs, p, job = running
+    actions = cs.failed(**_failed_args(job.subtasks[0], job, cs))
+    assert dispatches(actions) == [Dispatch(p.provider_id, job.job_id, 0, 2)]
+
+
+def test_non_retryable_failure_fails_the_job(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    connect(cs, b)
+    job = make_job(m=100)
+    cs.add_job(job, 0.0)
+    sub = job.subtasks[0]
+    actions = cs.failed(**_failed_args(sub, job, cs, retryable=False, error="bad input"))
+    assert len(actions) == 1 and isinstance(actions[0], JobFailed)
+    assert job.state is JobState.FAILED
+    assert "bad input" in job.error and "subtask 0" in job.error
+    assert actions[0].error == job.error
+    assert all(not p.assigned for p in cs.providers.values())
+    # results for the failed job are ignored
+    other = job.subtasks[1]
+    assert cs.result(other.provider_id, job.job_id, 1, 1, cs.epoch, 2.0) is False
+
+
+def test_max_attempts_fails_the_job():
+    cs = ClusterState(hexid(), Timing(max_attempts=3))
+    p = make_info()
+    connect(cs, p)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    sub = job.subtasks[0]
+    for attempt in (1, 2):
+        assert sub.attempt == attempt
+        actions = cs.failed(**_failed_args(sub, job, cs))
+        assert dispatches(actions) == [Dispatch(p.provider_id, job.job_id, 0, attempt + 1)]
+    actions = cs.failed(**_failed_args(sub, job, cs))
+    assert [type(a) for a in actions] == [JobFailed]
+    assert job.state is JobState.FAILED
+
+
+def test_failed_for_stale_attempt_or_epoch_is_ignored(running):
+    cs, p, job = running
+    sub = job.subtasks[0]
+    assert cs.failed(**_failed_args(sub, job, cs, epoch=hexid(), retryable=False)) == []
+    assert cs.failed(**_failed_args(sub, job, cs, attempt=2, retryable=False)) == []
+    assert cs.failed(**_failed_args(sub, job, cs, job_id=hexid(), retryable=False)) == []
+    assert job.state is JobState.RUNNING
+    cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert cs.failed(**_failed_args(sub, job, cs, retryable=False)) == []
+    assert job.state is JobState.RUNNING and sub.state is SubState.DONE
+
+
+def test_failed_from_provider_not_sent_that_attempt_is_ignored(running):
+    """Like result(), a failed() counts only from the provider that was sent that attempt."""
+    cs, p, job = running
+    stranger = make_info()
+    connect(cs, stranger)
+    sub = job.subtasks[0]
+    assert cs.failed(**_failed_args(sub, job, cs, provider_id=stranger.provider_id,
+                                    retryable=False)) == []
+    assert job.state is JobState.RUNNING
+
+
+def test_missed_acks_count_towards_max_attempts():
+    """A subtask that is never acknowledged is not retried forever."""
+    cs = ClusterState(hexid(), Timing(max_attempts=3))
+    p = make_info()
+    connect(cs, p)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    now, actions = 0.0, []
+    for _ in range(3):
+        assert job.state is JobState.RUNNING
+        now += cs.timing.ack_timeout + 1
+        cs.heartbeat(p.provider_id, now)
+        actions = cs.tick(now)
+    assert job.state is JobState.FAILED
+    assert [type(a) for a in actions] == [JobFailed]
+    assert job.subtasks[0].attempt == 3
+    assert "3" in job.error
+    assert not cs.providers[p.provider_id].assigned
+
+
+def test_missed_deadlines_count_towards_max_attempts():
+    cs = ClusterState(hexid(), Timing(max_attempts=2))
+    p = make_info()
+    connect(cs, p)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    sub = job.subtasks[0]
+    now = 0.0
+    for _ in range(2):
+        cs.acked(p.provider_id, job.job_id, 0, sub.attempt, cs.epoch, now)
+        now = sub.deadline + 1
+        cs.heartbeat(p.provider_id, now)
+        cs.tick(now)
+    assert job.state is JobState.FAILED
+
+
+def test_provider_deaths_do_not_count_towards_max_attempts():
+    cs = ClusterState(hexid(), Timing(max_attempts=2))
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    now = 0.0
+    for _ in range(5):
+        p = make_info()
+        connect(cs, p, now)
+        now += cs.timing.dead_after + 1
+        cs.tick(now)  # p dies holding the subtask
+        assert job.state is JobState.RUNNING
+    assert job.subtasks[0].attempt == 5
+    assert job.subtasks[0].state is SubState.PENDING
+
+
+def test_failures_and_timeouts_add_up():
+    cs = ClusterState(hexid(), Timing(max_attempts=2))
+    p = make_info()
+    connect(cs, p)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    cs.failed(**_failed_args(job.subtasks[0], job, cs))  # strike 1, re-sent at t=1
+    assert job.state is JobState.RUNNING
+    cs.heartbeat(p.provider_id, 12.0)
+    assert [type(a) for a in cs.tick(12.0)] == [JobFailed]  # strike 2: missed ack
+
+
+def test_requeued_subtask_not_sent_to_provider_without_memory_for_it(cs):
+    m, k, n, item = 1000, 100, 100, 8
+    big = make_info(100.0)
+    # room for b plus 10 rows (its own share), far from the 990 rows of big's subtask
+    small = make_info(1.0, memory_bytes=2 * (k * n * item + 10 * (k + n) * item))
+    connect(cs, big)
+    connect(cs, small)
+    job = make_job(m=m, k=k, n=n)
+    cs.add_job(job, 0.0)
+    assert rows_by_provider(job) == {big.provider_id: 990, small.provider_id: 10}
+    actions = cs.unregister(big.provider_id, 1.0)
+    for d in dispatches(actions):
+        rows = job.subtasks[d.subtask].params["rows"]
+        need = (k * n + rows * (k + n)) * item
+        assert need <= small.memory_bytes * 0.5, f"{rows} rows need {need} bytes"
+
+
+# ---- cancel, unregister, forget ------------------------------------------------------------------------
+def test_cancel_running_job(running):
+    cs, p, job = running
+    cancelled = cs.cancel(job.job_id, 2.0)
+    assert cancelled is job
+    assert job.state is JobState.CANCELLED and job.finished_at == 2.0
+    assert job.error == "cancelled by user"
+    assert not cs.providers[p.provider_id].assigned
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 3.0) is False
+    assert cs.tick(5.0) == []
+    with pytest.raises(Conflict):
+        cs.cancel(job.job_id, 3.0)
+
+
+def test_cancel_queued_job(cs):
+    job = make_job()
+    cs.add_job(job, 0.0)
+    cs.cancel(job.job_id, 1.0)
+    assert job.state is JobState.CANCELLED
+    assert connect(cs, make_info(), 2.0) == []  # never started
+
+
+def test_cancel_unknown_job(cs):
+    with pytest.raises(NotFound):
+        cs.cancel(hexid(), 0.0)
+    with pytest.raises(NotFound):
+        cs.get_job(hexid())
+
+
+def test_forget(running):
+    cs, p, job = running
+    cs.forget(job.job_id)
+    assert job.job_id not in cs.jobs
+    cs.forget(job.job_id)  # idempotent
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
+
+
+def test_unregister_requeues_to_others(cs):
+    a, b = make_info(20.0), make_info(10.0)
+    connect(cs, a)
+    connect(cs, b)
+    job = make_job(m=300)
+    cs.add_job(job, 0.0)
+    moved = [s.index for s in job.subtasks if s.provider_id == a.provider_id]
+    actions = cs.unregister(a.provider_id, 1.0)
+    assert actions[0] == ProviderLost(a.provider_id, len(moved))
+    assert sorted(d.subtask for d in dispatches(actions)) == moved
+    assert all(d.provider_id == b.provider_id and d.attempt == 2 for d in dispatches(actions))
+    assert a.provider_id not in cs.providers
+    assert cs.unregister(a.provider_id, 2.0) == []
+    assert cs.heartbeat(a.provider_id, 2.0) is False
+
+
+def test_unregister_does_not_touch_finished_subtasks(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    connect(cs, b)
+    job = make_job(m=100)
+    cs.add_job(job, 0.0)
+    done = next(s for s in job.subtasks if s.provider_id == a.provider_id)
+    assert cs.result(a.provider_id, job.job_id, done.index, 1, cs.epoch, 1.0)
+    cs.merged(job.job_id, 1.0)
+    actions = cs.unregister(a.provider_id, 2.0)
+    assert actions == [ProviderLost(a.provider_id, 0)]
+    assert done.state is SubState.DONE
+
+
+# ---- views ----------------------------------------------------------------------------------------
+def test_provider_rows_and_job_view(cs):
+    p = make_info(12.345, name="alpha")
+    connect(cs, p)
+    job = make_job(m=10)
+    cs.add_job(job, 0.0)
+    (row,) = cs.provider_rows(2.0)
+    assert row["name"] == "alpha" and row["gflops"] == 12.35 and row["assigned"] == 1
+    assert row["last_heartbeat_s"] == 2.0
+    view = st.job_view(job, {p.provider_id: "alpha"})
+    assert view["state"] == "running" and view["progress"] == {"done": 0, "total": 1}
+    assert view["inputs"]["a"] == {"dtype": "float64", "shape": [10, 8]}
+    assert set(st.terminal_states()) == {"done", "failed", "cancelled"}
+    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert st.job_view(job, {p.provider_id: "alpha"})["shares"] == {"alpha": 1.0}
