@@ -27,10 +27,11 @@ class Option:
     check: Callable[[Any], bool] | None = None
     check_text: str = ""
     choices: Sequence[str] | None = None
+    flag_name: str | None = None  # when the flag is not --name-with-dashes
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.flag_name or "--" + self.name.replace("_", "-")
 
     @property
     def env(self) -> str:
@@ -85,7 +86,9 @@ HEAD_OPTIONS = [
            "provider", _positive, "> 0"),
     Option("max_attempts", int, 5, "attempts per subtask before its job fails", _positive, ">= 1"),
     Option("max_upload_bytes", int, 8 * 1024**3, "largest accepted upload (bytes)", _positive, "> 0"),
-    Option("fsync", _bool, True, "fsync operands and results before acknowledging them"),
+    Option("fsync", _bool, False, "also survive power loss: fsync operands before accepting a job, results "
+           "before reporting it done, and every job-store commit (off: files and commits reach the OS "
+           "before any acknowledgement, which survives any crash of the head process)"),
     Option("api_token", str, "", "bearer token the REST API requires (empty: none)"),
 ]
 
@@ -98,15 +101,16 @@ PROVIDER_OPTIONS = [
     Option("threads", int, 0, "BLAS/torch threads on the CPU (0: all cores)", lambda v: v >= 0, ">= 0"),
     Option("request_timeout", float, 2.5, "Lazy Pirate: seconds to wait for a head reply before retrying",
            _positive, "> 0"),
-    Option("shared_files", str, "auto", "auto: when on the head's machine, read operands and write results "
-           "in the head's state dir instead of sending them; off: always send", choices=("auto", "off")),
+    Option("shared_files", str, "auto", "auto: on the head's machine, exchange arrays as files in the head's "
+           "state dir instead of over sockets/HTTP; off: always send them", choices=("auto", "off")),
     Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask",
            lambda v: math.isfinite(v) and v >= 0, ">= 0"),
 ]
 
 CLIENT_OPTIONS = [
-    Option("head_url", str, "http://127.0.0.1:8080", "URL of the head's REST API"),
-    Option("api_token", str, "", "bearer token for the REST API"),
+    Option("head_url", str, "http://127.0.0.1:8080", "URL of the head's REST API", flag_name="--head"),
+    Option("api_token", str, "", "bearer token for the REST API", flag_name="--token"),
+    next(o for o in PROVIDER_OPTIONS if o.name == "shared_files"),
 ]
 
 
@@ -149,15 +153,17 @@ def parse(options: Sequence[Option], argv: Sequence[str] | None, prog: str, desc
 
 def markdown_table() -> str:
     rows = ["| flag | environment | default | used by | meaning |", "|---|---|---|---|---|"]
-    seen: dict[str, list[str]] = {}
-    opts: dict[str, Option] = {}
-    for who, options in (("head", HEAD_OPTIONS), ("provider", PROVIDER_OPTIONS), ("client", CLIENT_OPTIONS)):
+    seen: dict[tuple[str, str], list[str]] = {}
+    opts: dict[tuple[str, str], Option] = {}
+    programs = (("dcf-head", HEAD_OPTIONS), ("dcf-provider", PROVIDER_OPTIONS), ("dcf", CLIENT_OPTIONS))
+    for who, options in programs:
         for opt in options:
-            seen.setdefault(opt.name, []).append(who)
-            opts.setdefault(opt.name, opt)
-    for name, opt in opts.items():
+            key = (opt.flag, opt.env)
+            seen.setdefault(key, []).append(who)
+            opts.setdefault(key, opt)
+    for key, opt in opts.items():
         default = "(empty)" if opt.default == "" else f"`{opt.default}`"
-        rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {', '.join(seen[name])} | {opt.help} |")
+        rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {', '.join(seen[key])} | {opt.help} |")
     return "\n".join(rows)
 
 

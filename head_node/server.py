@@ -61,7 +61,7 @@ class Head:
             heartbeat_interval=cfg.heartbeat_interval, ack_timeout=cfg.ack_timeout,
             min_deadline=cfg.min_deadline, max_attempts=cfg.max_attempts))
         self.blobs = BlobStore(self.root)
-        self.store = JobStore(self.root / "jobs.sqlite3")
+        self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
         self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store) if cfg.amqp_url
                                 else EmbeddedQueue(self.store))
         self.active: dict[str, ActiveJob] = {}

@@ -211,10 +211,12 @@ _JSON_COLUMNS = ("params", "inputs", "outputs", "stats")
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fsync: bool = False) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: a commit is in the OS before it returns (survives a crash of the
+        # process); FULL also fsyncs it (survives power loss).
+        self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, type TEXT NOT NULL, "
             "params TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL, nodes INTEGER, "

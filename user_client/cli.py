@@ -23,9 +23,7 @@ from .client import TERMINAL, Client, load_npy
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcf", description="dcf: distributed matrix multiplication and "
                                 "training on a pool of machines.")
-    p.add_argument("--head", dest="head_url", default=None,
-                   help="head URL [env DCF_HEAD_URL, default http://127.0.0.1:8080]")
-    p.add_argument("--token", dest="api_token", default=None, help="API bearer token [env DCF_API_TOKEN]")
+    config.add_options(p, config.CLIENT_OPTIONS)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -90,7 +88,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.head_url, token=args.api_token)
+    return Client(args.head_url, token=args.api_token, shared_files=args.shared_files)
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
