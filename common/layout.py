@@ -24,6 +24,11 @@ def incoming_path(root: Path, upload_id: str) -> Path:
     return root / "incoming" / f"{check_id(upload_id, 'upload id')}.npy"
 
 
+def locality_proof_path(root: Path, provider_id: str) -> Path:
+    """A provider proves it shares the state dir by writing the head's epoch here."""
+    return root / "incoming" / f"{check_id(provider_id, 'provider id')}.local"
+
+
 def job_dir(root: Path, job_id: str) -> Path:
     return root / "jobs" / check_id(job_id, "job id")
 

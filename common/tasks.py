@@ -139,6 +139,9 @@ _REGISTRY: dict[str, TaskType] = {}
 def register(task: TaskType) -> TaskType:
     if not getattr(task, "name", None) or not isinstance(task.name, str):
         raise ConfigError("a task type needs a string `name`")
+    known = _REGISTRY.get(task.name)
+    if known is not None and type(known) is not type(task):
+        raise ConfigError(f"task type {task.name!r} is already registered by {type(known).__module__}")
     _REGISTRY[task.name] = task
     return task
 
@@ -170,15 +173,19 @@ def load_plugins(modules: str = "") -> list[str]:
     for ep in entry_points(group="dcf.tasks"):
         try:
             obj = ep.load()
-            if isinstance(obj, TaskType):
-                register(obj)
+            if not isinstance(obj, TaskType):
+                log.error("task plugin %s is not a TaskType instance; ignored", ep.name)
+                continue
+            register(obj)
             loaded.append(ep.name)
         except Exception as exc:
             log.error("task plugin %s failed to load: %s", ep.name, exc)
     for mod in filter(None, (m.strip() for m in modules.split(","))):
         try:
             importlib.import_module(mod)
-        except ImportError as exc:
-            raise ConfigError(f"plugin module {mod!r} cannot be imported: {exc}") from None
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"plugin module {mod!r} cannot be imported: {type(exc).__name__}: {exc}") from None
         loaded.append(mod)
     return loaded

@@ -67,6 +67,12 @@ def create_app(head: Head) -> FastAPI:
         log.info("%s %s -> 422: %s", request.method, request.url.path, msg)
         return JSONResponse({"error": {"code": "invalid", "message": msg}}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": {"code": "internal", "message": f"internal error: {type(exc).__name__}"}},
+                            status_code=500)
+
     guarded = [Depends(auth)]
 
     @app.get("/v1/health")

@@ -46,6 +46,7 @@ class ActiveJob:
         self.operands = operands
         self.outputs = outputs
         self.ack = ack
+        self.by_reference: set[tuple[int, int]] = set()  # (subtask, attempt) sent by file reference
         self.nonfinite = 0
         self.bytes_out = 0
         self.bytes_in = 0
@@ -130,7 +131,7 @@ class Head:
             raise ValidationError(f"{task.name} takes inputs {list(task.inputs)}; missing {missing}, "
                                   f"unexpected {extra}")
         metas = {name: self.blobs.meta(blob_id) for name, blob_id in blob_ids.items()}
-        outputs = task.validate(spec.get("params") or {}, metas)
+        outputs = _validate(task, spec.get("params") or {}, metas)
         return {
             "job_id": uuid.uuid4().hex, "type": task.name, "params": spec.get("params") or {},
             "inputs": {n: {"blob": b, **metas[n].to_dict()} for n, b in blob_ids.items()},
@@ -168,7 +169,7 @@ class Head:
         for name, ref in record["inputs"].items():
             operands[name] = self.blobs.open(ref["blob"])
             metas[name] = ArrayMeta.of(operands[name])
-        outputs = task.validate(record["params"], metas)
+        outputs = _validate(task, record["params"], metas)
         job = st.Job(record["job_id"], task.name, record["params"], metas, outputs,
                      record.get("nodes"), created_at=record["created_at"])
         return job, operands
@@ -285,6 +286,7 @@ class Head:
         if self.state.providers[d.provider_id].local:
             # co-located provider: it maps the operands and writes the result in place
             fields["shared"] = {"inputs": act.blob_ids, "outputs": sorted(job.outputs)}
+            act.by_reference.add((d.subtask, d.attempt))
             arrays: list[np.ndarray] = []
         else:
             arrays = tasks.get(job.task_type).subtask_inputs(sub.params, act.operands)
@@ -310,7 +312,8 @@ class Head:
         job.stats = stats
         try:
             if outcome == "done" and act is not None:
-                self.blobs.commit_outputs(job.job_id, act.outputs, self.epoch, self.cfg.fsync)
+                self.blobs.commit_outputs(job.job_id, act.outputs, self.epoch, self.cfg.fsync,
+                                          copy=bool(act.by_reference))
         except OSError as exc:
             job.state, job.error, outcome = st.JobState.FAILED, f"could not store result: {exc}", "failed"
         self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at,
@@ -357,7 +360,7 @@ class Head:
                                                   "heartbeat_interval_s": self.cfg.heartbeat_interval,
                                                   "state_dir": str(self.root.resolve())})
         if msg.type == "heartbeat":
-            local = msg.get("local_epoch") == self.epoch
+            local = self._is_local(pid, msg.get("local_epoch"))
             if not self.state.heartbeat(pid, now, msg["queued"], local):
                 return protocol.error_frames("unknown_provider", "register again")
             return protocol.encode("heartbeat_ack", {"epoch": self.epoch})
@@ -365,17 +368,40 @@ class Head:
         log.info("provider left", extra={"provider_id": pid})
         return protocol.encode("ok")
 
+    def _is_local(self, pid: str, claimed_epoch: object) -> bool:
+        """A provider shares the state dir if it says so and wrote its proof file there."""
+        if claimed_epoch != self.epoch:
+            return False
+        prov = self.state.providers.get(pid)
+        if prov is not None and prov.local:
+            return True
+        proof = layout.locality_proof_path(self.root, pid)
+        try:
+            ok = proof.read_text().strip() == self.epoch
+        except OSError:
+            return False
+        proof.unlink(missing_ok=True)
+        if ok:
+            log.info("provider shares the state dir: subtasks go by file reference", extra={"provider_id": pid})
+        return ok
+
     async def _xpub_loop(self) -> None:
         while True:
             frame = await self.xpub.recv()
-            if not frame or frame[0] not in (0, 1):
-                continue
-            topic = frame[1:].decode("ascii", "replace")
-            if not protocol.ID_RE.fullmatch(topic):
-                continue
-            subscribed = frame[0] == 1
-            log.debug("subscription %s", "on" if subscribed else "off", extra={"provider_id": topic})
-            self._run(self.state.subscription(topic, subscribed, time.time()))
+            try:
+                self._on_subscription(frame)
+            except Exception:
+                log.exception("error handling a subscription")
+
+    def _on_subscription(self, frame: bytes) -> None:
+        if not frame or frame[0] not in (0, 1):
+            return
+        topic = frame[1:].decode("ascii", "replace")
+        if not protocol.ID_RE.fullmatch(topic):
+            return
+        subscribed = frame[0] == 1
+        log.debug("subscription %s", "on" if subscribed else "off", extra={"provider_id": topic})
+        self._run(self.state.subscription(topic, subscribed, time.time()))
 
     async def _pull_loop(self) -> None:
         while True:
@@ -397,12 +423,15 @@ class Head:
         if msg.type == "ack":
             self.state.acked(pid, *key, now)
             return
+        act = self.active.get(key[0])
+        if act is not None and msg.type in ("result", "failed"):
+            sent_by_reference = (key[1], key[2]) in act.by_reference
+            act.by_reference.discard((key[1], key[2]))
         if msg.type == "failed":
             log.warning("subtask failed on provider: %s", msg["error"], extra=ctx)
             self._run(self.state.failed(pid, *key, msg["error"][:500], msg["retryable"], now))
             return
         job = self.state.jobs.get(key[0])
-        act = self.active.get(key[0])
         if job is None or act is None or not 0 <= key[1] < len(job.subtasks):
             self.state.counters["results_ignored"] += 1
             log.info("ignored result for an unknown or finished job", extra=ctx)
@@ -411,9 +440,8 @@ class Head:
         in_place = bool(msg.get("in_place"))
         try:
             if in_place:
-                prov = self.state.providers.get(pid)
-                if prov is None or not prov.local or msg.arrays:
-                    raise ValidationError("in-place result from a provider that does not share the state dir")
+                if not sent_by_reference or msg.arrays:
+                    raise ValidationError("in-place result for a subtask that was not sent by reference")
             else:
                 task.check_result(job.subtasks[key[1]].params, job.outputs, msg.arrays)
         except ValidationError as exc:
@@ -465,6 +493,16 @@ def _provider_info(msg: protocol.Message) -> st.ProviderInfo:
         host=msg["host"][:128], os=msg["os"][:64], device_kind=msg["device_kind"],
         device_name=msg["device_name"][:128], memory_bytes=msg["memory_bytes"], cores=msg["cores"],
         task_types=strs("task_types"), dtypes=strs("dtypes"), version=msg["version"][:32], gflops=gflops)
+
+
+def _validate(task: tasks.TaskType, params: dict[str, Any], metas: dict[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+    """task.validate, with a plugin's unexpected exception turned into a clear 4xx."""
+    try:
+        return task.validate(params, metas)
+    except DcfError:
+        raise
+    except Exception as exc:
+        raise ValidationError(f"task type {task.name} rejected the job: {type(exc).__name__}: {exc}") from None
 
 
 def _log_send_error(fut: asyncio.Future[Any]) -> None:

@@ -28,6 +28,8 @@ from common.tasks import ArrayMeta, Worker
 MEASURABLE_FLOPS = 2e8
 #: weight of the newest measurement in that running average
 SPEED_WEIGHT = 0.5
+#: bounds of a believable throughput (a bogus elapsed_s must not break the splits)
+MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e7
 
 
 class JobState(str, enum.Enum):
@@ -64,8 +66,8 @@ class ProviderInfo:
     version: str
     gflops: float
 
-    def worker(self) -> Worker:
-        return Worker(self.provider_id, self.gflops, self.memory_bytes, self.device_kind, self.dtypes)
+    def worker(self, gflops: float | None = None) -> Worker:
+        return Worker(self.provider_id, gflops or self.gflops, self.memory_bytes, self.device_kind, self.dtypes)
 
 
 @dataclass
@@ -80,15 +82,30 @@ class Provider:
     subtasks_done: int = 0
     flops_done: float = 0.0
     queued_on_provider: int = 0
+    #: throughput learned from finished subtasks, per task type (the benchmark is the prior)
+    speed: dict[str, float] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return self.alive and self.subscribed
 
+    def gflops(self, task_type: str) -> float:
+        return self.speed.get(task_type, self.info.gflops)
+
+    def worker(self, task_type: str) -> Worker:
+        return self.info.worker(self.gflops(task_type))
+
+    def learn(self, task_type: str, flops: float, elapsed: float) -> None:
+        """Fold one finished subtask into the throughput estimate for its task type."""
+        if flops < MEASURABLE_FLOPS or elapsed <= 0:
+            return
+        measured = min(MAX_GFLOPS, max(MIN_GFLOPS, flops / elapsed / 1e9))
+        self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured
+
     def load(self, jobs: Mapping[str, Job]) -> float:
         """Seconds of work assigned and not yet finished, at the measured throughput."""
-        cost = sum(jobs[j].subtasks[i].cost for j, i in self.assigned if j in jobs)
-        return cost / (self.info.gflops * 1e9)
+        return sum(jobs[j].subtasks[i].cost / (self.gflops(jobs[j].task_type) * 1e9)
+                   for j, i in self.assigned if j in jobs)
 
 
 @dataclass
@@ -329,9 +346,7 @@ class ClusterState:
         if prov is not None:
             prov.subtasks_done += 1
             prov.flops_done += sub.cost
-            if sub.cost >= MEASURABLE_FLOPS and elapsed > 0:  # learn the real speed: the next split uses it
-                measured = sub.cost / elapsed / 1e9
-                prov.info.gflops = (1 - SPEED_WEIGHT) * prov.info.gflops + SPEED_WEIGHT * measured
+            prov.learn(self.jobs[job_id].task_type, sub.cost, elapsed)  # the next split uses it
         self.counters["subtasks_completed"] += 1
         return True
 
@@ -403,11 +418,12 @@ class ClusterState:
             if job.task_type not in prov.info.task_types:
                 reasons.append(f"{prov.info.name} lacks task type {job.task_type}")
                 continue
-            why = task.eligible(prov.info.worker(), job.params, job.inputs)
+            worker = prov.worker(job.task_type)
+            why = task.eligible(worker, job.params, job.inputs)
             if why:
                 reasons.append(why)
                 continue
-            workers.append(prov.info.worker())
+            workers.append(worker)
         workers.sort(key=lambda w: w.gflops, reverse=True)
         if workers:
             return workers, None
@@ -436,6 +452,9 @@ class ClusterState:
             plans = task.split(job.params, job.inputs, workers)
         except DcfError as exc:
             return self._fail(job, now, exc.message)
+        except Exception as exc:  # a plugin's bug fails its job, not the scheduler
+            return self._fail(job, now, f"task type {job.task_type} could not split the job: "
+                                        f"{type(exc).__name__}: {exc}")
         job.subtasks = [Subtask(i, p.params, p.cost, provider_id=p.provider_id)
                         for i, p in enumerate(plans)]
         job.state = JobState.RUNNING
@@ -489,7 +508,8 @@ class ClusterState:
             rows.append({
                 "provider_id": info.provider_id, "name": info.name, "host": info.host, "os": info.os,
                 "device": info.device_kind, "device_name": info.device_name,
-                "memory_bytes": info.memory_bytes, "cores": info.cores, "gflops": round(info.gflops, 2),
+                "memory_bytes": info.memory_bytes, "cores": info.cores,
+                "gflops": round(prov.gflops("matmul"), 2), "benchmark_gflops": round(info.gflops, 2),
                 "task_types": sorted(info.task_types), "dtypes": sorted(info.dtypes),
                 "version": info.version, "state": state, "shares_state_dir": prov.local,
                 "assigned": len(prov.assigned),

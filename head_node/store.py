@@ -100,7 +100,7 @@ class BlobStore:
         self.incoming_dir = root / "incoming"
         for d in (self.blob_dir, self.job_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for stale in self.incoming_dir.glob("*.npy"):  # left by clients that died mid-write
+        for stale in self.incoming_dir.iterdir():  # left by clients that died mid-write
             stale.unlink(missing_ok=True)
         self.metas: dict[str, ArrayMeta] = {}
         for part in self.blob_dir.glob(".*.part"):  # uploads cut off by a crash
@@ -189,15 +189,24 @@ class BlobStore:
                                                 mode="w+", dtype=meta.dtype, shape=meta.shape)
                 for name, meta in metas.items()}
 
-    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], epoch: str, fsync: bool) -> None:
-        """Flush and atomically publish the outputs of a finished job."""
+    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], epoch: str, fsync: bool,
+                       copy: bool = False) -> None:
+        """Flush and atomically publish the outputs of a finished job. ``copy``: a co-located
+        provider may still hold the part file mapped (an attempt still out), so publish a copy
+        (a new inode it cannot write into) instead of renaming."""
         for name, arr in arrays.items():
             part = layout.output_part_path(self.root, job_id, name, epoch)
+            final = self.output_path(job_id, name)
+            if copy:
+                tmp = final.with_name(f".{name}.copy")
+                shutil.copyfile(part, tmp)
+                part.unlink(missing_ok=True)
+                part = tmp
             if fsync:  # without it the shared page cache already holds every byte
                 arr.flush()  # type: ignore[attr-defined]
                 with open(part, "rb+") as f:
                     os.fsync(f.fileno())
-            os.replace(part, self.output_path(job_id, name))
+            os.replace(part, final)
         if fsync:
             fsync_dir(layout.job_dir(self.root, job_id))
 

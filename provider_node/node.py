@@ -140,7 +140,7 @@ class ProviderNode:
             self.next_heartbeat = now + self.heartbeat_interval
             self.shared = None
             if self.cfg.shared_files == "auto" and msg.get("state_dir"):
-                self.shared = SharedFiles.probe(msg["state_dir"], self.epoch)
+                self.shared = SharedFiles.probe(msg["state_dir"], self.epoch, self.provider_id)
                 self.next_heartbeat = now  # tell the head at once
             log.info("registered with head %s%s", self.epoch[:8],
                      " (shares its state dir)" if self.shared else "", extra={"provider_id": self.provider_id})

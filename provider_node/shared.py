@@ -8,6 +8,7 @@ straight into the job's output file: no array crosses a socket, the page cache i
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,27 +25,33 @@ class SharedFiles:
         self._maps: OrderedDict[Path, np.ndarray] = OrderedDict()
 
     @classmethod
-    def probe(cls, state_dir: str, epoch: str) -> SharedFiles | None:
+    def probe(cls, state_dir: str, epoch: str, provider_id: str) -> SharedFiles | None:
+        """SharedFiles if this process can read the head's marker and write in its state dir
+        (the proof file the head checks before sending anything by reference)."""
         root = Path(state_dir)
-        return cls(root, epoch) if layout.read_marker(root) == epoch else None
+        if layout.read_marker(root) != epoch or not os.access(root / "jobs", os.W_OK):
+            return None
+        try:
+            layout.locality_proof_path(root, provider_id).write_text(epoch)
+        except OSError:
+            return None
+        return cls(root, epoch)
 
-    def _map(self, path: Path, writable: bool) -> np.ndarray:
+    def _map(self, path: Path) -> np.ndarray:
         if path in self._maps:
             self._maps.move_to_end(path)
             return self._maps[path]
-        arr = np.load(path, mmap_mode="r+" if writable else "r", allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
         self._maps[path] = arr
         while len(self._maps) > self.cache_size:
             self._maps.popitem(last=False)
         return arr
 
     def inputs(self, blob_ids: dict[str, str]) -> dict[str, np.ndarray]:
-        return {name: self._map(layout.blob_path(self.root, bid), False) for name, bid in blob_ids.items()}
+        return {name: self._map(layout.blob_path(self.root, bid)) for name, bid in blob_ids.items()}
 
     def outputs(self, job_id: str, names: list[str], epoch: str) -> dict[str, np.ndarray]:
-        return {name: self._map(layout.output_part_path(self.root, job_id, name, epoch), True)
-                for name in names}
-
-    def forget_job(self, job_id: str) -> None:
-        for path in [p for p in self._maps if p.parent.name == job_id]:
-            del self._maps[path]
+        """The job's output files, mapped for this subtask only (never cached: once the head
+        publishes a result, its part file is gone and a late attempt cannot open it)."""
+        return {name: np.load(layout.output_part_path(self.root, job_id, name, epoch), mmap_mode="r+",
+                              allow_pickle=False) for name in names}

@@ -69,10 +69,14 @@ class Client:
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            resp = self.http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
+        tries = 2 if method == "GET" else 1  # a pooled connection the server closed: GET again
+        for attempt in range(tries):
+            try:
+                resp = self.http.request(method, path, **kw)
+                break
+            except httpx.TransportError as exc:
+                if attempt + 1 == tries:
+                    raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
         self._raise_for(resp)
         return resp
 

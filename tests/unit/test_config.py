@@ -38,7 +38,7 @@ def test_defaults():
     assert cfg.heartbeat_interval == 5.0 and isinstance(cfg.heartbeat_interval, float)
     assert cfg.log_level == "INFO"
     assert cfg.log_json is False
-    assert cfg.fsync is True
+    assert cfg.fsync is False
     assert cfg.max_attempts == 5
     assert cfg.amqp_url == ""
     p = provider()
@@ -215,7 +215,7 @@ def test_markdown_table_lists_every_option():
         assert f"`{opt.env}`" in table
     lines = table.splitlines()
     assert lines[0].startswith("| flag |")
-    names = [line.split("|")[1].strip() for line in lines[2:]]
-    assert len(names) == len(set(names))  # each option once
-    api_token = next(line for line in lines if "`--api-token`" in line)
-    assert "head, client" in api_token
+    names = [tuple(c.strip() for c in line.split("|")[1:3]) for line in lines[2:]]
+    assert len(names) == len(set(names))  # each (flag, variable) once
+    shared = next(line for line in lines if "`--shared-files`" in line)
+    assert "dcf-provider, dcf" in shared
