@@ -214,6 +214,8 @@ class Client:
         return arr
 
     def _shared_result(self, job_id: str, name: str | None) -> np.ndarray | None:
+        """The result file mapped copy-on-write: no copy, writable, private to this process.
+        It stays valid even if the job is deleted later (POSIX keeps the mapped file)."""
         root = self.shared_dir()
         if root is None:
             return None
@@ -223,15 +225,9 @@ class Client:
         try:
             path = layout.output_path(root, job_id, name or next(iter(view["outputs"])))
             with open(path, "rb") as f:
-                parsed = parse_npy_header(f.read(4096))
-                if parsed is None:
+                if parse_npy_header(f.read(4096)) is None:
                     return None
-                meta, hlen = parsed
-                arr = np.empty(meta.shape, dtype=meta.dtype)
-                f.seek(hlen)
-                if f.readinto(memoryview(arr.reshape(-1)).cast("B")) != arr.nbytes:
-                    return None
-                return arr
+            return np.load(path, mmap_mode="c", allow_pickle=False)
         except (OSError, ValueError, DcfError):
             return None
 
