@@ -28,6 +28,7 @@ Ack = Callable[[], Awaitable[None]]
 Deliver = Callable[[dict[str, Any], Ack], None]
 
 JOB_QUEUE = "dcf.jobs"
+EVENTS_EXCHANGE = "dcf.events"  # topic exchange: routing key = event kind, e.g. job.done
 JOB_FIELDS = {"job_id": str, "type": str, "params": dict, "inputs": dict, "outputs": dict,
               "created_at": (int, float)}
 
@@ -126,6 +127,9 @@ class AmqpQueue:
         await self.channel.set_qos(prefetch_count=self.prefetch)
         queue = await self.channel.declare_queue(JOB_QUEUE, durable=True)
         await queue.consume(self._on_message, no_ack=False)
+        self.events_channel = await self.connection.channel(publisher_confirms=False)
+        self.exchange = await self.events_channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         self.connected.set()
         log.info("job queue: RabbitMQ queue %s at %s", JOB_QUEUE, _safe(self.url))
 
@@ -156,6 +160,20 @@ class AmqpQueue:
         self.store.mark_accepted(record["job_id"])
         assert self.deliver is not None
         self.deliver(record, ack)
+
+    def publish_event(self, event: Any) -> None:
+        """Fire and forget: events are for watchers (management UI, other systems), not state."""
+        import json
+
+        import aio_pika
+
+        if not self.connected.is_set() or getattr(self, "exchange", None) is None:
+            return
+        body = json.dumps(event.to_dict(), default=str).encode()
+        message = aio_pika.Message(body, content_type="application/json", type=event.kind,
+                                   delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        task = asyncio.ensure_future(self.exchange.publish(message, routing_key=event.kind))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception never retrieved"
 
     async def publish(self, record: dict[str, Any]) -> None:
         import aio_pika

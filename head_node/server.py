@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from argparse import Namespace
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from common.protocol import check_id
 from common.tasks import ArrayMeta
 
 from . import state as st
+from .events import EventBus
 from .jobqueue import Ack, AmqpQueue, EmbeddedQueue, JobQueue
 from .store import BlobStore, JobStore
 
@@ -66,11 +68,16 @@ class Head:
         self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store) if cfg.amqp_url
                                 else EmbeddedQueue(self.store))
         self.active: dict[str, ActiveJob] = {}
+        self.events = EventBus()
+        if isinstance(self.queue, AmqpQueue):
+            self.events.sinks.append(self.queue.publish_event)
         self.waiters: dict[str, asyncio.Event] = {}
         self.ctx = zmq.asyncio.Context()
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self.counters = {"bytes_out": 0, "bytes_in": 0, "bad_messages": 0}
+        #: (task type, final state, seconds from creation to end) of recently finished jobs
+        self.finished: deque[tuple[str, str, float]] = deque(maxlen=10_000)
         self._tasks: list[asyncio.Task[Any]] = []
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -120,6 +127,7 @@ class Head:
             raise
         self.store.mark_accepted(record["job_id"])
         log.info("job accepted: %s", record["type"], extra={"job_id": record["job_id"]})
+        self.events.emit("job.accepted", job_id=record["job_id"], type=record["type"])
         return record["job_id"]
 
     def make_record(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +197,7 @@ class Head:
             raise Conflict(f"job {job_id} is {job.state.value}; cancel it first")
         row = self._row(job_id)
         self.state.forget(job_id)
+        self.events.forget_job(job_id)
         self.blobs.delete_job(job_id)
         self.store.delete(job_id)
         for ref in row["inputs"].values():
@@ -217,6 +226,32 @@ class Head:
             "waiting": None if row["state"] != "queued" else "waiting for the head to schedule it",
             "progress": stats.get("progress", {"done": 0, "total": 0}),
             "shares": stats.get("shares", {}), "stats": stats,
+        }
+
+    def drain(self, provider_id: str, draining: bool = True) -> dict[str, Any]:
+        """A draining provider finishes what it has and is given nothing new."""
+        self.state.drain(provider_id, draining)
+        self.events.emit("node.draining" if draining else "node.undrained", provider_id=provider_id)
+        if not draining:
+            self._run(self.state.schedule(time.time()))
+        return self.node_view(provider_id)
+
+    def node_view(self, provider_id: str) -> dict[str, Any]:
+        for row in self.state.provider_rows(time.time()):
+            if row["provider_id"] == provider_id:
+                return row
+        raise NotFound(f"no provider {provider_id}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the dashboard and /metrics show, in one read-only dict."""
+        now = time.time()
+        names = self._names()
+        live = [st.job_view(j, names) for j in self.state.jobs.values() if not j.state.terminal]
+        return {
+            "time": now, "epoch": self.epoch, "uptime_s": now - self.started_at, "queue": self.queue.name,
+            "nodes": self.state.provider_rows(now), "jobs": live,
+            "counters": {**self.state.counters, **self.counters},
+            "finished": list(self.finished),
         }
 
     def _live_stats(self, job_id: str) -> dict[str, Any]:
@@ -265,10 +300,10 @@ class Head:
             if isinstance(action, st.Dispatch):
                 self._dispatch(action)
             elif isinstance(action, st.JobStarted):
-                self.store.update(action.job_id, state="running",
-                                  started_at=self.state.jobs[action.job_id].started_at)
-                log.info("job started with %d subtasks", len(self.state.jobs[action.job_id].subtasks),
-                         extra={"job_id": action.job_id})
+                job = self.state.jobs[action.job_id]
+                self.store.update(action.job_id, state="running", started_at=job.started_at)
+                log.info("job started with %d subtasks", len(job.subtasks), extra={"job_id": action.job_id})
+                self.events.emit("job.started", job_id=action.job_id, subtasks=len(job.subtasks))
             elif isinstance(action, st.JobFinished):
                 self._close_job(self.state.jobs[action.job_id], "done")
             elif isinstance(action, st.JobFailed):
@@ -276,6 +311,9 @@ class Head:
             elif isinstance(action, st.ProviderLost):
                 log.warning("provider lost; %d subtasks re-queued", action.requeued,
                             extra={"provider_id": action.provider_id})
+                prov = self.state.providers.get(action.provider_id)
+                self.events.emit("node.lost", provider_id=action.provider_id,
+                                 name=prov.info.name if prov else "", requeued=action.requeued)
 
     def _dispatch(self, d: st.Dispatch) -> None:
         job = self.state.jobs[d.job_id]
@@ -322,6 +360,10 @@ class Head:
             asyncio.ensure_future(act.ack())  # only after the outcome is stored
         log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
                  extra={"job_id": job.job_id})
+        self.events.emit(f"job.{job.state.value}", job_id=job.job_id, error=job.error,
+                         seconds=stats.get("compute_s"))
+        if job.finished_at:
+            self.finished.append((job.task_type, job.state.value, job.finished_at - job.created_at))
         event = self.waiters.pop(job.job_id, None)
         if event is not None:
             event.set()
@@ -356,6 +398,8 @@ class Head:
             self._run(self.state.register(info, now))
             log.info("provider registered: %s (%s, %s, %.1f GFLOP/s)", info.name, info.device_kind,
                      info.device_name, info.gflops, extra={"provider_id": pid})
+            self.events.emit("node.registered", provider_id=pid, name=info.name, device=info.device_kind,
+                             gflops=round(info.gflops, 2))
             return protocol.encode("registered", {"provider_id": pid, "epoch": self.epoch,
                                                   "heartbeat_interval_s": self.cfg.heartbeat_interval,
                                                   "state_dir": str(self.root.resolve())})
@@ -366,6 +410,7 @@ class Head:
             return protocol.encode("heartbeat_ack", {"epoch": self.epoch})
         self._run(self.state.unregister(pid, now))
         log.info("provider left", extra={"provider_id": pid})
+        self.events.emit("node.left", provider_id=pid)
         return protocol.encode("ok")
 
     def _is_local(self, pid: str, claimed_epoch: object) -> bool:
@@ -460,6 +505,8 @@ class Head:
         if isinstance(stats.get("nonfinite"), int):
             act.nonfinite += stats["nonfinite"]
         log.debug("result merged", extra=ctx)
+        self.events.emit("job.progress", job_id=key[0], done=job.done_count, total=len(job.subtasks),
+                         provider_id=pid)
         self._run(self.state.merged(key[0], now))
 
     async def _tick_loop(self) -> None:

@@ -78,6 +78,7 @@ class Provider:
     subscribed: bool = False
     alive: bool = True
     local: bool = False  # shares the head's state dir: subtasks go by file reference
+    draining: bool = False  # finishes what it has, gets nothing new
     assigned: set[tuple[str, int]] = field(default_factory=set)
     subtasks_done: int = 0
     flops_done: float = 0.0
@@ -87,7 +88,15 @@ class Provider:
 
     @property
     def ready(self) -> bool:
-        return self.alive and self.subscribed
+        return self.alive and self.subscribed and not self.draining
+
+    @property
+    def state(self) -> str:
+        if not self.alive:
+            return "dead"
+        if self.draining:
+            return "draining"
+        return "ready" if self.subscribed else "connecting"
 
     def gflops(self, task_type: str) -> float:
         return self.speed.get(task_type, self.info.gflops)
@@ -220,6 +229,7 @@ class ClusterState:
         prov = Provider(info, registered_at=now, last_seen=now,
                         subscribed=info.provider_id in self.subscribed_topics)
         if old is not None:
+            prov.draining = old.draining
             prov.assigned = old.assigned
             prov.subtasks_done = old.subtasks_done
             prov.flops_done = old.flops_done
@@ -246,6 +256,13 @@ class ClusterState:
             return []
         prov.subscribed = subscribed
         return self.schedule(now) if subscribed else []
+
+    def drain(self, provider_id: str, draining: bool = True) -> Provider:
+        prov = self.providers.get(provider_id)
+        if prov is None:
+            raise NotFound(f"no provider {provider_id}")
+        prov.draining = draining
+        return prov
 
     def unregister(self, provider_id: str, now: float) -> list[Action]:
         prov = self.providers.get(provider_id)
@@ -504,7 +521,7 @@ class ClusterState:
         rows = []
         for prov in self.providers.values():
             info = prov.info
-            state = "ready" if prov.ready else ("dead" if not prov.alive else "connecting")
+            state = prov.state
             rows.append({
                 "provider_id": info.provider_id, "name": info.name, "host": info.host, "os": info.os,
                 "device": info.device_kind, "device_name": info.device_name,

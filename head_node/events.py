@@ -1,0 +1,74 @@
+"""Node and job events: kept in memory for the API and dashboard, streamed to subscribers
+(SSE), and forwarded to sinks (the RabbitMQ topic exchange ``dcf.events`` when configured).
+
+Kinds: node.registered, node.left, node.lost, node.draining, job.accepted, job.started,
+job.progress, job.done, job.failed, job.cancelled, job.metrics, subtask.retried, straggler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("dcf.head.events")
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    ts: float
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "ts": self.ts, "kind": self.kind, **self.data}
+
+
+class EventBus:
+    def __init__(self, keep: int = 5000, per_job: int = 2000) -> None:
+        self.recent: deque[Event] = deque(maxlen=keep)
+        self.by_job: dict[str, deque[Event]] = {}
+        self.per_job = per_job
+        self.subscribers: set[asyncio.Queue[Event]] = set()
+        self.sinks: list[Callable[[Event], None]] = []
+        self._seq = itertools.count(1)
+
+    def emit(self, kind: str, **data: Any) -> Event:
+        event = Event(next(self._seq), time.time(), kind, data)
+        self.recent.append(event)
+        job_id = data.get("job_id")
+        if isinstance(job_id, str):
+            self.by_job.setdefault(job_id, deque(maxlen=self.per_job)).append(event)
+        for queue in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):  # a slow reader misses events, not the head
+                queue.put_nowait(event)
+        for sink in self.sinks:
+            try:
+                sink(event)
+            except Exception:
+                log.exception("event sink failed")
+        return event
+
+    def subscribe(self, size: int = 1000) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=size)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self.subscribers.discard(queue)
+
+    def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.by_job.get(job_id, ()) if e.seq > since]
+
+    def since(self, seq: int = 0, kinds: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.recent if e.seq > seq and (not kinds or e.kind.startswith(kinds))]
+
+    def forget_job(self, job_id: str) -> None:
+        self.by_job.pop(job_id, None)
