@@ -19,7 +19,7 @@ from .tasks import ArrayMeta
 
 NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 64 * 1024
-ACCEPTED_DTYPES = ("float32", "float64")
+ACCEPTED_DTYPES = ("float32", "float64", "int64", "int32")
 
 
 def parse_npy_header(data: bytes) -> tuple[ArrayMeta, int] | None:
@@ -64,7 +64,7 @@ def _meta_from_header(header: dict[str, Any]) -> ArrayMeta:
     if dtype.hasobject or dtype.kind not in "fiub":
         raise ValidationError(f"dtype {dtype} is not numeric")
     if dtype.name not in ACCEPTED_DTYPES:
-        raise ValidationError(f"dtype {dtype.name} is not accepted; convert to float32 or float64")
+        raise ValidationError(f"dtype {dtype.name} is not accepted; use float32, float64, int64 or int32")
     if dtype.byteorder == ">":
         raise ValidationError("big-endian arrays are not accepted")
     if fortran:

@@ -66,11 +66,13 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "heartbeat": {"provider_id": _f(str), "running": _f(list), "queued": _f(int),
                   "local_epoch": _f(str, required=False)},
     "unregister": {"provider_id": _f(str)},
+    "fetch": {"provider_id": _f(str), "blob_id": _f(str)},
     # head -> provider, ROUTER -> REQ
     "registered": {"provider_id": _f(str), "epoch": _f(str), "heartbeat_interval_s": _f(*_NUM),
                    "state_dir": _f(str, required=False)},
     "heartbeat_ack": {"epoch": _f(str)},
     "ok": {},
+    "blob": {"blob_id": _f(str)},
     "error": {"code": _f(str), "message": _f(str)},
     # head -> provider, XPUB -> SUB
     "subtask": {**_SUBTASK_KEY, "task_type": _f(str), "params": _f(dict), "shared": _f(dict, required=False)},

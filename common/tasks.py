@@ -94,6 +94,11 @@ class TaskType(ABC):
             return f"{worker.device_kind} provider does not support {', '.join(sorted(missing))}"
         return None
 
+    def available(self) -> bool:
+        """Can this process run the task's subtasks (e.g. is torch installed)? Providers only
+        advertise the task types they can run."""
+        return True
+
     def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         """Can this worker hold one already-split subtask (used when a subtask is re-assigned)?"""
         return True
@@ -162,6 +167,8 @@ def names() -> list[str]:
 def _ensure_builtins() -> None:
     if "matmul" not in _REGISTRY:
         from . import matmul  # noqa: F401  (registers itself)
+    if "train" not in _REGISTRY:
+        from . import training  # noqa: F401  (registers train and predict; they need torch to run)
 
 
 def load_plugins(modules: str = "") -> list[str]:

@@ -35,7 +35,9 @@ from .store import BlobStore, JobStore
 
 log = logging.getLogger("dcf.head")
 
-PROVIDER_TYPES = ("register", "heartbeat", "unregister")
+#: frames below this size are copied when sent: zero-copy tracking costs more than copying them
+COPY_THRESHOLD = 1 << 20
+PROVIDER_TYPES = ("register", "heartbeat", "unregister", "fetch")
 RESULT_TYPES = ("ack", "result", "failed")
 
 
@@ -49,6 +51,7 @@ class ActiveJob:
         self.outputs = outputs
         self.ack = ack
         self.by_reference: set[tuple[int, int]] = set()  # (subtask, attempt) sent by file reference
+        self.trainer: Any = None  # head_node.training.Trainer for train jobs: plans rounds, merges
         self.nonfinite = 0
         self.bytes_out = 0
         self.bytes_in = 0
@@ -90,11 +93,13 @@ class Head:
 
     async def start(self) -> None:
         self.router = self._bind(zmq.ROUTER, self.cfg.registration_port)
+        self.router.copy_threshold = COPY_THRESHOLD
         self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         self.xpub = self.ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.LINGER, 0)
         self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
+        self.xpub.copy_threshold = COPY_THRESHOLD
         self.xpub.bind(f"tcp://{self.cfg.host}:{self.cfg.task_port}")
         self.pull = self._bind(zmq.PULL, self.cfg.result_port)
         self.pull.setsockopt(zmq.RCVHWM, 100_000)
@@ -157,19 +162,34 @@ class Head:
         if row is not None and row["state"] in st.terminal_states():
             asyncio.ensure_future(ack())
             return
+        blob_ids = {name: ref["blob"] for name, ref in record["inputs"].items()}
         try:
             job, operands = self._open_job(record)
             outputs = self.blobs.create_outputs(job_id, job.outputs, self.epoch)
-        except (DcfError, OSError, ValueError) as exc:
+            trainer = self._trainer(job, blob_ids, operands) if job.task_type == "train" else None
+        except (DcfError, OSError, ValueError, ImportError) as exc:
             msg = exc.message if isinstance(exc, DcfError) else f"{type(exc).__name__}: {exc}"
             log.error("job cannot run: %s", msg, extra={"job_id": job_id})
             self.store.update(job_id, state="failed", error=msg, finished_at=time.time())
+            self.events.emit("job.failed", job_id=job_id, error=msg)
             asyncio.ensure_future(ack())
             return
-        blob_ids = {name: ref["blob"] for name, ref in record["inputs"].items()}
         self.active[job_id] = ActiveJob(blob_ids, operands, outputs, ack)
+        if trainer is not None:
+            self.active[job_id].trainer = trainer
+            job.planner = trainer
         self.store.update(job_id, state="queued")
         self._run(self.state.add_job(job, time.time()))
+
+    def _trainer(self, job: st.Job, blob_ids: dict[str, str], operands: dict[str, np.ndarray]) -> Any:
+        try:
+            import torch
+
+            from .training import Trainer
+        except ImportError as exc:
+            raise DcfError(f"training needs torch on the head ({exc})") from None
+        torch.set_num_threads(1)  # the optimizer step is small; keep the cores for the providers
+        return Trainer(job.job_id, job.params, blob_ids, operands, layout.job_dir(self.root, job.job_id))
 
     def _open_job(self, record: dict[str, Any]) -> tuple[st.Job, dict[str, np.ndarray]]:
         task = tasks.get(record["type"])
@@ -215,6 +235,12 @@ class Head:
         if job is not None:
             view = st.job_view(job, self._names())
             view["stats"] = {**job.stats, **self._live_stats(job_id)}
+            act = self.active.get(job_id)
+            if act is not None and act.trainer is not None:
+                done, total = act.trainer.progress()
+                view["progress"] = {"done": done, "total": total}
+            elif "progress" in job.stats:
+                view["progress"] = job.stats["progress"]
             return view
         row = self._row(job_id)
         stats = row["stats"] or {}
@@ -286,10 +312,14 @@ class Head:
         view = self.job_view(job_id)
         if view["state"] != "done":
             raise Conflict(f"job {job_id} is {view['state']}; its result is not available")
-        name = name or next(iter(view["outputs"]))
-        if name not in view["outputs"]:
+        files = view["stats"].get("files") or []
+        name = name or (next(iter(view["outputs"])) if view["outputs"] else (files[0] if files else ""))
+        if name in files:
+            path = layout.job_dir(self.root, job_id) / name
+        elif name in view["outputs"]:
+            path = self.blobs.output_path(job_id, name)
+        else:
             raise NotFound(f"job {job_id} has no output {name!r}")
-        path = self.blobs.output_path(job_id, name)
         if not path.exists():
             raise NotFound(f"result {name!r} of job {job_id} is missing from the state dir")
         return path
@@ -321,7 +351,9 @@ class Head:
         sub = job.subtasks[d.subtask]
         fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.epoch,
                   "task_type": job.task_type, "params": sub.params}
-        if self.state.providers[d.provider_id].local:
+        if act.trainer is not None:
+            arrays = act.trainer.subtask_inputs(sub.params)
+        elif self.state.providers[d.provider_id].local:
             # co-located provider: it maps the operands and writes the result in place
             fields["shared"] = {"inputs": act.blob_ids, "outputs": sorted(job.outputs)}
             act.by_reference.add((d.subtask, d.attempt))
@@ -349,7 +381,11 @@ class Head:
             stats["compute_s"] = round(job.finished_at - job.started_at, 4)
         job.stats = stats
         try:
-            if outcome == "done" and act is not None:
+            if outcome == "done" and act is not None and act.trainer is not None:
+                stats["training"] = act.trainer.summary()
+                stats["files"] = act.trainer.write_outputs(job.started_at)
+                stats["progress"] = {"done": act.trainer.global_step, "total": act.trainer.total_steps}
+            elif outcome == "done" and act is not None:
                 self.blobs.commit_outputs(job.job_id, act.outputs, self.epoch, self.cfg.fsync,
                                           copy=bool(act.by_reference))
         except OSError as exc:
@@ -388,7 +424,7 @@ class Head:
             except Exception as exc:  # never let one message stop the loop
                 log.exception("error handling a provider request", extra={"peer": peer})
                 reply = protocol.error_frames("internal", f"{type(exc).__name__}")
-            await self.router.send_multipart(envelope + reply)
+            await self.router.send_multipart(envelope + reply, copy=False)
 
     def _on_provider_request(self, msg: protocol.Message) -> list[Any]:
         now = time.time()
@@ -408,10 +444,20 @@ class Head:
             if not self.state.heartbeat(pid, now, msg["queued"], local):
                 return protocol.error_frames("unknown_provider", "register again")
             return protocol.encode("heartbeat_ack", {"epoch": self.epoch})
+        if msg.type == "fetch":
+            return self._fetch(pid, msg["blob_id"])
         self._run(self.state.unregister(pid, now))
         log.info("provider left", extra={"provider_id": pid})
         self.events.emit("node.left", provider_id=pid)
         return protocol.encode("ok")
+
+    def _fetch(self, pid: str, blob_id: str) -> list[Any]:
+        """A registered provider asks for a dataset blob it has not cached (claim-check over REQ-REP)."""
+        if pid not in self.state.providers:
+            return protocol.error_frames("unknown_provider", "register again")
+        arr = self.blobs.open(blob_id)  # NotFound / ProtocolError become an error reply
+        self.counters["bytes_out"] += arr.nbytes
+        return protocol.encode("blob", {"blob_id": blob_id}, [arr])
 
     def _is_local(self, pid: str, claimed_epoch: object) -> bool:
         """A provider shares the state dir if it says so and wrote its proof file there."""
@@ -496,7 +542,13 @@ class Head:
         if not self.state.result(pid, *key, now, elapsed=float(msg["elapsed_s"])):
             log.info("ignored late or duplicate result", extra=ctx)
             return
-        if not in_place:
+        if act.trainer is not None:
+            try:
+                act.trainer.merge(job.subtasks[key[1]].params, msg.arrays)
+            except DcfError as exc:
+                self._run(self.state.fail_job(key[0], exc.message, now))
+                return
+        elif not in_place:
             task.merge(job.subtasks[key[1]].params, msg.arrays, act.outputs)
         nbytes = sum(a.nbytes for a in msg.arrays)
         act.bytes_in += nbytes
@@ -505,9 +557,20 @@ class Head:
         if isinstance(stats.get("nonfinite"), int):
             act.nonfinite += stats["nonfinite"]
         log.debug("result merged", extra=ctx)
-        self.events.emit("job.progress", job_id=key[0], done=job.done_count, total=len(job.subtasks),
-                         provider_id=pid)
+        if act.trainer is None:
+            self.events.emit("job.progress", job_id=key[0], done=job.done_count, total=len(job.subtasks),
+                             provider_id=pid)
         self._run(self.state.merged(key[0], now))
+        if act.trainer is not None:
+            self._training_effects(job, act.trainer)
+
+    def _training_effects(self, job: st.Job, trainer: Any) -> None:
+        """After a training result: new metrics become job events and job stats."""
+        for event in trainer.events:
+            kind = event.pop("kind")
+            self.events.emit("job.metrics", job_id=job.job_id, scope=kind, **event)
+        trainer.events.clear()
+        job.stats["training"] = trainer.summary()
 
     async def _tick_loop(self) -> None:
         period = min(0.25, self.cfg.heartbeat_interval / 4)

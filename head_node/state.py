@@ -16,13 +16,13 @@ Reliability rules held here:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from common import tasks
 from common.errors import Conflict, DcfError, NotFound
-from common.tasks import ArrayMeta, Worker
+from common.tasks import ArrayMeta, SubtaskPlan, Worker
 
 #: subtasks of at least this many flops update a provider's measured throughput
 MEASURABLE_FLOPS = 2e8
@@ -132,6 +132,32 @@ class Subtask:
     strikes: int = 0  # failures, missed acks and missed deadlines (provider deaths do not count)
 
 
+class Planner(Protocol):
+    """Hands out a job's subtasks. A split/merge task (matmul) plans once; a multi-round task
+    (training) plans each step after the results of the previous one are merged."""
+
+    finished: bool
+
+    def plan(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
+        """New subtasks for these workers, given how many are still out ([] = nothing now)."""
+        ...
+
+
+class SplitOnce:
+    def __init__(self, task_type: str, params: dict[str, Any], inputs: dict[str, ArrayMeta]) -> None:
+        self.task = tasks.get(task_type)
+        self.params = params
+        self.inputs = inputs
+        self.finished = False
+
+    def plan(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
+        if self.finished:
+            return []
+        plans = self.task.split(self.params, self.inputs, workers)
+        self.finished = True
+        return plans
+
+
 @dataclass
 class Job:
     job_id: str
@@ -148,10 +174,9 @@ class Job:
     error: str | None = None
     waiting: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    planner: Planner | None = None  # None: the task's split, once (SplitOnce)
 
-    @property
-    def done_count(self) -> int:
-        return sum(1 for s in self.subtasks if s.state is SubState.DONE)
+    done_count: int = 0  # subtasks DONE (a subtask never leaves DONE)
 
     def shares(self) -> dict[str, float]:
         """provider id -> fraction of the job's work (by cost) it computed."""
@@ -307,6 +332,12 @@ class ClusterState:
         self._finish(job, JobState.CANCELLED, now, "cancelled by user")
         return job
 
+    def fail_job(self, job_id: str, error: str, now: float) -> list[Action]:
+        job = self.jobs.get(job_id)
+        if job is None or job.state.terminal:
+            return []
+        return self._fail(job, now, error)
+
     def get_job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
@@ -358,6 +389,7 @@ class ClusterState:
         if sub.provider_id and sub.provider_id in self.providers:
             self.providers[sub.provider_id].assigned.discard((job_id, index))
         sub.state = SubState.DONE
+        self.jobs[job_id].done_count += 1
         sub.done_by = provider_id
         prov = self.providers.get(provider_id)
         if prov is not None:
@@ -370,10 +402,40 @@ class ClusterState:
     def merged(self, job_id: str, now: float) -> list[Action]:
         """Call after a result accepted by ``result`` was merged into the outputs."""
         job = self.jobs[job_id]
-        if job.state is JobState.RUNNING and job.done_count == len(job.subtasks):
+        if job.state is not JobState.RUNNING:
+            return []
+        return self._advance(job, now)
+
+    def _advance(self, job: Job, now: float) -> list[Action]:
+        """Ask the job's planner for more work; finish the job when it has none and nothing is out."""
+        assert job.planner is not None
+        actions: list[Action] = []
+        outstanding = len(job.subtasks) - job.done_count
+        if not job.planner.finished:
+            workers, why = self.eligible_workers(job)
+            job.waiting = why
+            if workers:
+                try:
+                    plans = job.planner.plan(workers[: job.nodes] if job.nodes else workers, outstanding)
+                except DcfError as exc:
+                    return self._fail(job, now, exc.message)
+                except Exception as exc:  # a plugin's bug fails its job, not the scheduler
+                    return self._fail(job, now, f"task type {job.task_type} could not plan the job: "
+                                                f"{type(exc).__name__}: {exc}")
+                actions += self._add_subtasks(job, plans, now)
+                outstanding += len(plans)
+        if outstanding == 0 and job.planner.finished:
             self._finish(job, JobState.DONE, now)
-            return [JobFinished(job_id)]
-        return []
+            actions.append(JobFinished(job.job_id))
+        return actions
+
+    def _add_subtasks(self, job: Job, plans: Sequence[SubtaskPlan], now: float) -> list[Action]:
+        actions: list[Action] = []
+        for p in plans:
+            sub = Subtask(len(job.subtasks), p.params, p.cost)
+            job.subtasks.append(sub)
+            actions.append(self._send(job, sub, p.provider_id, now))
+        return actions
 
     def failed(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
                error: str, retryable: bool, now: float) -> list[Action]:
@@ -455,6 +517,8 @@ class ClusterState:
                 actions += self._start(job, now)
             if job.state is JobState.RUNNING:
                 actions += self._assign_pending(job, now)
+                if job.done_count == len(job.subtasks):  # a planner that had no workers last time
+                    actions += self._advance(job, now)
         return actions
 
     def _start(self, job: Job, now: float) -> list[Action]:
@@ -462,24 +526,14 @@ class ClusterState:
         job.waiting = why
         if not workers:
             return []
-        if job.nodes:
-            workers = workers[: job.nodes]
-        task = tasks.get(job.task_type)
-        try:
-            plans = task.split(job.params, job.inputs, workers)
-        except DcfError as exc:
-            return self._fail(job, now, exc.message)
-        except Exception as exc:  # a plugin's bug fails its job, not the scheduler
-            return self._fail(job, now, f"task type {job.task_type} could not split the job: "
-                                        f"{type(exc).__name__}: {exc}")
-        job.subtasks = [Subtask(i, p.params, p.cost, provider_id=p.provider_id)
-                        for i, p in enumerate(plans)]
+        if job.planner is None:
+            job.planner = SplitOnce(job.task_type, job.params, job.inputs)
         job.state = JobState.RUNNING
         job.started_at = now
-        actions: list[Action] = [JobStarted(job.job_id)]
-        for sub in job.subtasks:
-            actions.append(self._send(job, sub, sub.provider_id or "", now))
-        return actions
+        actions = self._advance(job, now)
+        if job.state is JobState.FAILED:
+            return actions
+        return [JobStarted(job.job_id), *actions]
 
     def _assign_pending(self, job: Job, now: float) -> list[Action]:
         pending = [s for s in job.subtasks if s.state is SubState.PENDING]

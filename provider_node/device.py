@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,10 @@ class ComputeDevice:
     memory_bytes: int
     dtypes: tuple[str, ...]
     index: int = 0
+    #: per-process cache for task types (built models), bounded by its users
+    cache: dict[Any, Any] = field(default_factory=dict)
+    #: fetch(blob_id, content_key) -> array; set by the provider node (datasets of training jobs)
+    fetch: Any = None
 
     def torch_device(self) -> Any:
         torch = _torch()

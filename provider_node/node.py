@@ -16,12 +16,13 @@ import threading
 import time
 import uuid
 from argparse import Namespace
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import zmq
 
-from common import __version__, protocol, tasks
+from common import __version__, layout, protocol, tasks
 from common.errors import DcfError, TaskError
 
 from .device import ComputeDevice, benchmark_gflops
@@ -29,6 +30,13 @@ from .pirate import LazyPirate
 from .shared import SharedFiles
 
 log = logging.getLogger("dcf.provider")
+
+DATA_CACHE_ENTRIES = 8
+FETCH_TIMEOUT_MS = 30_000
+
+
+def runnable_task_types() -> list[str]:
+    return [name for name in tasks.names() if tasks.get(name).available()]
 
 
 class ProviderNode:
@@ -49,6 +57,9 @@ class ProviderNode:
         self.heartbeat_interval = cfg.heartbeat_interval
         self.next_heartbeat = 0.0
         self.shared: SharedFiles | None = None
+        self.data_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # content key -> dataset array
+        self.fetch_socket: zmq.Socket | None = None  # compute thread only
+        device.fetch = self._fetch_blob
         self.register_at: float | None = None  # when to retry a refused registration
         self.register_backoff = 1.0
 
@@ -64,7 +75,7 @@ class ProviderNode:
             "provider_id": self.provider_id, "name": self.name, "host": socket.gethostname(),
             "os": f"{platform.system()} {platform.release()}", "device_kind": self.device.kind,
             "device_name": self.device.name, "memory_bytes": self.device.available_memory(),
-            "cores": os.cpu_count() or 1, "task_types": tasks.names(), "dtypes": list(self.device.dtypes),
+            "cores": os.cpu_count() or 1, "task_types": runnable_task_types(), "dtypes": list(self.device.dtypes),
             "version": __version__, "gflops": float(self.gflops)})
 
     def heartbeat_frames(self) -> list[Any]:
@@ -126,6 +137,7 @@ class ProviderNode:
 
     def _push(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.PUSH)
+        sock.copy_threshold = 1 << 20  # small results are cheaper to copy than to track
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(self.endpoint(self.cfg.result_port))
         return sock
@@ -197,6 +209,40 @@ class ProviderNode:
         pirate.close()
 
     # ---- compute thread -------------------------------------------------------------------
+    def _fetch_blob(self, blob_id: str, key: str) -> np.ndarray:
+        """A dataset array, once per content key: mapped when co-located, else asked of the head."""
+        if key in self.data_cache:
+            self.data_cache.move_to_end(key)
+            return self.data_cache[key]
+        if self.shared is not None:
+            arr = np.load(layout.blob_path(self.shared.root, blob_id), mmap_mode="r", allow_pickle=False)
+        else:
+            arr = self._request_blob(blob_id)
+        self.data_cache[key] = arr
+        while len(self.data_cache) > DATA_CACHE_ENTRIES:
+            self.data_cache.popitem(last=False)
+        return arr
+
+    def _request_blob(self, blob_id: str) -> np.ndarray:
+        request = protocol.encode("fetch", {"provider_id": self.provider_id, "blob_id": blob_id})
+        for attempt in range(3):
+            if self.fetch_socket is None:
+                self.fetch_socket = self.ctx.socket(zmq.REQ)
+                self.fetch_socket.setsockopt(zmq.LINGER, 0)
+                self.fetch_socket.connect(self.endpoint(self.cfg.registration_port))
+            self.fetch_socket.send_multipart(request)
+            if self.fetch_socket.poll(FETCH_TIMEOUT_MS):
+                msg = protocol.decode(self.fetch_socket.recv_multipart(copy=False))
+                if msg.type == "error":
+                    raise TaskError(f"the head refused blob {blob_id}: {msg['message']}")
+                if msg.type != "blob" or len(msg.arrays) != 1:
+                    raise TaskError("malformed blob reply")
+                return msg.arrays[0]
+            self.fetch_socket.close(linger=0)  # Lazy Pirate: a stuck REQ is closed and reopened
+            self.fetch_socket = None
+            log.warning("no reply to a blob request (try %d)", attempt + 1)
+        raise TaskError(f"could not fetch blob {blob_id} from the head")
+
     def _compute_loop(self) -> None:
         push = self._push()
         try:
@@ -209,6 +255,8 @@ class ProviderNode:
                     self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
         finally:
             push.close(linger=2000)
+            if self.fetch_socket is not None:
+                self.fetch_socket.close(linger=0)
 
     def _execute(self, msg: protocol.Message) -> list[Any]:
         fields = self._key_fields(msg)

@@ -40,6 +40,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-wait", action="store_true", help="print the job id and return")
     m.add_argument("--check", action="store_true", help="compare the result with numpy locally")
 
+    t = kinds.add_parser("train", help="data-parallel training of a registry model")
+    t.add_argument("--model", default="cnn", help="logreg, mlp, cnn or a plugin model")
+    t.add_argument("--model-args", default="{}", help="model arguments as JSON, e.g. '{\"hidden\": [64]}'")
+    t.add_argument("--dataset", default="digits", help="digits or synthetic")
+    t.add_argument("--dataset-file", help="a .npz with X, y (and optionally X_test, y_test)")
+    t.add_argument("--synthetic-size", type=int, default=2000)
+    t.add_argument("--synthetic-features", type=int, default=20)
+    t.add_argument("--synthetic-classes", type=int, default=4)
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--optimizer", default="sgd", help="sgd, adam or adadelta")
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--momentum", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--schedule", default="none", help="none, step (x gamma every --lr-step epochs) or cosine")
+    t.add_argument("--lr-step", type=int, default=10)
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--sync", default="sync", help="sync (default), async or local-sgd")
+    t.add_argument("--max-staleness", type=int, default=2)
+    t.add_argument("--local-steps", type=int, default=4)
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--nodes", type=int)
+    t.add_argument("-o", "--output", default="model.pt", help="model file; its metadata goes beside it (.json)")
+    t.add_argument("--no-wait", action="store_true")
+    pr = kinds.add_parser("predict", help="inference across providers with a trained model")
+    pr.add_argument("--model", required=True, help="model.pt written by `dcf submit train` (model.json beside it)")
+    pr.add_argument("--data", required=True, help="samples as a .npy file")
+    pr.add_argument("-o", "--output", required=True, help="predicted classes (.npy, int64, input order)")
+    pr.add_argument("--nodes", type=int)
+
     for name, help_ in (("status", "show a job"), ("cancel", "cancel a job"), ("delete", "delete a job")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("job_id")
@@ -154,6 +185,18 @@ def _follow(client: Client, job_id: str, bars: Bars) -> dict[str, Any]:
 
 # ---- commands ------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
+    if args.task == "train":
+        from .train_cli import submit_train
+
+        return submit_train(args, _client(args), _emit)
+    if args.task == "predict":
+        from .train_cli import submit_predict
+
+        return submit_predict(args, _client(args), _emit)
+    return submit_matmul(args)
+
+
+def submit_matmul(args: argparse.Namespace) -> int:
     a, b = _operands(args)
     bars = Bars(not args.json and sys.stderr.isatty())
     with _client(args) as client:

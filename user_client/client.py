@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -21,7 +22,7 @@ import numpy as np
 
 from common import layout
 from common.errors import DcfError, HeadUnreachable, TaskError, ValidationError, error_from_dict
-from common.npyfmt import npy_header, parse_npy_header
+from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
 
 Progress = Callable[[int, int], None]  # (done, total)
 CHUNK = 4 * 1024 * 1024
@@ -39,6 +40,16 @@ def check_operand(arr: Any, name: str) -> np.ndarray:
         raise ValidationError(f"{name}: 0-d arrays cannot be multiplied")
     if arr.size == 0:
         raise ValidationError(f"{name}: empty array (shape {list(arr.shape)})")
+    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+
+
+def wire_array(arr: Any) -> np.ndarray:
+    """Any array as the head stores it: non-empty, C-ordered, little-endian float32/float64/int64/int32."""
+    arr = np.asarray(arr)
+    if arr.dtype.name not in ACCEPTED_DTYPES:
+        raise ValidationError(f"dtype {arr.dtype} cannot be uploaded; use one of {', '.join(ACCEPTED_DTYPES)}")
+    if arr.ndim == 0 or arr.size == 0:
+        raise ValidationError(f"cannot upload an empty or 0-d array (shape {list(arr.shape)})")
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
 
 
@@ -109,7 +120,7 @@ class Client:
 
     def upload(self, arr: np.ndarray, progress: Progress | None = None) -> dict[str, Any]:
         """Send one array to the head's store; returns ``{"blob_id", "dtype", "shape", ...}``."""
-        arr = check_operand(arr, "array")
+        arr = wire_array(arr)
         root = self.shared_dir()
         if root is not None:
             upload_id = uuid.uuid4().hex
@@ -231,6 +242,65 @@ class Client:
         except (OSError, ValueError, DcfError):
             return None
 
+    def download(self, job_id: str, name: str, path: str | os.PathLike[str]) -> Path:
+        """Save one output file of a finished job (e.g. model.pt, model.json) to ``path``."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params={"name": name}, timeout=300) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._raise_for(resp)
+                with open(tmp, "wb") as f:
+                    for chunk in resp.iter_raw(CHUNK):
+                        f.write(chunk)
+        except httpx.TransportError as exc:
+            raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
+        os.replace(tmp, path)
+        return path
+
+    # ---- training ---------------------------------------------------------------------------
+    def submit_train(self, dataset: Any, nodes: int | None = None, **params: Any) -> str:
+        """Upload a ``common.datasets.Dataset`` and start training on it; see common/training.py
+        TRAIN_DEFAULTS for ``params`` (model, epochs, batch_size, optimizer, lr, sync, ...)."""
+        blobs = {name: self.upload(arr)["blob_id"] for name, arr in (
+            ("x", dataset.x_train), ("y", dataset.y_train), ("x_test", dataset.x_test), ("y_test", dataset.y_test))}
+        return self.submit("train", blobs, {"dataset": dataset.name, **params}, nodes=nodes)
+
+    def train(self, dataset: Any, out: str | os.PathLike[str], timeout: float | None = None,
+              **params: Any) -> dict[str, Any]:
+        """Train, wait, save ``out`` (state_dict) and its metadata next to it (.json); returns the metadata."""
+        job = self.submit_train(dataset, **params)
+        self.wait(job, timeout)
+        return self.save_model(job, out)
+
+    def save_model(self, job_id: str, out: str | os.PathLike[str]) -> dict[str, Any]:
+        out = Path(out)
+        self.download(job_id, "model.pt", out)
+        meta_path = self.download(job_id, "model.json", out.with_suffix(".json"))
+        return json.loads(meta_path.read_text())
+
+    def submit_predict(self, model_path: str | os.PathLike[str], x: np.ndarray, nodes: int | None = None) -> str:
+        """Inference across providers with a model saved by ``train`` (its .json beside it)."""
+        from common.inference import load_model_file
+
+        meta, weights = load_model_file(model_path)
+        shape = tuple(meta["input_shape"])
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim >= 1 and x.shape[1:] != shape and x.size and x[0].size == int(np.prod(shape)):
+            x = x.reshape(len(x), *shape)
+        if x.ndim < 2 or x.shape[1:] != shape:
+            raise ValidationError(f"the model takes samples of shape {list(shape)}, the data has {list(x.shape[1:])}")
+        blobs = {"x": self.upload(x)["blob_id"], "weights": self.upload(weights)["blob_id"]}
+        params = {"model": meta["model"], "model_args": meta.get("model_args", {}), "input_shape": list(shape),
+                  "classes": meta["classes"]}
+        return self.submit("predict", blobs, params, nodes=nodes)
+
+    def predict(self, model_path: str | os.PathLike[str], x: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        job = self.submit_predict(model_path, x)
+        self.wait(job, timeout)
+        return np.array(self.result(job))
+
     def jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"limit": limit}
         if state:
@@ -278,6 +348,11 @@ def _receive_npy(chunks: Iterator[bytes], total: int, progress: Progress | None)
 
 
 def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """A matmul operand from a user's .npy file (see ``load_npy_any``), checked and cast."""
+    return check_operand(load_npy_any(path), str(path))
+
+
+def load_npy_any(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a user's .npy file safely (no pickles) with clear errors."""
     p = Path(path)
     if not p.exists():
@@ -295,4 +370,6 @@ def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValidationError(f"{p}: cannot be read without pickle ({exc}); save a numeric array") from None
     except OSError as exc:
         raise ValidationError(f"{p}: unreadable: {exc}") from None
-    return check_operand(arr, str(p))
+    if arr.dtype.hasobject or arr.dtype.kind not in "fiub":
+        raise ValidationError(f"{p}: dtype {arr.dtype} is not numeric")
+    return arr

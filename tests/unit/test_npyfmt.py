@@ -147,16 +147,21 @@ def test_rejects_structured_dtype():
         parse_npy_header(data)
 
 
-@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8", "bool", "float16", "complex128", "<U3",
-                                   "S4", "datetime64[s]"])
+@pytest.mark.parametrize("dtype", ["uint8", "bool", "float16", "complex128", "<U3", "S4", "datetime64[s]"])
 def test_rejects_other_dtypes(dtype):
     with pytest.raises(ValidationError):
         parse_npy_header(saved(np.zeros(3, dtype=dtype)))
 
 
-def test_rejects_int_dtype_with_advice():
-    with pytest.raises(ValidationError, match="int64 is not accepted; convert to float32 or float64"):
-        parse_npy_header(saved(np.zeros((2, 2), dtype=np.int64)))
+def test_rejects_small_int_dtype_with_advice():
+    with pytest.raises(ValidationError, match="uint8 is not accepted; use float32, float64, int64 or int32"):
+        parse_npy_header(saved(np.zeros((2, 2), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_accepts_integer_labels(dtype):
+    meta, _ = parse_npy_header(saved(np.zeros(3, dtype=dtype)))
+    assert meta.dtype == dtype
 
 
 def test_rejects_unknown_descr():

@@ -1,0 +1,442 @@
+"""The head's trainer: the planner of a ``train`` job (a parameter server).
+
+Each round is a set of subtasks planned over the ready providers, shard sizes in proportion
+to their measured speed. Strategies:
+  sync       one round per global batch: shards of the batch -> summed gradients, in shard
+             order, divided by the batch size -> one optimizer step on the head. The same
+             arithmetic as one process on the whole batch, whatever the number of providers,
+             their speeds or the order results arrive in (up to float32 summation order).
+  async      up to one batch in flight per provider, each computed on the parameters of the
+             moment; a gradient is applied when it arrives if it is at most ``max_staleness``
+             versions old, else its batch is sent again with fresh parameters.
+  local-sgd  each round, every provider runs ``local_steps`` plain SGD steps on its share of
+             that many global batches from the same parameters; the head averages the
+             resulting parameters weighted by samples.
+After each epoch an eval round scores the test split. Checkpoints (model, optimizer, scheduler,
+position) are written atomically every ``checkpoint_every`` steps and at each epoch's end; a
+restarted head resumes from the last one. The data order is a pure function of (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import models
+from common.errors import TaskError, ValidationError
+from common.matmul import proportional_rows
+from common.tasks import SubtaskPlan, Worker
+from common.training import train_params
+
+log = logging.getLogger("dcf.head.training")
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of the training set in ``epoch`` (what a reference run must use too)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
+
+
+def make_optimizer(name: str, params: Any, p: Mapping[str, Any]) -> Any:
+    import torch
+
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=p["lr"], weight_decay=p["weight_decay"])
+    return torch.optim.Adadelta(params, lr=p["lr"], weight_decay=p["weight_decay"])
+
+
+def make_scheduler(optimizer: Any, p: Mapping[str, Any], total_steps: int) -> Any:
+    """``step``: lr x gamma every ``lr_step`` epochs; ``cosine``: cosine decay over all steps."""
+    import torch
+
+    if p["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=p["lr_step"], gamma=p["gamma"])
+    if p["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    return None
+
+
+class Trainer:
+    def __init__(self, job_id: str, params: Mapping[str, Any], blob_ids: Mapping[str, str],
+                 data: Mapping[str, np.ndarray], job_dir: Path) -> None:
+        import torch
+
+        self.job_id = job_id
+        self.p = train_params(params)
+        self.blob_ids = dict(blob_ids)
+        self.job_dir = job_dir
+        self.n_train = int(data["x"].shape[0])
+        self.n_test = int(data["x_test"].shape[0])
+        self.input_shape = [int(d) for d in data["x"].shape[1:]]
+        self.data_key = _content_hash(data)
+        top = int(max(data["y"].max(), data["y_test"].max()))
+        low = int(min(data["y"].min(), data["y_test"].min()))
+        self.classes = self.p["classes"] or top + 1
+        if low < 0 or top >= self.classes:
+            raise ValidationError(f"labels out of range: they span {low}..{top}, the model has {self.classes} classes")
+        self.model = models.build_model(self.p["model"], self.input_shape, self.classes, self.p["model_args"],
+                                        seed=self.p["seed"])
+        try:
+            with torch.no_grad():
+                out = self.model(torch.from_numpy(np.array(data["x"][:2], dtype=np.float32)))
+        except Exception as exc:
+            raise ValidationError(f"the data (samples of shape {self.input_shape}) does not fit model "
+                                  f"{self.p['model']}: {exc}") from None
+        if tuple(out.shape) != (min(2, self.n_train), self.classes):
+            raise ValidationError(f"model {self.p['model']} gives outputs of shape {list(out.shape)}")
+        self.n_params = models.n_parameters(self.model)
+        self.steps_per_epoch = self.n_train // self.p["batch_size"]
+        self.total_steps = self.p["epochs"] * self.steps_per_epoch
+        # every parameter's .grad is a view into one flat buffer: a step copies the gradient in once
+        self._grad = torch.zeros(self.n_params, dtype=torch.float32)
+        offset = 0
+        for p in self.model.parameters():
+            p.grad = self._grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.optimizer = make_optimizer(self.p["optimizer"], self.model.parameters(), self.p)
+        self.scheduler = make_scheduler(self.optimizer, self.p, self.total_steps)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.version = 0
+        self.history: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
+        self.samples_done = 0
+        self.started = time.time()
+        self.finished = False
+        self.checkpoint_due = False
+        self.events: list[dict[str, Any]] = []
+        self.stale_dropped = 0
+        self.step_seconds: list[float] = []  # wall time between optimizer steps (eval rounds excluded)
+        self._last_step_at: float | None = None
+        self._restore()
+        self.params = {self.version: models.flat_parameters(self.model).numpy()}
+        self.round: dict[str, Any] | None = None
+        self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
+        self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
+        self._async_out: dict[int, tuple[str, int]] = {}  # async: shard -> (provider, batch number)
+        self._next_shard = 0
+
+    # ---- planner interface ------------------------------------------------------------------
+    def plan(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
+        if self.p["sync"] == "async":
+            return self._plan_async(workers, outstanding)
+        if self.round is not None:
+            if len(self.round["parts"]) < self.round["expect"]:
+                return []
+            self._finish_round()
+        self._checkpoint_if_due()
+        if self.finished:
+            return []
+        if self.step_in_epoch >= self.steps_per_epoch:
+            return self._eval_round(workers)
+        if self.global_step >= self.total_steps:
+            self.finished = True
+            return []
+        if self.p["sync"] == "local-sgd":
+            return self._local_round(workers)
+        return self._grad_round(workers)
+
+    def subtask_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
+        params = self.params.get(sub["version"])
+        if params is None:
+            raise TaskError(f"parameters of version {sub['version']} are gone")
+        if sub["kind"] == "eval":
+            return [params]
+        return [params, self.idx[sub["shard"]]]
+
+    def merge(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        loss_sum, n, correct = (float(v) for v in arrays[-1])
+        if not math.isfinite(loss_sum):
+            raise ValidationError(f"non-finite loss at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}: "
+                                  "lower the learning rate or check the data")
+        if self.p["sync"] == "async" and sub["kind"] == "grad":
+            self._merge_async(sub, arrays)
+            return
+        if self.round is None or sub["round"] != self.round["id"]:
+            return  # a result of a round already closed (duplicate): ignore
+        self.round["parts"][sub["shard"]] = arrays
+
+    # ---- sync ---------------------------------------------------------------------------------
+    def _shards(self, workers: Sequence[Worker], count: int) -> list[tuple[Worker, int]]:
+        workers = list(workers)[: max(1, min(len(workers), count))]
+        return [(w, n) for w, n in zip(workers, proportional_rows(count, [w.gflops for w in workers]), strict=True)
+                if n]
+
+    def _base(self, kind: str, round_id: int, shard: int, data: str) -> dict[str, Any]:
+        xs, ys = ("x", "y") if data == "train" else ("x_test", "y_test")
+        return {"kind": kind, "job_id": self.job_id, "round": round_id, "shard": shard, "version": self.version,
+                "model": self.p["model"], "model_args": self.p["model_args"], "input_shape": self.input_shape,
+                "classes": self.classes, "n_params": self.n_params,
+                "data": {"x": self.blob_ids[xs], "y": self.blob_ids[ys], "key": f"{self.data_key}-{data}"}}
+
+    def _new_round(self, kind: str, expect: int) -> int:
+        round_id = (self.round["id"] + 1) if self.round else self.global_step * 10 + 1
+        self.round = {"id": round_id, "kind": kind, "expect": expect, "parts": {}}
+        self.idx.clear()
+        return round_id
+
+    def _grad_round(self, workers: Sequence[Worker]) -> list[SubtaskPlan]:
+        b = self.p["batch_size"]
+        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
+        batch = order[self.step_in_epoch * b:(self.step_in_epoch + 1) * b]
+        shards = self._shards(workers, b)
+        rid = self._new_round("grad", len(shards))
+        plans, start = [], 0
+        for k, (w, n) in enumerate(shards):
+            self.idx[k] = batch[start:start + n]
+            start += n
+            plans.append(SubtaskPlan(w.provider_id, self._base("grad", rid, k, "train"), self._flops(n, 3)))
+        return plans
+
+    def _local_round(self, workers: Sequence[Worker]) -> list[SubtaskPlan]:
+        b, k_steps = self.p["batch_size"], min(self.p["local_steps"], self.steps_per_epoch - self.step_in_epoch)
+        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
+        batches = order[self.step_in_epoch * b:(self.step_in_epoch + k_steps) * b].reshape(k_steps, b)
+        shards = self._shards(workers, b)
+        rid = self._new_round("local", len(shards))
+        plans, start = [], 0
+        for k, (w, n) in enumerate(shards):
+            self.idx[k] = np.ascontiguousarray(batches[:, start:start + n]).reshape(-1)
+            start += n
+            sub = {**self._base("local", rid, k, "train"), "local_steps": k_steps,
+                   "lr": self.optimizer.param_groups[0]["lr"]}
+            plans.append(SubtaskPlan(w.provider_id, sub, self._flops(n * k_steps, 3)))
+        self.round["local_steps"] = k_steps
+        return plans
+
+    def _eval_round(self, workers: Sequence[Worker]) -> list[SubtaskPlan]:
+        shards = self._shards(workers, self.n_test)
+        rid = self._new_round("eval", len(shards))
+        plans, start = [], 0
+        for k, (w, n) in enumerate(shards):
+            plans.append(SubtaskPlan(w.provider_id, {**self._base("eval", rid, k, "test"), "row0": start,
+                                                     "rows": n}, self._flops(n, 1)))
+            start += n
+        return plans
+
+    def _flops(self, samples: int, passes: int) -> float:
+        return 2.0 * passes * samples * self.n_params
+
+    def _finish_round(self) -> None:
+        rnd = self.round
+        assert rnd is not None
+        parts = [rnd["parts"][k] for k in sorted(rnd["parts"])]  # shard order: arrival order never matters
+        loss_sum = sum(float(p[-1][0]) for p in parts)
+        n = int(sum(float(p[-1][1]) for p in parts))
+        correct = int(sum(float(p[-1][2]) for p in parts))
+        if rnd["kind"] == "eval":
+            self._end_epoch(loss_sum / max(1, n), correct / max(1, n))
+        elif rnd["kind"] == "grad":
+            total = np.zeros(self.n_params, dtype=np.float64)
+            for part in parts:
+                total += part[0]
+            self._apply_gradient((total / self.p["batch_size"]).astype(np.float32))
+            self._after_steps(1, loss_sum / n, correct / n, n)
+        else:  # local-sgd: average the providers' parameters, weighted by their samples
+            weights = np.array([float(p[-1][1]) for p in parts])
+            avg = sum(w * p[0].astype(np.float64) for w, p in zip(weights, parts, strict=True)) / weights.sum()
+            self._set_parameters(avg.astype(np.float32))
+            self._after_steps(rnd["local_steps"], loss_sum / n, correct / n, n)
+        self.round = None
+
+    def _apply_gradient(self, grad: np.ndarray) -> None:
+        import torch
+
+        self._grad.copy_(torch.from_numpy(grad))
+        self.optimizer.step()
+        if self.scheduler is not None and self.p["schedule"] == "cosine":
+            self.scheduler.step()
+        self._new_version()
+
+    def _set_parameters(self, flat: np.ndarray) -> None:
+        import torch
+
+        models.load_flat(self.model, torch.from_numpy(flat))
+        self._new_version()
+
+    def _new_version(self) -> None:
+        self.version += 1
+        self.params[self.version] = models.flat_parameters(self.model).numpy()
+        keep = self.p["max_staleness"] + 2
+        for v in [v for v in self.params if v < self.version - keep]:
+            del self.params[v]
+
+    def _after_steps(self, steps: int, loss: float, acc: float, samples: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_at is not None and self.step_in_epoch > 0:  # eval rounds are not steps
+            self.step_seconds.append((now - self._last_step_at) / steps)
+        self._last_step_at = now
+        before = self.global_step
+        self.global_step += steps
+        self.step_in_epoch += steps
+        self.samples_done += samples
+        self.last = {"epoch": self.epoch + 1, "step": self.global_step, "loss": loss, "accuracy": acc,
+                     "samples_per_s": self.samples_done / max(1e-9, time.time() - self.started),
+                     "lr": self.optimizer.param_groups[0]["lr"]}
+        self.events.append({"kind": "step", **self.last})
+        if self.global_step // self.p["checkpoint_every"] > before // self.p["checkpoint_every"]:
+            self.checkpoint_due = True
+
+    def _end_epoch(self, test_loss: float, test_acc: float) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        record = {"epoch": self.epoch, "step": self.global_step, "train_loss": self.last.get("loss", float("nan")),
+                  "train_accuracy": self.last.get("accuracy", float("nan")), "test_loss": test_loss,
+                  "test_accuracy": test_acc}
+        self.history.append(record)
+        self.events.append({"kind": "epoch", **record})
+        if self.scheduler is not None and self.p["schedule"] == "step":
+            self.scheduler.step()
+        self.checkpoint_due = True
+        if self.epoch >= self.p["epochs"]:
+            self.finished = True
+
+    # ---- async (bounded staleness) -----------------------------------------------------------
+    def _plan_async(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
+        if self.round is not None:  # an eval round between epochs
+            if len(self.round["parts"]) < self.round["expect"]:
+                return []
+            self._finish_round()
+        if not self._async_out:
+            self._checkpoint_if_due()
+        if self.finished:
+            return []
+        if self.step_in_epoch >= self.steps_per_epoch:
+            return [] if self._async_out else self._eval_round(workers)
+        if not self._async_queue and not self._async_out:
+            self._async_queue = list(range(self.step_in_epoch, self.steps_per_epoch))
+        busy = {pid for pid, _ in self._async_out.values()}
+        plans = []
+        for w in workers:  # one batch in flight per provider
+            if not self._async_queue:
+                break
+            if w.provider_id not in busy:
+                plans.append(self._async_plan(w, self._async_queue.pop(0)))
+        return plans
+
+    def _async_plan(self, w: Worker, batch_no: int) -> SubtaskPlan:
+        b = self.p["batch_size"]
+        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
+        self._next_shard += 1
+        shard = self._next_shard
+        self.idx[shard] = order[batch_no * b:(batch_no + 1) * b]
+        self._async_out[shard] = (w.provider_id, batch_no)
+        return SubtaskPlan(w.provider_id, {**self._base("grad", 0, shard, "train"), "batch": batch_no},
+                           self._flops(b, 3))
+
+    def _merge_async(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        entry = self._async_out.pop(sub["shard"], None)
+        if entry is None:
+            return  # duplicate
+        batch_no = entry[1]
+        self.idx.pop(sub["shard"], None)
+        if self.version - sub["version"] > self.p["max_staleness"]:
+            self.stale_dropped += 1
+            self._async_queue.insert(0, batch_no)  # too stale: run it again on fresh parameters
+            return
+        loss_sum, n, correct = (float(v) for v in arrays[-1])
+        self._apply_gradient((arrays[0].astype(np.float64) / n).astype(np.float32))
+        self._after_steps(1, loss_sum / n, correct / n, int(n))
+
+    # ---- checkpoints and outputs ---------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Atomically write model, optimizer, scheduler and position (at a round boundary)."""
+        import torch
+
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "version": self.version, "samples_done": self.samples_done,
+                 "history": json.dumps(self.history), "last": json.dumps(self.last),
+                 "torch_rng": torch.get_rng_state()}
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.job_dir / f".{CHECKPOINT}.part"
+        torch.save(state, tmp)
+        os.replace(tmp, self.job_dir / CHECKPOINT)
+        self.checkpoint_due = False
+        log.info("checkpoint at step %d", self.global_step, extra={"job_id": self.job_id})
+
+    def _checkpoint_if_due(self) -> None:
+        """Called between rounds only: a checkpoint never holds half a step."""
+        if not self.checkpoint_due or self.finished:
+            return
+        try:
+            self.checkpoint()
+        except OSError as exc:  # training goes on; the next boundary tries again
+            log.error("checkpoint failed: %s", exc, extra={"job_id": self.job_id})
+
+    def _restore(self) -> None:
+        import torch
+
+        path = self.job_dir / CHECKPOINT
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step, self.version = int(state["global_step"]), int(state["version"])
+        self.samples_done = int(state["samples_done"])
+        self.history, self.last = json.loads(state["history"]), json.loads(state["last"])
+        torch.set_rng_state(state["torch_rng"])
+        self.finished = self.epoch >= self.p["epochs"]
+        log.info("resumed from checkpoint at epoch %d step %d", self.epoch, self.global_step,
+                 extra={"job_id": self.job_id})
+
+    def summary(self) -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
+        times = sorted(self.step_seconds)
+        return {"epoch": self.epoch, "step": self.global_step, "total_steps": self.total_steps,
+                "last": self.last, "history": self.history, "stale_dropped": self.stale_dropped,
+                "step_ms_median": round(1000 * times[len(times) // 2], 3) if times else None,
+                "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss")}
+
+    def progress(self) -> tuple[int, int]:
+        return self.global_step, self.total_steps
+
+    def write_outputs(self, started_at: float | None) -> list[str]:
+        import torch
+
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.job_dir / ".model.pt.part"
+        torch.save(self.model.state_dict(), tmp)
+        os.replace(tmp, self.job_dir / "model.pt")
+        final = self.history[-1] if self.history else {}
+        meta = {"model": self.p["model"], "model_args": self.p["model_args"], "input_shape": self.input_shape,
+                "classes": self.classes, "parameters": self.n_params, "training": self.p,
+                "dataset_hash": self.data_key, "steps": self.global_step,
+                "seconds": round(time.time() - (started_at or self.started), 3),
+                "metrics": {"test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
+                            "train_loss": final.get("train_loss"), "history": self.history,
+                            "stale_gradients_dropped": self.stale_dropped}}
+        (self.job_dir / ".model.json.part").write_text(json.dumps(meta, indent=2))
+        os.replace(self.job_dir / ".model.json.part", self.job_dir / "model.json")
+        return ["model.pt", "model.json"]
+
+
+def _content_hash(data: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in ("x", "y", "x_test", "y_test"):
+        arr = np.ascontiguousarray(data[name])
+        h.update(f"{name}{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.data)
+    return h.hexdigest()[:32]

@@ -1,0 +1,97 @@
+"""`dcf submit train` and `dcf submit predict`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from common.errors import ConfigError, TaskError
+
+from .client import TERMINAL, Client, load_npy_any
+
+TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+              "lr_step", "gamma", "seed", "sync", "max_staleness", "local_steps", "checkpoint_every")
+
+
+def _dataset(args: argparse.Namespace) -> Any:
+    from common import datasets
+
+    if args.dataset_file:
+        try:
+            data = open(args.dataset_file, "rb").read()  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"{args.dataset_file}: {exc.strerror or exc}") from None
+        return datasets.from_npz(data, args.dataset_file)
+    return datasets.load(args.dataset, seed=args.seed, size=args.synthetic_size,
+                         features=args.synthetic_features, classes=args.synthetic_classes)
+
+
+def submit_train(args: argparse.Namespace, client: Client, emit: Callable[..., None]) -> int:
+    try:
+        model_args = json.loads(args.model_args)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--model-args is not JSON: {exc}") from None
+    params = {key: getattr(args, key) for key in TRAIN_KEYS}
+    params["model_args"] = model_args
+    with client:
+        job = client.submit_train(_dataset(args), nodes=args.nodes, **params)
+        if args.no_wait:
+            emit(args, {"job_id": job, "state": "queued"}, job)
+            return 0
+        view = _follow_training(client, job, show=not args.json and sys.stderr.isatty())
+        if view["state"] != "done":
+            raise TaskError(f"job {job} {view['state']}: {view.get('error') or ''}")
+        meta = client.save_model(job, args.output)
+    metrics = meta["metrics"]
+    text = (f"job {job}: done in {meta['seconds']:.1f} s, {meta['steps']} steps\n"
+            f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}\n"
+            f"wrote {args.output} and its metadata beside it")
+    emit(args, {"job_id": job, "state": "done", **meta}, text)
+    return 0
+
+
+def _follow_training(client: Client, job: str, show: bool) -> dict[str, Any]:
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    told = False
+    try:
+        while True:
+            view = client.status(job, wait=0.5)
+            prog = view["progress"]
+            last = (view.get("stats", {}).get("training") or {}).get("last") or {}
+            if bar is not None:
+                bar.total = prog["total"] or None
+                bar.update(prog["done"] - bar.n)
+                if last:
+                    bar.set_postfix_str(f"epoch {last['epoch']} loss {last['loss']:.4f} acc {last['accuracy']:.3f} "
+                                        f"{last['samples_per_s']:.0f} samples/s", refresh=True)
+                elif view.get("waiting"):
+                    bar.set_postfix_str(view["waiting"], refresh=True)
+            elif view.get("waiting") and not told:
+                print(f"dcf: job {job} {view['waiting']}", file=sys.stderr)
+                told = True
+            if view["state"] in TERMINAL:
+                return view
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def submit_predict(args: argparse.Namespace, client: Client, emit: Callable[..., None]) -> int:
+    x = load_npy_any(args.data)
+    with client:
+        job = client.submit_predict(args.model, x, nodes=args.nodes)
+        client.wait(job)
+        preds = np.array(client.result(job))
+    np.save(args.output, preds, allow_pickle=False)
+    emit(args, {"job_id": job, "output": args.output, "count": int(preds.size)},
+         f"job {job}: {preds.size} predictions written to {args.output}")
+    return 0
