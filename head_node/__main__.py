@@ -61,7 +61,8 @@ async def serve(cfg) -> None:  # type: ignore[no-untyped-def]
             yield
 
     server = Server(uvicorn.Config(create_app(head), host=cfg.host, port=cfg.http_port,
-                                   log_level="warning", access_log=False, lifespan="off"))
+                                   log_level="warning", access_log=False, lifespan="off",
+                                   timeout_graceful_shutdown=2))  # open SSE streams must not hold a stop
     loop = asyncio.get_running_loop()
 
     def stop(*_: object) -> None:

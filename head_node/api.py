@@ -152,4 +152,6 @@ def create_app(head: Head) -> FastAPI:
 
         return head.state.provider_rows(time.time())
 
+    from .ops_api import install
+    install(app, head)
     return app

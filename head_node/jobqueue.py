@@ -90,7 +90,8 @@ class EmbeddedQueue:
     async def publish(self, record: dict[str, Any]) -> None:
         self.store.mark_accepted(record["job_id"])
         assert self.deliver is not None
-        self.deliver(record, _no_ack)
+        # delivered on the next loop turn, as a broker would: after the submitter saw the ack
+        asyncio.get_running_loop().call_soon(self.deliver, record, _no_ack)
 
     async def close(self) -> None:
         return None

@@ -183,8 +183,11 @@ def test_http_bad_input_gets_4xx_json(cluster: LocalCluster) -> None:
         r = http.put("/v1/blobs", content=buf.getvalue()[:-8])
         assert r.status_code == 422 and "truncated" in _error(r)["message"]
         buf = io.BytesIO()
-        np.save(buf, np.ones((4, 4), dtype=np.int64))
+        np.save(buf, np.ones((4, 4), dtype=np.uint8))
         r = http.put("/v1/blobs", content=buf.getvalue())
+        assert r.status_code == 422 and "uint8" in _error(r)["message"]
+        ints = http.put("/v1/blobs", content=_npy(np.ones((4, 4), dtype=np.int64))).json()["blob_id"]
+        r = http.post("/v1/jobs", json={"type": "matmul", "inputs": {"a": ints, "b": ints}})
         assert r.status_code == 422 and "int64" in _error(r)["message"]
         ok = http.put("/v1/blobs", content=_npy(np.ones((4, 4)))).json()["blob_id"]
         other = http.put("/v1/blobs", content=_npy(np.ones((5, 2)))).json()["blob_id"]

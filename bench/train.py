@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Benchmark: data-parallel training of the digits CNN, against torch.distributed DDP (gloo, 2
+processes) and single-process PyTorch, in the same run; then sync vs async vs local-SGD.
+
+    .venv/bin/python bench/train.py [--epochs 20] [--anchors ../shared/anchors]
+
+Same setup as the DDP anchor: digits, X/16, 80/20 stratified split, SGD lr 0.05 momentum 0.9,
+global batch 64, drop_last (22 steps an epoch). dcf: 2 local providers, 1 thread each.
+Step time for dcf = wall time between two optimizer steps on the head (median; eval rounds
+excluded). DDP and single-process numbers come from the anchor script c_ddp_digits.py.
+Not a test: nothing here passes or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common import datasets  # noqa: E402
+from user_client import Client  # noqa: E402
+from user_client.local import LocalCluster  # noqa: E402
+
+BASE = {"model": "cnn", "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 0}
+
+
+def anchor(anchors: Path, *args: str) -> dict | None:
+    try:
+        out = subprocess.run([sys.executable, str(anchors / "c_ddp_digits.py"), *args], capture_output=True,
+                             text=True, timeout=900, cwd=anchors)
+        return json.loads([x for x in out.stdout.splitlines() if x.startswith("{")][-1])
+    except Exception as exc:  # optional comparison
+        print(f"  (c_ddp_digits.py {' '.join(args)} failed: {exc})")
+        return None
+
+
+def run_dcf(client: Client, ds: datasets.Dataset, epochs: int, **params: object) -> dict:
+    t0 = time.perf_counter()
+    job = client.submit_train(ds, epochs=epochs, **{**BASE, **params})
+    view = client.wait(job, timeout=3600)
+    wall = time.perf_counter() - t0
+    tr = view["stats"]["training"]
+    return {"step_ms": tr["step_ms_median"], "wall_s": wall, "test_acc": tr["test_accuracy"],
+            "history": tr["history"]}
+
+
+def time_to(history: list[dict], target: float) -> float | None:
+    for h in history:
+        if h["test_accuracy"] >= target:
+            return h["elapsed_s"]
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--anchors", type=Path, help="the anchors folder (c_ddp_digits.py), for DDP and 1 process")
+    ap.add_argument("--target", type=float, default=0.95, help="accuracy for time-to-accuracy")
+    args = ap.parse_args()
+    ds = datasets.digits(0)
+    rows = []
+    with LocalCluster(2, threads=1, state_dir=tempfile.mkdtemp(prefix="dcf-bench-")) as cl, Client(cl.url) as c:
+        run_dcf(c, ds, 1)  # warm-up: imports, model build, dataset caches
+        sync = run_dcf(c, ds, args.epochs)
+        print(f"dcf sync, 2 providers: step {sync['step_ms']:.2f} ms (median), {args.epochs} epochs in "
+              f"{sync['wall_s']:.2f} s, test accuracy {sync['test_acc']:.4f}")
+        rows.append(("dcf sync, 2 providers", sync["step_ms"], sync["wall_s"], sync["test_acc"]))
+        strategies = {"sync": sync}
+        for name, extra in (("async", {"sync": "async", "max_staleness": 2}),
+                            ("local-sgd", {"sync": "local-sgd", "local_steps": 4, "lr": 0.1})):
+            strategies[name] = run_dcf(c, ds, args.epochs, **extra)
+    if args.anchors:
+        ddp = anchor(args.anchors, "--mode", "ddp", "--repeats", "1")
+        single = anchor(args.anchors, "--mode", "single", "--threads", "2", "--repeats", "1")
+        for name, res in (("DDP gloo, 2 procs x 1 thread", ddp), ("1 process, 2 threads", single)):
+            if res:
+                rows.append((name, 1000 * res["step_s"]["median"], res["train_wall_s"]["median"],
+                             sum(res["test_acc"]) / len(res["test_acc"])))
+        if ddp:
+            ratio = sync["step_ms"] / (1000 * ddp["step_s"]["median"])
+            print(f"dcf sync step time = {ratio:.2f}x DDP's")
+    print("\n| system | step ms (median) | train wall s | test accuracy |\n|---|---|---|---|")
+    for name, step, wall, acc in rows:
+        print(f"| {name} | {step:.2f} | {wall:.2f} | {acc:.4f} |")
+    print(f"\n| strategy | step ms | wall s | final test acc | s to {args.target:.0%} test acc |")
+    print("|---|---|---|---|---|")
+    for name, res in strategies.items():
+        tta = time_to(res["history"], args.target)
+        print(f"| {name} | {res['step_ms']:.2f} | {res['wall_s']:.2f} | {res['test_acc']:.4f} | "
+              f"{'not reached' if tta is None else f'{tta:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()

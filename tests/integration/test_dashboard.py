@@ -1,0 +1,154 @@
+"""The live dashboard in headless Chromium: a provider appears in the nodes table, a job's progress
+goes to done, the charts render, and the token is taken from ?token= once.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package: skipped without
+them, except under CI=true, where they must be installed. Set DCF_ARTIFACTS to a folder to keep
+the screenshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import IN_CI
+from user_client import Client
+from user_client.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        msg = f"headless browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver; " \
+              "pip install selenium)"
+        if IN_CI:
+            pytest.fail(msg + " (CI=true: the dashboard test must run)")
+        pytest.skip(msg)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1440,1500", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_until(driver: Any, pred: Any, timeout: float, what: str) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            got = pred()
+        except StaleElementReferenceException:  # the table was redrawn under us
+            got = None
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; page text:\n{driver.find_element('tag name', 'body').text}")
+
+
+def js(driver: Any, script: str) -> Any:
+    return driver.execute_script(script)
+
+
+def console_errors(driver: Any) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_dashboard_shows_nodes_and_job_progress(browser: Any, tmp_path: Path) -> None:
+    with LocalCluster(0, heartbeat=0.5, threads=1, provider_args=["--delay", "1"]) as cl, Client(cl.url) as c:
+        browser.get(cl.url + "/")
+        wait_until(browser, lambda: js(browser, "return document.getElementById('conn').dataset.state") == "live",
+                   20, "the stream to connect")
+        assert browser.find_element("id", "nodes-empty").is_displayed()
+        assert browser.find_element("id", "train-empty").text == "No training jobs yet."
+
+        cl.add_provider()
+        wait_until(browser, lambda: js(browser, """
+            const row = document.querySelector('tr.node[data-name="local-0"]');
+            return row && row.dataset.state === 'ready';"""), 60, "the provider in the nodes table")
+        row_text = browser.find_element("css selector", 'tr.node[data-name="local-0"]').text
+        assert "cpu" in row_text and "ready" in row_text and "s ago" in row_text
+
+        rng = np.random.default_rng(0)
+        job = c.submit_matmul(rng.standard_normal((400, 300)), rng.standard_normal((300, 200)))
+        seen: list[tuple[str, str]] = []
+
+        def job_state() -> bool:
+            got = js(browser, f"""
+                const row = document.querySelector('tr.job[data-job-id="{job}"]');
+                return row ? [row.dataset.state, row.querySelector('.pct').textContent] : null;""")
+            if got and (not seen or seen[-1] != tuple(got)):
+                seen.append(tuple(got))
+            return bool(got) and got[0] == "done"
+
+        wait_until(browser, job_state, 60, "the job to show done")
+        states = [s for s, _ in seen]
+        assert "running" in states and states.index("running") < states.index("done"), seen
+        assert seen[-1] == ("done", "1/1 · 100%"), seen
+        assert js(browser, f"""return document.querySelector('tr.job[data-job-id="{job}"] .bar > span')
+                               .style.width""") == "100%"
+
+        # throughput chart and share of work follow within a sample or two
+        wait_until(browser, lambda: js(browser, """
+            return document.querySelector('.share[data-provider-id] .what')?.textContent.startsWith('100.0%');"""),
+                   10, "the share of work")
+        wait_until(browser, lambda: browser.find_element("id", "t-gflops").text != "0.00 GFLOP/s"
+                   or "job.done" in browser.find_element("id", "events").text, 10, "the throughput tile")
+        assert js(browser, "return document.querySelectorAll('#chart-throughput canvas').length") == 1
+        assert "job.done" in browser.find_element("id", "events").text
+        assert browser.find_element("id", "alerts-empty").text == "No alerts."
+        time.sleep(1.2)  # one more sample, so the chart shows the job
+
+        shot = tmp_path / "dashboard.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        if os.environ.get("DCF_ARTIFACTS"):
+            out = Path(os.environ["DCF_ARTIFACTS"])
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, out / "dashboard.png")
+        assert console_errors(browser) == []
+
+
+def test_dashboard_takes_token_from_query(browser: Any) -> None:
+    cl = LocalCluster(0, heartbeat=0.5, threads=1, head_args=["--api-token", "s3cret"])
+    try:
+        cl.start_head()
+        browser.get(cl.url + "/")
+        wait_until(browser, lambda: browser.find_element("id", "token-form").is_displayed(), 20,
+                   "the page to ask for a token")
+        assert js(browser, "return document.getElementById('conn').dataset.state") == "auth"
+
+        browser.get(cl.url + "/?token=s3cret")
+        wait_until(browser, lambda: js(browser, "return document.getElementById('conn').dataset.state") == "live",
+                   20, "the stream to connect with the token")
+        assert "token" not in browser.current_url  # kept in local storage, not left in the address bar
+        assert not browser.find_element("id", "token-form").is_displayed()
+        assert js(browser, "return localStorage.getItem('dcf.token')") == "s3cret"
+        errors = [e for e in console_errors(browser) if "401" not in e]  # the first load's refusals
+        assert errors == []
+    finally:
+        cl.stop()

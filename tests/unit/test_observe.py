@@ -1,0 +1,117 @@
+"""The pure Observer (time series, shares, training curves, alerts) and the Prometheus text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from head_node.observe import Observer, render_prometheus
+from tests.promtext import parse_prometheus, value
+
+A, B = "a" * 32, "b" * 32
+
+
+def node(pid: str, name: str, done: int = 0, state: str = "ready", lag: float = 0.2) -> dict[str, Any]:
+    return {"provider_id": pid, "name": name, "device": "cpu", "state": state, "gflops": 10.0, "assigned": 1,
+            "subtasks_done": done, "last_heartbeat_s": lag}
+
+
+def snap(t: float, nodes: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    return {"time": t, "epoch": "e1", "uptime_s": t, "queue": "embedded", "nodes": nodes, "jobs": [],
+            "counters": {"subtasks_completed": 3, "bytes_in": 10, "bytes_out": 20}, "finished": [], **kw}
+
+
+def test_throughput_from_the_increase_of_flops() -> None:
+    obs = Observer()
+    assert obs.sample(snap(100.0, [node(A, "a")]), {A: 0.0}) is None  # the baseline
+    point = obs.sample(snap(101.0, [node(A, "a", 1)]), {A: 4e9})
+    assert point is not None and point["gflops"] == 4.0 and point["providers"] == {A: 4.0}
+    # a provider that joins counts from zero; one that restarted its counter counts what it has
+    obs.sample(snap(103.0, [node(A, "a", 2), node(B, "b", 1)]), {A: 8e9, B: 2e9})
+    obs.sample(snap(104.0, [node(A, "a", 2), node(B, "b", 1)]), {A: 1e9, B: 2e9})
+    cols = obs.series()
+    assert cols["n"] == [1, 2, 3] and cols["t"] == [101.0, 103.0, 104.0]
+    assert cols["throughput_gflops"] == [4.0, 3.0, 1.0]
+    assert cols["providers"][A] == {"name": "a", "gflops": [4.0, 2.0, 1.0]}
+    assert cols["providers"][B] == {"name": "b", "gflops": [None, 1.0, 0.0]}
+    assert obs.series(after=2)["t"] == [104.0]
+    shares = {s["name"]: s for s in obs.shares()}
+    assert abs(shares["a"]["share"] - 1 / 3) < 1e-6 and shares["b"]["subtasks_done"] == 1
+    header, rows = obs.csv_rows()
+    assert header == ["time", "throughput_gflops", "a_gflops", "b_gflops"]
+    assert rows[0] == [101.0, 4.0, 4.0, ""]
+
+
+def test_flops_in_the_node_rows_win_and_the_series_is_bounded() -> None:
+    obs = Observer(keep=3)
+    for i in range(6):
+        obs.sample(snap(float(i), [{**node(A, "a"), "flops_done": i * 1e9}]))
+    assert obs.series()["throughput_gflops"] == [1.0, 1.0, 1.0] and obs.series()["n"] == [3, 4, 5]
+    assert obs.sample(snap(5.0, [node(A, "a")])) is None  # no time passed: no sample
+
+
+def test_training_metrics_and_alerts_from_events() -> None:
+    obs = Observer(keep_jobs=2)
+    obs.sample(snap(1.0, [node(A, "gpu-1")]), {A: 0.0})
+    obs.feed([
+        {"seq": 1, "ts": 1.0, "kind": "job.metrics", "job_id": "j1", "epoch": 1, "step": 10, "loss": 2.0},
+        {"seq": 2, "ts": 2.0, "kind": "job.metrics", "job_id": "j1", "epoch": 1, "step": 20, "loss": 1.0,
+         "accuracy": 0.5, "test_loss": float("nan"), "test_accuracy": None},
+        {"seq": 3, "ts": 2.0, "kind": "job.metrics", "job_id": "j1"},  # nothing to plot
+        {"seq": 4, "ts": 3.0, "kind": "node.lost", "provider_id": A, "name": "", "requeued": 2},
+        {"seq": 5, "ts": 3.0, "kind": "job.failed", "job_id": "j2" * 16, "error": "boom"},
+        {"seq": 6, "ts": 3.0, "kind": "straggler", "provider_id": A, "job_id": "j3", "subtask": 4},
+        {"seq": 7, "ts": 3.0, "kind": "job.progress", "job_id": "j1", "done": 1, "total": 2},
+    ])
+    obs.on_event({"seq": 2, "ts": 2.0, "kind": "job.metrics", "job_id": "j1", "loss": 9.0})  # seen: ignored
+    points = obs.training["j1"]
+    assert [p["loss"] for p in points] == [2.0, 1.0] and "test_loss" not in points[1]
+    assert points[1]["accuracy"] == 0.5
+    titles = [(a["title"], a["level"]) for a in obs.alerts]
+    assert titles == [("node lost", "error"), ("job failed", "error"), ("straggler", "warning")]
+    assert "gpu-1" in obs.alerts[0]["message"] and "2 subtasks" in obs.alerts[0]["message"]
+    assert "boom" in obs.alerts[1]["message"] and "subtask 4" in obs.alerts[2]["message"]
+    view = obs.view(after_sample=0, after_seq=4)
+    assert [a["seq"] for a in view["alerts"]] == [5, 6] and view["training"] == {}
+    assert view["cursor"] == {"sample": 0, "seq": 7}
+    # an end-of-epoch record for the step already seen adds its test metrics to that point
+    obs.on_event({"seq": 8, "ts": 4.0, "kind": "job.metrics", "job_id": "j1", "scope": "epoch", "epoch": 1,
+                  "step": 20, "train_loss": 1.5, "train_accuracy": 0.4, "test_loss": 1.2, "test_accuracy": 0.45})
+    obs.on_event({"seq": 9, "ts": 4.0, "kind": "job.metrics", "job_id": "j1", "scope": "epoch", "epoch": 2,
+                  "step": 30, "train_loss": 0.9, "test_loss": 1.0})
+    points = obs.training["j1"]
+    assert [p["step"] for p in points] == [10, 20, 30]
+    assert points[1] == {"seq": 8, "ts": 4.0, "epoch": 1, "step": 20, "loss": 1.0, "accuracy": 0.5,
+                         "test_loss": 1.2, "test_accuracy": 0.45}
+    assert points[2]["loss"] == 0.9 and points[2]["test_loss"] == 1.0
+    assert [p["seq"] for p in obs.view(after_seq=7)["training"]["j1"]] == [8, 9]
+    for i in range(3):  # only the most recent training jobs are kept
+        obs.on_event({"seq": 10 + i, "ts": 4.0, "kind": "job.metrics", "job_id": f"k{i}", "loss": 1.0})
+    assert list(obs.training) == ["k1", "k2"]
+
+
+def test_prometheus_text() -> None:
+    obs = Observer()
+    nodes = [node(A, 'we"ird\\name\n', 3), node(B, "b", state="draining", lag=1.5)]
+    obs.sample(snap(1.0, nodes), {A: 0.0, B: 0.0})
+    obs.sample(snap(2.0, nodes), {A: 2e9, B: 0.0})
+    finished = [("matmul", "done", 0.3), ("matmul", "done", 7.0), ("matmul", "failed", 1.0), ("train", "done", 90.0)]
+    jobs = [{"state": "running"}, {"state": "queued"}, {"state": "queued"}]
+    text = render_prometheus(snap(2.0, nodes, finished=finished, jobs=jobs), obs, subscribers=2)
+    types, samples = parse_prometheus(text)
+    assert types["dcf_job_duration_seconds"] == "histogram" and types["dcf_subtasks_completed_total"] == "counter"
+    assert value(samples, "dcf_providers", state="ready") == 1
+    assert value(samples, "dcf_providers", state="draining") == 1
+    assert value(samples, "dcf_providers", state="dead") == 0
+    assert value(samples, "dcf_subtasks_completed_total") == 3 and value(samples, "dcf_bytes_out_total") == 20
+    assert value(samples, "dcf_provider_heartbeat_lag_seconds", provider_id=B) == 1.5
+    assert value(samples, "dcf_provider_heartbeat_lag_seconds", name='we\\"ird\\\\name\\n') == 0.2
+    assert value(samples, "dcf_cluster_throughput_gflops") == 2.0
+    assert value(samples, "dcf_event_subscribers") == 2
+    assert value(samples, "dcf_jobs", state="queued") == 2 and value(samples, "dcf_jobs", state="done") == 3
+    assert value(samples, "dcf_job_duration_seconds_count", type="matmul", state="done") == 2
+    assert value(samples, "dcf_job_duration_seconds_bucket", type="matmul", state="done", le="0.5") == 1
+    assert value(samples, "dcf_job_duration_seconds_bucket", type="matmul", state="done", le="10.0") == 2
+    assert value(samples, "dcf_job_duration_seconds_bucket", type="train", state="done", le="60.0") == 0
+    assert value(samples, "dcf_job_duration_seconds_sum", type="matmul", state="done") == 7.3
+    # no observer, no providers, nothing finished: still valid
+    parse_prometheus(render_prometheus(snap(0.0, [])))
