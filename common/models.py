@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from .errors import NotFound, ValidationError
 
 Builder = Callable[..., Any]
@@ -141,11 +143,45 @@ def load_flat(model: Any, flat: Any) -> None:
         raise ValidationError(f"parameter vector has {flat.numel()} values, the model needs {offset}")
 
 
-def flat_gradients(model: Any) -> Any:
-    import torch
+class FlatView:
+    """Rebinds a float32 model's parameters and gradients as views into two flat buffers, so that
+    loading a parameter vector, reading the gradient vector or zeroing gradients is one memcpy.
+    Never call ``model.zero_grad(set_to_none=True)`` on it: use ``zero_grad`` here."""
 
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32).cpu()
-                      for p in model.parameters()])
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        params = list(model.parameters())
+        if any(p.dtype != torch.float32 for p in params):
+            raise ValidationError("models must be float32")
+        total = sum(p.numel() for p in params)
+        device = params[0].device
+        self.model = model
+        self.params = torch.zeros(total, dtype=torch.float32, device=device)
+        self.grads = torch.zeros(total, dtype=torch.float32, device=device)
+        offset = 0
+        for p in params:
+            count = p.numel()
+            self.params[offset:offset + count].copy_(p.detach().reshape(-1))
+            p.data = self.params[offset:offset + count].view_as(p)
+            p.grad = self.grads[offset:offset + count].view_as(p)
+            offset += count
+
+    def load(self, flat: np.ndarray) -> None:
+        import torch
+
+        if flat.shape != (self.params.numel(),):
+            raise ValidationError(f"parameter vector has {flat.size} values, the model needs {self.params.numel()}")
+        self.params.copy_(torch.from_numpy(np.asarray(flat, dtype=np.float32)))
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+
+    def parameters_numpy(self) -> np.ndarray:
+        return self.params.detach().cpu().numpy().copy()
+
+    def gradients_numpy(self) -> np.ndarray:
+        return self.grads.detach().cpu().numpy().copy()
 
 
 def n_parameters(model: Any) -> int:

@@ -93,14 +93,15 @@ class _ModelRunner:
     """Provider side: builds a job's model once and runs it on the device."""
 
     @staticmethod
-    def model(sub: Mapping[str, Any], device: Device) -> Any:
+    def model(sub: Mapping[str, Any], device: Device) -> models.FlatView:
         cache = getattr(device, "cache", None)
         key = ("model", sub["job_id"], sub["model"], repr(sub.get("model_args")))
         if cache is not None and key in cache:
             return cache[key]
-        net = models.build_model(sub["model"], sub["input_shape"], sub["classes"], sub.get("model_args"))
+        module = models.build_model(sub["model"], sub["input_shape"], sub["classes"], sub.get("model_args"))
         if device.kind != "cpu":
-            net = net.to(device.torch_device())
+            module = module.to(device.torch_device())
+        net = models.FlatView(module)
         if cache is not None:
             cache[key] = net
             while len(cache) > 16:  # models of old jobs
@@ -180,9 +181,9 @@ class TrainTask(TaskType):
         import torch
         import torch.nn.functional as F
 
-        net = _ModelRunner.model(sub_params, device)
-        params = torch.from_numpy(np.array(arrays[0], dtype=np.float32))
-        models.load_flat(net, params.to(next(net.parameters()).device))
+        flat = _ModelRunner.model(sub_params, device)
+        flat.load(arrays[0])
+        net = flat.model
         kind = sub_params["kind"]
         data = sub_params["data"]
         x_all = _ModelRunner.data(device, data, "x")
@@ -197,26 +198,26 @@ class TrainTask(TaskType):
         idx = np.asarray(arrays[1], dtype=np.int64)
         if kind == "grad":
             x, y = _ModelRunner.tensors(device, x_all[idx], y_all[idx])
-            net.zero_grad(set_to_none=True)
+            flat.zero_grad()
             out = net(x)
             loss = F.cross_entropy(out, y, reduction="sum")
             loss.backward()
             correct = int((out.argmax(1) == y).sum())
-            return [models.flat_gradients(net).numpy(), metrics_array(float(loss.detach()), len(idx), correct)]
+            return [flat.gradients_numpy(), metrics_array(float(loss.detach()), len(idx), correct)]
         if kind == "local":
             steps = idx.reshape(sub_params["local_steps"], -1)
             opt = torch.optim.SGD(net.parameters(), lr=sub_params["lr"])
             loss_sum, correct = 0.0, 0
             for batch in steps:
                 x, y = _ModelRunner.tensors(device, x_all[batch], y_all[batch])
-                opt.zero_grad(set_to_none=True)
+                flat.zero_grad()
                 out = net(x)
                 loss = F.cross_entropy(out, y)
                 loss.backward()
                 opt.step()
                 loss_sum += float(loss.detach()) * len(batch)
                 correct += int((out.argmax(1) == y).sum())
-            return [models.flat_parameters(net).numpy(), metrics_array(loss_sum, idx.size, correct)]
+            return [flat.parameters_numpy(), metrics_array(loss_sum, idx.size, correct)]
         raise ValidationError(f"unknown train subtask kind {kind!r}")
 
 

@@ -103,12 +103,8 @@ class Trainer:
         self.n_params = models.n_parameters(self.model)
         self.steps_per_epoch = self.n_train // self.p["batch_size"]
         self.total_steps = self.p["epochs"] * self.steps_per_epoch
-        # every parameter's .grad is a view into one flat buffer: a step copies the gradient in once
-        self._grad = torch.zeros(self.n_params, dtype=torch.float32)
-        offset = 0
-        for p in self.model.parameters():
-            p.grad = self._grad[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+        # parameters and gradients are views into flat buffers: a step copies the gradient in once
+        self.flat = models.FlatView(self.model)
         self.optimizer = make_optimizer(self.p["optimizer"], self.model.parameters(), self.p)
         self.scheduler = make_scheduler(self.optimizer, self.p, self.total_steps)
         self.epoch = 0
@@ -126,7 +122,7 @@ class Trainer:
         self.step_seconds: list[float] = []  # wall time between optimizer steps (eval rounds excluded)
         self._last_step_at: float | None = None
         self._restore()
-        self.params = {self.version: models.flat_parameters(self.model).numpy()}
+        self.params = {self.version: self.flat.parameters_numpy()}
         self.round: dict[str, Any] | None = None
         self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
@@ -259,21 +255,19 @@ class Trainer:
     def _apply_gradient(self, grad: np.ndarray) -> None:
         import torch
 
-        self._grad.copy_(torch.from_numpy(grad))
+        self.flat.grads.copy_(torch.from_numpy(grad))
         self.optimizer.step()
         if self.scheduler is not None and self.p["schedule"] == "cosine":
             self.scheduler.step()
         self._new_version()
 
     def _set_parameters(self, flat: np.ndarray) -> None:
-        import torch
-
-        models.load_flat(self.model, torch.from_numpy(flat))
+        self.flat.load(flat)
         self._new_version()
 
     def _new_version(self) -> None:
         self.version += 1
-        self.params[self.version] = models.flat_parameters(self.model).numpy()
+        self.params[self.version] = self.flat.parameters_numpy()
         keep = self.p["max_staleness"] + 2
         for v in [v for v in self.params if v < self.version - keep]:
             del self.params[v]
