@@ -75,7 +75,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "blob": {"blob_id": _f(str)},
     "error": {"code": _f(str), "message": _f(str)},
     # head -> provider, XPUB -> SUB
-    "subtask": {**_SUBTASK_KEY, "task_type": _f(str), "params": _f(dict), "shared": _f(dict, required=False)},
+    "subtask": {**_SUBTASK_KEY, "task_type": _f(str), "params": _f(dict), "shared": _f(dict, required=False),
+                "cost": _f(*_NUM, required=False)},
     # provider -> head, PUSH -> PULL
     "ack": {**_SUBTASK_KEY, "provider_id": _f(str)},
     "result": {**_SUBTASK_KEY, "provider_id": _f(str), "elapsed_s": _f(*_NUM), "stats": _f(dict),

@@ -350,7 +350,7 @@ class Head:
         act = self.active[d.job_id]
         sub = job.subtasks[d.subtask]
         fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.epoch,
-                  "task_type": job.task_type, "params": sub.params}
+                  "task_type": job.task_type, "params": sub.params, "cost": float(sub.cost)}
         if act.trainer is not None:
             arrays = act.trainer.subtask_inputs(sub.params)
         elif self.state.providers[d.provider_id].local:

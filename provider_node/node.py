@@ -32,6 +32,7 @@ from .shared import SharedFiles
 log = logging.getLogger("dcf.provider")
 
 DATA_CACHE_ENTRIES = 8
+INLINE_SECONDS = 0.02  # subtasks expected to take less run on the socket thread
 FETCH_TIMEOUT_MS = 30_000
 
 
@@ -58,7 +59,7 @@ class ProviderNode:
         self.next_heartbeat = 0.0
         self.shared: SharedFiles | None = None
         self.data_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # content key -> dataset array
-        self.fetch_socket: zmq.Socket | None = None  # compute thread only
+        self.fetch_sockets = threading.local()  # one REQ socket per thread that fetches blobs
         device.fetch = self._fetch_blob
         self.register_at: float | None = None  # when to retry a refused registration
         self.register_backoff = 1.0
@@ -128,6 +129,7 @@ class ProviderNode:
                     pirate.send(self.heartbeat_frames(), now)
                     self.next_heartbeat = now + self.heartbeat_interval
         finally:
+            self._close_fetch_socket()
             self._leave(pirate)
             self.work.put(None)
             worker.join(timeout=5)
@@ -190,8 +192,26 @@ class ProviderNode:
         with self.lock:
             if key in self.in_hand:  # re-sent because an ack was lost: the first copy is enough
                 return
+            idle = not self.in_hand
             self.in_hand.add(key)
+        if idle and self._is_quick(msg):
+            # A few milliseconds of work while the compute thread waits: run it here and save two
+            # thread hand-offs (training steps). Heartbeats wait at most INLINE_SECONDS.
+            acks.send_multipart(self._execute(msg), copy=False)
+            with self.lock:
+                self.in_hand.discard(key)
+            return
         self.work.put(msg)
+
+    def _is_quick(self, msg: protocol.Message) -> bool:
+        cost = msg.get("cost")
+        return isinstance(cost, (int, float)) and cost / (self.gflops * 1e9) < INLINE_SECONDS
+
+    def _close_fetch_socket(self) -> None:
+        sock = getattr(self.fetch_sockets, "socket", None)
+        if sock is not None:
+            sock.close(linger=0)
+            self.fetch_sockets.socket = None
 
     def _key_fields(self, msg: protocol.Message) -> dict[str, Any]:
         return {"job_id": msg["job_id"], "subtask": msg["subtask"], "attempt": msg["attempt"],
@@ -226,20 +246,21 @@ class ProviderNode:
     def _request_blob(self, blob_id: str) -> np.ndarray:
         request = protocol.encode("fetch", {"provider_id": self.provider_id, "blob_id": blob_id})
         for attempt in range(3):
-            if self.fetch_socket is None:
-                self.fetch_socket = self.ctx.socket(zmq.REQ)
-                self.fetch_socket.setsockopt(zmq.LINGER, 0)
-                self.fetch_socket.connect(self.endpoint(self.cfg.registration_port))
-            self.fetch_socket.send_multipart(request)
-            if self.fetch_socket.poll(FETCH_TIMEOUT_MS):
-                msg = protocol.decode(self.fetch_socket.recv_multipart(copy=False))
+            sock = getattr(self.fetch_sockets, "socket", None)
+            if sock is None:
+                sock = self.fetch_sockets.socket = self.ctx.socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.endpoint(self.cfg.registration_port))
+            sock.send_multipart(request)
+            if sock.poll(FETCH_TIMEOUT_MS):
+                msg = protocol.decode(sock.recv_multipart(copy=False))
                 if msg.type == "error":
                     raise TaskError(f"the head refused blob {blob_id}: {msg['message']}")
                 if msg.type != "blob" or len(msg.arrays) != 1:
                     raise TaskError("malformed blob reply")
                 return msg.arrays[0]
-            self.fetch_socket.close(linger=0)  # Lazy Pirate: a stuck REQ is closed and reopened
-            self.fetch_socket = None
+            sock.close(linger=0)  # Lazy Pirate: a stuck REQ is closed and reopened
+            self.fetch_sockets.socket = None
             log.warning("no reply to a blob request (try %d)", attempt + 1)
         raise TaskError(f"could not fetch blob {blob_id} from the head")
 
@@ -255,8 +276,7 @@ class ProviderNode:
                     self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
         finally:
             push.close(linger=2000)
-            if self.fetch_socket is not None:
-                self.fetch_socket.close(linger=0)
+            self._close_fetch_socket()
 
     def _execute(self, msg: protocol.Message) -> list[Any]:
         fields = self._key_fields(msg)
