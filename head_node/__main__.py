@@ -66,6 +66,7 @@ async def serve(cfg) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
 
     def stop(*_: object) -> None:
+        loop.call_soon_threadsafe(head.stopping.set)
         loop.call_soon_threadsafe(setattr, server, "should_exit", True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import gc
 import hmac
 import io
 import json
 import logging
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,25 +54,12 @@ class Ops:
         self.period = period
         self.observer = Observer()
         self.task: asyncio.Task[None] | None = None
-        self._server: Callable[[], Any] | None = None
 
     def exiting(self) -> bool:
-        """True once the head is stopping. uvicorn waits for every open response before it stops,
-        and an event stream never ends by itself, so the streams end themselves then. The uvicorn
-        server serving this app is found once (its ``should_exit`` is what the head sets on SIGTERM)."""
-        if getattr(self.head, "stopping", None) is not None and self.head.stopping.is_set():
-            return True
-        if self._server is None:
-            self._server = lambda: None
-            with contextlib.suppress(ImportError):
-                import uvicorn
-
-                for obj in gc.get_objects():
-                    if isinstance(obj, uvicorn.Server) and getattr(obj.config, "app", None) is self.app:
-                        self._server = weakref.ref(obj)
-                        break
-        server = self._server()
-        return bool(server is not None and server.should_exit)
+        """True once the head is stopping (``Head.stopping``, set on SIGINT/SIGTERM). uvicorn waits
+        for every open response before it stops, and an event stream never ends by itself, so the
+        streams end themselves then."""
+        return self.head.stopping.is_set()
 
     def ensure_sampler(self) -> None:
         """Start the sampler in the running loop, once (again if it ever stopped)."""
