@@ -9,22 +9,12 @@ from typing import Any
 import numpy as np
 
 from .errors import ValidationError
+from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks
 from .tasks import ArrayMeta, Device, SubtaskPlan, TaskType, Worker, register
 
+__all__ = ["MEMORY_FRACTION", "MatMul", "proportional_rows"]
+
 DTYPES = ("float32", "float64")
-#: fraction of a provider's reported memory a subtask may use
-MEMORY_FRACTION = 0.5
-
-
-def proportional_rows(total: int, weights: Sequence[float]) -> list[int]:
-    """Split ``total`` rows in proportion to ``weights`` (largest remainder); every share >= 0."""
-    wsum = float(sum(weights))
-    exact = [total * w / wsum for w in weights]
-    rows = [int(x) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - rows[i], reverse=True)
-    for i in order[: total - sum(rows)]:
-        rows[i] += 1
-    return rows
 
 
 class MatMul(TaskType):
@@ -55,32 +45,15 @@ class MatMul(TaskType):
         m, k = a.shape
         n = b.shape[1]
         item = np.dtype(a.dtype).itemsize
-        workers = list(workers)[: max(1, min(len(workers), m))]
-        shares = proportional_rows(m, [w.gflops for w in workers])
-        plans: list[SubtaskPlan] = []
-        row0 = 0
-        for worker, rows in zip(workers, shares, strict=True):
-            if rows == 0:
-                continue
-            budget = int(worker.memory_bytes * MEMORY_FRACTION) - k * n * item
-            per_row = (k + n) * item
-            if budget < per_row:
-                raise ValidationError(
-                    f"matmul: b ({k}x{n} {a.dtype}) does not fit the memory of provider "
-                    f"{worker.provider_id[:8]} ({worker.memory_bytes} bytes)")
-            chunk = max(1, min(rows, budget // per_row))
-            for start in range(row0, row0 + rows, chunk):
-                count = min(chunk, row0 + rows - start)
-                plans.append(SubtaskPlan(worker.provider_id, {"row0": start, "rows": count},
-                                         cost=2.0 * count * k * n))
-            row0 += rows
-        return plans
+        blocks = row_blocks(m, workers, (k + n) * item, fixed_bytes=k * n * item,
+                            what=f"matmul: b ({k}x{n} {a.dtype}) with a row of a and c")
+        return [SubtaskPlan(w.provider_id, {"row0": r0, "rows": rows}, cost=2.0 * rows * k * n)
+                for w, r0, rows in blocks]
 
     def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         a, b = inputs["a"], inputs["b"]
         item = np.dtype(a.dtype).itemsize
-        need = (sub_params["rows"] * (a.shape[1] + b.shape[1]) + b.shape[0] * b.shape[1]) * item
-        return need <= worker.memory_bytes * MEMORY_FRACTION
+        return fits_rows(worker, sub_params["rows"], (a.shape[1] + b.shape[1]) * item, b.shape[0] * b.shape[1] * item)
 
     def subtask_inputs(self, sub_params: Mapping[str, Any],
                        inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -90,18 +63,11 @@ class MatMul(TaskType):
     def check_result(self, sub_params: Mapping[str, Any], outputs: Mapping[str, ArrayMeta],
                      arrays: Sequence[np.ndarray]) -> None:
         c = outputs["c"]
-        want = (sub_params["rows"], c.shape[1])
-        if len(arrays) != 1:
-            raise ValidationError(f"matmul result must be one array, got {len(arrays)}")
-        got = arrays[0]
-        if got.dtype.name != c.dtype or tuple(got.shape) != want:
-            raise ValidationError(f"matmul result is {got.dtype.name}{list(got.shape)}, "
-                                  f"expected {c.dtype}{list(want)}")
+        check_block("matmul", arrays, c.dtype, (sub_params["rows"], c.shape[1]))
 
     def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
               outputs: Mapping[str, np.ndarray]) -> None:
-        r0, rows = sub_params["row0"], sub_params["rows"]
-        outputs["c"][r0:r0 + rows] = arrays[0]
+        place_rows(outputs["c"], sub_params, arrays[0])
 
     def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
             device: Device) -> list[np.ndarray]:

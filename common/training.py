@@ -19,7 +19,7 @@ import numpy as np
 
 from . import models
 from .errors import NotFound, ValidationError
-from .matmul import proportional_rows
+from .rows import check_block, place_rows, worker_shares
 from .tasks import ArrayMeta, Device, SubtaskPlan, TaskType, Worker, register
 
 OPTIMIZERS = ("sgd", "adam", "adadelta")
@@ -254,15 +254,12 @@ class PredictTask(TaskType):
 
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
               workers: Sequence[Worker]) -> list[SubtaskPlan]:
-        rows = inputs["x"].shape[0]
-        workers = list(workers)[: max(1, min(len(workers), rows))]
         plans, row0 = [], 0
         n_params = inputs["weights"].shape[0]
-        for worker, count in zip(workers, proportional_rows(rows, [w.gflops for w in workers]), strict=True):
-            if count:
-                plans.append(SubtaskPlan(worker.provider_id, {"row0": row0, "rows": count, **dict(params)},
-                                         cost=2.0 * count * n_params))
-                row0 += count
+        for worker, count in worker_shares(inputs["x"].shape[0], workers):
+            plans.append(SubtaskPlan(worker.provider_id, {"row0": row0, "rows": count, **dict(params)},
+                                     cost=2.0 * count * n_params))
+            row0 += count
         return plans
 
     def subtask_inputs(self, sub_params: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -271,13 +268,11 @@ class PredictTask(TaskType):
 
     def check_result(self, sub_params: Mapping[str, Any], outputs: Mapping[str, ArrayMeta],
                      arrays: Sequence[np.ndarray]) -> None:
-        if len(arrays) != 1 or arrays[0].dtype != np.int64 or arrays[0].shape != (sub_params["rows"],):
-            raise ValidationError(f"predict result must be int64 of {sub_params['rows']} predictions")
+        check_block("predict", arrays, "int64", (sub_params["rows"],))
 
     def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
               outputs: Mapping[str, np.ndarray]) -> None:
-        r0, rows = sub_params["row0"], sub_params["rows"]
-        outputs["predictions"][r0:r0 + rows] = arrays[0]
+        place_rows(outputs["predictions"], sub_params, arrays[0])
 
     def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray], device: Device) -> list[np.ndarray]:
         import torch

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 
 from common.errors import ValidationError
-from common.matmul import proportional_rows
+from common.rows import check_block, fits_rows, place_rows, row_blocks
 from common.tasks import ArrayMeta, Device, SubtaskPlan, TaskType, Worker, register
 
 #: the statistics a job may ask for, in no particular order
 STATS = ("mean", "std", "min", "max", "norm")
 DTYPES = ("float32", "float64")
-#: fraction of a provider's reported memory one subtask may use
-MEMORY_FRACTION = 0.5
 #: floating-point operations per element, per statistic (for the scheduler's cost estimates)
 FLOPS_PER_ELEMENT = {"mean": 1.0, "std": 3.0, "min": 1.0, "max": 1.0, "norm": 2.0}
 _PARAMS = frozenset({"stats"})
@@ -127,30 +125,13 @@ class RowStats(TaskType):
         x = inputs["x"]
         m, n = x.shape
         stats = list(params["stats"])
-        workers = list(workers)[: max(1, min(len(workers), m))]
-        shares = proportional_rows(m, [w.gflops for w in workers])
-        per_row = self._row_bytes(x, len(stats))
-        plans: list[SubtaskPlan] = []
-        row0 = 0
-        for worker, rows in zip(workers, shares, strict=True):
-            if rows == 0:
-                continue
-            budget = int(worker.memory_bytes * MEMORY_FRACTION)
-            if budget < per_row:
-                raise ValidationError(f"rowstats: one row of x ({n} {x.dtype}) does not fit the memory of "
-                                      f"provider {worker.provider_id[:8]} ({worker.memory_bytes} bytes)")
-            chunk = min(rows, budget // per_row)
-            for start in range(row0, row0 + rows, chunk):
-                count = min(chunk, row0 + rows - start)
-                plans.append(SubtaskPlan(worker.provider_id, {"row0": start, "rows": count, "stats": stats},
-                                         cost=self._cost(count, n, stats)))
-            row0 += rows
-        return plans
+        blocks = row_blocks(m, workers, self._row_bytes(x, len(stats)), what=f"rowstats: one row of x ({n} {x.dtype})")
+        return [SubtaskPlan(w.provider_id, {"row0": r0, "rows": rows, "stats": stats}, cost=self._cost(rows, n, stats))
+                for w, r0, rows in blocks]
 
     def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         """Whether a re-assigned subtask fits ``worker`` (the same budget as ``split``)."""
-        need = sub_params["rows"] * self._row_bytes(inputs["x"], len(sub_params["stats"]))
-        return need <= worker.memory_bytes * MEMORY_FRACTION
+        return fits_rows(worker, sub_params["rows"], self._row_bytes(inputs["x"], len(sub_params["stats"])))
 
     def subtask_inputs(self, sub_params: Mapping[str, Any],
                        inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -161,19 +142,12 @@ class RowStats(TaskType):
     def check_result(self, sub_params: Mapping[str, Any], outputs: Mapping[str, ArrayMeta],
                      arrays: Sequence[np.ndarray]) -> None:
         """One float64 array of shape ``(rows, len(stats))``, or ValidationError."""
-        if len(arrays) != 1:
-            raise ValidationError(f"rowstats result must be one array, got {len(arrays)}")
-        want = (sub_params["rows"], outputs["stats"].shape[1])
-        got = arrays[0]
-        if got.dtype.name != "float64" or tuple(got.shape) != want:
-            raise ValidationError(f"rowstats result is {got.dtype.name}{list(got.shape)}, "
-                                  f"expected float64{list(want)}")
+        check_block("rowstats", arrays, "float64", (sub_params["rows"], outputs["stats"].shape[1]))
 
     def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
               outputs: Mapping[str, np.ndarray]) -> None:
         """Place the subtask's rows at their offset in the job's output."""
-        r0, rows = sub_params["row0"], sub_params["rows"]
-        outputs["stats"][r0:r0 + rows] = arrays[0]
+        place_rows(outputs["stats"], sub_params, arrays[0])
 
     # ---- provider side ---------------------------------------------------------------------
     def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],

@@ -34,7 +34,7 @@ import numpy as np
 
 from common import models
 from common.errors import ValidationError
-from common.matmul import proportional_rows
+from common.rows import worker_shares
 from common.tasks import SubtaskPlan, Worker
 from common.training import train_params
 
@@ -171,9 +171,7 @@ class Trainer:
 
     # ---- sync ---------------------------------------------------------------------------------
     def _shards(self, workers: Sequence[Worker], count: int) -> list[tuple[Worker, int]]:
-        workers = list(workers)[: max(1, min(len(workers), count))]
-        return [(w, n) for w, n in zip(workers, proportional_rows(count, [w.gflops for w in workers]), strict=True)
-                if n]
+        return worker_shares(count, workers)
 
     def _base(self, kind: str, round_id: int, shard: int, data: str) -> dict[str, Any]:
         xs, ys = ("x", "y") if data == "train" else ("x_test", "y_test")

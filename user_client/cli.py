@@ -16,8 +16,11 @@ import numpy as np
 
 from common import config
 from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError
+from common.training import TRAIN_DEFAULTS
 
 from .client import TERMINAL, Client, load_npy
+
+TRAIN = TRAIN_DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,27 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--check", action="store_true", help="compare the result with numpy locally")
 
     t = kinds.add_parser("train", help="data-parallel training of a registry model")
-    t.add_argument("--model", default="cnn", help="logreg, mlp, cnn or a plugin model")
+    t.add_argument("--model", default=TRAIN["model"], help="logreg, mlp, cnn or a plugin model")
     t.add_argument("--model-args", default="{}", help="model arguments as JSON, e.g. '{\"hidden\": [64]}'")
     t.add_argument("--dataset", default="digits", help="digits or synthetic")
     t.add_argument("--dataset-file", help="a .npz with X, y (and optionally X_test, y_test)")
     t.add_argument("--synthetic-size", type=int, default=2000)
     t.add_argument("--synthetic-features", type=int, default=20)
     t.add_argument("--synthetic-classes", type=int, default=4)
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--optimizer", default="sgd", help="sgd, adam or adadelta")
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--momentum", type=float, default=0.0)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--schedule", default="none", help="none, step (x gamma every --lr-step epochs) or cosine")
-    t.add_argument("--lr-step", type=int, default=10)
-    t.add_argument("--gamma", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--sync", default="sync", help="sync (default), async or local-sgd")
-    t.add_argument("--max-staleness", type=int, default=2)
-    t.add_argument("--local-steps", type=int, default=4)
-    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--epochs", type=int, default=TRAIN["epochs"])
+    t.add_argument("--batch-size", type=int, default=TRAIN["batch_size"])
+    t.add_argument("--optimizer", default=TRAIN["optimizer"], help="sgd, adam or adadelta")
+    t.add_argument("--lr", type=float, default=TRAIN["lr"])
+    t.add_argument("--momentum", type=float, default=TRAIN["momentum"])
+    t.add_argument("--weight-decay", type=float, default=TRAIN["weight_decay"])
+    t.add_argument("--schedule", default=TRAIN["schedule"],
+                   help="none, step (lr x gamma every --lr-step epochs) or cosine")
+    t.add_argument("--lr-step", type=int, default=TRAIN["lr_step"])
+    t.add_argument("--gamma", type=float, default=TRAIN["gamma"])
+    t.add_argument("--seed", type=int, default=TRAIN["seed"])
+    t.add_argument("--sync", default=TRAIN["sync"], help="sync (default), async or local-sgd")
+    t.add_argument("--max-staleness", type=int, default=TRAIN["max_staleness"])
+    t.add_argument("--local-steps", type=int, default=TRAIN["local_steps"])
+    t.add_argument("--checkpoint-every", type=int, default=TRAIN["checkpoint_every"])
     t.add_argument("--nodes", type=int)
     t.add_argument("-o", "--output", default="model.pt", help="model file; its metadata goes beside it (.json)")
     t.add_argument("--no-wait", action="store_true")

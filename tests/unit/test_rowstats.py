@@ -9,8 +9,9 @@ import pytest
 
 from common import tasks
 from common.errors import ValidationError
+from common.rows import MEMORY_FRACTION
 from common.tasks import ArrayMeta, TaskType, Worker
-from examples.rowstats import MEMORY_FRACTION, STATS, TASK, RowStats, row_stats
+from examples.rowstats import STATS, TASK, RowStats, row_stats
 
 GiB = 1024**3
 ALL = list(STATS)

@@ -1,0 +1,70 @@
+"""Row splitting shared by the task types that cut their work by rows (matmul, predict, training
+batches, the rowstats example): shares in proportion to speed, cut to fit memory, checked and merged
+by row offset."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import ValidationError
+from .tasks import Worker
+
+#: fraction of a provider's reported memory one subtask may use
+MEMORY_FRACTION = 0.5
+
+
+def proportional_rows(total: int, weights: Sequence[float]) -> list[int]:
+    """Split ``total`` rows in proportion to ``weights`` (largest remainder); every share >= 0."""
+    wsum = float(sum(weights))
+    exact = [total * w / wsum for w in weights]
+    rows = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - rows[i], reverse=True)
+    for i in order[: total - sum(rows)]:
+        rows[i] += 1
+    return rows
+
+
+def worker_shares(count: int, workers: Sequence[Worker]) -> list[tuple[Worker, int]]:
+    """(worker, rows) for the workers that get a non-empty share of ``count`` rows, by speed."""
+    workers = list(workers)[: max(1, min(len(workers), count))]
+    shares = proportional_rows(count, [w.gflops for w in workers])
+    return [(w, n) for w, n in zip(workers, shares, strict=True) if n]
+
+
+def row_blocks(count: int, workers: Sequence[Worker], bytes_per_row: int, fixed_bytes: int = 0,
+               what: str = "a row") -> list[tuple[Worker, int, int]]:
+    """(worker, first row, rows): shares by speed, each cut into blocks that fit half the worker's
+    memory beside ``fixed_bytes`` (data every block needs, e.g. matmul's B)."""
+    blocks = []
+    row0 = 0
+    for worker, rows in worker_shares(count, workers):
+        budget = int(worker.memory_bytes * MEMORY_FRACTION) - fixed_bytes
+        if budget < bytes_per_row:
+            raise ValidationError(f"{what} does not fit the memory of provider {worker.provider_id[:8]} "
+                                  f"({worker.memory_bytes} bytes)")
+        chunk = max(1, min(rows, budget // bytes_per_row))
+        for start in range(row0, row0 + rows, chunk):
+            blocks.append((worker, start, min(chunk, row0 + rows - start)))
+        row0 += rows
+    return blocks
+
+
+def fits_rows(worker: Worker, rows: int, bytes_per_row: int, fixed_bytes: int = 0) -> bool:
+    return rows * bytes_per_row + fixed_bytes <= worker.memory_bytes * MEMORY_FRACTION
+
+
+def check_block(task: str, arrays: Sequence[np.ndarray], dtype: str, shape: tuple[int, ...]) -> None:
+    """Raise ValidationError unless ``arrays`` is exactly one array of this dtype and shape."""
+    if len(arrays) != 1:
+        raise ValidationError(f"{task} result must be one array, got {len(arrays)}")
+    got = arrays[0]
+    if got.dtype.name != dtype or tuple(got.shape) != tuple(shape):
+        raise ValidationError(f"{task} result is {got.dtype.name}{list(got.shape)}, expected {dtype}{list(shape)}")
+
+
+def place_rows(out: np.ndarray, sub_params: Mapping[str, Any], block: np.ndarray) -> None:
+    r0, rows = sub_params["row0"], sub_params["rows"]
+    out[r0:r0 + rows] = block
