@@ -388,7 +388,8 @@ class Head:
             elif outcome == "done" and act is not None:
                 self.blobs.commit_outputs(job.job_id, act.outputs, self.epoch, self.cfg.fsync,
                                           copy=bool(act.by_reference))
-        except OSError as exc:
+        except Exception as exc:  # disk full, a plugin's bug...: the job fails visibly, the head goes on
+            log.exception("could not store the result", extra={"job_id": job.job_id})
             job.state, job.error, outcome = st.JobState.FAILED, f"could not store result: {exc}", "failed"
         self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at,
                           error=job.error, stats=stats)
@@ -515,9 +516,6 @@ class Head:
             self.state.acked(pid, *key, now)
             return
         act = self.active.get(key[0])
-        if act is not None and msg.type in ("result", "failed"):
-            sent_by_reference = (key[1], key[2]) in act.by_reference
-            act.by_reference.discard((key[1], key[2]))
         if msg.type == "failed":
             log.warning("subtask failed on provider: %s", msg["error"], extra=ctx)
             self._run(self.state.failed(pid, *key, msg["error"][:500], msg["retryable"], now))
@@ -531,7 +529,7 @@ class Head:
         in_place = bool(msg.get("in_place"))
         try:
             if in_place:
-                if not sent_by_reference or msg.arrays:
+                if (key[1], key[2]) not in act.by_reference or msg.arrays:
                     raise ValidationError("in-place result for a subtask that was not sent by reference")
             else:
                 task.check_result(job.subtasks[key[1]].params, job.outputs, msg.arrays)
@@ -542,6 +540,8 @@ class Head:
         if not self.state.result(pid, *key, now, elapsed=float(msg["elapsed_s"])):
             log.info("ignored late or duplicate result", extra=ctx)
             return
+        # this attempt is over; attempts still out by reference make the commit copy the output file
+        act.by_reference.discard((key[1], key[2]))
         if act.trainer is not None:
             try:
                 act.trainer.merge(job.subtasks[key[1]].params, msg.arrays)
