@@ -338,6 +338,14 @@ class Head:
                 self._close_job(self.state.jobs[action.job_id], "done")
             elif isinstance(action, st.JobFailed):
                 self._close_job(self.state.jobs[action.job_id], "failed")
+            elif isinstance(action, st.Straggler):
+                log.warning("straggler: subtask running %.1fs%s", action.seconds,
+                            f"; speculative copy on {action.copied_to[:8]}" if action.copied_to else "",
+                            extra={"job_id": action.job_id, "subtask": action.subtask,
+                                   "provider_id": action.provider_id})
+                self.events.emit("straggler", job_id=action.job_id, subtask=action.subtask,
+                                 provider_id=action.provider_id, seconds=action.seconds,
+                                 copied_to=action.copied_to)
             elif isinstance(action, st.ProviderLost):
                 log.warning("provider lost; %d subtasks re-queued", action.requeued,
                             extra={"provider_id": action.provider_id})

@@ -130,6 +130,9 @@ class Subtask:
     done_by: str | None = None
     tried: list[str] = field(default_factory=list)  # provider of attempt k is tried[k - 1]
     strikes: int = 0  # failures, missed acks and missed deadlines (provider deaths do not count)
+    acked_at: float = 0.0
+    straggle_at: float = 0.0  # running past this, it is a straggler: flagged once, copied elsewhere
+    straggling: bool = False
 
 
 class Planner(Protocol):
@@ -214,12 +217,21 @@ class JobFailed:
 
 
 @dataclass(frozen=True)
+class Straggler:
+    job_id: str
+    subtask: int
+    provider_id: str
+    seconds: float
+    copied_to: str | None  # the provider running a speculative copy, if one was free
+
+
+@dataclass(frozen=True)
 class ProviderLost:
     provider_id: str
     requeued: int
 
 
-Action = Dispatch | JobStarted | JobFinished | JobFailed | ProviderLost
+Action = Dispatch | JobStarted | JobFinished | JobFailed | ProviderLost | Straggler
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,8 @@ class Timing:
     min_deadline: float = 60.0
     deadline_factor: float = 10.0
     max_attempts: int = 5
+    straggler_factor: float = 3.0  # running 3x longer than its provider's queue predicts...
+    straggler_min: float = 2.0  # ...and at least this many seconds: a straggler
 
     @property
     def dead_after(self) -> float:
@@ -245,7 +259,7 @@ class ClusterState:
         self.subscribed_topics: set[str] = set()
         self.counters: dict[str, int] = {
             "subtasks_dispatched": 0, "subtasks_completed": 0, "subtasks_failed": 0,
-            "subtasks_retried": 0, "results_ignored": 0, "providers_lost": 0,
+            "subtasks_retried": 0, "subtasks_speculative": 0, "results_ignored": 0, "providers_lost": 0,
         }
 
     # ---- providers ---------------------------------------------------------------------
@@ -378,6 +392,8 @@ class ClusterState:
             # the provider's load includes this subtask and everything queued before it
             load = prov.load(self.jobs) if prov else 0.0
             sub.deadline = now + max(self.timing.min_deadline, self.timing.deadline_factor * load)
+            sub.acked_at = now
+            sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
 
     def result(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
                now: float, elapsed: float = 0.0) -> bool:
@@ -386,8 +402,9 @@ class ClusterState:
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
             return False
-        if sub.provider_id and sub.provider_id in self.providers:
-            self.providers[sub.provider_id].assigned.discard((job_id, index))
+        for pid in set(sub.tried):  # a speculative copy may be out on another provider
+            if pid in self.providers:
+                self.providers[pid].assigned.discard((job_id, index))
         sub.state = SubState.DONE
         self.jobs[job_id].done_count += 1
         sub.done_by = provider_id
@@ -478,7 +495,26 @@ class ClusterState:
                     actions += self._strike(job, sub, now, "not acknowledged in time")
                 elif sub.state is SubState.RUNNING and now > sub.deadline:
                     actions += self._strike(job, sub, now, "deadline passed")
+                elif sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at:
+                    actions += self._straggler(job, sub, now)
         return actions + self.schedule(now)
+
+    def _straggler(self, job: Job, sub: Subtask, now: float) -> list[Action]:
+        """Flag a straggler once and run a speculative copy on an idle provider, if there is one;
+        the first result of either attempt is taken, the other is ignored."""
+        sub.straggling = True
+        slow = sub.provider_id or ""
+        workers, _ = self.eligible_workers(job)
+        task = tasks.get(job.task_type)
+        idle = [w for w in workers if w.provider_id != slow and not self.providers[w.provider_id].assigned
+                and task.fits(w, sub.params, job.inputs)]
+        actions: list[Action] = []
+        copy_to = None
+        if idle:
+            copy_to = max(idle, key=lambda w: w.gflops).provider_id
+            self.counters["subtasks_speculative"] += 1
+            actions.append(self._send(job, sub, copy_to, now))
+        return [Straggler(job.job_id, sub.index, slow, round(now - sub.acked_at, 3), copy_to), *actions]
 
     def _release(self, job: Job, sub: Subtask) -> None:
         if sub.provider_id in self.providers:

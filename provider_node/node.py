@@ -204,6 +204,8 @@ class ProviderNode:
         self.work.put(msg)
 
     def _is_quick(self, msg: protocol.Message) -> bool:
+        if self.cfg.delay:  # a simulated slow device must not hold up heartbeats
+            return False
         cost = msg.get("cost")
         return isinstance(cost, (int, float)) and cost / (self.gflops * 1e9) < INLINE_SECONDS
 

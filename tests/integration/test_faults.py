@@ -146,3 +146,21 @@ def test_garbage_on_zmq_sockets_does_not_hurt(cluster_fresh: LocalCluster) -> No
 def cluster_fresh():
     with LocalCluster(2, heartbeat=0.5, threads=1) as cl:
         yield cl
+
+
+def test_straggler_is_copied_to_an_idle_provider_and_alerted() -> None:
+    with LocalCluster(0, heartbeat=0.5, threads=1) as cl, Client(cl.url) as c:
+        cl.add_provider()
+        cl.add_provider("--delay", "6")  # a straggler: sleeps 6 s before each subtask
+        cl.wait_ready(2)
+        a, b = _operands(200)
+        t0 = time.monotonic()
+        job = c.submit_matmul(a, b)
+        c.wait(job, timeout=60)
+        took = time.monotonic() - t0
+        np.testing.assert_allclose(c.result(job), a @ b, rtol=1e-10, atol=1e-10)
+        assert took < 5.5, f"took {took:.1f}s: the straggler's share was not run elsewhere"
+        events = c._request("GET", f"/v1/jobs/{job}/events").json()
+        stragglers = [e for e in events if e["kind"] == "straggler"]
+        assert len(stragglers) == 1 and stragglers[0]["copied_to"]
+        assert c.status(job)["shares"] == {"local-0": 1.0}
