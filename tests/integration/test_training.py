@@ -190,3 +190,15 @@ def test_npz_without_x_is_refused_by_the_cli(cluster2, tmp_path) -> None:
     np.savez(tmp_path / "bad.npz", y=np.zeros(10, dtype=np.int64))
     out = run_cli("submit", "train", "--dataset-file", str(tmp_path / "bad.npz"), url=cluster2.url)
     assert out.returncode == 2 and "'X' and 'y'" in out.stderr
+
+
+def test_user_model_plugin(tmp_path) -> None:
+    plugin = ["--plugins", "examples.tiny_model"]
+    with LocalCluster(2, heartbeat=0.5, threads=1, head_args=plugin, provider_args=plugin) as cl, \
+            Client(cl.url) as c:
+        meta = c.train(DIGITS, tmp_path / "tiny.pt", timeout=300, epochs=3, model="tiny",
+                       model_args={"width": 48}, optimizer="adam", lr=0.01, seed=1)
+    assert meta["model"] == "tiny" and meta["model_args"] == {"width": 48}
+    assert meta["metrics"]["test_accuracy"] > 0.85
+    state = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    assert state["1.weight"].shape == (48, 64)
