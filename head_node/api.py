@@ -6,16 +6,18 @@ Errors are JSON ``{"error": {"code": ..., "message": ...}}`` with a 4xx status.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from typing import Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import __version__, tasks
-from common.errors import DcfError, Unauthorized
+from common.errors import DcfError, TooLarge, Unauthorized
 
 from .server import Head
 
@@ -28,6 +30,33 @@ class JobSpec(BaseModel):
     inputs: dict[str, str] = Field(default_factory=dict, description="input name -> blob id")
     params: dict[str, Any] = Field(default_factory=dict)
     nodes: int | None = Field(default=None, ge=1, le=100_000, description="at most this many providers")
+
+    @field_validator("params")
+    @classmethod
+    def small_and_shallow(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Params are stored and echoed with the job: keep them small and shallow."""
+        if _depth(params) > MAX_PARAMS_DEPTH:
+            raise ValueError(f"params nest deeper than {MAX_PARAMS_DEPTH} levels")
+        if len(json.dumps(params)) > MAX_PARAMS_BYTES:
+            raise ValueError(f"params exceed {MAX_PARAMS_BYTES} bytes as JSON")
+        return params
+
+
+MAX_PARAMS_DEPTH = 32
+MAX_PARAMS_BYTES = 64 * 1024
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of JSON-like data, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
 
 
 class Adopt(BaseModel):
@@ -58,6 +87,13 @@ def create_app(head: Head) -> FastAPI:
         log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.http_status, exc.code,
                  exc.message)
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes, wrong methods, unreadable bodies: the same error format as the rest."""
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "bad_request")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,8 +126,7 @@ def create_app(head: Head) -> FastAPI:
         """Upload one array as the raw bytes of a .npy file (C order, float32 or float64)."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > head.cfg.max_upload_bytes:
-            raise DcfError(f"upload of {declared} bytes exceeds {head.cfg.max_upload_bytes}",
-                           code="too_large")
+            raise TooLarge(f"upload of {declared} bytes exceeds {head.cfg.max_upload_bytes}")
         writer = head.blobs.writer(head.cfg.max_upload_bytes)
         try:
             async for chunk in request.stream():
@@ -141,7 +176,9 @@ def create_app(head: Head) -> FastAPI:
     async def delete(job_id: str) -> None:
         await head.delete(job_id)
 
-    @app.get("/v1/jobs/{job_id}/result", dependencies=guarded)
+    @app.get("/v1/jobs/{job_id}/result", dependencies=guarded, response_class=FileResponse,
+             responses={200: {"content": {"application/octet-stream": {}},
+                              "description": "the output as a .npy file, or a named output file"}})
     async def result(job_id: str, name: str | None = Query(None, max_length=64)) -> FileResponse:
         path = head.result_path(job_id, name)
         return BigFileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{path.name}")

@@ -84,20 +84,21 @@ class Head:
         self._tasks: list[asyncio.Task[Any]] = []
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def _bind(self, kind: int, port: int) -> zmq.asyncio.Socket:
+    def _bind(self, kind: int, port: int, max_msg: int = protocol.DEFAULT_MAX_MESSAGE_BYTES) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.DEFAULT_MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg)  # before bind: libzmq applies it to new connections
         sock.bind(f"tcp://{self.cfg.host}:{port}")
         return sock
 
     async def start(self) -> None:
-        self.router = self._bind(zmq.ROUTER, self.cfg.registration_port)
+        self.router = self._bind(zmq.ROUTER, self.cfg.registration_port, max_msg=1 << 20)
         self.router.copy_threshold = COPY_THRESHOLD
-        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
         self.xpub = self.ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.LINGER, 0)
-        self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # VERBOSE: every subscribe comes up, an unsubscribe only when the topic's last subscriber
+        # leaves (VERBOSER would let any subscriber's unsubscribe mark a provider not ready)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
         self.xpub.copy_threshold = COPY_THRESHOLD
         self.xpub.bind(f"tcp://{self.cfg.host}:{self.cfg.task_port}")
@@ -419,7 +420,8 @@ class Head:
             frames = await self.router.recv_multipart(copy=False)
             if len(frames) < 3 or frames[1].bytes != b"":
                 self.counters["bad_messages"] += 1
-                log.warning("dropped a registration message without a REQ envelope")
+                log.warning("dropped a registration message without a REQ envelope",
+                            extra={"peer": frames[0].bytes.hex()[:16]})
                 continue
             envelope = [frames[0].bytes, b""]
             peer = frames[0].bytes.hex()[:16]
@@ -525,7 +527,7 @@ class Head:
             return
         act = self.active.get(key[0])
         if msg.type == "failed":
-            log.warning("subtask failed on provider: %s", msg["error"], extra=ctx)
+            log.warning("subtask failed on provider: %.300s", msg["error"], extra=ctx)
             self._run(self.state.failed(pid, *key, msg["error"][:500], msg["retryable"], now))
             return
         job = self.state.jobs.get(key[0])
