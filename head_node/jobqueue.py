@@ -173,7 +173,7 @@ class AmqpQueue:
         body = json.dumps(event.to_dict(), default=str).encode()
         message = aio_pika.Message(body, content_type="application/json", type=event.kind,
                                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
-        task = asyncio.ensure_future(self.exchange.publish(message, routing_key=event.kind))
+        task = asyncio.ensure_future(self.exchange.publish(message, routing_key=event.kind, mandatory=False))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception never retrieved"
 
     async def publish(self, record: dict[str, Any]) -> None:
