@@ -90,6 +90,10 @@ HEAD_OPTIONS = [
            "before reporting it done, and every job-store commit (off: files and commits reach the OS "
            "before any acknowledgement, which survives any crash of the head process)"),
     Option("api_token", str, "", "bearer token the REST API requires (empty: none)"),
+    Option("curve_secret_key", str, "", "this program's CURVE secret key file (`NAME.key_secret` from `dcf keys "
+           "generate`); with it, all ZeroMQ traffic is encrypted and authenticated (empty: CURVE off)"),
+    Option("curve_allow", str, "", "head: directory of allowed provider public keys (`*.key`), re-read when "
+           "it changes; required with --curve-secret-key"),
 ]
 
 PROVIDER_OPTIONS = [
@@ -103,6 +107,9 @@ PROVIDER_OPTIONS = [
            _positive, "> 0"),
     Option("shared_files", str, "auto", "auto: on the head's machine, exchange arrays as files in the head's "
            "state dir instead of over sockets/HTTP; off: always send them", choices=("auto", "off")),
+    next(o for o in HEAD_OPTIONS if o.name == "curve_secret_key"),
+    Option("curve_server_key", str, "", "provider: the head's CURVE public key file (`head.key`); required "
+           "with --curve-secret-key"),
     Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask",
            lambda v: math.isfinite(v) and v >= 0, ">= 0"),
 ]

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from common import config, tasks
+from common import config, security, tasks
 from common.errors import ConfigError
 from common.logs import setup_logging
 
@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ports = {cfg.http_port, cfg.registration_port, cfg.task_port, cfg.result_port}
         if len(ports) != 4:
             raise ConfigError("the HTTP, registration, task and result ports must all differ")
+        security.server_keys(cfg)  # key files readable and well-formed before anything starts
     except ConfigError as exc:
         print(f"dcf-head: {exc.message}", file=sys.stderr)
         return 2

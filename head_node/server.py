@@ -23,8 +23,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from common import layout, protocol, tasks
-from common.errors import Conflict, DcfError, NotFound, ProtocolError, ValidationError
+from common import layout, protocol, security, tasks
+from common.errors import Conflict, DcfError, NotFound, ProtocolError, Unauthorized, ValidationError
 from common.protocol import check_id
 from common.tasks import ArrayMeta
 
@@ -76,6 +76,10 @@ class Head:
             self.events.sinks.append(self.queue.publish_event)
         self.waiters: dict[str, asyncio.Event] = {}
         self.ctx = zmq.asyncio.Context()
+        self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
+        self.zap: Any = None
+        #: with CURVE: provider id -> the public key it registered with; its later messages must carry it
+        self.provider_keys: dict[str, str] = {}
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self.counters = {"bytes_out": 0, "bytes_in": 0, "bad_messages": 0}
@@ -88,10 +92,12 @@ class Head:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg)  # before bind: libzmq applies it to new connections
+        security.secure_server(sock, self.keys)
         sock.bind(f"tcp://{self.cfg.host}:{port}")
         return sock
 
     async def start(self) -> None:
+        self._start_security()
         self.router = self._bind(zmq.ROUTER, self.cfg.registration_port, max_msg=1 << 20)
         self.router.copy_threshold = COPY_THRESHOLD
         self.xpub = self.ctx.socket(zmq.XPUB)
@@ -101,6 +107,7 @@ class Head:
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
         self.xpub.copy_threshold = COPY_THRESHOLD
+        security.secure_server(self.xpub, self.keys)
         self.xpub.bind(f"tcp://{self.cfg.host}:{self.cfg.task_port}")
         self.pull = self._bind(zmq.PULL, self.cfg.result_port)
         self.pull.setsockopt(zmq.RCVHWM, 100_000)
@@ -112,11 +119,27 @@ class Head:
                  self.epoch[:8], self.cfg.registration_port, self.cfg.task_port, self.cfg.result_port,
                  self.queue.name, self.root)
 
+    def _start_security(self) -> None:
+        """With CURVE keys: the ZAP handler is bound before any socket, so no handshake skips it."""
+        if self.keys is None:
+            if self.cfg.host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("ZeroMQ ports on %s are open to anyone who can reach them: CURVE is off (see "
+                            "`dcf keys generate`, --curve-secret-key, --curve-allow)", self.cfg.host)
+            return
+        from .zap import ZapHandler
+
+        self.zap = ZapHandler(self.ctx, self.keys.allow_dir)
+        self.zap.start()
+        log.info("CURVE on: ZeroMQ traffic encrypted; providers allowed from %s (%d keys)",
+                 self.keys.allow_dir, len(self.zap.allow.keys))
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.queue.close()
+        if self.zap is not None:
+            self.zap.stop()
         self.ctx.destroy(linger=0)
         self.store.close()
 
@@ -277,7 +300,8 @@ class Head:
         return {
             "time": now, "epoch": self.epoch, "uptime_s": now - self.started_at, "queue": self.queue.name,
             "nodes": self.state.provider_rows(now), "jobs": live,
-            "counters": {**self.state.counters, **self.counters},
+            "counters": {**self.state.counters, **self.counters,
+                         **({"curve_refused": self.zap.denied} if self.zap is not None else {})},
             "finished": list(self.finished),
         }
 
@@ -415,9 +439,23 @@ class Head:
             event.set()
 
     # ---- sockets --------------------------------------------------------------------------
+    @staticmethod
+    async def _recv(sock: zmq.asyncio.Socket) -> list[zmq.Frame] | None:
+        """The next message, or None after a receive error: a socket loop must never die of one."""
+        try:
+            return await sock.recv_multipart(copy=False)
+        except zmq.Again:  # readable without a message (seen right after CURVE handshakes): wait again
+            return None
+        except zmq.ZMQError as exc:
+            log.error("receive failed on a head socket: %s", exc)
+            await asyncio.sleep(0.1)
+            return None
+
     async def _router_loop(self) -> None:
         while True:
-            frames = await self.router.recv_multipart(copy=False)
+            frames = await self._recv(self.router)
+            if frames is None:
+                continue
             if len(frames) < 3 or frames[1].bytes != b"":
                 self.counters["bad_messages"] += 1
                 log.warning("dropped a registration message without a REQ envelope",
@@ -427,6 +465,7 @@ class Head:
             peer = frames[0].bytes.hex()[:16]
             try:
                 msg = protocol.decode(frames[2:], max_bytes=0, expect=PROVIDER_TYPES)
+                self._check_key(msg, frames[2], register=msg.type == "register")
                 reply = self._on_provider_request(msg)
             except DcfError as exc:
                 self.counters["bad_messages"] += 1
@@ -435,7 +474,28 @@ class Head:
             except Exception as exc:  # never let one message stop the loop
                 log.exception("error handling a provider request", extra={"peer": peer})
                 reply = protocol.error_frames("internal", f"{type(exc).__name__}")
-            await self.router.send_multipart(envelope + reply, copy=False)
+            try:
+                await self.router.send_multipart(envelope + reply, copy=False)
+            except zmq.ZMQError as exc:  # the provider's Lazy Pirate asks again
+                log.warning("could not reply to a provider: %s", exc, extra={"peer": peer})
+
+    def _check_key(self, msg: protocol.Message, frame: zmq.Frame, register: bool = False) -> None:
+        """With CURVE, a provider id belongs to the key it first registered with: another allowed
+        key cannot heartbeat, unregister or send results in its name."""
+        if self.keys is None:
+            return
+        key = _user_id(frame)
+        pid = check_id(msg["provider_id"], "provider_id")
+        owner = self.provider_keys.get(pid)
+        if owner is None and register and key:
+            if len(self.provider_keys) > 100_000:  # bounded: ids of long-gone providers are dropped
+                self.provider_keys.clear()
+            self.provider_keys[pid] = key
+            return
+        if owner is None:
+            raise DcfError("register again", code="unknown_provider")
+        if owner != key:
+            raise Unauthorized(f"provider {pid[:8]} is not registered with this CURVE key")
 
     def _on_provider_request(self, msg: protocol.Message) -> list[Any]:
         now = time.time()
@@ -489,9 +549,11 @@ class Head:
 
     async def _xpub_loop(self) -> None:
         while True:
-            frame = await self.xpub.recv()
+            frames = await self._recv(self.xpub)
+            if not frames:
+                continue
             try:
-                self._on_subscription(frame)
+                self._on_subscription(frames[0].bytes)
             except Exception:
                 log.exception("error handling a subscription")
 
@@ -507,9 +569,12 @@ class Head:
 
     async def _pull_loop(self) -> None:
         while True:
-            frames = await self.pull.recv_multipart(copy=False)
+            frames = await self._recv(self.pull)
+            if frames is None:
+                continue
             try:
                 msg = protocol.decode(frames, expect=RESULT_TYPES)
+                self._check_key(msg, frames[0])
                 self._on_result(msg)
             except DcfError as exc:
                 self.counters["bad_messages"] += 1
@@ -590,6 +655,14 @@ class Head:
                 self._run(self.state.tick(time.time()))
             except Exception:
                 log.exception("error in the scheduler tick")
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The CURVE public key (Z85) the ZAP handler gave this message's connection; "" if none."""
+    try:
+        return str(frame.get("User-Id") or "")
+    except (zmq.ZMQError, AttributeError):
+        return ""
 
 
 def _is_id(value: str) -> bool:

@@ -11,11 +11,21 @@ Reliability rules held here:
   * a subtask not finished by its deadline, or whose provider died, goes to another;
   * a result is accepted once per subtask, only for an attempt that was issued in this
     head epoch; later or duplicate results are ignored (idempotent).
+
+Speed learning: each accepted result of a big enough subtask refines its provider's throughput
+for that task type (the registered benchmark is the prior), and later splits, provider choices
+and deadlines use it. The time learned from is the *service time the head observes*, not only
+the compute time the provider reports (``elapsed_s``): from when the head sent that attempt, or,
+if the provider was still busy then, from when the head heard it finish its previous subtask
+(a provider runs its subtasks one at a time, in the order sent), until the result was received.
+It includes sending the operands and receiving the result, so a provider behind a slow link gets
+a smaller share of later jobs; subtasks queued behind each other are not charged for the wait.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +40,23 @@ MEASURABLE_FLOPS = 2e8
 SPEED_WEIGHT = 0.5
 #: bounds of a believable throughput (a bogus elapsed_s must not break the splits)
 MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e7
+
+
+def service_seconds(reported: float, sent_at: float, free_at: float, now: float) -> float:
+    """Seconds one subtask cost its provider, as the head saw it: from ``sent_at`` (when the head
+    sent this attempt) or ``free_at`` (when it last heard the provider finish a subtask), whichever
+    is later, to ``now`` (when the result arrived); transfers included, queueing behind earlier
+    subtasks not. Never less than the compute time the provider ``reported``, which in turn may not
+    exceed the time since the attempt was sent (a bogus ``elapsed_s`` is capped by the head's own
+    clock). 0 when nothing believable is known (the caller then learns nothing)."""
+    reported = reported if math.isfinite(reported) and reported > 0 else 0.0
+    window = now - sent_at
+    if not (math.isfinite(window) and window > 0):  # the clock stepped back: trust the provider alone
+        return reported
+    observed = now - max(sent_at, free_at)
+    if not (math.isfinite(observed) and observed > 0):
+        observed = 0.0
+    return max(min(reported, window), observed)
 
 
 class JobState(str, enum.Enum):
@@ -85,6 +112,9 @@ class Provider:
     queued_on_provider: int = 0
     #: throughput learned from finished subtasks, per task type (the benchmark is the prior)
     speed: dict[str, float] = field(default_factory=dict)
+    #: when the head last heard this provider finish a subtask (a result, accepted or not, or a
+    #: failure): a subtask sent while the provider was busy starts about then (FIFO)
+    last_result_at: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -105,7 +135,8 @@ class Provider:
         return self.info.worker(self.gflops(task_type))
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
-        """Fold one finished subtask into the throughput estimate for its task type."""
+        """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``
+        is the seconds it cost this provider end to end (``service_seconds``), not only compute."""
         if flops < MEASURABLE_FLOPS or elapsed <= 0:
             return
         measured = min(MAX_GFLOPS, max(MIN_GFLOPS, flops / elapsed / 1e9))
@@ -125,10 +156,11 @@ class Subtask:
     state: SubState = SubState.PENDING
     attempt: int = 0
     provider_id: str | None = None
-    sent_at: float = 0.0
+    sent_at: float = 0.0  # of the latest attempt
     deadline: float = 0.0
     done_by: str | None = None
     tried: list[str] = field(default_factory=list)  # provider of attempt k is tried[k - 1]
+    sent: list[float] = field(default_factory=list)  # when attempt k was sent: sent[k - 1]
     strikes: int = 0  # failures, missed acks and missed deadlines (provider deaths do not count)
     acked_at: float = 0.0
     straggle_at: float = 0.0  # running past this, it is a straggler: flagged once, copied elsewhere
@@ -272,6 +304,7 @@ class ClusterState:
             prov.assigned = old.assigned
             prov.subtasks_done = old.subtasks_done
             prov.flops_done = old.flops_done
+            prov.last_result_at = old.last_result_at
         self.providers[info.provider_id] = prov
         return self.schedule(now)
 
@@ -395,9 +428,28 @@ class ClusterState:
             sub.acked_at = now
             sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
 
+    def _finished_work(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
+                       now: float) -> None:
+        """The provider says it is done with an attempt it was really sent (this epoch), whether or
+        not the head still wants the outcome: whatever it runs next starts about now."""
+        job = self.jobs.get(job_id)
+        prov = self.providers.get(provider_id)
+        if epoch != self.epoch or job is None or prov is None or not 0 <= index < len(job.subtasks):
+            return
+        sub = job.subtasks[index]
+        if 1 <= attempt <= len(sub.tried) and sub.tried[attempt - 1] == provider_id:
+            prov.last_result_at = max(prov.last_result_at, now)
+
     def result(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
                now: float, elapsed: float = 0.0) -> bool:
-        """True if this result is the one to merge; False if late, duplicate or unknown."""
+        """True if this result is the one to merge; False if late, duplicate or unknown.
+
+        ``elapsed`` is the compute time the provider reports; an accepted result teaches the head
+        the provider's speed from the service time it observed (``service_seconds``), measured from
+        when *this* attempt was sent (a speculative copy or a re-send elsewhere has its own time)."""
+        prov = self.providers.get(provider_id)
+        free_at = prov.last_result_at if prov is not None else 0.0  # before this result moves it
+        self._finished_work(provider_id, job_id, index, attempt, epoch, now)
         sub = self._live_subtask(job_id, index, attempt, epoch)
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
@@ -408,11 +460,12 @@ class ClusterState:
         sub.state = SubState.DONE
         self.jobs[job_id].done_count += 1
         sub.done_by = provider_id
-        prov = self.providers.get(provider_id)
         if prov is not None:
             prov.subtasks_done += 1
             prov.flops_done += sub.cost
-            prov.learn(self.jobs[job_id].task_type, sub.cost, elapsed)  # the next split uses it
+            sent_at = sub.sent[attempt - 1] if attempt <= len(sub.sent) else sub.sent_at
+            seconds = service_seconds(elapsed, sent_at, free_at, now)
+            prov.learn(self.jobs[job_id].task_type, sub.cost, seconds)  # the next split uses it
         self.counters["subtasks_completed"] += 1
         return True
 
@@ -456,6 +509,7 @@ class ClusterState:
 
     def failed(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
                error: str, retryable: bool, now: float) -> list[Action]:
+        self._finished_work(provider_id, job_id, index, attempt, epoch, now)
         sub = self._live_subtask(job_id, index, attempt, epoch)
         if (sub is None or sub.attempt != attempt or sub.tried[attempt - 1] != provider_id
                 or sub.state is SubState.PENDING):
@@ -602,6 +656,7 @@ class ClusterState:
         sub.provider_id = provider_id
         sub.sent_at = now
         sub.tried.append(provider_id)
+        sub.sent.append(now)
         self.providers[provider_id].assigned.add((job.job_id, sub.index))
         self.counters["subtasks_dispatched"] += 1
         return Dispatch(provider_id, job.job_id, sub.index, sub.attempt)

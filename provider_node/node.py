@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common import __version__, layout, protocol, tasks
+from common import __version__, layout, protocol, security, tasks
 from common.errors import DcfError, TaskError
 
 from .device import ComputeDevice, benchmark_gflops
@@ -43,6 +43,7 @@ def runnable_task_types() -> list[str]:
 class ProviderNode:
     def __init__(self, cfg: Namespace, device: ComputeDevice, gflops: float | None = None) -> None:
         self.cfg = cfg
+        self.keys = security.client_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
         self.device = device
         self.provider_id = uuid.uuid4().hex
         self.topic = self.provider_id.encode()
@@ -63,6 +64,17 @@ class ProviderNode:
         device.fetch = self._fetch_blob
         self.register_at: float | None = None  # when to retry a refused registration
         self.register_backoff = 1.0
+        self.push_generation = 0  # bumped when the compute thread's PUSH must be opened again
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        """A socket to the head, a CURVE client of it when keys are configured."""
+        sock = self.ctx.socket(kind)
+        security.secure_client(sock, self.keys)
+        return sock
+
+    def _pirate(self, timeout: float) -> LazyPirate:
+        return LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), timeout,
+                          secure=(lambda sock: security.secure_client(sock, self.keys)) if self.keys else None)
 
     def endpoint(self, port: int) -> str:
         host = self.cfg.head
@@ -90,17 +102,14 @@ class ProviderNode:
 
     # ---- main loop ------------------------------------------------------------------------
     def run(self) -> None:
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, 1000)
-        sub.connect(self.endpoint(self.cfg.task_port))
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
-        acks = self._push()
-        pirate = LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), self.cfg.request_timeout)
+        sub, acks = self._sub(), self._push()
+        pirate = self._pirate(self.cfg.request_timeout)
         worker = threading.Thread(target=self._compute_loop, name="dcf-compute", daemon=True)
         worker.start()
-        log.info("provider %s (%s, %s, %.1f GFLOP/s) connecting to %s", self.name, self.device.kind,
-                 self.device.name, self.gflops, self.cfg.head, extra={"provider_id": self.provider_id})
+        log.info("provider %s (%s, %s, %.1f GFLOP/s) connecting to %s%s", self.name, self.device.kind,
+                 self.device.name, self.gflops, self.cfg.head,
+                 f" with CURVE key {self.keys.public.decode()}" if self.keys else "",
+                 extra={"provider_id": self.provider_id})
         pirate.send(self.register_frames(), time.monotonic())
         try:
             while not self.stopping.is_set():
@@ -120,6 +129,14 @@ class ProviderNode:
                     reply = pirate.on_readable()
                     if reply is not None:
                         self._on_reply(reply, pirate)
+                        if self.registered and pirate.refused:
+                            # our key was refused before and is allowed now: libzmq does not retry
+                            # a refused handshake, so the SUB and PUSH connections start over
+                            pirate.refused = False
+                            sub.close(linger=0)
+                            acks.close(linger=0)
+                            sub, acks = self._sub(), self._push()
+                            self.push_generation += 1
                 now = time.monotonic()
                 pirate.check(now)
                 if self.register_at is not None and now >= self.register_at and not pirate.busy:
@@ -137,8 +154,16 @@ class ProviderNode:
             acks.close(linger=0)
             self.ctx.term()
 
+    def _sub(self) -> zmq.Socket:
+        sub = self._socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 1000)
+        sub.connect(self.endpoint(self.cfg.task_port))
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        return sub
+
     def _push(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.PUSH)
+        sock = self._socket(zmq.PUSH)
         sock.copy_threshold = 1 << 20  # small results are cheaper to copy than to track
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(self.endpoint(self.cfg.result_port))
@@ -224,7 +249,7 @@ class ProviderNode:
             pirate.close()
             return
         pirate.close()
-        pirate = LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), 1.0)
+        pirate = self._pirate(1.0)
         pirate.send(protocol.encode("unregister", {"provider_id": self.provider_id}), time.monotonic())
         if pirate.socket.poll(1000):
             pirate.on_readable()
@@ -250,7 +275,7 @@ class ProviderNode:
         for attempt in range(3):
             sock = getattr(self.fetch_sockets, "socket", None)
             if sock is None:
-                sock = self.fetch_sockets.socket = self.ctx.socket(zmq.REQ)
+                sock = self.fetch_sockets.socket = self._socket(zmq.REQ)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(self.endpoint(self.cfg.registration_port))
             sock.send_multipart(request)
@@ -267,13 +292,17 @@ class ProviderNode:
         raise TaskError(f"could not fetch blob {blob_id} from the head")
 
     def _compute_loop(self) -> None:
-        push = self._push()
+        push, generation = self._push(), self.push_generation
         try:
             while True:
                 msg = self.work.get()
                 if msg is None:
                     return
-                push.send_multipart(self._execute(msg), copy=False)
+                frames = self._execute(msg)
+                if generation != self.push_generation:  # the main thread started its sockets over
+                    push.close(linger=0)
+                    push, generation = self._push(), self.push_generation
+                push.send_multipart(frames, copy=False)
                 with self.lock:
                     self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
         finally:

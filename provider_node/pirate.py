@@ -5,25 +5,38 @@ A REQ socket that lost its reply is stuck (it may not send again). So: send, wai
 request again after a backoff that doubles up to ``max_backoff``. It never gives up:
 a provider keeps running while the head is down. Non-blocking: the owner polls
 ``socket`` and calls ``on_readable`` / ``check``.
+
+With CURVE (``secure`` given) a socket monitor tells a refused key apart from a head
+that is down, so the log says which one it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from common import protocol
 from common.errors import DcfError
 
 log = logging.getLogger("dcf.provider.pirate")
 
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
 
 class LazyPirate:
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float, max_backoff: float = 8.0) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float, max_backoff: float = 8.0,
+                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
+        self.secure = secure
+        self.monitor: zmq.Socket | None = None
+        self.refused = False  # a CURVE handshake failed since the owner last cleared this
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.socket: zmq.Socket = self._open()
@@ -37,8 +50,30 @@ class LazyPirate:
         sock = self.ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if self.secure is not None:
+            self.secure(sock)
+            self.monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)
         sock.connect(self.endpoint)
         return sock
+
+    def _close_socket(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.socket.close(linger=0)
+
+    def handshake_failure(self) -> str | None:
+        """Why the CURVE handshake with the head failed since the socket opened, if it did."""
+        why = None
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self.refused = True
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = "the head refused this provider's CURVE key (is its .key in the head's allow-list?)"
+            elif why is None:
+                why = "the CURVE handshake with the head failed (is --curve-server-key the head's public key?)"
+        return why
 
     @property
     def busy(self) -> bool:
@@ -52,7 +87,10 @@ class LazyPirate:
 
     def _transmit(self, now: float) -> None:
         assert self.request is not None
-        self.socket.send_multipart(self.request)
+        # never block: a REQ whose only connection was refused (CURVE) has no pipe to queue on; a
+        # request that could not be queued counts as lost: the deadline reconnects and sends again
+        with contextlib.suppress(zmq.Again):
+            self.socket.send_multipart(self.request, flags=zmq.NOBLOCK)
         self.deadline = now + self.timeout
         self.resend_at = None
 
@@ -88,13 +126,16 @@ class LazyPirate:
         if now < self.deadline:
             return False
         self.failures += 1
-        if self.failures == 1 or self.failures % 10 == 0:
+        refused = self.handshake_failure()
+        if refused is not None and (self.failures == 1 or self.failures % 10 == 0):
+            log.error("%s at %s (try %d); retrying", refused, self.endpoint, self.failures)
+        elif self.failures == 1 or self.failures % 10 == 0:
             log.warning("no reply from the head at %s (try %d); reconnecting", self.endpoint, self.failures)
-        self.socket.close(linger=0)
+        self._close_socket()
         self.socket = self._open()
         self.resend_at = now + self.backoff
         self.backoff = min(self.backoff * 2, self.max_backoff)
         return True
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self._close_socket()

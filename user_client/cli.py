@@ -18,6 +18,7 @@ from common import config
 from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError
 from common.training import TRAIN_DEFAULTS
 
+from . import keys_cli
 from .client import TERMINAL, Client, load_npy
 
 TRAIN = TRAIN_DEFAULTS
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=8080)
     up.add_argument("--state-dir", default=None, help="default: a temporary directory")
     up.add_argument("--amqp-url", default="", help="RabbitMQ URL (default: embedded store)")
+
+    up.add_argument("--curve", action="store_true", help="CURVE keys for the head and each provider "
+                    "(generated in the state dir)")
+    keys_cli.add_parser(sub)
 
     d = sub.add_parser("demo", help="start a local head + providers, multiply, check, report, stop")
     d.add_argument("--providers", type=int, default=2)
@@ -373,7 +378,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .local import LocalCluster
 
     cluster = LocalCluster(args.providers, http_port=args.http_port, state_dir=args.state_dir,
-                           amqp_url=args.amqp_url, quiet=False)
+                           amqp_url=args.amqp_url, quiet=False, curve=args.curve)
     cluster.start()
     print(f"dcf: head at {cluster.url} with {args.providers} providers; Ctrl-C stops them all", flush=True)
     try:
@@ -411,4 +416,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"submit": cmd_submit, "status": cmd_status, "result": cmd_result, "jobs": cmd_jobs,
-            "nodes": cmd_nodes, "cancel": cmd_cancel, "delete": cmd_delete, "up": cmd_up, "demo": cmd_demo}
+            "nodes": cmd_nodes, "cancel": cmd_cancel, "delete": cmd_delete, "up": cmd_up, "demo": cmd_demo,
+            "keys": lambda args: keys_cli.cmd_keys(args, _emit)}

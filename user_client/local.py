@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from common import security
 from common.errors import DcfError, HeadUnreachable
 
 from .client import Client
@@ -30,7 +31,8 @@ class LocalCluster:
     def __init__(self, providers: int = 2, *, http_port: int | None = None, state_dir: str | None = None,
                  amqp_url: str = "", threads: int | None = None, heartbeat: float = 5.0,
                  head_args: list[str] | None = None, provider_args: list[str] | None = None,
-                 log_dir: str | None = None, quiet: bool = True, env: dict[str, str] | None = None) -> None:
+                 log_dir: str | None = None, quiet: bool = True, env: dict[str, str] | None = None,
+                 curve: bool = False) -> None:
         self.n_providers = providers
         self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix="dcf-")
         self.state_dir = Path(state_dir or self._tmp.name)  # type: ignore[union-attr]
@@ -47,6 +49,8 @@ class LocalCluster:
         self.head: subprocess.Popen[bytes] | None = None
         self.providers: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
+        #: CURVE: keys in STATE_DIR/keys, one key pair per provider, each on the head's allow-list
+        self.key_dir: Path | None = self.state_dir / "keys" if curve else None
 
     @property
     def url(self) -> str:
@@ -69,13 +73,22 @@ class LocalCluster:
                 "--state-dir", str(self.state_dir), *self.port_args(), *self.head_args]
         if self.amqp_url:
             args += ["--amqp-url", self.amqp_url]
+        if self.key_dir is not None:
+            security.generate_head(self.key_dir)
+            (self.key_dir / "allowed").mkdir(exist_ok=True)
+            args += ["--curve-secret-key", str(self.key_dir / "head.key_secret"),
+                     "--curve-allow", str(self.key_dir / "allowed")]
         self.head = self._spawn(args, "head")
         self._wait(lambda c: c.health(), timeout, "the head did not come up", self.head)
 
     def add_provider(self, *extra: str) -> subprocess.Popen[bytes]:
         i = len(self.providers)
         args = ["-m", "provider_node", "--head", "127.0.0.1", "--threads", str(self.threads),
-                "--name", f"local-{i}", *self.port_args(), *self.provider_args, *extra]
+                "--name", f"local-{i}", *self.port_args(), *self.provider_args]
+        if self.key_dir is not None and "--curve-secret-key" not in extra:
+            secret, _ = security.generate_provider(self.key_dir, f"local-{i}")
+            args += ["--curve-secret-key", str(secret), "--curve-server-key", str(self.key_dir / "head.key")]
+        args += extra
         proc = self._spawn(args, f"provider-{i}")
         self.providers.append(proc)
         return proc

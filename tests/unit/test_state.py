@@ -790,3 +790,177 @@ def test_provider_rows_and_job_view(cs):
     assert set(st.terminal_states()) == {"done", "failed", "cancelled"}
     assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
     assert st.job_view(job, {p.provider_id: "alpha"})["shares"] == {"alpha": 1.0}
+
+
+# ---- speed learning: the service time the head observes ---------------------------------------------
+BIG = 1000  # make_job(m=BIG, k=BIG, n=BIG): 2e9 FLOP; half of it, 1e9 FLOP, is well over MEASURABLE_FLOPS
+
+
+def speed(cs: ClusterState, info: ProviderInfo) -> float:
+    return cs.providers[info.provider_id].gflops("matmul")
+
+
+def finish(cs: ClusterState, job: st.Job, provider: ProviderInfo, now: float, elapsed: float,
+           attempt: int | None = None) -> bool:
+    """The result of ``provider``'s (only, or given attempt's) subtask of ``job`` arrives at ``now``."""
+    sub = next(s for s in job.subtasks if provider.provider_id in s.tried)
+    attempt = attempt or sub.tried.index(provider.provider_id) + 1
+    ok = cs.result(provider.provider_id, job.job_id, sub.index, attempt, cs.epoch, now, elapsed=elapsed)
+    if ok:
+        cs.merged(job.job_id, now)
+    return ok
+
+
+def test_late_results_lower_the_learned_speed_and_the_next_share(cs):
+    """Both compute a half in 0.1 s, but one's result (behind a slow link) arrives after 1 s: the head
+    learns that one at the speed it observed, and gives it fewer rows of the next job."""
+    near, far = make_info(10.0), make_info(10.0)
+    connect(cs, near)
+    connect(cs, far)
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.add_job(job, 0.0)
+    assert rows_by_provider(job) == {near.provider_id: 500, far.provider_id: 500}
+    assert finish(cs, job, near, 0.1, elapsed=0.1)
+    assert finish(cs, job, far, 1.0, elapsed=0.1)  # compute 0.1 s, transfers 0.9 s
+    assert job.state is JobState.DONE
+    assert speed(cs, near) == pytest.approx(10.0)  # 1e9 FLOP in 0.1 s
+    assert speed(cs, far) == pytest.approx(0.5 * 10.0 + 0.5 * 1.0)  # 1e9 FLOP in 1 s, not 0.1 s
+    nxt = make_job(m=BIG, k=BIG, n=BIG, created_at=1.0)
+    cs.add_job(nxt, 1.0)
+    rows = rows_by_provider(nxt)
+    assert rows[far.provider_id] == round(BIG * 5.5 / 15.5) and rows[near.provider_id] > 600
+
+
+def test_reported_compute_time_still_counts(cs):
+    """The provider's own elapsed_s is a floor: a longer compute than the head saw is believed."""
+    p = make_info(10.0)
+    connect(cs, p)
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.add_job(job, 0.0)
+    assert finish(cs, job, p, 4.0, elapsed=4.0)
+    assert speed(cs, p) == pytest.approx(0.5 * 10.0 + 0.5 * 2e9 / 4.0 / 1e9)
+
+
+def test_queued_subtasks_are_not_charged_for_waiting(cs):
+    """A provider runs its subtasks one at a time: a block sent at 0 s behind three others starts when
+    the head hears the previous one finish, so each block costs 0.5 s, not 0.5, 1, 1.5 and 2 s."""
+    mem = 2 * (BIG * BIG * 8 + 250 * 2 * BIG * 8)  # B and 250 rows of A and C in half the memory
+    p = make_info(1.0, memory_bytes=mem)
+    connect(cs, p)
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.add_job(job, 0.0)
+    assert [s.params["rows"] for s in job.subtasks] == [250] * 4 and all(s.sent == [0.0] for s in job.subtasks)
+    for i, sub in enumerate(job.subtasks):  # 5e8 FLOP each at 1 GFLOP/s: 0.5 s each
+        now = 0.5 * (i + 1)
+        assert cs.result(p.provider_id, job.job_id, sub.index, 1, cs.epoch, now, elapsed=0.5)
+        cs.merged(job.job_id, now)
+        assert speed(cs, p) == pytest.approx(1.0)
+    assert cs.providers[p.provider_id].last_result_at == 2.0
+    # another job's subtask sent while the provider was idle is measured from its own send time
+    later = make_job(m=BIG, k=BIG, n=BIG, created_at=10.0)
+    cs.add_job(later, 10.0)
+    sub = later.subtasks[0]
+    assert cs.result(p.provider_id, later.job_id, sub.index, 1, cs.epoch, 10.5, elapsed=0.5)
+    assert speed(cs, p) == pytest.approx(1.0)
+
+
+def test_a_failure_frees_the_provider_for_the_next_subtask(cs):
+    mem = 2 * (BIG * BIG * 8 + 500 * 2 * BIG * 8)
+    p = make_info(1.0, memory_bytes=mem)
+    connect(cs, p)
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.add_job(job, 0.0)
+    first, second = job.subtasks
+    cs.failed(p.provider_id, job.job_id, first.index, 1, cs.epoch, "boom", True, 3.0)
+    assert cs.providers[p.provider_id].last_result_at == 3.0
+    assert cs.result(p.provider_id, job.job_id, second.index, 1, cs.epoch, 4.0, elapsed=1.0)
+    assert speed(cs, p) == pytest.approx(1.0)  # 1e9 FLOP in 1 s (from 3 s), not in 4 s
+
+
+def straggling(cs: ClusterState):
+    """Two providers at 10 GFLOP/s, a measurable job; fast finishes its half at 0.1 s, slow's half is
+    flagged at 3 s and copied to fast (attempt 2, sent at 3 s)."""
+    fast, slow = make_info(10.0, name="fast"), make_info(10.0, name="slow")
+    connect(cs, fast)
+    connect(cs, slow)
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.add_job(job, 0.0)
+    for sub in job.subtasks:
+        cs.acked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 0.0)
+    assert finish(cs, job, fast, 0.1, elapsed=0.1)
+    copy = dispatches(cs.tick(3.0))
+    sub = next(s for s in job.subtasks if s.state is not SubState.DONE)
+    assert copy == [Dispatch(fast.provider_id, job.job_id, sub.index, 2)]
+    assert sub.tried == [slow.provider_id, fast.provider_id] and sub.sent == [0.0, 3.0]
+    return fast, slow, job, sub
+
+
+def test_original_winning_over_a_speculative_copy_is_timed_from_its_own_send(cs):
+    fast, slow, job, sub = straggling(cs)
+    assert cs.result(slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 4.0, elapsed=0.2)
+    assert speed(cs, slow) == pytest.approx(0.5 * 10.0 + 0.5 * 1e9 / 4.0 / 1e9)  # 4 s, not 1 s since the copy
+    # the copy's result is ignored and teaches nothing, but fast is free again from then
+    assert not cs.result(fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 4.2, elapsed=4.1)
+    assert speed(cs, fast) == pytest.approx(10.0)
+    assert cs.providers[fast.provider_id].last_result_at == 4.2
+
+
+def test_speculative_copy_winning_is_timed_from_the_copy_and_the_late_original_teaches_nothing(cs):
+    fast, slow, job, sub = straggling(cs)
+    assert cs.result(fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 3.1, elapsed=0.1)
+    assert speed(cs, fast) == pytest.approx(10.0)  # 0.1 s from the copy's send, not 3.1 s from the original's
+    assert cs.merged(job.job_id, 3.1) == [JobFinished(job.job_id)]
+    assert not cs.result(slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 9.0, elapsed=0.1)
+    assert speed(cs, slow) == pytest.approx(10.0)  # only the benchmark: nothing accepted from it
+    assert cs.providers[slow.provider_id].last_result_at == 9.0
+
+
+def test_old_attempt_result_is_timed_from_that_attempt(cs):
+    """A re-send after a missed ack does not make attempt 1's result look quicker than it was."""
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.add_job(job, 0.0)
+    connect(cs, b)
+    cs.heartbeat(a.provider_id, 11.0)
+    cs.heartbeat(b.provider_id, 11.0)
+    assert dispatches(cs.tick(11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert cs.result(a.provider_id, job.job_id, 0, 1, cs.epoch, 20.0, elapsed=1.0) is True
+    assert speed(cs, a) == pytest.approx(0.5 * 10.0 + 0.5 * 2e9 / 20.0 / 1e9)  # 20 s, not 9 s
+
+
+def test_results_from_a_foreign_provider_or_epoch_do_not_move_its_clock(running):
+    cs, p, job = running
+    other = make_info()
+    connect(cs, other)
+    assert not cs.result(other.provider_id, job.job_id, 0, 1, cs.epoch, 5.0)
+    assert not cs.result(p.provider_id, job.job_id, 0, 1, hexid(), 5.0)
+    assert cs.providers[other.provider_id].last_result_at == 0.0
+    assert cs.providers[p.provider_id].last_result_at == 0.0
+
+
+@pytest.mark.parametrize("reported, sent_at, free_at, now, expected", [
+    (0.1, 0.0, 0.0, 1.0, 1.0),  # transfers count
+    (0.1, 0.0, 2.0, 3.0, 1.0),  # sent while busy: from when the previous result came back
+    (2.0, 0.0, 2.5, 3.0, 2.0),  # the provider's compute time is a floor
+    (50.0, 0.0, 0.0, 3.0, 3.0),  # ...capped by the time since the attempt was sent (bogus elapsed_s)
+    (0.0, 0.0, 0.0, 1.0, 1.0),  # not measured by the provider: the head's observation alone
+    (float("nan"), 0.0, 0.0, 1.0, 1.0),
+    (-1.0, 0.0, 0.0, 1.0, 1.0),
+    (float("inf"), 0.0, 0.0, 1.0, 1.0),
+    (0.3, 5.0, 0.0, 4.0, 0.3),  # the clock stepped back: the provider's word alone
+    (0.3, 5.0, 0.0, 5.0, 0.3),
+    (0.3, 0.0, 7.0, 5.0, 0.3),  # heard it finish "after" now (clock step): no observation
+    (float("nan"), 5.0, 0.0, 4.0, 0.0),  # nothing believable: learn nothing
+])
+def test_service_seconds(reported, sent_at, free_at, now, expected):
+    assert st.service_seconds(reported, sent_at, free_at, now) == pytest.approx(expected)
+
+
+def test_nothing_believable_learns_nothing(cs):
+    p = make_info(10.0)
+    connect(cs, p, 5.0)
+    job = make_job(m=BIG, k=BIG, n=BIG, created_at=5.0)
+    cs.add_job(job, 5.0)
+    assert finish(cs, job, p, 4.0, elapsed=float("nan"))  # the clock stepped back, elapsed_s is garbage
+    assert speed(cs, p) == 10.0

@@ -1,0 +1,177 @@
+"""ZeroMQ CURVE keys in the Ironhouse pattern.
+
+The head has a key pair and an allow-list: a directory of provider public keys
+(``*.key`` files). Every provider has its own key pair and knows the head's public
+key. With keys configured, the head's three sockets (ROUTER, XPUB, PULL) are CURVE
+servers: traffic is encrypted, the provider checks it talks to the real head, and
+the head's ZAP handler (head_node/zap.py) lets in only keys on the allow-list, so a
+provider without an allowed key cannot register, receive subtasks or send results.
+
+Key files are pyzmq's certificate format (``zmq.auth``): ``NAME.key`` holds the
+public key, ``NAME.key_secret`` both. ``dcf keys generate`` writes this layout::
+
+    keys/head.key               head public key: give it to every provider
+    keys/head.key_secret        head secret key: only the head reads it
+    keys/allowed/NAME.key       the head's allow-list: one public key per provider
+    keys/providers/NAME.key_secret   provider NAME's key pair: only that provider reads it
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from .errors import ConfigError
+
+ZAP_DOMAIN = b"dcf"
+Z85_KEY_LENGTH = 40
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    public: bytes
+    secret: bytes
+    allow_dir: Path
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+def _check_key(key: bytes | None, path: Path, what: str) -> bytes:
+    if not isinstance(key, bytes) or len(key) != Z85_KEY_LENGTH:
+        raise ConfigError(f"{path}: no valid CURVE {what} key in it")
+    try:
+        zmq.utils.z85.decode(key)
+    except Exception:
+        raise ConfigError(f"{path}: the CURVE {what} key is not Z85 text") from None
+    return key
+
+
+def _load(path: Path) -> tuple[bytes | None, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read CURVE key file {path}: {exc}") from None
+
+
+def load_public(path: str | os.PathLike[str]) -> bytes:
+    path = Path(path)
+    public, _ = _load(path)
+    return _check_key(public, path, "public")
+
+
+def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` file."""
+    path = Path(path)
+    public, secret = _load(path)
+    if secret is None:
+        raise ConfigError(f"{path} holds no secret key (give the .key_secret file)")
+    return _check_key(public, path, "public"), _check_key(secret, path, "secret")
+
+
+def read_allow_list(allow_dir: Path) -> dict[bytes, str]:
+    """Allowed public keys (Z85) -> the name of the file they came from. Unreadable files are
+    reported, not fatal: one bad file must not lock every provider out."""
+    allowed: dict[bytes, str] = {}
+    for path in sorted(allow_dir.glob("*.key")):
+        try:
+            allowed.setdefault(load_public(path), path.stem)
+        except ConfigError:
+            continue
+    return allowed
+
+
+def server_keys(cfg: Namespace) -> ServerKeys | None:
+    """The head's CURVE configuration, checked at start-up; None when CURVE is off."""
+    secret_file, allow = cfg.curve_secret_key, cfg.curve_allow
+    if not secret_file and not allow:
+        return None
+    if not secret_file or not allow:
+        raise ConfigError("CURVE needs both --curve-secret-key (the head's .key_secret) and --curve-allow "
+                          "(the directory of allowed provider public keys)")
+    public, secret = load_secret(secret_file)
+    allow_dir = Path(allow)
+    if not allow_dir.is_dir():
+        raise ConfigError(f"--curve-allow {allow_dir}: not a directory")
+    return ServerKeys(public, secret, allow_dir)
+
+
+def client_keys(cfg: Namespace) -> ClientKeys | None:
+    """A provider's CURVE configuration, checked at start-up; None when CURVE is off."""
+    secret_file, server_file = cfg.curve_secret_key, cfg.curve_server_key
+    if not secret_file and not server_file:
+        return None
+    if not secret_file or not server_file:
+        raise ConfigError("CURVE needs both --curve-secret-key (this provider's .key_secret) and "
+                          "--curve-server-key (the head's public .key)")
+    public, secret = load_secret(secret_file)
+    return ClientKeys(public, secret, load_public(server_file))
+
+
+def secure_server(sock: zmq.Socket, keys: ServerKeys | None) -> None:
+    """Make a head socket a CURVE server that asks the ZAP handler about every client. Call before bind."""
+    if keys is None:
+        return
+    sock.curve_server = True
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+    sock.zap_domain = ZAP_DOMAIN
+    # without a ZAP handler libzmq would let every client in: refuse instead
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+    """Make a provider socket a CURVE client of the head. Call before connect."""
+    if keys is None:
+        return
+    sock.curve_serverkey = keys.server_public
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+
+
+# ---- generation (dcf keys generate) ---------------------------------------------------------
+def _private(path: Path) -> None:
+    if os.name == "posix":
+        path.chmod(0o600)
+
+
+def generate_head(key_dir: Path) -> tuple[Path, bool]:
+    """The head's key pair in ``key_dir``; (public file, created?). An existing pair is kept."""
+    key_dir.mkdir(parents=True, exist_ok=True)
+    public = key_dir / "head.key"
+    if public.exists() and (key_dir / "head.key_secret").exists():
+        load_secret(key_dir / "head.key_secret")  # fail loudly on a damaged pair
+        return public, False
+    pub_file, secret_file = zmq.auth.create_certificates(key_dir, "head")
+    _private(Path(secret_file))
+    return Path(pub_file), True
+
+
+def generate_provider(key_dir: Path, name: str) -> tuple[Path, bool]:
+    """Provider ``name``'s key pair in ``key_dir/providers`` and its public key in the head's
+    allow-list ``key_dir/allowed``; (secret file, created?). An existing pair is kept."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ConfigError(f"provider key name {name!r}: use letters, digits, '-', '_' and '.'")
+    providers, allowed = key_dir / "providers", key_dir / "allowed"
+    providers.mkdir(parents=True, exist_ok=True)
+    allowed.mkdir(parents=True, exist_ok=True)
+    secret = providers / f"{name}.key_secret"
+    created = not secret.exists()
+    if created:
+        pub_file, secret_file = zmq.auth.create_certificates(providers, name)
+        _private(Path(secret_file))
+    else:
+        load_secret(secret)
+    if not (allowed / f"{name}.key").exists():
+        shutil.copyfile(providers / f"{name}.key", allowed / f"{name}.key")
+    return secret, created

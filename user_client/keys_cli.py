@@ -1,0 +1,40 @@
+"""``dcf keys generate``: CURVE key pairs for the head and its providers (common/security.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from common import security
+
+
+def add_parser(sub: Any) -> None:
+    k = sub.add_parser("keys", help="ZeroMQ CURVE keys for the head and its providers")
+    actions = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    g = actions.add_parser("generate", help="create the head's key pair and provider key pairs, and add the "
+                           "providers' public keys to the head's allow-list (existing keys are kept)")
+    g.add_argument("--dir", default="keys", help="key directory (default: ./keys)")
+    g.add_argument("--provider", action="append", default=None, metavar="NAME",
+                   help="a provider key to create (repeat for several; default: one named 'provider')")
+
+
+def cmd_keys(args: argparse.Namespace, emit: Any) -> int:
+    key_dir = Path(args.dir)
+    head_public, head_new = security.generate_head(key_dir)
+    made: dict[str, Any] = {"dir": str(key_dir), "head_public_key": str(head_public), "head_created": head_new,
+                            "providers": []}
+    lines = [f"{'created' if head_new else 'kept   '} {head_public} (+ .key_secret): the head's key pair"]
+    for name in args.provider or ["provider"]:
+        secret, created = security.generate_provider(key_dir, name)
+        made["providers"].append({"name": name, "secret_key": str(secret), "created": created})
+        lines.append(f"{'created' if created else 'kept   '} {secret}: provider {name}'s key pair, "
+                     f"public key in {key_dir / 'allowed'}")
+    lines += [
+        "",
+        f"head:     --curve-secret-key {key_dir}/head.key_secret --curve-allow {key_dir}/allowed",
+        f"provider: --curve-secret-key {key_dir}/providers/NAME.key_secret --curve-server-key {key_dir}/head.key",
+        "Copy each provider's .key_secret to its machine only; the head re-reads allowed/ when it changes.",
+    ]
+    emit(args, made, "\n".join(lines))
+    return 0
