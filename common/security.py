@@ -175,3 +175,18 @@ def generate_provider(key_dir: Path, name: str) -> tuple[Path, bool]:
     if not (allowed / f"{name}.key").exists():
         shutil.copyfile(providers / f"{name}.key", allowed / f"{name}.key")
     return secret, created
+
+
+def copy_for_provider(key_dir: Path, name: str, dest: Path) -> list[Path]:
+    """Copy what provider ``name``'s machine needs into ``dest``: ``head.key`` and its key pair
+    (``--curve-server-key DEST/head.key --curve-secret-key DEST/NAME.key_secret``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    providers = key_dir / "providers"
+    for src in (key_dir / "head.key", providers / f"{name}.key", providers / f"{name}.key_secret"):
+        target = dest / src.name
+        shutil.copyfile(src, target)
+        if target.suffix == ".key_secret":
+            _private(target)
+        out.append(target)
+    return out

@@ -17,6 +17,8 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--dir", default="keys", help="key directory (default: ./keys)")
     g.add_argument("--provider", action="append", default=None, metavar="NAME",
                    help="a provider key to create (repeat for several; default: one named 'provider')")
+    g.add_argument("--copy-to", metavar="DIR", help="also copy what a provider machine needs (head.key and the "
+                   "providers' key pairs) into DIR, e.g. a provider container's key volume")
 
 
 def cmd_keys(args: argparse.Namespace, emit: Any) -> int:
@@ -30,6 +32,9 @@ def cmd_keys(args: argparse.Namespace, emit: Any) -> int:
         made["providers"].append({"name": name, "secret_key": str(secret), "created": created})
         lines.append(f"{'created' if created else 'kept   '} {secret}: provider {name}'s key pair, "
                      f"public key in {key_dir / 'allowed'}")
+        if args.copy_to:
+            for copied in security.copy_for_provider(key_dir, name, Path(args.copy_to)):
+                lines.append(f"copied  {copied}")
     lines += [
         "",
         f"head:     --curve-secret-key {key_dir}/head.key_secret --curve-allow {key_dir}/allowed",

@@ -379,6 +379,43 @@ def test_provider_services() -> None:
     assert device.get("count") in (1, "all") or device.get("device_ids")
 
 
+def test_curve_is_on_in_compose() -> None:
+    """The keys service writes the head's keys into head-keys and the providers' into provider-keys;
+    the head and every provider point their DCF_CURVE_* at files in those volumes."""
+    services = compose()["services"]
+    keys, head = services["keys"], services["head"]
+    assert keys["entrypoint"] == ["dcf", "keys"] and keys["command"][0] == "generate"
+    assert keys["restart"] == "no" and not [k for k in environment(keys) if k.startswith("DCF_")]
+    assert head["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    mounts = {name: _mounts(svc) for name, svc in services.items()}
+    argv = keys["command"]
+    key_dir, copy_to = argv[argv.index("--dir") + 1], argv[argv.index("--copy-to") + 1]
+    name = argv[argv.index("--provider") + 1]
+    assert mounts["keys"][key_dir][0] == mounts["head"][key_dir][0] == "head-keys"
+    env = environment(head)
+    assert env["DCF_CURVE_SECRET_KEY"] == f"{key_dir}/head.key_secret"
+    assert env["DCF_CURVE_ALLOW"] == f"{key_dir}/allowed"
+    for provider in ("provider", "provider-gpu"):
+        env = environment(services[provider])
+        assert env["DCF_CURVE_SECRET_KEY"] == f"{copy_to}/{name}.key_secret"
+        assert env["DCF_CURVE_SERVER_KEY"] == f"{copy_to}/head.key"
+        assert mounts[provider][copy_to] == ("provider-keys", True)  # read-only
+        assert key_dir not in mounts[provider], "providers must not see the head's secret key"
+    assert mounts["keys"][copy_to][0] == "provider-keys"
+
+
+def _mounts(service: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
+    """target -> (named volume, read-only) of a service's volumes."""
+    out = {}
+    for v in service.get("volumes") or []:
+        if isinstance(v, str):
+            parts = v.split(":")
+            out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+        else:
+            out[v["target"]] = (v.get("source", ""), bool(v.get("read_only")))
+    return out
+
+
 def _named_volume(service: Mapping[str, Any], target: str) -> bool:
     named = set(raw_compose().get("volumes") or {})
     for v in service.get("volumes") or []:
@@ -561,9 +598,25 @@ def _healthcheck(service: str, port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *test[2:]], env=env, capture_output=True, text=True, timeout=30)
 
 
+def _under(root: Path, value: str) -> str:
+    """A container path (/etc/dcf/...) moved under a test directory."""
+    return str(root / value.lstrip("/")) if value.startswith("/etc/dcf/") else value
+
+
+def _key_files(root: Path, env: Mapping[str, str]) -> dict[str, str]:
+    return {k: _under(root, v) for k, v in env.items() if k.startswith("DCF_CURVE_")}
+
+
 def test_head_and_provider_run_as_their_containers_would(amqp_url: str, tmp_path: Path) -> None:
     example = example_env()
     token = example["DCF_API_TOKEN"]
+    # the keys service's command, its volumes under tmp_path
+    keys = compose()["services"]["keys"]
+    keys_argv = [_under(tmp_path, arg) for arg in keys["entrypoint"] + keys["command"]]
+    assert keys_argv[0] == "dcf"
+    for _ in range(2):  # a second start keeps the keys
+        done = subprocess.run(_command("dcf") + keys_argv[1:], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
     http = free_port()
     ports = {"DCF_REGISTRATION_PORT": str(free_port()), "DCF_TASK_PORT": str(free_port()),
              "DCF_RESULT_PORT": str(free_port())}
@@ -571,7 +624,8 @@ def test_head_and_provider_run_as_their_containers_would(amqp_url: str, tmp_path
     # machine: the RabbitMQ of the tests (compose's credentials are placeholders), a state dir
     # and ports of our own, loopback instead of every interface.
     head_env = _process_env(container_env("head"), DCF_AMQP_URL=amqp_url, DCF_STATE_DIR=str(tmp_path / "state"),
-                            DCF_HTTP_PORT=str(http), DCF_HOST="127.0.0.1", DCF_HEARTBEAT_INTERVAL="0.5", **ports)
+                            DCF_HTTP_PORT=str(http), DCF_HOST="127.0.0.1", DCF_HEARTBEAT_INTERVAL="0.5", **ports,
+                            **_key_files(tmp_path, container_env("head")))
     head_argv = _command("dcf-head") + dcf_services()["head"][0][1:]
     url = f"http://127.0.0.1:{http}"
     with contextlib.ExitStack() as stack:
@@ -591,7 +645,7 @@ def test_head_and_provider_run_as_their_containers_would(amqp_url: str, tmp_path
         # a provider started as its container would be, the head's host name replaced by loopback
         name = f"compose-{secrets.token_hex(3)}"
         provider_env = _process_env(container_env("provider"), DCF_HEAD="127.0.0.1", DCF_THREADS="1",
-                                    DCF_NAME=name, **ports)
+                                    DCF_NAME=name, **ports, **_key_files(tmp_path, container_env("provider")))
         provider_argv = _command("dcf-provider") + dcf_services()["provider"][0][1:]
         provider = stack.enter_context(_spawned(provider_argv, provider_env, tmp_path / "provider.log"))
 
@@ -609,6 +663,8 @@ def test_head_and_provider_run_as_their_containers_would(amqp_url: str, tmp_path
         assert view["state"] == "done", view
         np.testing.assert_allclose(client.result(job), a @ b, rtol=1e-10, atol=1e-10)
         client.delete(job)
+        head_log = (tmp_path / "head.log").read_text()
+        assert "CURVE on" in head_log, head_log[-2000:]  # compose's keys were in force
 
 
 # ---- the whole stack with docker compose (needs a Docker engine) --------------------------------
