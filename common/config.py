@@ -77,6 +77,8 @@ HEAD_OPTIONS = [
     Option("host", str, "0.0.0.0", "address the head binds its ZeroMQ and HTTP ports to"),
     Option("state_dir", str, "./dcf-state", "directory of the job store, operands and results"),
     Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); empty: embedded store"),
+    Option("amqp_queue", str, "dcf.jobs", "RabbitMQ queue of this head's jobs (heads sharing a vhost need "
+           "different ones)", lambda v: 0 < len(v) <= 200 and v.isprintable(), "1-200 printable characters"),
     _port_opt("http_port", 8080, "REST API port"),
     *PORT_OPTIONS,
     *COMMON_OPTIONS,
@@ -117,6 +119,8 @@ PROVIDER_OPTIONS = [
 CLIENT_OPTIONS = [
     Option("head_url", str, "http://127.0.0.1:8080", "URL of the head's REST API", flag_name="--head"),
     Option("api_token", str, "", "bearer token for the REST API", flag_name="--token"),
+    Option("queue_wait", float, 60.0, "seconds a submission waits (retrying) while the head's job queue "
+           "(RabbitMQ) is unreachable; 0: fail at once", lambda v: math.isfinite(v) and v >= 0, ">= 0"),
     next(o for o in PROVIDER_OPTIONS if o.name == "shared_files"),
 ]
 

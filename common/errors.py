@@ -77,6 +77,12 @@ class HeadUnreachable(DcfError):
     http_status = 503
 
 
+class QueueUnavailable(HeadUnreachable):
+    """The head is up but its durable job queue (RabbitMQ) is not: the job was not accepted."""
+
+    code = "queue_unavailable"
+
+
 class TaskError(DcfError):
     """A subtask failed on a provider or its result could not be used."""
 
@@ -97,7 +103,7 @@ def error_from_dict(data: object, http_status: int | None = None) -> DcfError:
     code = str(data.get("code", "error"))
     message = str(data.get("message", code))
     for cls in (NotFound, Conflict, Unauthorized, TooLarge, ValidationError, VersionMismatch,
-                ProtocolError, ConfigError, TaskError, HeadUnreachable):
+                ProtocolError, ConfigError, TaskError, HeadUnreachable, QueueUnavailable):
         if cls.code == code:
             return cls(message)
     err = DcfError(message, code=code)

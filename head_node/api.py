@@ -114,6 +114,7 @@ def create_app(head: Head) -> FastAPI:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "epoch": head.epoch, "queue": head.queue.name,
+                "queue_connected": head.queue.is_connected,
                 "task_types": tasks.names()}
 
     @app.get("/v1/info", dependencies=guarded)

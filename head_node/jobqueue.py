@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgpack
 
-from common.errors import DcfError, HeadUnreachable, ProtocolError
+from common.errors import DcfError, ProtocolError, QueueUnavailable
 from common.protocol import check_id
 
 from .store import JobStore
@@ -37,6 +38,9 @@ class JobQueue(Protocol):
     name: str
 
     async def start(self, deliver: Deliver) -> None: ...
+
+    @property
+    def is_connected(self) -> bool: ...
 
     async def publish(self, record: dict[str, Any]) -> None: ...
 
@@ -78,6 +82,10 @@ class EmbeddedQueue:
         self.store = store
         self.deliver: Deliver | None = None
 
+    @property
+    def is_connected(self) -> bool:
+        return True
+
     async def start(self, deliver: Deliver) -> None:
         self.deliver = deliver
         failed = self.store.fail_unaccepted()
@@ -100,8 +108,9 @@ class EmbeddedQueue:
 class AmqpQueue:
     name = "rabbitmq"
 
-    def __init__(self, url: str, store: JobStore, prefetch: int = 1000) -> None:
+    def __init__(self, url: str, store: JobStore, prefetch: int = 1000, queue_name: str = JOB_QUEUE) -> None:
         self.url = url
+        self.queue_name = queue_name
         self.store = store
         self.prefetch = prefetch
         self.connection: Any = None
@@ -109,30 +118,43 @@ class AmqpQueue:
         self.deliver: Deliver | None = None
         self.connected = asyncio.Event()
 
-    async def start(self, deliver: Deliver) -> None:
-        import aio_pika
+    @property
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
 
+    async def start(self, deliver: Deliver) -> None:
+        """Connect (retrying with backoff while the broker is down) and consume. The head runs
+        this in the background: its API answers, and refuses submissions, until it is done."""
         self.deliver = deliver
         delay = 0.5
         while True:
             try:
-                self.connection = await aio_pika.connect_robust(self.url, timeout=10)
-                break
+                await self._connect()
+                return
             except Exception as exc:  # broker down at start: keep trying, with backoff
                 log.warning("RabbitMQ at %s unreachable (%s); retrying in %.1fs", _safe(self.url), exc, delay)
+                if self.connection is not None:
+                    with contextlib.suppress(Exception):
+                        await self.connection.close()
+                    self.connection = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _connect(self) -> None:
+        import aio_pika
+
+        self.connection = await aio_pika.connect_robust(self.url, timeout=10)
         self.connection.reconnect_callbacks.add(self._on_reconnect)
         self.connection.close_callbacks.add(self._on_close)
         self.channel = await self.connection.channel(publisher_confirms=True)
         await self.channel.set_qos(prefetch_count=self.prefetch)
-        queue = await self.channel.declare_queue(JOB_QUEUE, durable=True)
+        queue = await self.channel.declare_queue(self.queue_name, durable=True)
         await queue.consume(self._on_message, no_ack=False)
         self.events_channel = await self.connection.channel(publisher_confirms=False)
         self.exchange = await self.events_channel.declare_exchange(
             EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         self.connected.set()
-        log.info("job queue: RabbitMQ queue %s at %s", JOB_QUEUE, _safe(self.url))
+        log.info("job queue: RabbitMQ queue %s at %s", self.queue_name, _safe(self.url))
 
     def _on_close(self, *args: Any) -> None:
         self.connected.clear()
@@ -148,6 +170,10 @@ class AmqpQueue:
         except DcfError as exc:
             log.error("dropping malformed job message: %s", exc.message)
             await message.reject(requeue=False)
+            return
+        if self.store.is_deleted(record["job_id"]):  # deleted, or refused after a lost confirm
+            log.info("dropping the queue message of a deleted job", extra={"job_id": record["job_id"]})
+            await message.ack()
             return
 
         async def ack() -> None:
@@ -180,16 +206,16 @@ class AmqpQueue:
         import aio_pika
 
         if not self.connected.is_set():
-            raise HeadUnreachable("the job queue (RabbitMQ) is unreachable; try again shortly")
+            raise QueueUnavailable("the job queue (RabbitMQ) is unreachable; the head is reconnecting")
         message = aio_pika.Message(encode_record(record), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                    message_id=record["job_id"], content_type="application/msgpack",
                                    type=f"dcf.job.{record['type']}")
         try:
-            await asyncio.wait_for(self.channel.default_exchange.publish(message, routing_key=JOB_QUEUE),
+            await asyncio.wait_for(self.channel.default_exchange.publish(message, routing_key=self.queue_name),
                                    timeout=15)
         except Exception as exc:
-            raise HeadUnreachable(f"the job queue did not confirm the job ({type(exc).__name__}); "
-                                  "try again") from None
+            raise QueueUnavailable(f"the job queue did not confirm the job ({type(exc).__name__}); "
+                                   "try again") from None
 
     async def close(self) -> None:
         if self.connection is not None:

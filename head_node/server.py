@@ -37,6 +37,8 @@ log = logging.getLogger("dcf.head")
 
 #: frames below this size are copied when sent: zero-copy tracking costs more than copying them
 COPY_THRESHOLD = 1 << 20
+QUEUE_DOWN = ("RabbitMQ unreachable: the head is reconnecting (the job goes on; its outcome is kept and "
+              "acknowledged once the broker is back)")
 PROVIDER_TYPES = ("register", "heartbeat", "unregister", "fetch")
 RESULT_TYPES = ("ack", "result", "failed")
 
@@ -68,7 +70,7 @@ class Head:
             min_deadline=cfg.min_deadline, max_attempts=cfg.max_attempts))
         self.blobs = BlobStore(self.root)
         self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
-        self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store) if cfg.amqp_url
+        self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, queue_name=cfg.amqp_queue) if cfg.amqp_url
                                 else EmbeddedQueue(self.store))
         self.active: dict[str, ActiveJob] = {}
         self.events = EventBus()
@@ -114,7 +116,10 @@ class Head:
         for coro in (self._router_loop(), self._xpub_loop(), self._pull_loop(), self._tick_loop()):
             self._tasks.append(asyncio.create_task(coro))
         (self.root / layout.MARKER).write_text(self.epoch)
-        await self.queue.start(self._deliver)
+        if isinstance(self.queue, AmqpQueue):  # the API serves (and refuses jobs) while RabbitMQ is away
+            self._tasks.append(asyncio.create_task(self.queue.start(self._deliver)))
+        else:
+            await self.queue.start(self._deliver)
         log.info("head %s up: registration %d, tasks %d, results %d, store %s, state dir %s",
                  self.epoch[:8], self.cfg.registration_port, self.cfg.task_port, self.cfg.result_port,
                  self.queue.name, self.root)
@@ -151,8 +156,9 @@ class Head:
         try:
             await self.queue.publish(record)
         except DcfError:
-            self.store.update(record["job_id"], state="failed", error="not accepted: job queue unavailable",
-                              finished_at=time.time())
+            # not accepted: no row is left, and a tombstone drops the message if the broker got it
+            # after all (a lost publisher confirm). The operands stay: the client may submit again.
+            self.store.delete(record["job_id"])
             raise
         self.store.mark_accepted(record["job_id"])
         log.info("job accepted: %s", record["type"], extra={"job_id": record["job_id"]})
@@ -255,6 +261,12 @@ class Head:
         return row
 
     def job_view(self, job_id: str) -> dict[str, Any]:
+        view = self._job_view(job_id)
+        if not self.queue.is_connected and view["state"] in ("queued", "running"):
+            view["waiting"] = QUEUE_DOWN + (f"; {view['waiting']}" if view.get("waiting") else "")
+        return view
+
+    def _job_view(self, job_id: str) -> dict[str, Any]:
         job = self.state.jobs.get(job_id)
         if job is not None:
             view = st.job_view(job, self._names())
@@ -299,6 +311,7 @@ class Head:
         live = [st.job_view(j, names) for j in self.state.jobs.values() if not j.state.terminal]
         return {
             "time": now, "epoch": self.epoch, "uptime_s": now - self.started_at, "queue": self.queue.name,
+            "queue_connected": self.queue.is_connected,
             "nodes": self.state.provider_rows(now), "jobs": live,
             "counters": {**self.state.counters, **self.counters,
                          **({"curve_refused": self.zap.denied} if self.zap is not None else {})},

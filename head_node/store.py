@@ -219,6 +219,10 @@ _COLUMNS = ("job_id", "type", "params", "inputs", "outputs", "nodes", "state", "
 _JSON_COLUMNS = ("params", "inputs", "outputs", "stats")
 
 
+#: how long a tombstone is kept: longer than any redelivery delay (RabbitMQ's consumer timeout is 30 min)
+TOMBSTONE_SECONDS = 30 * 24 * 3600
+
+
 class JobStore:
     def __init__(self, path: Path, fsync: bool = False) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -231,6 +235,10 @@ class JobStore:
             "params TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL, nodes INTEGER, "
             "state TEXT NOT NULL, accepted INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, "
             "started_at REAL, finished_at REAL, error TEXT, stats TEXT NOT NULL DEFAULT '{}')")
+        # tombstones: ids of deleted or refused jobs, so that a queue message redelivered later
+        # (after a broker outage, a lost publisher confirm) never brings the job back
+        self.db.execute("CREATE TABLE IF NOT EXISTS tombstones (job_id TEXT PRIMARY KEY, at REAL NOT NULL)")
+        self.db.execute("DELETE FROM tombstones WHERE at < ?", (time.time() - TOMBSTONE_SECONDS,))
 
     def close(self) -> None:
         self.db.close()
@@ -283,7 +291,14 @@ class JobStore:
         return cur.fetchone() is not None
 
     def delete(self, job_id: str) -> None:
-        self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        """Forget a job for good: its row goes, a tombstone stays."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT OR REPLACE INTO tombstones (job_id, at) VALUES (?, ?)", (job_id, time.time()))
+            self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
+    def is_deleted(self, job_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM tombstones WHERE job_id = ?", (job_id,)).fetchone() is not None
 
     @staticmethod
     def _row(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -128,7 +128,17 @@ def _fail(message: str, code: int) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.head_url, token=args.api_token, shared_files=args.shared_files)
+    client = Client(args.head_url, token=args.api_token, shared_files=args.shared_files, queue_wait=args.queue_wait)
+    told: list[bool] = []
+
+    def waiting(message: str, left: float) -> None:
+        if not told:  # once: the wait ends in an accepted job or in exit code 3
+            print(f"dcf: {message}; waiting up to {left:.0f}s more for the head to take the job "
+                  "(--queue-wait; Ctrl-C gives up)", file=sys.stderr, flush=True)
+            told.append(True)
+
+    client.on_queue_wait = waiting
+    return client
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
@@ -332,9 +342,16 @@ def cmd_result(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_queue_down(client: Client) -> None:
+    if client.health().get("queue_connected") is False:
+        print("dcf: the head's job queue (RabbitMQ) is unreachable; the head is reconnecting: running jobs go "
+              "on, new submissions wait (--queue-wait)", file=sys.stderr)
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         jobs = client.jobs(args.state, args.limit)
+        _warn_if_queue_down(client)
     rows = [(j["job_id"], j["type"], j["state"], f"{j['progress']['done']}/{j['progress']['total']}",
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"]))) for j in jobs]
     _emit(args, jobs, _table(("JOB", "TYPE", "STATE", "PROGRESS", "CREATED"), rows))
@@ -344,6 +361,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_nodes(args: argparse.Namespace) -> int:
     with _client(args) as client:
         nodes = client.nodes()
+        _warn_if_queue_down(client)
     rows = [(n["name"], n["provider_id"][:8], n["state"], n["device"], n["device_name"][:28],
              f"{n['gflops']:.1f}", f"{n['memory_bytes'] / 2**30:.1f}", str(n["cores"]), str(n["assigned"]),
              str(n["subtasks_done"]), f"{n['last_heartbeat_s']:.1f}s") for n in nodes]

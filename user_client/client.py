@@ -21,7 +21,14 @@ import httpx
 import numpy as np
 
 from common import layout
-from common.errors import DcfError, HeadUnreachable, TaskError, ValidationError, error_from_dict
+from common.errors import (
+    DcfError,
+    HeadUnreachable,
+    QueueUnavailable,
+    TaskError,
+    ValidationError,
+    error_from_dict,
+)
 from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -58,7 +65,7 @@ class Client:
     machine and can use its state dir, arrays are exchanged as files there instead of over HTTP."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
-                 shared_files: str | None = None) -> None:
+                 shared_files: str | None = None, queue_wait: float | None = None) -> None:
         self.url = (url or os.environ.get("DCF_HEAD_URL") or "http://127.0.0.1:8080").rstrip("/")
         mode = shared_files or os.environ.get("DCF_SHARED_FILES", "auto")
         if mode not in ("auto", "off"):
@@ -66,6 +73,12 @@ class Client:
         self._shared: Path | None | bool = None if mode == "auto" else False
         token = token if token is not None else os.environ.get("DCF_API_TOKEN", "")
         headers = {"authorization": f"Bearer {token}"} if token else {}
+        #: seconds ``submit`` keeps retrying while the head's job queue (RabbitMQ) is unreachable
+        self.queue_wait = float(queue_wait if queue_wait is not None else os.environ.get("DCF_QUEUE_WAIT", 60.0))
+        if not (self.queue_wait >= 0 and self.queue_wait != float("inf")):
+            raise ValidationError(f"queue_wait must be >= 0 seconds, got {self.queue_wait!r}")
+        #: called as on_queue_wait(message, seconds_left) before each retry of a refused submission
+        self.on_queue_wait: Callable[[str, float], None] | None = None
         self.http = httpx.Client(base_url=self.url, headers=headers,
                                  timeout=httpx.Timeout(timeout, connect=5.0), trust_env=False)
 
@@ -158,8 +171,22 @@ class Client:
 
     def submit(self, task_type: str, inputs: dict[str, str], params: dict[str, Any] | None = None,
                nodes: int | None = None) -> str:
+        """Submit a job; its id once the head accepted it durably. While the head's job queue is
+        unreachable (503 queue_unavailable) it retries with backoff for ``queue_wait`` seconds."""
         body = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
-        return self._request("POST", "/v1/jobs", json=body).json()["job_id"]
+        end = time.monotonic() + self.queue_wait
+        delay = 0.5
+        while True:
+            try:
+                return self._request("POST", "/v1/jobs", json=body).json()["job_id"]
+            except QueueUnavailable as exc:  # not accepted: nothing was recorded, trying again is safe
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise
+                if self.on_queue_wait is not None:
+                    self.on_queue_wait(exc.message, left)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
 
     def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                       progress: Progress | None = None) -> str:
