@@ -88,9 +88,7 @@ class EmbeddedQueue:
 
     async def start(self, deliver: Deliver) -> None:
         self.deliver = deliver
-        failed = self.store.fail_unaccepted()
-        if failed:
-            log.warning("%d submissions were cut off before acceptance and are marked failed", failed)
+        _discard_unaccepted(self.store)
         for record in self.store.unfinished():
             log.info("recovering job", extra={"job_id": record["job_id"]})
             deliver(record, _no_ack)
@@ -109,6 +107,8 @@ class AmqpQueue:
     name = "rabbitmq"
 
     def __init__(self, url: str, store: JobStore, prefetch: int = 1000, queue_name: str = JOB_QUEUE) -> None:
+        #: called with True/False when the broker connection comes back / goes away
+        self.on_state: Callable[[bool], None] | None = None
         self.url = url
         self.queue_name = queue_name
         self.store = store
@@ -126,6 +126,7 @@ class AmqpQueue:
         """Connect (retrying with backoff while the broker is down) and consume. The head runs
         this in the background: its API answers, and refuses submissions, until it is done."""
         self.deliver = deliver
+        _discard_unaccepted(self.store)
         delay = 0.5
         while True:
             try:
@@ -157,12 +158,17 @@ class AmqpQueue:
         log.info("job queue: RabbitMQ queue %s at %s", self.queue_name, _safe(self.url))
 
     def _on_close(self, *args: Any) -> None:
+        was_up = self.connected.is_set()
         self.connected.clear()
         log.warning("RabbitMQ connection lost; reconnecting")
+        if was_up and self.on_state is not None:
+            self.on_state(False)
 
     def _on_reconnect(self, *args: Any) -> None:
         self.connected.set()
         log.info("RabbitMQ connection restored")
+        if self.on_state is not None:
+            self.on_state(True)
 
     async def _on_message(self, message: Any) -> None:
         try:
@@ -220,6 +226,13 @@ class AmqpQueue:
     async def close(self) -> None:
         if self.connection is not None:
             await self.connection.close()
+
+
+def _discard_unaccepted(store: JobStore) -> None:
+    count = store.discard_unaccepted()
+    if count:
+        log.warning("%d submissions were cut off before they were accepted (no id was returned): discarded",
+                    count)
 
 
 def _safe(url: str) -> str:

@@ -36,6 +36,8 @@ ALERTS: dict[str, tuple[str, str]] = {
     "node.lost": ("node lost", "error"),
     "job.failed": ("job failed", "error"),
     "straggler": ("straggler", "warning"),
+    "queue.lost": ("job queue unreachable", "error"),
+    "queue.restored": ("job queue back", "info"),
 }
 METRIC_FIELDS = ("epoch", "step", "loss", "accuracy", "test_loss", "test_accuracy")
 PROVIDER_STATES = ("ready", "connecting", "draining", "dead")
@@ -213,6 +215,10 @@ def _alert(event: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]
         message = f"provider {who} stopped sending heartbeats; {event.get('requeued', 0)} subtasks re-queued"
     elif kind == "job.failed":
         message = f"job {job}: {event.get('error') or 'failed'}"
+    elif kind == "queue.lost":
+        message = "RabbitMQ unreachable: the head is reconnecting; running jobs go on, submissions wait"
+    elif kind == "queue.restored":
+        message = "RabbitMQ reachable again: the head accepts jobs"
     else:
         parts = [f"provider {who}" if who else "", f"job {job}" if job else ""]
         if "subtask" in event:
@@ -279,6 +285,9 @@ def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = N
     w = _Writer()
     w.family("dcf_up", "gauge", "1 while the head is serving.")
     w.value("dcf_up", 1, epoch=snapshot.get("epoch", ""), queue=snapshot.get("queue", ""))
+    w.family("dcf_queue_connected", "gauge", "1 while the head's job queue (RabbitMQ, or the embedded store) "
+             "is reachable.")
+    w.value("dcf_queue_connected", int(bool(snapshot.get("queue_connected", True))))
     w.family("dcf_uptime_seconds", "gauge", "Seconds since the head started.")
     w.value("dcf_uptime_seconds", round(float(snapshot.get("uptime_s", 0.0)), 3))
 

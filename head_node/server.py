@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+import sys
 import time
 import uuid
 from argparse import Namespace
@@ -76,6 +78,7 @@ class Head:
         self.events = EventBus()
         if isinstance(self.queue, AmqpQueue):
             self.events.sinks.append(self.queue.publish_event)
+            self.queue.on_state = self._queue_state
         self.waiters: dict[str, asyncio.Event] = {}
         self.ctx = zmq.asyncio.Context()
         self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
@@ -148,6 +151,10 @@ class Head:
         self.ctx.destroy(linger=0)
         self.store.close()
 
+    def _queue_state(self, connected: bool) -> None:
+        """The broker went away or came back: an event (dashboard alert, `dcf.events` once back)."""
+        self.events.emit("queue.restored" if connected else "queue.lost", queue=self.queue.name)
+
     # ---- jobs -----------------------------------------------------------------------------
     async def submit(self, spec: dict[str, Any]) -> str:
         """Validate a job, persist it, publish it durably; only then return its id."""
@@ -192,6 +199,10 @@ class Head:
         if row is not None and row["state"] in st.terminal_states():
             asyncio.ensure_future(ack())
             return
+        if record["type"] == "train" and "torch" not in sys.modules:
+            # importing torch takes seconds: on a thread, so that heartbeats, results and the API go on
+            asyncio.ensure_future(self._deliver_after_torch(record, ack))
+            return
         blob_ids = {name: ref["blob"] for name, ref in record["inputs"].items()}
         try:
             job, operands = self._open_job(record)
@@ -210,6 +221,13 @@ class Head:
             job.planner = trainer
         self.store.update(job_id, state="queued")
         self._run(self.state.add_job(job, time.time()))
+
+    async def _deliver_after_torch(self, record: dict[str, Any], ack: Ack) -> None:
+        with contextlib.suppress(ImportError):  # _trainer reports a missing torch as the job's error
+            await asyncio.to_thread(importlib.import_module, "torch")
+        if "torch" not in sys.modules:
+            sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # import fails fast from now on
+        self._deliver(record, ack)
 
     def _trainer(self, job: st.Job, blob_ids: dict[str, str], operands: dict[str, np.ndarray]) -> Any:
         try:

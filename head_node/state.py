@@ -276,6 +276,7 @@ class Timing:
     max_attempts: int = 5
     straggler_factor: float = 3.0  # running 3x longer than its provider's queue predicts...
     straggler_min: float = 2.0  # ...and at least this many seconds: a straggler
+    forget_after: float = 600.0  # a provider dead this long leaves the provider table
 
     @property
     def dead_after(self) -> float:
@@ -539,6 +540,8 @@ class ClusterState:
         for pid, prov in list(self.providers.items()):
             if prov.alive and now - prov.last_seen > self.timing.dead_after:
                 actions += self._lose(pid)
+            elif not prov.alive and now - prov.last_seen > self.timing.forget_after:
+                del self.providers[pid]  # bounded table; a late register brings it back
         for job in self.jobs.values():
             if job.state is not JobState.RUNNING:
                 continue

@@ -279,11 +279,14 @@ class JobStore:
         for row in cur.fetchall():
             yield self._row(row)
 
-    def fail_unaccepted(self) -> int:
-        cur = self.db.execute("UPDATE jobs SET state = 'failed', error = 'submission interrupted before "
-                              "it was accepted', finished_at = ? WHERE accepted = 0 AND state = 'queued'",
-                              (time.time(),))
-        return cur.rowcount
+    def discard_unaccepted(self) -> int:
+        """Submissions cut off before their id was returned (a head crash between the row and the
+        queue's confirm): no job for anyone. Tombstoned, so that a message published for one after
+        all is dropped when it arrives."""
+        ids = [r[0] for r in self.db.execute("SELECT job_id FROM jobs WHERE accepted = 0")]
+        for job_id in ids:
+            self.delete(job_id)
+        return len(ids)
 
     def blob_in_use(self, blob_id: str, except_job: str) -> bool:
         cur = self.db.execute("SELECT 1 FROM jobs WHERE job_id != ? AND inputs LIKE ? LIMIT 1",

@@ -72,6 +72,7 @@ def test_broker_stop_and_start_mid_job(broker: str, figures: Figures, rng: rando
             wait_for(lambda: not broker_running(), 30, "RabbitMQ to stop", poll=0.1)
             # the CLI while the broker is down: status of a running job still answers from the head
             wait_for(lambda: c.health()["queue_connected"] is False, 30, "the head to see the broker gone", poll=0.1)
+            assert "\ndcf_queue_connected 0\n" in c.http.get("/metrics").text
             out = run_cli("status", jobs[0].job_id, url=cl.url, timeout=60)
             assert out.returncode == 0, out.stderr
             assert f"{jobs[0].job_id}  matmul  running" in out.stdout, out.stdout
@@ -139,6 +140,7 @@ def test_broker_stop_and_start_mid_job(broker: str, figures: Figures, rng: rando
         wait_for(lambda: broker_queue_counts(vhost=vhost_of(broker)) == (0, 0), 20, "dcf.jobs to drain", poll=0.5)
         time.sleep(1.0)  # (the redelivered message of the deleted job has been handled by now)
         SEEN["deleted_job_after_reconnect"] = _state(c, jobs[0].job_id)
+        assert "\ndcf_queue_connected 1\n" in c.http.get("/metrics").text
         # refused submissions left no job behind (their ids were never returned)
         assert not [j for j in c.jobs(state="failed") if "not accepted" in (j.get("error") or "")]
 

@@ -477,6 +477,23 @@ def test_dead_after_three_missed_heartbeats(cs):
     assert cs.tick(100.0) == []  # lost once
 
 
+def test_dead_provider_leaves_the_table_after_forget_after(cs):
+    p, q = make_info(), make_info()
+    connect(cs, p)
+    connect(cs, q)
+    for t in range(5, 700, 5):  # q stays alive
+        cs.heartbeat(q.provider_id, float(t))
+    cs.tick(20.0)
+    assert not cs.providers[p.provider_id].alive
+    cs.tick(cs.timing.forget_after - 1.0)
+    assert p.provider_id in cs.providers  # still listed as dead
+    cs.tick(cs.timing.forget_after + 0.01)
+    assert p.provider_id not in cs.providers and q.provider_id in cs.providers
+    assert [r["provider_id"] for r in cs.provider_rows(700.0)] == [q.provider_id]
+    connect(cs, p, 700.0)  # a late comeback registers again
+    assert cs.providers[p.provider_id].ready
+
+
 def test_heartbeats_keep_a_provider_alive(cs):
     p = make_info()
     connect(cs, p)
