@@ -609,7 +609,8 @@ class Head:
                 self._on_result(msg)
             except DcfError as exc:
                 self.counters["bad_messages"] += 1
-                log.warning("bad message on the result socket: %s", exc.message)
+                log.warning("bad message on the result socket: %s", exc.message,
+                            extra={"peer": _user_id(frames[0]) or "-"})
             except Exception:
                 log.exception("error handling a result message")
 

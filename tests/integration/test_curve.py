@@ -274,3 +274,17 @@ def test_provider_refuses_a_public_key_as_its_secret(stranger: Path) -> None:
                            str(stranger / "allowed" / "stranger.key"), "--curve-server-key",
                            str(stranger / "head.key")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "holds no secret key" in proc.stderr
+
+
+def test_head_kill_and_restart_with_curve(tmp_path: Path) -> None:
+    """kill -9 of a CURVE head: restarted on the same state dir, ports and keys, it knows no provider
+    key; the providers re-register (unknown_provider), reconnect SUB and PUSH, and a job runs."""
+    with LocalCluster(2, heartbeat=0.5, threads=1, curve=True, state_dir=str(tmp_path / "state")) as cl, \
+            Client(cl.url) as c:
+        rng = np.random.default_rng(3)
+        a, b = rng.standard_normal((400, 300)), rng.standard_normal((300, 200))
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+        cl.kill_head()
+        cl.start_head()
+        cl.wait_ready(2, timeout=60)
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
