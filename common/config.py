@@ -78,7 +78,8 @@ HEAD_OPTIONS = [
     Option("state_dir", str, "./dcf-state", "directory of the job store, operands and results"),
     Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); empty: embedded store"),
     Option("amqp_queue", str, "dcf.jobs", "RabbitMQ queue of this head's jobs (heads sharing a vhost need "
-           "different ones)", lambda v: 0 < len(v) <= 200 and v.isprintable(), "1-200 printable characters"),
+           "different ones)", lambda v: 0 < len(v) <= 200 and v.isascii() and v.isprintable()
+           and not v.startswith("amq."), "1-200 printable ASCII characters, not starting with amq."),
     _port_opt("http_port", 8080, "REST API port"),
     *PORT_OPTIONS,
     *COMMON_OPTIONS,

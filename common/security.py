@@ -18,9 +18,11 @@ public key, ``NAME.key_secret`` both. ``dcf keys generate`` writes this layout::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from argparse import Namespace
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +142,20 @@ def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
 
 
 # ---- generation (dcf keys generate) ---------------------------------------------------------
-def _private(path: Path) -> None:
+def _readable(public_file: Path) -> None:
     if os.name == "posix":
-        path.chmod(0o600)
+        public_file.chmod(0o644)  # a public key: anyone may read it
+
+
+@contextlib.contextmanager
+def _owner_only() -> Iterator[None]:
+    """Files created inside are readable by their owner only from the start (no chmod window)."""
+    old = os.umask(0o077) if os.name == "posix" else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.umask(old)
 
 
 def generate_head(key_dir: Path) -> tuple[Path, bool]:
@@ -152,29 +165,30 @@ def generate_head(key_dir: Path) -> tuple[Path, bool]:
     if public.exists() and (key_dir / "head.key_secret").exists():
         load_secret(key_dir / "head.key_secret")  # fail loudly on a damaged pair
         return public, False
-    pub_file, secret_file = zmq.auth.create_certificates(key_dir, "head")
-    _private(Path(secret_file))
+    with _owner_only():
+        pub_file, _ = zmq.auth.create_certificates(key_dir, "head")
+    _readable(Path(pub_file))
     return Path(pub_file), True
 
 
 def generate_provider(key_dir: Path, name: str) -> tuple[Path, bool]:
     """Provider ``name``'s key pair in ``key_dir/providers`` and its public key in the head's
-    allow-list ``key_dir/allowed``; (secret file, created?). An existing pair is kept."""
+    allow-list ``key_dir/allowed``; (secret file, created?). An existing pair is kept, and not put
+    on the allow-list again (it may have been revoked)."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise ConfigError(f"provider key name {name!r}: use letters, digits, '-', '_' and '.'")
     providers, allowed = key_dir / "providers", key_dir / "allowed"
     providers.mkdir(parents=True, exist_ok=True)
     allowed.mkdir(parents=True, exist_ok=True)
     secret = providers / f"{name}.key_secret"
-    created = not secret.exists()
-    if created:
-        pub_file, secret_file = zmq.auth.create_certificates(providers, name)
-        _private(Path(secret_file))
-    else:
-        load_secret(secret)
-    if not (allowed / f"{name}.key").exists():
-        shutil.copyfile(providers / f"{name}.key", allowed / f"{name}.key")
-    return secret, created
+    if secret.exists():
+        load_secret(secret)  # fail loudly on a damaged pair
+        return secret, False
+    with _owner_only():
+        zmq.auth.create_certificates(providers, name)
+    _readable(providers / f"{name}.key")
+    shutil.copyfile(providers / f"{name}.key", allowed / f"{name}.key")
+    return secret, True
 
 
 def copy_for_provider(key_dir: Path, name: str, dest: Path) -> list[Path]:
@@ -185,8 +199,9 @@ def copy_for_provider(key_dir: Path, name: str, dest: Path) -> list[Path]:
     providers = key_dir / "providers"
     for src in (key_dir / "head.key", providers / f"{name}.key", providers / f"{name}.key_secret"):
         target = dest / src.name
-        shutil.copyfile(src, target)
-        if target.suffix == ".key_secret":
-            _private(target)
+        with _owner_only():
+            shutil.copyfile(src, target)
+        if target.suffix == ".key_secret" and os.name == "posix":
+            target.chmod(0o600)  # an existing file keeps its mode through copyfile
         out.append(target)
     return out

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import sys
 import time
 import uuid
 from argparse import Namespace
@@ -39,8 +38,10 @@ log = logging.getLogger("dcf.head")
 
 #: frames below this size are copied when sent: zero-copy tracking costs more than copying them
 COPY_THRESHOLD = 1 << 20
-QUEUE_DOWN = ("RabbitMQ unreachable: the head is reconnecting (the job goes on; its outcome is kept and "
-              "acknowledged once the broker is back)")
+QUEUE_DOWN = ("RabbitMQ unreachable: the head is reconnecting (the job stays accepted: it goes on or "
+              "waits; its outcome is kept and acknowledged once the broker is back)")
+#: with CURVE, at most this many provider ids bound to keys
+MAX_PROVIDER_KEYS = 10_000
 PROVIDER_TYPES = ("register", "heartbeat", "unregister", "fetch")
 RESULT_TYPES = ("ack", "result", "failed")
 
@@ -80,6 +81,10 @@ class Head:
             self.events.sinks.append(self.queue.publish_event)
             self.queue.on_state = self._queue_state
         self.waiters: dict[str, asyncio.Event] = {}
+        #: submissions waiting for the broker's confirm -> a delivery of theirs that came first
+        self.parked: dict[str, tuple[dict[str, Any], Ack] | None] = {}
+        self.torch_import: asyncio.Future[None] | None = None
+        self.torch_ready = False
         self.ctx = zmq.asyncio.Context()
         self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
         self.zap: Any = None
@@ -159,15 +164,24 @@ class Head:
     async def submit(self, spec: dict[str, Any]) -> str:
         """Validate a job, persist it, publish it durably; only then return its id."""
         record = self.make_record(spec)
+        job_id = record["job_id"]
         self.store.insert(record, accepted=False)
+        # the broker may deliver the message before it confirms it: such a delivery waits here
+        self.parked[job_id] = None
         try:
             await self.queue.publish(record)
         except DcfError:
             # not accepted: no row is left, and a tombstone drops the message if the broker got it
             # after all (a lost publisher confirm). The operands stay: the client may submit again.
-            self.store.delete(record["job_id"])
+            self.store.delete(job_id)
+            early = self.parked.pop(job_id, None)
+            if early is not None:
+                asyncio.ensure_future(early[1]())  # delivered although refused: acked, never run
             raise
-        self.store.mark_accepted(record["job_id"])
+        early = self.parked.pop(job_id, None)
+        if early is not None:
+            self._deliver(*early)
+        self.store.mark_accepted(job_id)
         log.info("job accepted: %s", record["type"], extra={"job_id": record["job_id"]})
         self.events.emit("job.accepted", job_id=record["job_id"], type=record["type"])
         return record["job_id"]
@@ -192,6 +206,9 @@ class Head:
     def _deliver(self, record: dict[str, Any], ack: Ack) -> None:
         """A job from the durable queue (new, recovered or redelivered) enters the scheduler."""
         job_id = record["job_id"]
+        if job_id in self.parked:  # its submission is still waiting for the broker's confirm
+            self.parked[job_id] = (record, ack)
+            return
         if job_id in self.active:
             self.active[job_id].ack = ack  # redelivery after a broker reconnect: the new tag counts
             return
@@ -199,8 +216,11 @@ class Head:
         if row is not None and row["state"] in st.terminal_states():
             asyncio.ensure_future(ack())
             return
-        if record["type"] == "train" and "torch" not in sys.modules:
-            # importing torch takes seconds: on a thread, so that heartbeats, results and the API go on
+        if record["type"] == "train" and not self.torch_ready:
+            # importing torch takes seconds: once, on a thread, so that heartbeats, results and the API go
+            # on; every training delivery waits for that one import, in delivery order
+            if self.torch_import is None:
+                self.torch_import = asyncio.ensure_future(asyncio.to_thread(_import_torch))
             asyncio.ensure_future(self._deliver_after_torch(record, ack))
             return
         blob_ids = {name: ref["blob"] for name, ref in record["inputs"].items()}
@@ -223,13 +243,14 @@ class Head:
         self._run(self.state.add_job(job, time.time()))
 
     async def _deliver_after_torch(self, record: dict[str, Any], ack: Ack) -> None:
-        with contextlib.suppress(ImportError):  # _trainer reports a missing torch as the job's error
-            await asyncio.to_thread(importlib.import_module, "torch")
-        if "torch" not in sys.modules:
-            sys.modules.setdefault("torch", None)  # type: ignore[arg-type]  # import fails fast from now on
+        assert self.torch_import is not None
+        await asyncio.shield(self.torch_import)  # never raises: _import_torch reports, _trainer fails the job
+        self.torch_ready = True
         self._deliver(record, ack)
 
     def _trainer(self, job: st.Job, blob_ids: dict[str, str], operands: dict[str, np.ndarray]) -> Any:
+        if TORCH_IMPORT_ERROR:
+            raise DcfError(f"training needs a working torch on the head ({TORCH_IMPORT_ERROR})")
         try:
             import torch
 
@@ -519,8 +540,10 @@ class Head:
         pid = check_id(msg["provider_id"], "provider_id")
         owner = self.provider_keys.get(pid)
         if owner is None and register and key:
-            if len(self.provider_keys) > 100_000:  # bounded: ids of long-gone providers are dropped
-                self.provider_keys.clear()
+            if len(self.provider_keys) >= MAX_PROVIDER_KEYS:  # bounded: forget ids the state forgot
+                self.provider_keys = {p: k for p, k in self.provider_keys.items() if p in self.state.providers}
+                if len(self.provider_keys) >= MAX_PROVIDER_KEYS:
+                    raise Conflict("too many providers are registered")
             self.provider_keys[pid] = key
             return
         if owner is None:
@@ -545,7 +568,10 @@ class Head:
             local = self._is_local(pid, msg.get("local_epoch"))
             if not self.state.heartbeat(pid, now, msg["queued"], local):
                 return protocol.error_frames("unknown_provider", "register again")
-            return protocol.encode("heartbeat_ack", {"epoch": self.epoch})
+            # subscribed: whether the head sees this provider's SUB (a provider that is told "no" again and
+            # again opens its SUB and PUSH connections anew: e.g. one refused while its key was not allowed)
+            return protocol.encode("heartbeat_ack", {"epoch": self.epoch,
+                                                     "subscribed": self.state.providers[pid].subscribed})
         if msg.type == "fetch":
             return self._fetch(pid, msg["blob_id"])
         self._run(self.state.unregister(pid, now))
@@ -687,6 +713,19 @@ class Head:
                 self._run(self.state.tick(time.time()))
             except Exception:
                 log.exception("error in the scheduler tick")
+
+
+#: why torch could not be imported on the head ("" if it could, or was not tried)
+TORCH_IMPORT_ERROR = ""
+
+
+def _import_torch() -> None:
+    """On a thread: import torch once; any failure is kept for the training jobs to report."""
+    global TORCH_IMPORT_ERROR
+    try:
+        importlib.import_module("torch")
+    except BaseException as exc:  # a broken install may raise anything (OSError: libcudnn..., ...)
+        TORCH_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _user_id(frame: zmq.Frame) -> str:

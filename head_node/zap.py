@@ -27,6 +27,7 @@ log = logging.getLogger("dcf.head.zap")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 LOG_EVERY = 30.0
 RELOAD_EVERY = 1.0
+MISS_RELOAD_EVERY = 0.1  # an unknown key re-reads the directory, at most this often
 
 
 class AllowList:
@@ -52,7 +53,7 @@ class AllowList:
             return
         self._checked = now
         signature = self._current_signature()
-        if signature == self._signature and not force:
+        if signature == self._signature:
             return
         self._signature = signature
         self.keys = read_allow_list(self.directory)
@@ -60,7 +61,11 @@ class AllowList:
 
     def name_of(self, public_z85: bytes) -> str | None:
         self.reload()
-        return self.keys.get(public_z85)
+        name = self.keys.get(public_z85)
+        if name is None and time.monotonic() - self._checked >= MISS_RELOAD_EVERY:
+            self.reload(force=True)  # a key just added must not be refused for a second
+            name = self.keys.get(public_z85)
+        return name
 
 
 class ZapHandler:
@@ -102,7 +107,12 @@ class ZapHandler:
                 if not sock.poll(200):
                     continue
                 request = sock.recv_multipart()
-                sock.send_multipart(self.answer(request))
+                try:
+                    reply = self.answer(request)
+                except Exception:  # never let the thread die: without it every handshake is refused
+                    log.exception("error answering a ZAP request")
+                    reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"internal error", b"", b""]
+                sock.send_multipart(reply)
         finally:
             sock.close(linger=0)
 

@@ -32,6 +32,7 @@ from .shared import SharedFiles
 log = logging.getLogger("dcf.provider")
 
 DATA_CACHE_ENTRIES = 8
+RESUBSCRIBE_AFTER = 3  # heartbeat acks in a row without our subscription: connect SUB and PUSH anew
 INLINE_SECONDS = 0.02  # subtasks expected to take less run on the socket thread
 FETCH_TIMEOUT_MS = 30_000
 
@@ -65,6 +66,9 @@ class ProviderNode:
         self.register_at: float | None = None  # when to retry a refused registration
         self.register_backoff = 1.0
         self.push_generation = 0  # bumped when the compute thread's PUSH must be opened again
+        self.unsubscribed_acks = 0  # heartbeat acks in a row saying the head does not see our SUB
+        self.reconnect = False  # set: the main loop opens its SUB and PUSH connections anew
+        self.renew_identity = False  # set: another key owns our provider id at the head (CURVE)
 
     def _socket(self, kind: int) -> zmq.Socket:
         """A socket to the head, a CURVE client of it when keys are configured."""
@@ -129,10 +133,14 @@ class ProviderNode:
                     reply = pirate.on_readable()
                     if reply is not None:
                         self._on_reply(reply, pirate)
-                        if self.registered and pirate.refused:
-                            # our key was refused before and is allowed now: libzmq does not retry
-                            # a refused handshake, so the SUB and PUSH connections start over
-                            pirate.refused = False
+                        if self.renew_identity:
+                            self._new_identity(sub)
+                        if self.registered and (pirate.refused or self.reconnect):
+                            # a refused handshake (our key was not allowed then) is not retried by
+                            # libzmq: the SUB and PUSH connections start over
+                            log.info("opening the task and result connections anew",
+                                     extra={"provider_id": self.provider_id})
+                            pirate.refused = self.reconnect = False
                             sub.close(linger=0)
                             acks.close(linger=0)
                             sub, acks = self._sub(), self._push()
@@ -153,6 +161,13 @@ class ProviderNode:
             sub.close(linger=0)
             acks.close(linger=0)
             self.ctx.term()
+
+    def _new_identity(self, sub: zmq.Socket) -> None:
+        self.renew_identity = False
+        sub.setsockopt(zmq.UNSUBSCRIBE, self.topic)
+        self.provider_id = uuid.uuid4().hex
+        self.topic = self.provider_id.encode()
+        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
 
     def _sub(self) -> zmq.Socket:
         sub = self._socket(zmq.SUB)
@@ -186,12 +201,20 @@ class ProviderNode:
         elif msg.type == "heartbeat_ack":
             if msg["epoch"] != self.epoch:
                 self.epoch = msg["epoch"]
+            self.unsubscribed_acks = 0 if msg.get("subscribed", True) else self.unsubscribed_acks + 1
+            if self.unsubscribed_acks >= RESUBSCRIBE_AFTER:
+                self.unsubscribed_acks = 0
+                self.reconnect = True
         elif msg.type == "error":
             self.registered = False
             if msg["code"] == "unknown_provider":
                 log.warning("the head does not know this provider (restarted?); registering again")
                 self.register_backoff = 1.0
                 pirate.send(self.register_frames(), now)
+            elif msg["code"] == "unauthorized":  # our id is bound to another CURVE key: take a new one
+                log.warning("the head binds this provider id to another key; registering with a new id")
+                self.renew_identity = True
+                self.register_at = now
             else:  # refused: try again later, not in a tight loop
                 log.error("head refused a request: %s: %s; retrying in %.0fs", msg["code"], msg["message"],
                           self.register_backoff)
@@ -207,11 +230,11 @@ class ProviderNode:
             log.warning("bad subtask message: %s", exc.message)
             return
         key = (msg["job_id"], msg["subtask"], msg["epoch"])
-        acks.send_multipart(protocol.encode("ack", self._key_fields(msg)))
+        _send_or_drop(acks, protocol.encode("ack", self._key_fields(msg)))
         try:
             tasks.get(msg["task_type"])
         except DcfError as exc:
-            acks.send_multipart(protocol.encode("failed", {**self._key_fields(msg), "error": exc.message,
+            _send_or_drop(acks, protocol.encode("failed", {**self._key_fields(msg), "error": exc.message,
                                                            "retryable": True}))
             return
         with self.lock:
@@ -222,7 +245,7 @@ class ProviderNode:
         if idle and self._is_quick(msg):
             # A few milliseconds of work while the compute thread waits: run it here and save two
             # thread hand-offs (training steps). Heartbeats wait at most INLINE_SECONDS.
-            acks.send_multipart(self._execute(msg), copy=False)
+            _send_or_drop(acks, self._execute(msg))
             with self.lock:
                 self.in_hand.discard(key)
             return
@@ -299,10 +322,15 @@ class ProviderNode:
                 if msg is None:
                     return
                 frames = self._execute(msg)
-                if generation != self.push_generation:  # the main thread started its sockets over
-                    push.close(linger=0)
-                    push, generation = self._push(), self.push_generation
-                push.send_multipart(frames, copy=False)
+                while not self.stopping.is_set():
+                    if generation != self.push_generation:  # the main thread started its sockets over
+                        push.close(linger=0)
+                        push, generation = self._push(), self.push_generation
+                    try:  # never block for good: a PUSH whose connection was refused has nowhere to queue
+                        push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                        break
+                    except zmq.Again:
+                        time.sleep(0.05)
                 with self.lock:
                     self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
         finally:
@@ -346,3 +374,12 @@ class ProviderNode:
         arrays = task.subtask_inputs(msg["params"], files.inputs(blob_ids))
         outputs = files.outputs(msg["job_id"], names, msg["epoch"])
         return task.run_into(msg["params"], arrays, outputs, self.device)
+
+
+def _send_or_drop(sock: zmq.Socket, frames: list[Any]) -> None:
+    """Send from the main loop without ever blocking it. A PUSH with no connection to queue on (its
+    handshake was refused) drops the message: the head's ack timeout or deadline sends the subtask again."""
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        log.warning("no connection to the head's result socket: message dropped (the head will re-send)")

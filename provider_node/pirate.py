@@ -68,11 +68,13 @@ class LazyPirate:
         why = None
         while self.monitor is not None and self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
-            self.refused = True
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused = True
                 why = "the head refused this provider's CURVE key (is its .key in the head's allow-list?)"
-            elif why is None:
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and why is None:
+                self.refused = True
                 why = "the CURVE handshake with the head failed (is --curve-server-key the head's public key?)"
+            # HANDSHAKE_FAILED_NO_DETAIL: the connection broke mid-handshake (e.g. the head died): no hint
         return why
 
     @property

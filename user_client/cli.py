@@ -343,7 +343,11 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 
 def _warn_if_queue_down(client: Client) -> None:
-    if client.health().get("queue_connected") is False:
+    try:
+        down = client.health().get("queue_connected") is False
+    except DcfError:  # a hint only: never turn an answered command into a failure
+        return
+    if down:
         print("dcf: the head's job queue (RabbitMQ) is unreachable; the head is reconnecting: running jobs go "
               "on, new submissions wait (--queue-wait)", file=sys.stderr)
 

@@ -74,7 +74,11 @@ class Client:
         token = token if token is not None else os.environ.get("DCF_API_TOKEN", "")
         headers = {"authorization": f"Bearer {token}"} if token else {}
         #: seconds ``submit`` keeps retrying while the head's job queue (RabbitMQ) is unreachable
-        self.queue_wait = float(queue_wait if queue_wait is not None else os.environ.get("DCF_QUEUE_WAIT", 60.0))
+        try:
+            self.queue_wait = float(queue_wait if queue_wait is not None else os.environ.get("DCF_QUEUE_WAIT", 60.0))
+        except (TypeError, ValueError):
+            raise ValidationError(f"queue_wait (DCF_QUEUE_WAIT) must be a number of seconds, got "
+                                  f"{queue_wait or os.environ.get('DCF_QUEUE_WAIT')!r}") from None
         if not (self.queue_wait >= 0 and self.queue_wait != float("inf")):
             raise ValidationError(f"queue_wait must be >= 0 seconds, got {self.queue_wait!r}")
         #: called as on_queue_wait(message, seconds_left) before each retry of a refused submission

@@ -30,8 +30,8 @@ def cmd_keys(args: argparse.Namespace, emit: Any) -> int:
     for name in args.provider or ["provider"]:
         secret, created = security.generate_provider(key_dir, name)
         made["providers"].append({"name": name, "secret_key": str(secret), "created": created})
-        lines.append(f"{'created' if created else 'kept   '} {secret}: provider {name}'s key pair, "
-                     f"public key in {key_dir / 'allowed'}")
+        lines.append(f"created {secret}: provider {name}'s key pair, public key in {key_dir / 'allowed'}"
+                     if created else f"kept    {secret}: provider {name}'s key pair (allow-list unchanged)")
         if args.copy_to:
             for copied in security.copy_for_provider(key_dir, name, Path(args.copy_to)):
                 lines.append(f"copied  {copied}")

@@ -22,10 +22,16 @@ def test_generate_layout_keeps_existing_keys(tmp_path: Path) -> None:
     assert created and secret == tmp_path / "providers" / "gpu-1.key_secret"
     assert (tmp_path / "allowed" / "gpu-1.key").is_file()
     assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "head.key_secret").stat().st_mode & 0o777) == "0o600"
+    assert oct(head_pub.stat().st_mode & 0o777) == "0o644"
     before = secret.read_bytes()
     assert security.generate_provider(tmp_path, "gpu-1") == (secret, False)
     assert security.generate_head(tmp_path) == (head_pub, False)
     assert secret.read_bytes() == before
+    (tmp_path / "allowed" / "gpu-1.key").unlink()  # revoked: generating again must not re-allow it
+    assert security.generate_provider(tmp_path, "gpu-1") == (secret, False)
+    assert not (tmp_path / "allowed" / "gpu-1.key").exists()
+    shutil.copyfile(tmp_path / "providers" / "gpu-1.key", tmp_path / "allowed" / "gpu-1.key")
     public, _ = security.load_secret(secret)
     assert security.read_allow_list(tmp_path / "allowed") == {public: "gpu-1"}
 
