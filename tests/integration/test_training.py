@@ -107,7 +107,7 @@ def cluster2():
 def test_other_strategies_learn(cluster2, tmp_path, sync, extra) -> None:
     with Client(cluster2.url) as c:
         meta = c.train(DIGITS, tmp_path / "m.pt", timeout=300, epochs=10, sync=sync,
-                       **{**PARAMS, "lr": 0.05 if sync == "async" else 0.1}, **extra)
+                       **{**PARAMS, "lr": 0.03 if sync == "async" else 0.1}, **extra)
     # stale gradients make async slower to converge than sync (0.97 after 10 epochs): well above
     # chance (0.1) is what is asserted
     assert meta["metrics"]["test_accuracy"] > 0.7, meta["metrics"]
