@@ -233,10 +233,11 @@ class Soak:
             wait_for(lambda: not broker_running(), 30, "RabbitMQ to stop", poll=0.1)
             t0 = time.monotonic()
             try:
-                self.job(50)
+                with Client(self.cl.url, queue_wait=0) as quick:  # refused at once, not waited for
+                    submit_matmul(quick, self.nprng, 50)
                 raise AssertionError("a job was accepted while RabbitMQ was down")
             except HeadUnreachable:
-                self.figures.timing("submit refused while RabbitMQ is down", time.monotonic() - t0)
+                self.figures.timing("submit refused while RabbitMQ is down (--queue-wait 0)", time.monotonic() - t0)
             stopper.wait(timeout=60)
         finally:
             if stopper.poll() is None:
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amqp-url", default="", help=f"use RabbitMQ (e.g. {AMQP_URL}); default: embedded store")
     p.add_argument("--broker-faults", action="store_true", help="also stop and start RabbitMQ (rabbitmqctl)")
     p.add_argument("--no-slow-link", action="store_true", help="no provider behind a slow link")
+    p.add_argument("--curve", action="store_true", help="CURVE keys for the head and every provider")
     p.add_argument("--figures", help="also write the figures as JSON here")
     p.add_argument("--shared-vhost", action="store_true",
                    help="use the vhost of --amqp-url as it is (default: a private vhost for the run, so that no "
@@ -309,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def soak(args: argparse.Namespace, amqp_url: str, rounds: list[str], rng: random.Random, figures: Figures) -> int:
     end = time.monotonic() + args.minutes * 60
-    with LocalCluster(0, heartbeat=args.heartbeat, threads=1, amqp_url=amqp_url, state_dir=args.state_dir) as cl, \
+    with LocalCluster(0, heartbeat=args.heartbeat, threads=1, amqp_url=amqp_url, state_dir=args.state_dir,
+                      curve=args.curve) as cl, \
             Client(cl.url) as c, EventWatcher(cl.url) as watch, \
             (contextlib.nullcontext() if args.no_slow_link else SlowLink(cl.ports, 0.03, 20e6)) as link:
         soak = Soak(cl, c, rng, figures, args.heartbeat, link)
