@@ -89,9 +89,9 @@ HEAD_OPTIONS = [
            "provider", _positive, "> 0"),
     Option("max_attempts", int, 5, "attempts per subtask before its job fails", _positive, ">= 1"),
     Option("max_upload_bytes", int, 8 * 1024**3, "largest accepted upload (bytes)", _positive, "> 0"),
-    Option("fsync", _bool, False, "also survive power loss: fsync operands before accepting a job, results "
-           "before reporting it done, and every job-store commit (off: files and commits reach the OS "
-           "before any acknowledgement, which survives any crash of the head process)"),
+    Option("fsync", _bool, False, "also survive power loss: fsync operands before accepting a job, results, "
+           "checkpoints and models before reporting them, and every job-store commit (off: files and commits "
+           "reach the OS before any acknowledgement, which survives any crash of the head process)"),
     Option("api_token", str, "", "bearer token the REST API requires (empty: none)"),
     Option("curve_secret_key", str, "", "this program's CURVE secret key file (`NAME.key_secret` from `dcf keys "
            "generate`); with it, all ZeroMQ traffic is encrypted and authenticated (empty: CURVE off)"),

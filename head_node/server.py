@@ -258,7 +258,8 @@ class Head:
         except ImportError as exc:
             raise DcfError(f"training needs torch on the head ({exc})") from None
         torch.set_num_threads(1)  # the optimizer step is small; keep the cores for the providers
-        return Trainer(job.job_id, job.params, blob_ids, operands, layout.job_dir(self.root, job.job_id))
+        return Trainer(job.job_id, job.params, blob_ids, operands, layout.job_dir(self.root, job.job_id),
+                       fsync=self.cfg.fsync)
 
     def _open_job(self, record: dict[str, Any]) -> tuple[st.Job, dict[str, np.ndarray]]:
         task = tasks.get(record["type"])

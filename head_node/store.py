@@ -33,6 +33,16 @@ def _fsync_file(f: BinaryIO) -> None:
     os.fsync(f.fileno())
 
 
+def replace_file(tmp: Path, final: Path, fsync: bool) -> None:
+    """Rename a finished file into place; with ``fsync`` its data and its directory entry reach the disk."""
+    if fsync:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if fsync:
+        fsync_dir(final.parent)
+
+
 def fsync_dir(path: Path) -> None:
     if os.name == "posix":
         fd = os.open(path, os.O_RDONLY)
@@ -84,6 +94,8 @@ class BlobWriter:
             _fsync_file(self.file)
         self.file.close()
         os.replace(self.tmp, self.store.blob_path(self.blob_id))
+        if fsync:
+            fsync_dir(self.store.blob_dir)  # the name too, not only the bytes
         self.store.metas[self.blob_id] = self.meta
         return self.blob_id, self.meta
 
@@ -141,6 +153,8 @@ class BlobStore:
             raise
         blob_id = uuid.uuid4().hex
         os.replace(path, self.blob_path(blob_id))
+        if fsync:
+            fsync_dir(self.blob_dir)
         self.metas[blob_id] = meta
         return blob_id, meta
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,8 @@ from common.errors import ValidationError
 from common.rows import worker_shares
 from common.tasks import SubtaskPlan, Worker
 from common.training import train_params
+
+from .store import replace_file
 
 log = logging.getLogger("dcf.head.training")
 
@@ -74,10 +75,11 @@ def make_scheduler(optimizer: Any, p: Mapping[str, Any], total_steps: int) -> An
 
 class Trainer:
     def __init__(self, job_id: str, params: Mapping[str, Any], blob_ids: Mapping[str, str],
-                 data: Mapping[str, np.ndarray], job_dir: Path) -> None:
+                 data: Mapping[str, np.ndarray], job_dir: Path, fsync: bool = False) -> None:
         import torch
 
         self.job_id = job_id
+        self.fsync = fsync  # checkpoints and outputs reach the disk before they count (--fsync)
         self.p = train_params(params)
         self.blob_ids = dict(blob_ids)
         self.job_dir = job_dir
@@ -362,7 +364,7 @@ class Trainer:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.job_dir / f".{CHECKPOINT}.part"
         torch.save(state, tmp)
-        os.replace(tmp, self.job_dir / CHECKPOINT)
+        replace_file(tmp, self.job_dir / CHECKPOINT, self.fsync)
         self.checkpoint_due = False
         log.info("checkpoint at step %d", self.global_step, extra={"job_id": self.job_id})
 
@@ -412,7 +414,7 @@ class Trainer:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.job_dir / ".model.pt.part"
         torch.save(self.model.state_dict(), tmp)
-        os.replace(tmp, self.job_dir / "model.pt")
+        replace_file(tmp, self.job_dir / "model.pt", self.fsync)
         final = self.history[-1] if self.history else {}
         meta = {"model": self.p["model"], "model_args": self.p["model_args"], "input_shape": self.input_shape,
                 "classes": self.classes, "parameters": self.n_params, "training": self.p,
@@ -422,7 +424,7 @@ class Trainer:
                             "train_loss": final.get("train_loss"), "history": self.history,
                             "stale_gradients_dropped": self.stale_dropped}}
         (self.job_dir / ".model.json.part").write_text(json.dumps(meta, indent=2))
-        os.replace(self.job_dir / ".model.json.part", self.job_dir / "model.json")
+        replace_file(self.job_dir / ".model.json.part", self.job_dir / "model.json", self.fsync)
         return ["model.pt", "model.json"]
 
 

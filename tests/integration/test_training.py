@@ -80,7 +80,9 @@ def test_sync_exact_when_a_provider_is_killed_mid_step(tmp_path, ref_one_epoch) 
 
 def test_head_killed_during_training_resumes_from_checkpoint(tmp_path) -> None:
     ref = reference(DIGITS, 2)
-    with LocalCluster(2, heartbeat=0.3, threads=1, provider_args=["--delay", "0.03"]) as cl, \
+    # --fsync: checkpoints and model files go through the fsync path (file, then directory entry)
+    with LocalCluster(2, heartbeat=0.3, threads=1, provider_args=["--delay", "0.03"],
+                      head_args=["--fsync", "on"]) as cl, \
             Client(cl.url) as c:
         job = c.submit_train(DIGITS, epochs=2, checkpoint_every=5, **PARAMS)
         deadline = time.monotonic() + 60

@@ -38,3 +38,22 @@ def test_old_tombstones_are_purged_at_start(tmp_path: Path, monkeypatch) -> None
     db = JobStore(path)
     assert not db.is_deleted("c" * 32)
     db.close()
+
+
+def test_replace_file_with_fsync_syncs_the_file_and_its_directory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    synced: list[int] = []
+    real = store_mod.os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", record)
+    tmp, final = tmp_path / ".x.part", tmp_path / "x"
+    tmp.write_bytes(b"abc")
+    store_mod.replace_file(tmp, final, fsync=False)
+    assert final.read_bytes() == b"abc" and synced == []
+    tmp.write_bytes(b"def")
+    store_mod.replace_file(tmp, final, fsync=True)
+    assert final.read_bytes() == b"def" and not tmp.exists()
+    assert len(synced) == 2  # the file's data, then the directory entry
