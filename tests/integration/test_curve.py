@@ -288,3 +288,27 @@ def test_head_kill_and_restart_with_curve(tmp_path: Path) -> None:
         cl.start_head()
         cl.wait_ready(2, timeout=60)
         np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+
+
+def test_garbage_on_the_curve_ports_changes_nothing(cluster: LocalCluster) -> None:
+    """Random bytes, a ZMTP greeting naming CURVE followed by a garbage HELLO, and a NULL greeting, on
+    each of the three CURVE ports: the head stays up and a job still computes."""
+    import random
+    import socket
+
+    rng = random.Random(20261122)
+    greeting_curve = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00") + b"\x00" * 31
+    greeting_null = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 31
+    payloads = [rng.randbytes(rng.randrange(1, 4096)) for _ in range(5)]
+    payloads += [greeting_curve + b"\x04\xc8\x05HELLO" + rng.randbytes(194), greeting_null + rng.randbytes(300)]
+    for port in cluster.ports.values():
+        for payload in payloads:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s, contextlib.suppress(OSError):
+                s.sendall(payload)
+                s.settimeout(0.5)
+                s.recv(4096)
+    rng_np = np.random.default_rng(4)
+    a, b = rng_np.standard_normal((200, 100)), rng_np.standard_normal((100, 50))
+    with Client(cluster.url) as c:
+        assert c.health()["status"] == "ok"
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
