@@ -28,6 +28,7 @@ log = logging.getLogger("dcf.head.queue")
 Ack = Callable[[], Awaitable[None]]
 Deliver = Callable[[dict[str, Any], Ack], None]
 
+RECONNECT_S = 1.0
 JOB_QUEUE = "dcf.jobs"
 EVENTS_EXCHANGE = "dcf.events"  # topic exchange: routing key = event kind, e.g. job.done
 JOB_FIELDS = {"job_id": str, "type": str, "params": dict, "inputs": dict, "outputs": dict,
@@ -144,7 +145,9 @@ class AmqpQueue:
     async def _connect(self) -> None:
         import aio_pika
 
-        self.connection = await aio_pika.connect_robust(self.url, timeout=10)
+        # reconnect every second while the broker is away (aio-pika's default is 5 s): jobs are
+        # accepted again about a second after RabbitMQ is back
+        self.connection = await aio_pika.connect_robust(self.url, timeout=10, reconnect_interval=RECONNECT_S)
         self.connection.reconnect_callbacks.add(self._on_reconnect)
         self.connection.close_callbacks.add(self._on_close)
         self.channel = await self.connection.channel(publisher_confirms=True)
