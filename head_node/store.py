@@ -28,11 +28,6 @@ from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
 from common.tasks import ArrayMeta
 
 
-def _fsync_file(f: BinaryIO) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def replace_file(tmp: Path, final: Path, fsync: bool) -> None:
     """Rename a finished file into place; with ``fsync`` its data and its directory entry reach the disk."""
     if fsync:
@@ -90,12 +85,8 @@ class BlobWriter:
         if self.meta is None or self.received != self.expected:
             raise ValidationError(f"truncated .npy upload: got {self.received} of "
                                   f"{self.expected or 'unknown'} bytes")
-        if fsync:
-            _fsync_file(self.file)
         self.file.close()
-        os.replace(self.tmp, self.store.blob_path(self.blob_id))
-        if fsync:
-            fsync_dir(self.store.blob_dir)  # the name too, not only the bytes
+        replace_file(self.tmp, self.store.blob_path(self.blob_id), fsync)  # with fsync: bytes and name
         self.store.metas[self.blob_id] = self.meta
         return self.blob_id, self.meta
 
@@ -146,15 +137,11 @@ class BlobStore:
                 if st.st_size != hlen + meta.nbytes:
                     raise ValidationError(f"truncated .npy file: {st.st_size} bytes, header says "
                                           f"{hlen + meta.nbytes}")
-                if fsync:
-                    os.fsync(f.fileno())
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         blob_id = uuid.uuid4().hex
-        os.replace(path, self.blob_path(blob_id))
-        if fsync:
-            fsync_dir(self.blob_dir)
+        replace_file(path, self.blob_path(blob_id), fsync)
         self.metas[blob_id] = meta
         return blob_id, meta
 

@@ -42,8 +42,8 @@ class AllowList:
 
     def _current_signature(self) -> object:
         try:
-            return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
-                                for p in self.directory.glob("*.key")))
+            stats = ((p.name, p.stat()) for p in self.directory.glob("*.key"))
+            return tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
         except OSError:
             return None
 
@@ -76,7 +76,6 @@ class ZapHandler:
         self.ctx = zmq.Context.shadow(ctx.underlying)  # same libzmq context, plain (sync) sockets
         self.allow = AllowList(allow_dir)
         self.denied = 0
-        self.allowed = 0
         self._last_logged: dict[tuple[bytes, bytes], float] = {}
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -130,7 +129,6 @@ class ZapHandler:
         if name is None:
             self._deny(address, public, "key not in the allow-list")
             return [b"1.0", request_id, b"400", b"key not allowed", b"", b""]
-        self.allowed += 1
         return [b"1.0", request_id, b"200", b"OK", public, b""]
 
     def _deny(self, address: bytes, public: bytes, why: str) -> None:

@@ -171,13 +171,7 @@ def dockerfile_env(path: Path) -> dict[str, str]:
 def _final_stage(path: Path) -> list[tuple[str, str]]:
     """The instructions the final image is built from: its stage and, recursively, the stages it is FROM."""
     instructions = dockerfile(path)
-    global_args = {}
-    for instr, args in instructions:
-        if instr == "FROM":
-            break
-        if instr == "ARG":
-            key, _, value = args.partition("=")
-            global_args[key] = value
+    global_args = _global_args(instructions)
     stages: list[tuple[str, str, list[tuple[str, str]]]] = []  # (name, base, instructions)
     for instr, args in instructions:
         if instr == "FROM":
