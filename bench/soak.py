@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 
 from common.errors import DcfError, HeadUnreachable, NotFound  # noqa: E402
 from tests.chaos.harness import (  # noqa: E402
-    AMQP_URL,
     EventWatcher,
     Figures,
     MatmulJob,
@@ -61,6 +60,7 @@ from tests.chaos.harness import (  # noqa: E402
     submit_matmul,
     wait_for,
 )
+from tests.conftest import AMQP_URL  # noqa: E402
 from user_client import Client  # noqa: E402
 from user_client.local import LocalCluster  # noqa: E402
 

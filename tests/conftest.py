@@ -20,7 +20,7 @@ AMQP_URL = os.environ.get("DCF_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:567
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _reachable(url: str) -> bool:
+def amqp_reachable(url: str = AMQP_URL) -> bool:
     u = urlparse(url)
     try:
         with socket.create_connection((u.hostname or "127.0.0.1", u.port or 5672), timeout=2):
@@ -32,7 +32,7 @@ def _reachable(url: str) -> bool:
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     """RabbitMQ for tests: skipped on a laptop without it, a failure in CI (CI=true)."""
-    if not _reachable(AMQP_URL):
+    if not amqp_reachable(AMQP_URL):
         msg = f"RabbitMQ not reachable at {AMQP_URL}"
         if IN_CI:
             pytest.fail(msg + " (CI=true: RabbitMQ tests must run)")

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import threading
@@ -25,12 +24,12 @@ import httpx
 import numpy as np
 
 from common.errors import DcfError
+from tests.conftest import amqp_reachable
 from user_client import Client
 from user_client.local import LocalCluster, free_port
 
 #: every random choice of the chaos suite derives from this seed (DCF_CHAOS_SEED to replay a run)
 SEED = int(os.environ.get("DCF_CHAOS_SEED", "20261122"))
-AMQP_URL = os.environ.get("DCF_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 RABBITMQ_API = os.environ.get("DCF_TEST_RABBITMQ_API", "http://127.0.0.1:15672")
 RABBITMQ_AUTH = ("guest", "guest")
 
@@ -299,15 +298,6 @@ class EventWatcher:
 
 
 # ---- RabbitMQ -----------------------------------------------------------------------------------
-def amqp_reachable(url: str = AMQP_URL) -> bool:
-    u = urlparse(url)
-    try:
-        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def _rabbitmqctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("rabbitmqctl")
     if exe is None:
