@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import datasets  # noqa: E402
+from common.tasks.train import datasets  # noqa: E402
 from user_client import Client  # noqa: E402
 from user_client.local import LocalCluster  # noqa: E402
 

@@ -72,6 +72,19 @@ class Unauthorized(DcfError):
     http_status = 401
 
 
+class UnknownProvider(DcfError):
+    """The head does not know this provider id (it restarted, or the provider was declared dead)."""
+
+    code = "unknown_provider"
+
+
+class InternalError(DcfError):
+    """A bug: the request could not be handled (the process goes on)."""
+
+    code = "internal"
+    http_status = 500
+
+
 class HeadUnreachable(DcfError):
     code = "head_unreachable"
     http_status = 503

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import ArrayMeta
 from .errors import ValidationError
-from .tasks import ArrayMeta
 
 NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 64 * 1024

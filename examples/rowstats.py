@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import ValidationError
-from common.rows import check_block, fits_rows, place_rows, row_blocks
-from common.tasks import ArrayMeta, Device, SubtaskPlan, TaskType, Worker, register
+from common.tasks.rows import check_block, fits_rows, place_rows, row_blocks
+from common.tasks import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker, register
 
 #: the statistics a job may ask for, in no particular order
 STATS = ("mean", "std", "min", "max", "norm")
@@ -80,7 +80,7 @@ def _row_stats_torch(x: np.ndarray, stats: Sequence[str], device: Device) -> np.
     return torch.stack(columns, dim=1).cpu().numpy().astype(np.float64, copy=False)
 
 
-class RowStats(TaskType):
+class RowStats(SplitTask):
     """Per-row statistics; rows split over providers in proportion to their gflops."""
 
     name = "rowstats"

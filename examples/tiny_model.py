@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.models import register_model
+from common.tasks.train.models import register_model
 
 
 def build_tiny(input_shape: tuple[int, ...], n_classes: int, width: int = 32) -> Any:

@@ -1,8 +1,9 @@
 """The head's state machine: providers, jobs, subtasks. No I/O, no clock, no threads.
 
-Every change goes through a method that takes the current time ``now`` and returns
-a list of actions for the I/O layer (head_node/server.py) to carry out: send a
-subtask, finish or fail a job. Being pure, it is unit-tested without sockets.
+Every change goes through ``ClusterState.handle(stimulus, now)``, which returns the actions
+(head_node/stimuli.py) for the I/O layer to carry out: send a subtask, merge a result, finish or
+fail a job, write what a planner asked for. It never names a task type: every job is driven by its
+planner (common/tasks/base.py). Being pure, it is unit-tested without sockets.
 
 Reliability rules held here:
   * a provider is *ready* only when registered, subscribed to its topic (the head saw
@@ -24,22 +25,54 @@ a smaller share of later jobs; subtasks queued behind each other are not charged
 
 from __future__ import annotations
 
-import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
-from common import tasks
+from common import config, tasks
 from common.errors import Conflict, DcfError, NotFound
-from common.tasks import ArrayMeta, SubtaskPlan, Worker
+from common.jobs import JobState
+from common.tasks import SubtaskPlan, Worker
 
-#: subtasks of at least this many flops update a provider's measured throughput
-MEASURABLE_FLOPS = 2e8
-#: weight of the newest measurement in that running average
-SPEED_WEIGHT = 0.5
-#: bounds of a believable throughput (a bogus elapsed_s must not break the splits)
-MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e7
+from .entities import Job, Provider, ProviderInfo, SubState, Subtask
+from .stimuli import (
+    Action,
+    CancelRequested,
+    Dispatch,
+    DrainRequested,
+    HeartbeatReceived,
+    JobAdded,
+    JobCancelled,
+    JobFailed,
+    JobFailRequested,
+    JobFinished,
+    JobForgotten,
+    JobStarted,
+    MergeResult,
+    PlannerEffects,
+    ProviderLeft,
+    ProviderLost,
+    ProviderRegistered,
+    RegisterAgain,
+    Reschedule,
+    ResultMerged,
+    ResultReceived,
+    Stimulus,
+    Straggler,
+    SubscriptionChanged,
+    SubtaskAcked,
+    SubtaskFailed,
+    Tick,
+)
+
+__all__ = ["Action", "ClusterState", "Dispatch", "Job", "JobFailed", "JobFinished", "JobStarted", "JobState",
+           "ProviderInfo", "ProviderLost", "SubState", "Subtask", "Timing", "service_seconds"]
+
+
+def _head_default(name: str) -> Any:
+    """The head option table's default (common/config.py states each default once)."""
+    return next(o.default for o in config.HEAD_OPTIONS if o.name == name)
 
 
 def service_seconds(reported: float, sent_at: float, free_at: float, now: float) -> float:
@@ -59,221 +92,14 @@ def service_seconds(reported: float, sent_at: float, free_at: float, now: float)
     return max(min(reported, window), observed)
 
 
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-
-
-class SubState(str, enum.Enum):
-    PENDING = "pending"  # waiting for a provider
-    SENT = "sent"  # published, not yet acknowledged
-    RUNNING = "running"  # acknowledged by the provider
-    DONE = "done"
-
-
-@dataclass
-class ProviderInfo:
-    provider_id: str
-    name: str
-    host: str
-    os: str
-    device_kind: str
-    device_name: str
-    memory_bytes: int
-    cores: int
-    task_types: frozenset[str]
-    dtypes: frozenset[str]
-    version: str
-    gflops: float
-
-    def worker(self, gflops: float | None = None) -> Worker:
-        return Worker(self.provider_id, gflops or self.gflops, self.memory_bytes, self.device_kind, self.dtypes)
-
-
-@dataclass
-class Provider:
-    info: ProviderInfo
-    registered_at: float
-    last_seen: float
-    subscribed: bool = False
-    alive: bool = True
-    local: bool = False  # shares the head's state dir: subtasks go by file reference
-    draining: bool = False  # finishes what it has, gets nothing new
-    assigned: set[tuple[str, int]] = field(default_factory=set)
-    subtasks_done: int = 0
-    flops_done: float = 0.0
-    queued_on_provider: int = 0
-    #: throughput learned from finished subtasks, per task type (the benchmark is the prior)
-    speed: dict[str, float] = field(default_factory=dict)
-    #: when the head last heard this provider finish a subtask (a result, accepted or not, or a
-    #: failure): a subtask sent while the provider was busy starts about then (FIFO)
-    last_result_at: float = 0.0
-
-    @property
-    def ready(self) -> bool:
-        return self.alive and self.subscribed and not self.draining
-
-    @property
-    def state(self) -> str:
-        if not self.alive:
-            return "dead"
-        if self.draining:
-            return "draining"
-        return "ready" if self.subscribed else "connecting"
-
-    def gflops(self, task_type: str) -> float:
-        return self.speed.get(task_type, self.info.gflops)
-
-    def worker(self, task_type: str) -> Worker:
-        return self.info.worker(self.gflops(task_type))
-
-    def learn(self, task_type: str, flops: float, elapsed: float) -> None:
-        """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``
-        is the seconds it cost this provider end to end (``service_seconds``), not only compute."""
-        if flops < MEASURABLE_FLOPS or elapsed <= 0:
-            return
-        measured = min(MAX_GFLOPS, max(MIN_GFLOPS, flops / elapsed / 1e9))
-        self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured
-
-    def load(self, jobs: Mapping[str, Job]) -> float:
-        """Seconds of work assigned and not yet finished, at the measured throughput."""
-        return sum(jobs[j].subtasks[i].cost / (self.gflops(jobs[j].task_type) * 1e9)
-                   for j, i in self.assigned if j in jobs)
-
-
-@dataclass
-class Subtask:
-    index: int
-    params: dict[str, Any]
-    cost: float
-    state: SubState = SubState.PENDING
-    attempt: int = 0
-    provider_id: str | None = None
-    sent_at: float = 0.0  # of the latest attempt
-    deadline: float = 0.0
-    done_by: str | None = None
-    tried: list[str] = field(default_factory=list)  # provider of attempt k is tried[k - 1]
-    sent: list[float] = field(default_factory=list)  # when attempt k was sent: sent[k - 1]
-    strikes: int = 0  # failures, missed acks and missed deadlines (provider deaths do not count)
-    acked_at: float = 0.0
-    straggle_at: float = 0.0  # running past this, it is a straggler: flagged once, copied elsewhere
-    straggling: bool = False
-
-
-class Planner(Protocol):
-    """Hands out a job's subtasks. A split/merge task (matmul) plans once; a multi-round task
-    (training) plans each step after the results of the previous one are merged."""
-
-    finished: bool
-
-    def plan(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
-        """New subtasks for these workers, given how many are still out ([] = nothing now)."""
-        ...
-
-
-class SplitOnce:
-    def __init__(self, task_type: str, params: dict[str, Any], inputs: dict[str, ArrayMeta]) -> None:
-        self.task = tasks.get(task_type)
-        self.params = params
-        self.inputs = inputs
-        self.finished = False
-
-    def plan(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
-        if self.finished:
-            return []
-        plans = self.task.split(self.params, self.inputs, workers)
-        self.finished = True
-        return plans
-
-
-@dataclass
-class Job:
-    job_id: str
-    task_type: str
-    params: dict[str, Any]
-    inputs: dict[str, ArrayMeta]
-    outputs: dict[str, ArrayMeta]
-    nodes: int | None
-    created_at: float
-    state: JobState = JobState.QUEUED
-    subtasks: list[Subtask] = field(default_factory=list)
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: str | None = None
-    waiting: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    planner: Planner | None = None  # None: the task's split, once (SplitOnce)
-
-    done_count: int = 0  # subtasks DONE (a subtask never leaves DONE)
-
-    def shares(self) -> dict[str, float]:
-        """provider id -> fraction of the job's work (by cost) it computed."""
-        total = sum(s.cost for s in self.subtasks) or 1.0
-        out: dict[str, float] = {}
-        for s in self.subtasks:
-            if s.done_by:
-                out[s.done_by] = out.get(s.done_by, 0.0) + s.cost / total
-        return out
-
-
-# ---- actions for the I/O layer -------------------------------------------------------------
-@dataclass(frozen=True)
-class Dispatch:
-    provider_id: str
-    job_id: str
-    subtask: int
-    attempt: int
-
-
-@dataclass(frozen=True)
-class JobStarted:
-    job_id: str
-
-
-@dataclass(frozen=True)
-class JobFinished:
-    job_id: str
-
-
-@dataclass(frozen=True)
-class JobFailed:
-    job_id: str
-    error: str
-
-
-@dataclass(frozen=True)
-class Straggler:
-    job_id: str
-    subtask: int
-    provider_id: str
-    seconds: float
-    copied_to: str | None  # the provider running a speculative copy, if one was free
-
-
-@dataclass(frozen=True)
-class ProviderLost:
-    provider_id: str
-    requeued: int
-
-
-Action = Dispatch | JobStarted | JobFinished | JobFailed | ProviderLost | Straggler
-
-
 @dataclass(frozen=True)
 class Timing:
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float = _head_default("heartbeat_interval")
     missed_heartbeats: int = 3
-    ack_timeout: float = 10.0
-    min_deadline: float = 60.0
+    ack_timeout: float = _head_default("ack_timeout")
+    min_deadline: float = _head_default("min_deadline")
     deadline_factor: float = 10.0
-    max_attempts: int = 5
+    max_attempts: int = _head_default("max_attempts")
     straggler_factor: float = 3.0  # running 3x longer than its provider's queue predicts...
     straggler_min: float = 2.0  # ...and at least this many seconds: a straggler
     forget_after: float = 600.0  # a provider dead this long leaves the provider table
@@ -281,6 +107,11 @@ class Timing:
     @property
     def dead_after(self) -> float:
         return self.heartbeat_interval * self.missed_heartbeats
+
+    @classmethod
+    def of(cls, settings: Any) -> Timing:
+        """From the head's settings: every field the settings have (same names) is taken from them."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
 
 
 class ClusterState:
@@ -295,10 +126,18 @@ class ClusterState:
             "subtasks_retried": 0, "subtasks_speculative": 0, "results_ignored": 0, "providers_lost": 0,
         }
 
+    # ---- the one entry -------------------------------------------------------------------
+    def handle(self, stimulus: Stimulus, now: float) -> list[Action]:
+        """Apply one stimulus at time ``now``; return what the I/O layer must do. Requests that
+        cannot be granted (cancel a finished job, drain an unknown provider) raise a DcfError."""
+        handler: Callable[[Any, float], list[Action]] = getattr(self, _HANDLERS[type(stimulus)])
+        return handler(stimulus, now)
+
     # ---- providers ---------------------------------------------------------------------
-    def register(self, info: ProviderInfo, now: float) -> list[Action]:
+    def _on_registered(self, ev: ProviderRegistered, now: float) -> list[Action]:
+        info = ev.info
         old = self.providers.get(info.provider_id)
-        prov = Provider(info, registered_at=now, last_seen=now,
+        prov = Provider(info, last_seen=now,
                         subscribed=info.provider_id in self.subscribed_topics)
         if old is not None:
             prov.draining = old.draining
@@ -307,19 +146,18 @@ class ClusterState:
             prov.flops_done = old.flops_done
             prov.last_result_at = old.last_result_at
         self.providers[info.provider_id] = prov
-        return self.schedule(now)
+        return self._schedule(now)
 
-    def heartbeat(self, provider_id: str, now: float, queued: int = 0, local: bool = False) -> bool:
-        """False if the provider is unknown (it must register again)."""
-        prov = self.providers.get(provider_id)
+    def _on_heartbeat(self, ev: HeartbeatReceived, now: float) -> list[Action]:
+        prov = self.providers.get(ev.provider_id)
         if prov is None or not prov.alive:
-            return False
+            return [RegisterAgain(ev.provider_id)]
         prov.last_seen = now
-        prov.queued_on_provider = queued
-        prov.local = local
-        return True
+        prov.local = ev.local
+        return []
 
-    def subscription(self, topic: str, subscribed: bool, now: float) -> list[Action]:
+    def _on_subscription(self, ev: SubscriptionChanged, now: float) -> list[Action]:
+        topic, subscribed = ev.topic, ev.subscribed
         if subscribed:
             self.subscribed_topics.add(topic)
         else:
@@ -328,22 +166,23 @@ class ClusterState:
         if prov is None:
             return []
         prov.subscribed = subscribed
-        return self.schedule(now) if subscribed else []
+        return self._schedule(now) if subscribed else []
 
-    def drain(self, provider_id: str, draining: bool = True) -> Provider:
-        prov = self.providers.get(provider_id)
+    def _on_drain(self, ev: DrainRequested, now: float) -> list[Action]:
+        prov = self.providers.get(ev.provider_id)
         if prov is None:
-            raise NotFound(f"no provider {provider_id}")
-        prov.draining = draining
-        return prov
+            raise NotFound(f"no provider {ev.provider_id}")
+        prov.draining = ev.draining
+        return [] if ev.draining else self._schedule(now)
 
-    def unregister(self, provider_id: str, now: float) -> list[Action]:
+    def _on_left(self, ev: ProviderLeft, now: float) -> list[Action]:
+        provider_id = ev.provider_id
         prov = self.providers.get(provider_id)
         if prov is None:
             return []
         actions = self._lose(provider_id) if prov.alive else []
         del self.providers[provider_id]
-        return actions + self.schedule(now)
+        return actions + self._schedule(now)
 
     def _lose(self, provider_id: str) -> list[Action]:
         prov = self.providers[provider_id]
@@ -367,33 +206,30 @@ class ClusterState:
         self.counters["subtasks_retried"] += 1
 
     # ---- jobs --------------------------------------------------------------------------
-    def add_job(self, job: Job, now: float) -> list[Action]:
-        if job.job_id in self.jobs:
+    def _on_job_added(self, ev: JobAdded, now: float) -> list[Action]:
+        if ev.job.job_id in self.jobs:
             return []
-        self.jobs[job.job_id] = job
-        return self.schedule(now)
+        self.jobs[ev.job.job_id] = ev.job
+        return self._schedule(now)
 
-    def cancel(self, job_id: str, now: float) -> Job:
-        job = self.get_job(job_id)
+    def _on_cancel(self, ev: CancelRequested, now: float) -> list[Action]:
+        job = self.jobs.get(ev.job_id)
+        if job is None:
+            raise NotFound(f"no job {ev.job_id}")
         if job.state.terminal:
-            raise Conflict(f"job {job_id} is already {job.state.value}")
+            raise Conflict(f"job {ev.job_id} is already {job.state.value}")
         self._finish(job, JobState.CANCELLED, now, "cancelled by user")
-        return job
+        return [JobCancelled(job.job_id)]
 
-    def fail_job(self, job_id: str, error: str, now: float) -> list[Action]:
-        job = self.jobs.get(job_id)
+    def _on_fail_requested(self, ev: JobFailRequested, now: float) -> list[Action]:
+        job = self.jobs.get(ev.job_id)
         if job is None or job.state.terminal:
             return []
-        return self._fail(job, now, error)
+        return self._fail(job, now, ev.error)
 
-    def get_job(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        return job
-
-    def forget(self, job_id: str) -> None:
-        self.jobs.pop(job_id, None)
+    def _on_forgotten(self, ev: JobForgotten, now: float) -> list[Action]:
+        self.jobs.pop(ev.job_id, None)
+        return []
 
     def _finish(self, job: Job, state: JobState, now: float, error: str | None = None) -> None:
         job.state = state
@@ -415,11 +251,11 @@ class ClusterState:
             return None
         return sub
 
-    def acked(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
-              now: float) -> None:
-        sub = self._live_subtask(job_id, index, attempt, epoch)
+    def _on_acked(self, ev: SubtaskAcked, now: float) -> list[Action]:
+        provider_id, attempt = ev.provider_id, ev.attempt
+        sub = self._live_subtask(ev.job_id, ev.subtask, attempt, ev.epoch)
         if sub is None or sub.provider_id != provider_id or sub.attempt != attempt:
-            return
+            return []
         if sub.state is SubState.SENT:
             sub.state = SubState.RUNNING
             prov = self.providers.get(provider_id)
@@ -428,6 +264,7 @@ class ClusterState:
             sub.deadline = now + max(self.timing.min_deadline, self.timing.deadline_factor * load)
             sub.acked_at = now
             sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
+        return []
 
     def _finished_work(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
                        now: float) -> None:
@@ -441,20 +278,20 @@ class ClusterState:
         if 1 <= attempt <= len(sub.tried) and sub.tried[attempt - 1] == provider_id:
             prov.last_result_at = max(prov.last_result_at, now)
 
-    def result(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
-               now: float, elapsed: float = 0.0) -> bool:
-        """True if this result is the one to merge; False if late, duplicate or unknown.
+    def _on_result(self, ev: ResultReceived, now: float) -> list[Action]:
+        """[MergeResult] if this result is the one to merge; [] if late, duplicate or unknown.
 
         ``elapsed`` is the compute time the provider reports; an accepted result teaches the head
         the provider's speed from the service time it observed (``service_seconds``), measured from
         when *this* attempt was sent (a speculative copy or a re-send elsewhere has its own time)."""
+        provider_id, job_id, index, attempt, epoch = ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.epoch
         prov = self.providers.get(provider_id)
         free_at = prov.last_result_at if prov is not None else 0.0  # before this result moves it
         self._finished_work(provider_id, job_id, index, attempt, epoch, now)
         sub = self._live_subtask(job_id, index, attempt, epoch)
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
-            return False
+            return []
         for pid in set(sub.tried):  # a speculative copy may be out on another provider
             if pid in self.providers:
                 self.providers[pid].assigned.discard((job_id, index))
@@ -465,21 +302,19 @@ class ClusterState:
             prov.subtasks_done += 1
             prov.flops_done += sub.cost
             sent_at = sub.sent[attempt - 1] if attempt <= len(sub.sent) else sub.sent_at
-            seconds = service_seconds(elapsed, sent_at, free_at, now)
+            seconds = service_seconds(ev.elapsed, sent_at, free_at, now)
             prov.learn(self.jobs[job_id].task_type, sub.cost, seconds)  # the next split uses it
         self.counters["subtasks_completed"] += 1
-        return True
+        return [MergeResult(provider_id, job_id, index, attempt)]
 
-    def merged(self, job_id: str, now: float) -> list[Action]:
-        """Call after a result accepted by ``result`` was merged into the outputs."""
-        job = self.jobs[job_id]
-        if job.state is not JobState.RUNNING:
+    def _on_merged(self, ev: ResultMerged, now: float) -> list[Action]:
+        job = self.jobs.get(ev.job_id)
+        if job is None or job.state is not JobState.RUNNING:
             return []
         return self._advance(job, now)
 
     def _advance(self, job: Job, now: float) -> list[Action]:
         """Ask the job's planner for more work; finish the job when it has none and nothing is out."""
-        assert job.planner is not None
         actions: list[Action] = []
         outstanding = len(job.subtasks) - job.done_count
         if not job.planner.finished:
@@ -487,12 +322,15 @@ class ClusterState:
             job.waiting = why
             if workers:
                 try:
-                    plans = job.planner.plan(workers[: job.nodes] if job.nodes else workers, outstanding)
+                    plans = job.planner.plan(workers[: job.nodes] if job.nodes else workers, outstanding, now)
+                    effects = tuple(job.planner.effects())
                 except DcfError as exc:
                     return self._fail(job, now, exc.message)
                 except Exception as exc:  # a plugin's bug fails its job, not the scheduler
                     return self._fail(job, now, f"task type {job.task_type} could not plan the job: "
                                                 f"{type(exc).__name__}: {exc}")
+                if effects:
+                    actions.append(PlannerEffects(job.job_id, effects))
                 actions += self._add_subtasks(job, plans, now)
                 outstanding += len(plans)
         if outstanding == 0 and job.planner.finished:
@@ -508,8 +346,9 @@ class ClusterState:
             actions.append(self._send(job, sub, p.provider_id, now))
         return actions
 
-    def failed(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
-               error: str, retryable: bool, now: float) -> list[Action]:
+    def _on_failed(self, ev: SubtaskFailed, now: float) -> list[Action]:
+        provider_id, job_id, index, attempt, epoch = ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.epoch
+        error, retryable = ev.error, ev.retryable
         self._finished_work(provider_id, job_id, index, attempt, epoch, now)
         sub = self._live_subtask(job_id, index, attempt, epoch)
         if (sub is None or sub.attempt != attempt or sub.tried[attempt - 1] != provider_id
@@ -519,7 +358,7 @@ class ClusterState:
         job = self.jobs[job_id]
         if not retryable:
             return self._fail(job, now, f"subtask {index} failed on provider {provider_id[:8]}: {error}")
-        return self._strike(job, sub, now, f"failed on provider {provider_id[:8]}: {error}") + self.schedule(now)
+        return self._strike(job, sub, now, f"failed on provider {provider_id[:8]}: {error}") + self._schedule(now)
 
     def _strike(self, job: Job, sub: Subtask, now: float, why: str) -> list[Action]:
         """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job
@@ -535,7 +374,10 @@ class ClusterState:
         return [JobFailed(job.job_id, error)]
 
     # ---- time ----------------------------------------------------------------------------
-    def tick(self, now: float) -> list[Action]:
+    def _on_reschedule(self, ev: Reschedule, now: float) -> list[Action]:
+        return self._schedule(now)
+
+    def _on_tick(self, ev: Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for pid, prov in list(self.providers.items()):
             if prov.alive and now - prov.last_seen > self.timing.dead_after:
@@ -554,7 +396,7 @@ class ClusterState:
                     actions += self._strike(job, sub, now, "deadline passed")
                 elif sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at:
                     actions += self._straggler(job, sub, now)
-        return actions + self.schedule(now)
+        return actions + self._schedule(now)
 
     def _straggler(self, job: Job, sub: Subtask, now: float) -> list[Action]:
         """Flag a straggler once and run a speculative copy on an idle provider, if there is one;
@@ -603,7 +445,7 @@ class ClusterState:
             return [], "waiting for providers: none is connected"
         return [], "waiting for a suitable provider: " + "; ".join(sorted(set(reasons)))
 
-    def schedule(self, now: float) -> list[Action]:
+    def _schedule(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for job in sorted(self.jobs.values(), key=lambda j: j.created_at):
             if job.state is JobState.QUEUED:
@@ -619,8 +461,6 @@ class ClusterState:
         job.waiting = why
         if not workers:
             return []
-        if job.planner is None:
-            job.planner = SplitOnce(job.task_type, job.params, job.inputs)
         job.state = JobState.RUNNING
         job.started_at = now
         actions = self._advance(job, now)
@@ -664,39 +504,11 @@ class ClusterState:
         self.counters["subtasks_dispatched"] += 1
         return Dispatch(provider_id, job.job_id, sub.index, sub.attempt)
 
-    # ---- views ---------------------------------------------------------------------------
-    def provider_rows(self, now: float) -> list[dict[str, Any]]:
-        rows = []
-        for prov in self.providers.values():
-            info = prov.info
-            state = prov.state
-            rows.append({
-                "provider_id": info.provider_id, "name": info.name, "host": info.host, "os": info.os,
-                "device": info.device_kind, "device_name": info.device_name,
-                "memory_bytes": info.memory_bytes, "cores": info.cores,
-                "gflops": round(prov.gflops("matmul"), 2), "benchmark_gflops": round(info.gflops, 2),
-                "task_types": sorted(info.task_types), "dtypes": sorted(info.dtypes),
-                "version": info.version, "state": state, "shares_state_dir": prov.local,
-                "assigned": len(prov.assigned),
-                "subtasks_done": prov.subtasks_done, "last_heartbeat_s": round(now - prov.last_seen, 3),
-            })
-        return rows
 
-
-def job_view(job: Job, names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    names = names or {}
-    total = len(job.subtasks)
-    return {
-        "job_id": job.job_id, "type": job.task_type, "state": job.state.value,
-        "params": job.params, "inputs": {k: v.to_dict() for k, v in job.inputs.items()},
-        "outputs": {k: v.to_dict() for k, v in job.outputs.items()},
-        "nodes": job.nodes, "created_at": job.created_at, "started_at": job.started_at,
-        "finished_at": job.finished_at, "error": job.error, "waiting": job.waiting,
-        "progress": {"done": job.done_count, "total": total},
-        "shares": {names.get(pid, pid): round(f, 4) for pid, f in job.shares().items()},
-        "stats": job.stats,
-    }
-
-
-def terminal_states() -> Iterable[str]:
-    return [s.value for s in JobState if s.terminal]
+_HANDLERS: dict[type, str] = {
+    ProviderRegistered: "_on_registered", HeartbeatReceived: "_on_heartbeat", SubscriptionChanged: "_on_subscription",
+    ProviderLeft: "_on_left", DrainRequested: "_on_drain", JobAdded: "_on_job_added", CancelRequested: "_on_cancel",
+    JobFailRequested: "_on_fail_requested", JobForgotten: "_on_forgotten", SubtaskAcked: "_on_acked",
+    ResultReceived: "_on_result", ResultMerged: "_on_merged", SubtaskFailed: "_on_failed", Tick: "_on_tick",
+    Reschedule: "_on_reschedule",
+}

@@ -23,9 +23,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from common import layout
+from common.arrays import ArrayMeta
 from common.errors import NotFound, TooLarge, ValidationError
 from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
-from common.tasks import ArrayMeta
 
 
 def replace_file(tmp: Path, final: Path, fsync: bool) -> None:

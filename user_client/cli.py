@@ -16,7 +16,7 @@ import numpy as np
 
 from common import config
 from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError
-from common.training import TRAIN_DEFAULTS
+from common.tasks.train.params import TRAIN_DEFAULTS
 
 from . import keys_cli
 from .client import TERMINAL, Client, load_npy

@@ -292,7 +292,7 @@ class Client:
 
     # ---- training ---------------------------------------------------------------------------
     def submit_train(self, dataset: Any, nodes: int | None = None, **params: Any) -> str:
-        """Upload a ``common.datasets.Dataset`` and start training on it; see common/training.py
+        """Upload a ``common.tasks.train.datasets.Dataset`` and start training on it; see common/tasks/train/
         TRAIN_DEFAULTS for ``params`` (model, epochs, batch_size, optimizer, lr, sync, ...)."""
         blobs = {name: self.upload(arr)["blob_id"] for name, arr in (
             ("x", dataset.x_train), ("y", dataset.y_train), ("x_test", dataset.x_test), ("y_test", dataset.y_test))}
@@ -313,7 +313,7 @@ class Client:
 
     def submit_predict(self, model_path: str | os.PathLike[str], x: np.ndarray, nodes: int | None = None) -> str:
         """Inference across providers with a model saved by ``train`` (its .json beside it)."""
-        from common.inference import load_model_file
+        from common.tasks.train.inference import load_model_file
 
         meta, weights = load_model_file(model_path)
         shape = tuple(meta["input_shape"])

@@ -19,7 +19,7 @@ TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "w
 
 
 def _dataset(args: argparse.Namespace) -> Any:
-    from common import datasets
+    from common.tasks.train import datasets
 
     if args.dataset_file:
         try:

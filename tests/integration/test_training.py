@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from common import datasets, models  # noqa: E402
+from common.tasks.train import datasets, models  # noqa: E402
 from common.errors import DcfError, NotFound, ValidationError  # noqa: E402
-from head_node.training import epoch_order  # noqa: E402
+from common.tasks.train.planner import epoch_order  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 from user_client import Client  # noqa: E402
 from user_client.local import LocalCluster  # noqa: E402

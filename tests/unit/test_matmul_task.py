@@ -9,7 +9,7 @@ import pytest
 
 from common import tasks
 from common.errors import NotFound, ValidationError
-from common.matmul import MEMORY_FRACTION, MatMul, proportional_rows
+from common.tasks.matmul import MEMORY_FRACTION, MatMul, proportional_rows
 from common.tasks import ArrayMeta, Worker
 
 GiB = 1024**3

@@ -9,7 +9,7 @@ import pytest
 
 from common import tasks
 from common.errors import ValidationError
-from common.rows import MEMORY_FRACTION
+from common.tasks.rows import MEMORY_FRACTION
 from common.tasks import ArrayMeta, TaskType, Worker
 from examples.rowstats import STATS, TASK, RowStats, row_stats
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
+from common import tasks
 from common.errors import Conflict, NotFound
-from common.tasks import ArrayMeta
+from common.jobs import TERMINAL_NAMES, JobRecord
+from common.tasks import ArrayMeta, JobContext
 from head_node import state as st
+from head_node import stimuli, views
 from head_node.state import (
     ClusterState,
     Dispatch,
@@ -41,14 +45,50 @@ def make_info(gflops: float = 10.0, *, name: str | None = None, device_kind: str
 
 def make_job(m: int = 100, k: int = 8, n: int = 6, dtype: str = "float64", nodes: int | None = None,
              created_at: float = 0.0) -> st.Job:
-    return st.Job(job_id=hexid(), task_type="matmul", params={},
-                  inputs={"a": ArrayMeta(dtype, (m, k)), "b": ArrayMeta(dtype, (k, n))},
-                  outputs={"c": ArrayMeta(dtype, (m, n))}, nodes=nodes, created_at=created_at)
+    """A matmul job with its task's own planner (no arrays: the state machine never touches them)."""
+    job_id = hexid()
+    inputs = {"a": ArrayMeta(dtype, (m, k)), "b": ArrayMeta(dtype, (k, n))}
+    outputs = {"c": ArrayMeta(dtype, (m, n))}
+    ctx = JobContext(job_id=job_id, params={}, inputs=inputs, outputs=outputs, operands={}, blob_ids={},
+                     results={}, job_dir=Path("/nonexistent"))
+    return st.Job(job_id=job_id, task_type="matmul", params={}, inputs=inputs, outputs=outputs, nodes=nodes,
+                  created_at=created_at, planner=tasks.get("matmul").planner(ctx))
+
+
+def result(cs: ClusterState, provider_id: str, job_id: str, index: int, attempt: int, epoch: str, now: float,
+           elapsed: float = 0.0) -> bool:
+    """True if the state machine asks for this result to be merged."""
+    actions = cs.handle(stimuli.ResultReceived(provider_id, job_id, index, attempt, epoch, elapsed), now)
+    return any(isinstance(a, stimuli.MergeResult) for a in actions)
+
+
+def heartbeat(cs: ClusterState, provider_id: str, now: float) -> bool:
+    """False if the head tells the provider to register again."""
+    actions = cs.handle(stimuli.HeartbeatReceived(provider_id), now)
+    return not any(isinstance(a, stimuli.RegisterAgain) for a in actions)
+
+
+def cancel(cs: ClusterState, job_id: str, now: float) -> st.Job:
+    assert cs.handle(stimuli.CancelRequested(job_id), now) == [stimuli.JobCancelled(job_id)]
+    return cs.jobs[job_id]
+
+
+def failed(cs: ClusterState, provider_id: str, job_id: str, index: int, attempt: int, epoch: str, error: str,
+           retryable: bool, now: float) -> list:
+    return cs.handle(stimuli.SubtaskFailed(provider_id, job_id, index, attempt, epoch, error, retryable), now)
+
+
+def view_of(job: st.Job, names: dict[str, str] | None = None) -> dict:
+    record = JobRecord(job.job_id, job.task_type, job.params, {k: m.to_dict() for k, m in job.inputs.items()},
+                       {k: m.to_dict() for k, m in job.outputs.items()}, job.nodes, job.created_at,
+                       state=job.state, started_at=job.started_at, finished_at=job.finished_at, error=job.error)
+    return views.live_job_view(record, job, names or {})
 
 
 def connect(cs: ClusterState, info: ProviderInfo, now: float = 0.0) -> list:
     """Register and subscribe: the provider becomes ready."""
-    return cs.register(info, now) + cs.subscription(info.provider_id, True, now)
+    return (cs.handle(stimuli.ProviderRegistered(info), now)
+            + cs.handle(stimuli.SubscriptionChanged(info.provider_id, True), now))
 
 
 def dispatches(actions) -> list[Dispatch]:
@@ -66,8 +106,8 @@ def finish_all(cs: ClusterState, job: st.Job, now: float) -> list:
     """Report a result for every subtask at its current attempt, from its current provider."""
     actions = []
     for sub in job.subtasks:
-        assert cs.result(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch, now)
-        actions += cs.merged(job.job_id, now)
+        assert result(cs, sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch, now)
+        actions += cs.handle(stimuli.ResultMerged(job.job_id), now)
     return actions
 
 
@@ -79,14 +119,14 @@ def cs() -> ClusterState:
 # ---- readiness -----------------------------------------------------------------------------------
 def test_register_alone_is_not_ready(cs):
     info = make_info()
-    assert cs.register(info, 0.0) == []
+    assert cs.handle(stimuli.ProviderRegistered(info), 0.0) == []
     assert not cs.providers[info.provider_id].ready
-    assert cs.provider_rows(0.0)[0]["state"] == "connecting"
+    assert views.provider_rows(cs.providers, 0.0)[0]["state"] == "connecting"
 
 
 def test_subscription_alone_is_not_a_provider(cs):
     pid = hexid()
-    assert cs.subscription(pid, True, 0.0) == []
+    assert cs.handle(stimuli.SubscriptionChanged(pid, True), 0.0) == []
     assert pid not in cs.providers
 
 
@@ -94,15 +134,15 @@ def test_subscription_alone_is_not_a_provider(cs):
 def test_ready_after_register_and_subscription_in_either_order(cs, subscribe_first):
     info = make_info()
     job = make_job()
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     if subscribe_first:
-        assert cs.subscription(info.provider_id, True, 0.0) == []
-        actions = cs.register(info, 1.0)
+        assert cs.handle(stimuli.SubscriptionChanged(info.provider_id, True), 0.0) == []
+        actions = cs.handle(stimuli.ProviderRegistered(info), 1.0)
     else:
-        assert cs.register(info, 0.0) == []
-        actions = cs.subscription(info.provider_id, True, 1.0)
+        assert cs.handle(stimuli.ProviderRegistered(info), 0.0) == []
+        actions = cs.handle(stimuli.SubscriptionChanged(info.provider_id, True), 1.0)
     assert cs.providers[info.provider_id].ready
-    assert cs.provider_rows(1.0)[0]["state"] == "ready"
+    assert views.provider_rows(cs.providers, 1.0)[0]["state"] == "ready"
     assert actions[0] == JobStarted(job.job_id)
     assert {d.provider_id for d in dispatches(actions)} == {info.provider_id}
     assert job.state is JobState.RUNNING
@@ -111,21 +151,21 @@ def test_ready_after_register_and_subscription_in_either_order(cs, subscribe_fir
 def test_no_dispatch_before_subscription(cs):
     info = make_info()
     job = make_job()
-    cs.register(info, 0.0)
-    assert cs.add_job(job, 0.0) == []
+    cs.handle(stimuli.ProviderRegistered(info), 0.0)
+    assert cs.handle(stimuli.JobAdded(job), 0.0) == []
     assert job.state is JobState.QUEUED
     assert job.waiting == "waiting for providers: none is connected"
-    assert cs.tick(1.0) == []
+    assert cs.handle(stimuli.Tick(), 1.0) == []
 
 
 def test_unsubscribed_provider_gets_no_new_work(cs):
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     connect(cs, b)
-    assert cs.subscription(b.provider_id, False, 0.0) == []
+    assert cs.handle(stimuli.SubscriptionChanged(b.provider_id, False), 0.0) == []
     assert not cs.providers[b.provider_id].ready
     job = make_job()
-    actions = cs.add_job(job, 0.0)
+    actions = cs.handle(stimuli.JobAdded(job), 0.0)
     assert {d.provider_id for d in dispatches(actions)} == {a.provider_id}
 
 
@@ -134,9 +174,9 @@ def test_dispatch_only_to_ready_providers(cs):
     for info in ready:
         connect(cs, info)
     not_ready = make_info(100.0)
-    cs.register(not_ready, 0.0)
+    cs.handle(stimuli.ProviderRegistered(not_ready), 0.0)
     job = make_job(m=300)
-    actions = cs.add_job(job, 0.0)
+    actions = cs.handle(stimuli.JobAdded(job), 0.0)
     targets = {d.provider_id for d in dispatches(actions)}
     assert targets == {p.provider_id for p in ready}
     assert all(d.attempt == 1 for d in dispatches(actions))
@@ -146,7 +186,7 @@ def test_dispatch_only_to_ready_providers(cs):
 # ---- waiting -------------------------------------------------------------------------------------
 def test_job_waits_without_providers(cs):
     job = make_job()
-    assert cs.add_job(job, 0.0) == []
+    assert cs.handle(stimuli.JobAdded(job), 0.0) == []
     assert job.state is JobState.QUEUED
     assert job.waiting is not None and "none is connected" in job.waiting
 
@@ -155,14 +195,14 @@ def test_job_waits_for_provider_with_dtype(cs):
     mps = make_info(50.0, name="mac", device_kind="mps", dtypes={"float32"})
     connect(cs, mps)
     job = make_job(dtype="float64")
-    assert cs.add_job(job, 0.0) == []
+    assert cs.handle(stimuli.JobAdded(job), 0.0) == []
     assert job.state is JobState.QUEUED
     assert job.waiting is not None
     assert job.waiting.startswith("waiting for a suitable provider")
     assert "mps provider does not support float64" in job.waiting
     # a float32 job runs there
     job32 = make_job(dtype="float32")
-    assert dispatches(cs.add_job(job32, 0.0))
+    assert dispatches(cs.handle(stimuli.JobAdded(job32), 0.0))
     assert job32.waiting is None
     # a cpu provider with float64 arrives: the waiting job starts on it only
     cpu = make_info(1.0, dtypes={"float32", "float64"})
@@ -176,22 +216,22 @@ def test_job_waits_for_provider_with_task_type(cs):
     info = make_info(task_types=("other",), name="nomm")
     connect(cs, info)
     job = make_job()
-    assert cs.add_job(job, 0.0) == []
+    assert cs.handle(stimuli.JobAdded(job), 0.0) == []
     assert "nomm lacks task type matmul" in job.waiting
 
 
 def test_duplicate_add_job_is_ignored(cs):
     connect(cs, make_info())
     job = make_job()
-    first = cs.add_job(job, 0.0)
+    first = cs.handle(stimuli.JobAdded(job), 0.0)
     assert first
-    assert cs.add_job(job, 0.0) == []
+    assert cs.handle(stimuli.JobAdded(job), 0.0) == []
 
 
 def test_jobs_scheduled_in_creation_order(cs):
     late, early = make_job(created_at=5.0), make_job(created_at=1.0)
-    cs.add_job(late, 6.0)
-    cs.add_job(early, 6.0)
+    cs.handle(stimuli.JobAdded(late), 6.0)
+    cs.handle(stimuli.JobAdded(early), 6.0)
     actions = connect(cs, make_info(), 7.0)
     started = [a.job_id for a in actions if isinstance(a, JobStarted)]
     assert started == [early.job_id, late.job_id]
@@ -203,7 +243,7 @@ def test_split_proportional_to_gflops(cs):
     connect(cs, slow)
     connect(cs, fast)
     job = make_job(m=300)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     rows = rows_by_provider(job)
     assert rows == {fast.provider_id: 200, slow.provider_id: 100}
 
@@ -213,7 +253,7 @@ def test_split_three_way_sums_to_rows(cs):
     for info in infos:
         connect(cs, info)
     job = make_job(m=1001)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     rows = rows_by_provider(job)
     assert sum(rows.values()) == 1001
     for info in infos:
@@ -232,7 +272,7 @@ def test_nodes_cap_uses_only_the_fastest(cs):
     for info in infos:
         connect(cs, info)
     job = make_job(m=100, nodes=1)
-    actions = cs.add_job(job, 0.0)
+    actions = cs.handle(stimuli.JobAdded(job), 0.0)
     assert {d.provider_id for d in dispatches(actions)} == {infos[1].provider_id}
     assert rows_by_provider(job) == {infos[1].provider_id: 100}
 
@@ -242,7 +282,7 @@ def test_nodes_cap_two(cs):
     for info in infos:
         connect(cs, info)
     job = make_job(m=100, nodes=2)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     assert set(rows_by_provider(job)) == {infos[1].provider_id, infos[2].provider_id}
 
 
@@ -250,7 +290,7 @@ def test_split_failure_fails_the_job(cs):
     tiny = make_info(memory_bytes=1024)
     connect(cs, tiny)
     job = make_job(m=10, k=100, n=100)
-    actions = cs.add_job(job, 0.0)
+    actions = cs.handle(stimuli.JobAdded(job), 0.0)
     assert len(actions) == 1 and isinstance(actions[0], JobFailed)
     assert job.state is JobState.FAILED
     assert "does not fit" in (job.error or "")
@@ -262,17 +302,18 @@ def test_full_job_lifecycle(cs):
     connect(cs, a)
     connect(cs, b)
     job = make_job(m=90)
-    cs.add_job(job, 1.0)
+    cs.handle(stimuli.JobAdded(job), 1.0)
     assert job.started_at == 1.0
     for sub in job.subtasks:
         assert sub.state is SubState.SENT
-        cs.acked(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch, 1.5)
+        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch), 1.5)
         assert sub.state is SubState.RUNNING
         assert sub.deadline >= 1.5 + cs.timing.min_deadline
     actions = []
     for i, sub in enumerate(job.subtasks):
-        assert cs.result(sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 2.0)
-        actions = cs.merged(job.job_id, 2.0)
+        assert result(cs, sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 2.0)
+        job.planner.merge(sub.params, [], 2.0)  # what the I/O layer does (here: written in place)
+        actions = cs.handle(stimuli.ResultMerged(job.job_id), 2.0)
         if i < len(job.subtasks) - 1:
             assert actions == []
     assert actions == [JobFinished(job.job_id)]
@@ -283,7 +324,7 @@ def test_full_job_lifecycle(cs):
     assert job.shares()[a.provider_id] == pytest.approx(60 / 90)
     assert all(not p.assigned for p in cs.providers.values())
     assert cs.counters["subtasks_completed"] == len(job.subtasks)
-    view = st.job_view(job)
+    view = view_of(job)
     assert view["state"] == "done" and view["progress"] == {"done": 2, "total": 2}
 
 
@@ -294,15 +335,15 @@ def running(cs):
     p = make_info()
     connect(cs, p)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     assert len(job.subtasks) == 1
     return cs, p, job
 
 
 def test_duplicate_result_is_ignored(running):
     cs, p, job = running
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.1) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.1) is False
     assert cs.counters["results_ignored"] == 1
     assert cs.counters["subtasks_completed"] == 1
     assert cs.providers[p.provider_id].subtasks_done == 1
@@ -310,42 +351,42 @@ def test_duplicate_result_is_ignored(running):
 
 def test_late_result_after_job_done_is_ignored(running):
     cs, p, job = running
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
-    assert cs.merged(job.job_id, 1.0) == [JobFinished(job.job_id)]
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 2.0) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert cs.handle(stimuli.ResultMerged(job.job_id), 1.0) == [JobFinished(job.job_id)]
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 2.0) is False
 
 
 def test_result_for_old_attempt_after_done_is_ignored(cs):
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b, 0.0)
     # no ack from a: re-sent (to b, the other provider) as attempt 2
     for pid in (a.provider_id, b.provider_id):
-        cs.heartbeat(pid, 11.0)
-    d = dispatches(cs.tick(11.0))
+        heartbeat(cs, pid, 11.0)
+    d = dispatches(cs.handle(stimuli.Tick(), 11.0))
     assert d == [Dispatch(b.provider_id, job.job_id, 0, 2)]
-    assert cs.result(b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is True
+    assert result(cs, b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is True
     # the first attempt's result comes late: ignored
-    assert cs.result(a.provider_id, job.job_id, 0, 1, cs.epoch, 12.5) is False
+    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.epoch, 12.5) is False
 
 
 def test_result_with_wrong_epoch_is_ignored(running):
     cs, p, job = running
-    assert cs.result(p.provider_id, job.job_id, 0, 1, hexid(), 1.0) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, hexid(), 1.0) is False
     assert job.subtasks[0].state is SubState.SENT
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
 
 
 def test_result_from_provider_not_sent_that_attempt_is_ignored(running):
     cs, p, job = running
     stranger = make_info()
     connect(cs, stranger)
-    assert cs.result(stranger.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
-    assert cs.result(hexid(), job.job_id, 0, 1, cs.epoch, 1.0) is False
+    assert result(cs, stranger.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
+    assert result(cs, hexid(), job.job_id, 0, 1, cs.epoch, 1.0) is False
     assert job.subtasks[0].state is SubState.SENT
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
 
 
 @pytest.mark.parametrize(("job_id", "index", "attempt"), [
@@ -354,7 +395,7 @@ def test_result_from_provider_not_sent_that_attempt_is_ignored(running):
 def test_result_for_unknown_subtask_or_attempt_is_ignored(running, job_id, index, attempt):
     cs, p, job = running
     jid = hexid() if job_id == "other" else job.job_id
-    assert cs.result(p.provider_id, jid, index, attempt, cs.epoch, 1.0) is False
+    assert result(cs, p.provider_id, jid, index, attempt, cs.epoch, 1.0) is False
     assert job.subtasks[0].state is SubState.SENT
 
 
@@ -363,25 +404,25 @@ def test_old_attempt_result_accepted_if_subtask_still_open(cs):
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b)
-    cs.heartbeat(a.provider_id, 11.0)
-    cs.heartbeat(b.provider_id, 11.0)
-    assert dispatches(cs.tick(11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
-    assert cs.result(a.provider_id, job.job_id, 0, 1, cs.epoch, 11.5) is True
-    assert cs.merged(job.job_id, 11.5) == [JobFinished(job.job_id)]
+    heartbeat(cs, a.provider_id, 11.0)
+    heartbeat(cs, b.provider_id, 11.0)
+    assert dispatches(cs.handle(stimuli.Tick(), 11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.epoch, 11.5) is True
+    assert cs.handle(stimuli.ResultMerged(job.job_id), 11.5) == [JobFinished(job.job_id)]
     assert not cs.providers[b.provider_id].assigned
-    assert cs.result(b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is False
+    assert result(cs, b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is False
 
 
 # ---- acks and deadlines ----------------------------------------------------------------------------
 def test_ack_timeout_resends(running):
     cs, p, job = running
     sub = job.subtasks[0]
-    cs.heartbeat(p.provider_id, 10.0)
-    assert dispatches(cs.tick(10.0)) == []  # not yet: exactly ack_timeout
-    cs.heartbeat(p.provider_id, 10.5)
-    actions = cs.tick(10.5)
+    heartbeat(cs, p.provider_id, 10.0)
+    assert dispatches(cs.handle(stimuli.Tick(), 10.0)) == []  # not yet: exactly ack_timeout
+    heartbeat(cs, p.provider_id, 10.5)
+    actions = cs.handle(stimuli.Tick(), 10.5)
     assert dispatches(actions) == [Dispatch(p.provider_id, job.job_id, 0, 2)]  # only provider
     assert sub.attempt == 2 and sub.state is SubState.SENT and sub.sent_at == 10.5
     assert sub.tried == [p.provider_id, p.provider_id]
@@ -392,39 +433,39 @@ def test_ack_timeout_prefers_another_provider(cs):
     a, b = make_info(10.0), make_info(1.0)
     connect(cs, a)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b)
-    cs.heartbeat(a.provider_id, 10.5)
-    cs.heartbeat(b.provider_id, 10.5)
-    assert dispatches(cs.tick(10.5)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    heartbeat(cs, a.provider_id, 10.5)
+    heartbeat(cs, b.provider_id, 10.5)
+    assert dispatches(cs.handle(stimuli.Tick(), 10.5)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
     assert (job.job_id, 0) not in cs.providers[a.provider_id].assigned
     assert (job.job_id, 0) in cs.providers[b.provider_id].assigned
 
 
 def test_acked_subtask_is_not_resent_before_deadline(running):
     cs, p, job = running
-    cs.acked(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.epoch), 1.0)
     sub = job.subtasks[0]
     assert sub.state is SubState.RUNNING
     assert sub.deadline == pytest.approx(1.0 + cs.timing.min_deadline)
     for t in (20.0, 40.0, 60.0, 61.0):
-        cs.heartbeat(p.provider_id, t)
-        assert dispatches(cs.tick(t)) == []
-    cs.heartbeat(p.provider_id, 61.5)
-    assert dispatches(cs.tick(61.5)) == [Dispatch(p.provider_id, job.job_id, 0, 2)]
+        heartbeat(cs, p.provider_id, t)
+        assert dispatches(cs.handle(stimuli.Tick(), t)) == []
+    heartbeat(cs, p.provider_id, 61.5)
+    assert dispatches(cs.handle(stimuli.Tick(), 61.5)) == [Dispatch(p.provider_id, job.job_id, 0, 2)]
 
 
 def test_deadline_expiry_resends_to_another_provider(cs):
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b)
-    cs.acked(a.provider_id, job.job_id, 0, 1, cs.epoch, 0.5)
+    cs.handle(stimuli.SubtaskAcked(a.provider_id, job.job_id, 0, 1, cs.epoch), 0.5)
     deadline = job.subtasks[0].deadline
     for pid in (a.provider_id, b.provider_id):
-        cs.heartbeat(pid, deadline + 0.1)
-    assert dispatches(cs.tick(deadline + 0.1)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+        heartbeat(cs, pid, deadline + 0.1)
+    assert dispatches(cs.handle(stimuli.Tick(), deadline + 0.1)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
 
 
 def test_deadline_grows_with_work():
@@ -432,8 +473,8 @@ def test_deadline_grows_with_work():
     p = make_info(gflops=1.0)  # 1 GFLOP/s
     connect(cs, p)
     job = make_job(m=1000, k=1000, n=500)  # 1e9 flop
-    cs.add_job(job, 0.0)
-    cs.acked(p.provider_id, job.job_id, 0, 1, cs.epoch, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.epoch), 0.0)
     assert job.subtasks[0].deadline >= 10.0
 
 
@@ -447,17 +488,17 @@ def test_foreign_ack_is_ignored(running, how):
         attempt = 2
     else:
         epoch = hexid()
-    cs.acked(pid, job.job_id, 0, attempt, epoch, 1.0)
+    cs.handle(stimuli.SubtaskAcked(pid, job.job_id, 0, attempt, epoch), 1.0)
     assert job.subtasks[0].state is SubState.SENT
 
 
 def test_ack_of_old_attempt_is_ignored(running):
     cs, p, job = running
-    cs.heartbeat(p.provider_id, 10.5)
-    cs.tick(10.5)  # attempt 2 to the same provider
-    cs.acked(p.provider_id, job.job_id, 0, 1, cs.epoch, 11.0)
+    heartbeat(cs, p.provider_id, 10.5)
+    cs.handle(stimuli.Tick(), 10.5)  # attempt 2 to the same provider
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.epoch), 11.0)
     assert job.subtasks[0].state is SubState.SENT
-    cs.acked(p.provider_id, job.job_id, 0, 2, cs.epoch, 11.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 2, cs.epoch), 11.0)
     assert job.subtasks[0].state is SubState.RUNNING
 
 
@@ -466,15 +507,15 @@ def test_dead_after_three_missed_heartbeats(cs):
     p = make_info()
     connect(cs, p)
     assert cs.timing.dead_after == 15.0
-    assert cs.tick(15.0) == []
+    assert cs.handle(stimuli.Tick(), 15.0) == []
     assert cs.providers[p.provider_id].alive
-    actions = cs.tick(15.01)
+    actions = cs.handle(stimuli.Tick(), 15.01)
     assert actions == [ProviderLost(p.provider_id, 0)]
     assert not cs.providers[p.provider_id].ready
-    assert cs.provider_rows(15.01)[0]["state"] == "dead"
-    assert cs.heartbeat(p.provider_id, 16.0) is False  # must register again
+    assert views.provider_rows(cs.providers, 15.01)[0]["state"] == "dead"
+    assert heartbeat(cs, p.provider_id, 16.0) is False  # must register again
     assert cs.counters["providers_lost"] == 1
-    assert cs.tick(100.0) == []  # lost once
+    assert cs.handle(stimuli.Tick(), 100.0) == []  # lost once
 
 
 def test_dead_provider_leaves_the_table_after_forget_after(cs):
@@ -482,14 +523,14 @@ def test_dead_provider_leaves_the_table_after_forget_after(cs):
     connect(cs, p)
     connect(cs, q)
     for t in range(5, 700, 5):  # q stays alive
-        cs.heartbeat(q.provider_id, float(t))
-    cs.tick(20.0)
+        heartbeat(cs, q.provider_id, float(t))
+    cs.handle(stimuli.Tick(), 20.0)
     assert not cs.providers[p.provider_id].alive
-    cs.tick(cs.timing.forget_after - 1.0)
+    cs.handle(stimuli.Tick(), cs.timing.forget_after - 1.0)
     assert p.provider_id in cs.providers  # still listed as dead
-    cs.tick(cs.timing.forget_after + 0.01)
+    cs.handle(stimuli.Tick(), cs.timing.forget_after + 0.01)
     assert p.provider_id not in cs.providers and q.provider_id in cs.providers
-    assert [r["provider_id"] for r in cs.provider_rows(700.0)] == [q.provider_id]
+    assert [r["provider_id"] for r in views.provider_rows(cs.providers, 700.0)] == [q.provider_id]
     connect(cs, p, 700.0)  # a late comeback registers again
     assert cs.providers[p.provider_id].ready
 
@@ -498,18 +539,18 @@ def test_heartbeats_keep_a_provider_alive(cs):
     p = make_info()
     connect(cs, p)
     for t in range(5, 100, 5):
-        assert cs.heartbeat(p.provider_id, float(t)) is True
-        assert cs.tick(float(t) + 0.5) == []
+        assert heartbeat(cs, p.provider_id, float(t)) is True
+        assert cs.handle(stimuli.Tick(), float(t) + 0.5) == []
     assert cs.providers[p.provider_id].alive
-    assert cs.heartbeat(hexid(), 1.0) is False
+    assert heartbeat(cs, hexid(), 1.0) is False
 
 
 def test_custom_heartbeat_interval():
     cs = ClusterState(hexid(), Timing(heartbeat_interval=1.0))
     p = make_info()
     connect(cs, p)
-    assert cs.tick(3.0) == []
-    assert cs.tick(3.01) == [ProviderLost(p.provider_id, 0)]
+    assert cs.handle(stimuli.Tick(), 3.0) == []
+    assert cs.handle(stimuli.Tick(), 3.01) == [ProviderLost(p.provider_id, 0)]
 
 
 def test_dead_provider_subtasks_reassigned_with_next_attempt(cs):
@@ -517,12 +558,12 @@ def test_dead_provider_subtasks_reassigned_with_next_attempt(cs):
     connect(cs, fast)
     connect(cs, slow)
     job = make_job(m=300)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     for sub in job.subtasks:
-        cs.acked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 1.0)
+        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch), 1.0)
     lost = [s.index for s in job.subtasks if s.provider_id == fast.provider_id]
-    cs.heartbeat(slow.provider_id, 15.0)
-    actions = cs.tick(16.0)
+    heartbeat(cs, slow.provider_id, 15.0)
+    actions = cs.handle(stimuli.Tick(), 16.0)
     assert ProviderLost(fast.provider_id, len(lost)) in actions
     redo = dispatches(actions)
     assert sorted(d.subtask for d in redo) == lost
@@ -538,7 +579,7 @@ def test_dead_provider_subtasks_reassigned_with_next_attempt(cs):
 
 def test_dead_provider_subtasks_wait_without_providers(running):
     cs, p, job = running
-    actions = cs.tick(20.0)
+    actions = cs.handle(stimuli.Tick(), 20.0)
     assert actions == [ProviderLost(p.provider_id, 1)]
     sub = job.subtasks[0]
     assert sub.state is SubState.PENDING and sub.provider_id is None
@@ -553,11 +594,11 @@ def test_dead_provider_subtasks_wait_without_providers(running):
 def test_reregistered_provider_is_ready_again(cs):
     p = make_info()
     connect(cs, p)
-    cs.tick(20.0)
+    cs.handle(stimuli.Tick(), 20.0)
     assert not cs.providers[p.provider_id].alive
-    cs.register(p, 21.0)  # the subscription is still known
+    cs.handle(stimuli.ProviderRegistered(p), 21.0)  # the subscription is still known
     assert cs.providers[p.provider_id].ready
-    assert cs.heartbeat(p.provider_id, 22.0)
+    assert heartbeat(cs, p.provider_id, 22.0)
 
 
 # ---- failures ------------------------------------------------------------------------------------
@@ -572,10 +613,10 @@ def test_retryable_failure_requeues(cs):
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b)
     sub = job.subtasks[0]
-    actions = cs.failed(**_failed_args(sub, job, cs))
+    actions = failed(cs, **_failed_args(sub, job, cs))
     assert dispatches(actions) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
     assert job.state is JobState.RUNNING
     assert cs.counters["subtasks_failed"] == 1 and cs.counters["subtasks_retried"] == 1
@@ -584,7 +625,7 @@ def test_retryable_failure_requeues(cs):
 
 def test_retryable_failure_with_one_provider_retries_there(running):
     cs, p, job = running
-    actions = cs.failed(**_failed_args(job.subtasks[0], job, cs))
+    actions = failed(cs, **_failed_args(job.subtasks[0], job, cs))
     assert dispatches(actions) == [Dispatch(p.provider_id, job.job_id, 0, 2)]
 
 
@@ -593,9 +634,9 @@ def test_non_retryable_failure_fails_the_job(cs):
     connect(cs, a)
     connect(cs, b)
     job = make_job(m=100)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     sub = job.subtasks[0]
-    actions = cs.failed(**_failed_args(sub, job, cs, retryable=False, error="bad input"))
+    actions = failed(cs, **_failed_args(sub, job, cs, retryable=False, error="bad input"))
     assert len(actions) == 1 and isinstance(actions[0], JobFailed)
     assert job.state is JobState.FAILED
     assert "bad input" in job.error and "subtask 0" in job.error
@@ -603,7 +644,7 @@ def test_non_retryable_failure_fails_the_job(cs):
     assert all(not p.assigned for p in cs.providers.values())
     # results for the failed job are ignored
     other = job.subtasks[1]
-    assert cs.result(other.provider_id, job.job_id, 1, 1, cs.epoch, 2.0) is False
+    assert result(cs, other.provider_id, job.job_id, 1, 1, cs.epoch, 2.0) is False
 
 
 def test_max_attempts_fails_the_job():
@@ -611,13 +652,13 @@ def test_max_attempts_fails_the_job():
     p = make_info()
     connect(cs, p)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     sub = job.subtasks[0]
     for attempt in (1, 2):
         assert sub.attempt == attempt
-        actions = cs.failed(**_failed_args(sub, job, cs))
+        actions = failed(cs, **_failed_args(sub, job, cs))
         assert dispatches(actions) == [Dispatch(p.provider_id, job.job_id, 0, attempt + 1)]
-    actions = cs.failed(**_failed_args(sub, job, cs))
+    actions = failed(cs, **_failed_args(sub, job, cs))
     assert [type(a) for a in actions] == [JobFailed]
     assert job.state is JobState.FAILED
 
@@ -625,12 +666,12 @@ def test_max_attempts_fails_the_job():
 def test_failed_for_stale_attempt_or_epoch_is_ignored(running):
     cs, p, job = running
     sub = job.subtasks[0]
-    assert cs.failed(**_failed_args(sub, job, cs, epoch=hexid(), retryable=False)) == []
-    assert cs.failed(**_failed_args(sub, job, cs, attempt=2, retryable=False)) == []
-    assert cs.failed(**_failed_args(sub, job, cs, job_id=hexid(), retryable=False)) == []
+    assert failed(cs, **_failed_args(sub, job, cs, epoch=hexid(), retryable=False)) == []
+    assert failed(cs, **_failed_args(sub, job, cs, attempt=2, retryable=False)) == []
+    assert failed(cs, **_failed_args(sub, job, cs, job_id=hexid(), retryable=False)) == []
     assert job.state is JobState.RUNNING
-    cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
-    assert cs.failed(**_failed_args(sub, job, cs, retryable=False)) == []
+    result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert failed(cs, **_failed_args(sub, job, cs, retryable=False)) == []
     assert job.state is JobState.RUNNING and sub.state is SubState.DONE
 
 
@@ -640,7 +681,7 @@ def test_failed_from_provider_not_sent_that_attempt_is_ignored(running):
     stranger = make_info()
     connect(cs, stranger)
     sub = job.subtasks[0]
-    assert cs.failed(**_failed_args(sub, job, cs, provider_id=stranger.provider_id,
+    assert failed(cs, **_failed_args(sub, job, cs, provider_id=stranger.provider_id,
                                     retryable=False)) == []
     assert job.state is JobState.RUNNING
 
@@ -651,13 +692,13 @@ def test_missed_acks_count_towards_max_attempts():
     p = make_info()
     connect(cs, p)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     now, actions = 0.0, []
     for _ in range(3):
         assert job.state is JobState.RUNNING
         now += cs.timing.ack_timeout + 1
-        cs.heartbeat(p.provider_id, now)
-        actions = cs.tick(now)
+        heartbeat(cs, p.provider_id, now)
+        actions = cs.handle(stimuli.Tick(), now)
     assert job.state is JobState.FAILED
     assert [type(a) for a in actions] == [JobFailed]
     assert job.subtasks[0].attempt == 3
@@ -670,27 +711,27 @@ def test_missed_deadlines_count_towards_max_attempts():
     p = make_info()
     connect(cs, p)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     sub = job.subtasks[0]
     now = 0.0
     for _ in range(2):
-        cs.acked(p.provider_id, job.job_id, 0, sub.attempt, cs.epoch, now)
+        cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, sub.attempt, cs.epoch), now)
         now = sub.deadline + 1
-        cs.heartbeat(p.provider_id, now)
-        cs.tick(now)
+        heartbeat(cs, p.provider_id, now)
+        cs.handle(stimuli.Tick(), now)
     assert job.state is JobState.FAILED
 
 
 def test_provider_deaths_do_not_count_towards_max_attempts():
     cs = ClusterState(hexid(), Timing(max_attempts=2))
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     now = 0.0
     for _ in range(5):
         p = make_info()
         connect(cs, p, now)
         now += cs.timing.dead_after + 1
-        cs.tick(now)  # p dies holding the subtask
+        cs.handle(stimuli.Tick(), now)  # p dies holding the subtask
         assert job.state is JobState.RUNNING
     assert job.subtasks[0].attempt == 5
     assert job.subtasks[0].state is SubState.PENDING
@@ -701,11 +742,11 @@ def test_failures_and_timeouts_add_up():
     p = make_info()
     connect(cs, p)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
-    cs.failed(**_failed_args(job.subtasks[0], job, cs))  # strike 1, re-sent at t=1
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    failed(cs, **_failed_args(job.subtasks[0], job, cs))  # strike 1, re-sent at t=1
     assert job.state is JobState.RUNNING
-    cs.heartbeat(p.provider_id, 12.0)
-    assert [type(a) for a in cs.tick(12.0)] == [JobFailed]  # strike 2: missed ack
+    heartbeat(cs, p.provider_id, 12.0)
+    assert [type(a) for a in cs.handle(stimuli.Tick(), 12.0)] == [JobFailed]  # strike 2: missed ack
 
 
 def test_requeued_subtask_not_sent_to_provider_without_memory_for_it(cs):
@@ -716,9 +757,9 @@ def test_requeued_subtask_not_sent_to_provider_without_memory_for_it(cs):
     connect(cs, big)
     connect(cs, small)
     job = make_job(m=m, k=k, n=n)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     assert rows_by_provider(job) == {big.provider_id: 990, small.provider_id: 10}
-    actions = cs.unregister(big.provider_id, 1.0)
+    actions = cs.handle(stimuli.ProviderLeft(big.provider_id), 1.0)
     for d in dispatches(actions):
         rows = job.subtasks[d.subtask].params["rows"]
         need = (k * n + rows * (k + n)) * item
@@ -728,38 +769,38 @@ def test_requeued_subtask_not_sent_to_provider_without_memory_for_it(cs):
 # ---- cancel, unregister, forget ------------------------------------------------------------------------
 def test_cancel_running_job(running):
     cs, p, job = running
-    cancelled = cs.cancel(job.job_id, 2.0)
+    cancelled = cancel(cs, job.job_id, 2.0)
     assert cancelled is job
     assert job.state is JobState.CANCELLED and job.finished_at == 2.0
     assert job.error == "cancelled by user"
     assert not cs.providers[p.provider_id].assigned
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 3.0) is False
-    assert cs.tick(5.0) == []
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 3.0) is False
+    assert cs.handle(stimuli.Tick(), 5.0) == []
     with pytest.raises(Conflict):
-        cs.cancel(job.job_id, 3.0)
+        cancel(cs, job.job_id, 3.0)
 
 
 def test_cancel_queued_job(cs):
     job = make_job()
-    cs.add_job(job, 0.0)
-    cs.cancel(job.job_id, 1.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    cancel(cs, job.job_id, 1.0)
     assert job.state is JobState.CANCELLED
     assert connect(cs, make_info(), 2.0) == []  # never started
 
 
 def test_cancel_unknown_job(cs):
     with pytest.raises(NotFound):
-        cs.cancel(hexid(), 0.0)
+        cancel(cs, hexid(), 0.0)
     with pytest.raises(NotFound):
-        cs.get_job(hexid())
+        cs.handle(stimuli.CancelRequested(hexid()), 0.0)
 
 
 def test_forget(running):
     cs, p, job = running
-    cs.forget(job.job_id)
+    cs.handle(stimuli.JobForgotten(job.job_id), 0.0)
     assert job.job_id not in cs.jobs
-    cs.forget(job.job_id)  # idempotent
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
+    cs.handle(stimuli.JobForgotten(job.job_id), 0.0)  # idempotent
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
 
 
 def test_unregister_requeues_to_others(cs):
@@ -767,15 +808,15 @@ def test_unregister_requeues_to_others(cs):
     connect(cs, a)
     connect(cs, b)
     job = make_job(m=300)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     moved = [s.index for s in job.subtasks if s.provider_id == a.provider_id]
-    actions = cs.unregister(a.provider_id, 1.0)
+    actions = cs.handle(stimuli.ProviderLeft(a.provider_id), 1.0)
     assert actions[0] == ProviderLost(a.provider_id, len(moved))
     assert sorted(d.subtask for d in dispatches(actions)) == moved
     assert all(d.provider_id == b.provider_id and d.attempt == 2 for d in dispatches(actions))
     assert a.provider_id not in cs.providers
-    assert cs.unregister(a.provider_id, 2.0) == []
-    assert cs.heartbeat(a.provider_id, 2.0) is False
+    assert cs.handle(stimuli.ProviderLeft(a.provider_id), 2.0) == []
+    assert heartbeat(cs, a.provider_id, 2.0) is False
 
 
 def test_unregister_does_not_touch_finished_subtasks(cs):
@@ -783,11 +824,11 @@ def test_unregister_does_not_touch_finished_subtasks(cs):
     connect(cs, a)
     connect(cs, b)
     job = make_job(m=100)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     done = next(s for s in job.subtasks if s.provider_id == a.provider_id)
-    assert cs.result(a.provider_id, job.job_id, done.index, 1, cs.epoch, 1.0)
-    cs.merged(job.job_id, 1.0)
-    actions = cs.unregister(a.provider_id, 2.0)
+    assert result(cs, a.provider_id, job.job_id, done.index, 1, cs.epoch, 1.0)
+    cs.handle(stimuli.ResultMerged(job.job_id), 1.0)
+    actions = cs.handle(stimuli.ProviderLeft(a.provider_id), 2.0)
     assert actions == [ProviderLost(a.provider_id, 0)]
     assert done.state is SubState.DONE
 
@@ -797,16 +838,16 @@ def test_provider_rows_and_job_view(cs):
     p = make_info(12.345, name="alpha")
     connect(cs, p)
     job = make_job(m=10)
-    cs.add_job(job, 0.0)
-    (row,) = cs.provider_rows(2.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    (row,) = views.provider_rows(cs.providers, 2.0)
     assert row["name"] == "alpha" and row["gflops"] == 12.35 and row["assigned"] == 1
     assert row["last_heartbeat_s"] == 2.0
-    view = st.job_view(job, {p.provider_id: "alpha"})
+    view = view_of(job, {p.provider_id: "alpha"})
     assert view["state"] == "running" and view["progress"] == {"done": 0, "total": 1}
     assert view["inputs"]["a"] == {"dtype": "float64", "shape": [10, 8]}
-    assert set(st.terminal_states()) == {"done", "failed", "cancelled"}
-    assert cs.result(p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
-    assert st.job_view(job, {p.provider_id: "alpha"})["shares"] == {"alpha": 1.0}
+    assert set(TERMINAL_NAMES) == {"done", "failed", "cancelled"}
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert view_of(job, {p.provider_id: "alpha"})["shares"] == {"alpha": 1.0}
 
 
 # ---- speed learning: the service time the head observes ---------------------------------------------
@@ -822,9 +863,9 @@ def finish(cs: ClusterState, job: st.Job, provider: ProviderInfo, now: float, el
     """The result of ``provider``'s (only, or given attempt's) subtask of ``job`` arrives at ``now``."""
     sub = next(s for s in job.subtasks if provider.provider_id in s.tried)
     attempt = attempt or sub.tried.index(provider.provider_id) + 1
-    ok = cs.result(provider.provider_id, job.job_id, sub.index, attempt, cs.epoch, now, elapsed=elapsed)
+    ok = result(cs, provider.provider_id, job.job_id, sub.index, attempt, cs.epoch, now, elapsed=elapsed)
     if ok:
-        cs.merged(job.job_id, now)
+        cs.handle(stimuli.ResultMerged(job.job_id), now)
     return ok
 
 
@@ -835,7 +876,7 @@ def test_late_results_lower_the_learned_speed_and_the_next_share(cs):
     connect(cs, near)
     connect(cs, far)
     job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     assert rows_by_provider(job) == {near.provider_id: 500, far.provider_id: 500}
     assert finish(cs, job, near, 0.1, elapsed=0.1)
     assert finish(cs, job, far, 1.0, elapsed=0.1)  # compute 0.1 s, transfers 0.9 s
@@ -843,7 +884,7 @@ def test_late_results_lower_the_learned_speed_and_the_next_share(cs):
     assert speed(cs, near) == pytest.approx(10.0)  # 1e9 FLOP in 0.1 s
     assert speed(cs, far) == pytest.approx(0.5 * 10.0 + 0.5 * 1.0)  # 1e9 FLOP in 1 s, not 0.1 s
     nxt = make_job(m=BIG, k=BIG, n=BIG, created_at=1.0)
-    cs.add_job(nxt, 1.0)
+    cs.handle(stimuli.JobAdded(nxt), 1.0)
     rows = rows_by_provider(nxt)
     assert rows[far.provider_id] == round(BIG * 5.5 / 15.5) and rows[near.provider_id] > 600
 
@@ -853,7 +894,7 @@ def test_reported_compute_time_still_counts(cs):
     p = make_info(10.0)
     connect(cs, p)
     job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     assert finish(cs, job, p, 4.0, elapsed=4.0)
     assert speed(cs, p) == pytest.approx(0.5 * 10.0 + 0.5 * 2e9 / 4.0 / 1e9)
 
@@ -865,19 +906,19 @@ def test_queued_subtasks_are_not_charged_for_waiting(cs):
     p = make_info(1.0, memory_bytes=mem)
     connect(cs, p)
     job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     assert [s.params["rows"] for s in job.subtasks] == [250] * 4 and all(s.sent == [0.0] for s in job.subtasks)
     for i, sub in enumerate(job.subtasks):  # 5e8 FLOP each at 1 GFLOP/s: 0.5 s each
         now = 0.5 * (i + 1)
-        assert cs.result(p.provider_id, job.job_id, sub.index, 1, cs.epoch, now, elapsed=0.5)
-        cs.merged(job.job_id, now)
+        assert result(cs, p.provider_id, job.job_id, sub.index, 1, cs.epoch, now, elapsed=0.5)
+        cs.handle(stimuli.ResultMerged(job.job_id), now)
         assert speed(cs, p) == pytest.approx(1.0)
     assert cs.providers[p.provider_id].last_result_at == 2.0
     # another job's subtask sent while the provider was idle is measured from its own send time
     later = make_job(m=BIG, k=BIG, n=BIG, created_at=10.0)
-    cs.add_job(later, 10.0)
+    cs.handle(stimuli.JobAdded(later), 10.0)
     sub = later.subtasks[0]
-    assert cs.result(p.provider_id, later.job_id, sub.index, 1, cs.epoch, 10.5, elapsed=0.5)
+    assert result(cs, p.provider_id, later.job_id, sub.index, 1, cs.epoch, 10.5, elapsed=0.5)
     assert speed(cs, p) == pytest.approx(1.0)
 
 
@@ -886,11 +927,11 @@ def test_a_failure_frees_the_provider_for_the_next_subtask(cs):
     p = make_info(1.0, memory_bytes=mem)
     connect(cs, p)
     job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     first, second = job.subtasks
-    cs.failed(p.provider_id, job.job_id, first.index, 1, cs.epoch, "boom", True, 3.0)
+    cs.handle(stimuli.SubtaskFailed(p.provider_id, job.job_id, first.index, 1, cs.epoch, "boom", True), 3.0)
     assert cs.providers[p.provider_id].last_result_at == 3.0
-    assert cs.result(p.provider_id, job.job_id, second.index, 1, cs.epoch, 4.0, elapsed=1.0)
+    assert result(cs, p.provider_id, job.job_id, second.index, 1, cs.epoch, 4.0, elapsed=1.0)
     assert speed(cs, p) == pytest.approx(1.0)  # 1e9 FLOP in 1 s (from 3 s), not in 4 s
 
 
@@ -901,11 +942,11 @@ def straggling(cs: ClusterState):
     connect(cs, fast)
     connect(cs, slow)
     job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     for sub in job.subtasks:
-        cs.acked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 0.0)
+        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch), 0.0)
     assert finish(cs, job, fast, 0.1, elapsed=0.1)
-    copy = dispatches(cs.tick(3.0))
+    copy = dispatches(cs.handle(stimuli.Tick(), 3.0))
     sub = next(s for s in job.subtasks if s.state is not SubState.DONE)
     assert copy == [Dispatch(fast.provider_id, job.job_id, sub.index, 2)]
     assert sub.tried == [slow.provider_id, fast.provider_id] and sub.sent == [0.0, 3.0]
@@ -914,20 +955,20 @@ def straggling(cs: ClusterState):
 
 def test_original_winning_over_a_speculative_copy_is_timed_from_its_own_send(cs):
     fast, slow, job, sub = straggling(cs)
-    assert cs.result(slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 4.0, elapsed=0.2)
+    assert result(cs, slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 4.0, elapsed=0.2)
     assert speed(cs, slow) == pytest.approx(0.5 * 10.0 + 0.5 * 1e9 / 4.0 / 1e9)  # 4 s, not 1 s since the copy
     # the copy's result is ignored and teaches nothing, but fast is free again from then
-    assert not cs.result(fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 4.2, elapsed=4.1)
+    assert not result(cs, fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 4.2, elapsed=4.1)
     assert speed(cs, fast) == pytest.approx(10.0)
     assert cs.providers[fast.provider_id].last_result_at == 4.2
 
 
 def test_speculative_copy_winning_is_timed_from_the_copy_and_the_late_original_teaches_nothing(cs):
     fast, slow, job, sub = straggling(cs)
-    assert cs.result(fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 3.1, elapsed=0.1)
+    assert result(cs, fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 3.1, elapsed=0.1)
     assert speed(cs, fast) == pytest.approx(10.0)  # 0.1 s from the copy's send, not 3.1 s from the original's
-    assert cs.merged(job.job_id, 3.1) == [JobFinished(job.job_id)]
-    assert not cs.result(slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 9.0, elapsed=0.1)
+    assert cs.handle(stimuli.ResultMerged(job.job_id), 3.1) == [JobFinished(job.job_id)]
+    assert not result(cs, slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 9.0, elapsed=0.1)
     assert speed(cs, slow) == pytest.approx(10.0)  # only the benchmark: nothing accepted from it
     assert cs.providers[slow.provider_id].last_result_at == 9.0
 
@@ -937,12 +978,12 @@ def test_old_attempt_result_is_timed_from_that_attempt(cs):
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.add_job(job, 0.0)
+    cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b)
-    cs.heartbeat(a.provider_id, 11.0)
-    cs.heartbeat(b.provider_id, 11.0)
-    assert dispatches(cs.tick(11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
-    assert cs.result(a.provider_id, job.job_id, 0, 1, cs.epoch, 20.0, elapsed=1.0) is True
+    heartbeat(cs, a.provider_id, 11.0)
+    heartbeat(cs, b.provider_id, 11.0)
+    assert dispatches(cs.handle(stimuli.Tick(), 11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
+    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.epoch, 20.0, elapsed=1.0) is True
     assert speed(cs, a) == pytest.approx(0.5 * 10.0 + 0.5 * 2e9 / 20.0 / 1e9)  # 20 s, not 9 s
 
 
@@ -950,8 +991,8 @@ def test_results_from_a_foreign_provider_or_epoch_do_not_move_its_clock(running)
     cs, p, job = running
     other = make_info()
     connect(cs, other)
-    assert not cs.result(other.provider_id, job.job_id, 0, 1, cs.epoch, 5.0)
-    assert not cs.result(p.provider_id, job.job_id, 0, 1, hexid(), 5.0)
+    assert not result(cs, other.provider_id, job.job_id, 0, 1, cs.epoch, 5.0)
+    assert not result(cs, p.provider_id, job.job_id, 0, 1, hexid(), 5.0)
     assert cs.providers[other.provider_id].last_result_at == 0.0
     assert cs.providers[p.provider_id].last_result_at == 0.0
 
@@ -978,6 +1019,6 @@ def test_nothing_believable_learns_nothing(cs):
     p = make_info(10.0)
     connect(cs, p, 5.0)
     job = make_job(m=BIG, k=BIG, n=BIG, created_at=5.0)
-    cs.add_job(job, 5.0)
+    cs.handle(stimuli.JobAdded(job), 5.0)
     assert finish(cs, job, p, 4.0, elapsed=float("nan"))  # the clock stepped back, elapsed_s is garbage
     assert speed(cs, p) == 10.0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from head_node import state as st
+from head_node import stimuli
 from head_node.state import ClusterState, Timing
-from tests.unit.test_state import connect, dispatches, hexid, make_info, make_job
+from tests.unit.test_state import connect, dispatches, hexid, make_info, make_job, result
 
 
 def setup(now: float = 0.0):
@@ -13,9 +14,9 @@ def setup(now: float = 0.0):
     connect(cs, fast, now)
     connect(cs, slow, now)
     job = make_job(m=100)
-    actions = cs.add_job(job, now)
+    actions = cs.handle(stimuli.JobAdded(job), now)
     for d in dispatches(actions):
-        cs.acked(d.provider_id, d.job_id, d.subtask, d.attempt, cs.epoch, now)
+        cs.handle(stimuli.SubtaskAcked(d.provider_id, d.job_id, d.subtask, d.attempt, cs.epoch), now)
     return cs, job, fast, slow, dispatches(actions)
 
 
@@ -23,22 +24,22 @@ def test_straggler_is_flagged_once_and_copied_to_the_idle_provider() -> None:
     cs, job, fast, slow, sent = setup()
     by_provider = {d.provider_id: d for d in sent}
     quick = by_provider[fast.provider_id]
-    assert cs.result(fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.epoch, 0.5)
-    cs.merged(job.job_id, 0.5)
-    assert not [a for a in cs.tick(1.0) if isinstance(a, st.Straggler)]  # not yet
-    actions = cs.tick(3.0)
+    assert result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.epoch, 0.5)
+    cs.handle(stimuli.ResultMerged(job.job_id), 0.5)
+    assert not [a for a in cs.handle(stimuli.Tick(), 1.0) if isinstance(a, st.Straggler)]  # not yet
+    actions = cs.handle(stimuli.Tick(), 3.0)
     flagged = [a for a in actions if isinstance(a, st.Straggler)]
     assert len(flagged) == 1 and flagged[0].provider_id == slow.provider_id
     assert flagged[0].copied_to == fast.provider_id and flagged[0].seconds >= 2.0
     copy = [d for d in dispatches(actions)]
     assert len(copy) == 1 and copy[0].provider_id == fast.provider_id and copy[0].attempt == 2
-    assert not [a for a in cs.tick(4.0) if isinstance(a, st.Straggler)]  # flagged once
+    assert not [a for a in cs.handle(stimuli.Tick(), 4.0) if isinstance(a, st.Straggler)]  # flagged once
     assert cs.counters["subtasks_speculative"] == 1
     # the slow original finishes first: it wins, the copy's result is ignored
     orig = by_provider[slow.provider_id]
-    assert cs.result(slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.epoch, 4.5)
-    assert [type(a) for a in cs.merged(job.job_id, 4.5)] == [st.JobFinished]
-    assert not cs.result(fast.provider_id, job.job_id, orig.subtask, 2, cs.epoch, 4.6)
+    assert result(cs, slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.epoch, 4.5)
+    assert [type(a) for a in cs.handle(stimuli.ResultMerged(job.job_id), 4.5)] == [st.JobFinished]
+    assert not result(cs, fast.provider_id, job.job_id, orig.subtask, 2, cs.epoch, 4.6)
     assert not cs.providers[fast.provider_id].assigned and not cs.providers[slow.provider_id].assigned
 
 
@@ -46,18 +47,18 @@ def test_copy_result_wins_when_it_comes_first() -> None:
     cs, job, fast, slow, sent = setup()
     by_provider = {d.provider_id: d for d in sent}
     quick = by_provider[fast.provider_id]
-    cs.result(fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.epoch, 0.5)
-    cs.merged(job.job_id, 0.5)
-    copy = dispatches(cs.tick(3.0))[0]
-    assert cs.result(fast.provider_id, job.job_id, copy.subtask, copy.attempt, cs.epoch, 3.2)
-    assert [type(a) for a in cs.merged(job.job_id, 3.2)] == [st.JobFinished]
+    result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.epoch, 0.5)
+    cs.handle(stimuli.ResultMerged(job.job_id), 0.5)
+    copy = dispatches(cs.handle(stimuli.Tick(), 3.0))[0]
+    assert result(cs, fast.provider_id, job.job_id, copy.subtask, copy.attempt, cs.epoch, 3.2)
+    assert [type(a) for a in cs.handle(stimuli.ResultMerged(job.job_id), 3.2)] == [st.JobFinished]
     orig = by_provider[slow.provider_id]
-    assert not cs.result(slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.epoch, 5.0)
+    assert not result(cs, slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.epoch, 5.0)
 
 
 def test_no_copy_without_an_idle_provider() -> None:
     cs, job, fast, slow, sent = setup()
-    actions = cs.tick(3.0)  # both still busy
+    actions = cs.handle(stimuli.Tick(), 3.0)  # both still busy
     flagged = [a for a in actions if isinstance(a, st.Straggler)]
     assert len(flagged) == 2 and all(a.copied_to is None for a in flagged)
     assert not dispatches(actions)

@@ -41,7 +41,7 @@ class EarlyDeliveryQueue(EmbeddedQueue):
 def _head(tmp_path: Path, refuse: bool) -> Head:
     cfg = config.resolve(argparse.Namespace(), config.HEAD_OPTIONS, env={"DCF_STATE_DIR": str(tmp_path)})
     head = Head(cfg)
-    head.queue = EarlyDeliveryQueue(head.store, refuse)
+    head.queue = head.jobs.queue = EarlyDeliveryQueue(head.store, refuse)
     return head
 
 
@@ -54,21 +54,21 @@ def _spec(head: Head) -> dict[str, Any]:
 def test_a_delivery_before_the_confirm_waits_for_it(tmp_path: Path, refuse: bool) -> None:
     async def scenario() -> None:
         head = _head(tmp_path, refuse)
-        await head.queue.start(head._deliver)
+        await head.queue.start(head.jobs.deliver)
         try:
             if refuse:
                 with pytest.raises(QueueUnavailable):
                     await head.submit(_spec(head))
                 await asyncio.sleep(0.01)
-                assert head.state.jobs == {} and head.active == {}, "a refused job was started"
+                assert head.state.jobs == {} and head.jobs.active == {}, "a refused job was started"
                 assert head.store.list() == []
                 (job_id,) = head.queue.acked  # its early delivery was acked, so it is not redelivered
                 assert head.store.is_deleted(job_id)
             else:
                 job_id = await head.submit(_spec(head))
-                assert job_id in head.state.jobs and job_id in head.active
+                assert job_id in head.state.jobs and job_id in head.jobs.active
                 assert head.store.get(job_id)["accepted"]
-                assert head.parked == {}
+                assert head.jobs.parked == {}
         finally:
             head.store.close()
 
@@ -79,17 +79,17 @@ def test_a_broken_torch_fails_the_training_job_instead_of_leaving_it_queued(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch is imported on a thread before the first training job; an install that raises something
     else than ImportError (OSError: a missing CUDA library...) fails the job with that reason."""
-    import head_node.server as server
+    import head_node.lifecycle as lifecycle
 
     def broken(name: str) -> Any:
         raise OSError("libcudnn.so.9: cannot open shared object file")
 
-    monkeypatch.setattr(server.importlib, "import_module", broken)
+    monkeypatch.setattr(lifecycle.importlib, "import_module", broken)
 
     async def scenario() -> None:
         head = _head(tmp_path, refuse=False)
-        head.queue = EmbeddedQueue(head.store)
-        await head.queue.start(head._deliver)
+        head.queue = head.jobs.queue = EmbeddedQueue(head.store)
+        await head.queue.start(head.jobs.deliver)
         try:
             arrays = {"x": np.zeros((100, 64), dtype=np.float32), "y": np.arange(100, dtype=np.int64) % 3,
                       "x_test": np.zeros((4, 64), dtype=np.float32), "y_test": np.arange(4, dtype=np.int64) % 3}
@@ -102,7 +102,7 @@ def test_a_broken_torch_fails_the_training_job_instead_of_leaving_it_queued(
                 acks.append(1)
 
             head.store.insert(record, accepted=True)
-            head._deliver(record, ack)
+            head.jobs.deliver(record, ack)
             for _ in range(100):
                 await asyncio.sleep(0.02)
                 if head.store.get("d" * 32)["state"] == "failed":
@@ -112,6 +112,5 @@ def test_a_broken_torch_fails_the_training_job_instead_of_leaving_it_queued(
             assert acks == [1]
         finally:
             head.store.close()
-            monkeypatch.setattr(server, "TORCH_IMPORT_ERROR", "")
 
     asyncio.run(scenario())

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .errors import NotFound, ValidationError
+from ...errors import NotFound, ValidationError
 
 MAX_CLASSES = 10_000
 
@@ -32,11 +32,16 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        for arr in (self.x_train, self.y_train, self.x_test, self.y_test):
-            h.update(str((arr.dtype.str, arr.shape)).encode())
-            h.update(np.ascontiguousarray(arr).data)
-        return h.hexdigest()[:32]
+        return content_hash((self.x_train, self.y_train, self.x_test, self.y_test))
+
+
+def content_hash(arrays: Sequence[np.ndarray]) -> str:
+    """32 hex digits naming a dataset by its content (dtype, shape and bytes of each array, in order)."""
+    h = hashlib.sha256()
+    for arr in arrays:
+        h.update(str((arr.dtype.str, arr.shape)).encode())
+        h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()[:32]
 
 
 def load(name: str, seed: int = 0, size: int = 2000, features: int = 20, classes: int = 4,
@@ -116,15 +121,3 @@ def _labels(y: np.ndarray, what: str) -> np.ndarray:
     if y.min() < 0 or y.max() >= MAX_CLASSES:
         raise ValidationError(f"{what}: labels out of range (must be 0..{MAX_CLASSES - 1}, got {y.min()}..{y.max()})")
     return y.astype(np.int64)
-
-
-def check_labels(ds: Dataset, n_classes: int) -> None:
-    for what, y in (("y", ds.y_train), ("y_test", ds.y_test)):
-        if len(y) and (y.min() < 0 or y.max() >= n_classes):
-            raise ValidationError(f"labels out of range: {what} holds {y.min()}..{y.max()}, "
-                                  f"the model has {n_classes} classes")
-
-
-def describe(ds: Dataset) -> dict[str, Any]:
-    return {"name": ds.name, "train": len(ds.x_train), "test": len(ds.x_test),
-            "input_shape": list(ds.input_shape), "classes": ds.n_classes, "hash": ds.content_hash()}

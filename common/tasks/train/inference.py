@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ValidationError
 from . import models
-from .errors import ValidationError
 
 
 def load_model_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], np.ndarray]:

@@ -8,16 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ValidationError
+from ..errors import ValidationError
+from .base import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker
+from .registry import register
 from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks
-from .tasks import ArrayMeta, Device, SubtaskPlan, TaskType, Worker, register
 
 __all__ = ["MEMORY_FRACTION", "MatMul", "proportional_rows"]
 
 DTYPES = ("float32", "float64")
 
 
-class MatMul(TaskType):
+class MatMul(SplitTask):
     name = "matmul"
     inputs = ("a", "b")
 

@@ -13,31 +13,31 @@ to their measured speed. Strategies:
              that many global batches from the same parameters; the head averages the
              resulting parameters weighted by samples.
 After each epoch an eval round scores the test split. Checkpoints (model, optimizer, scheduler,
-position) are written atomically every ``checkpoint_every`` steps and at each epoch's end; a
-restarted head resumes from the last one. The data order is a pure function of (seed, epoch).
+position) are asked of the head (a ``SaveFile`` effect it writes atomically) every
+``checkpoint_every`` steps and at each epoch's end; a restarted head builds the planner anew and it
+resumes from the last one. The data order is a pure function of (seed, epoch).
+Like every planner it does no I/O after it is built and reads no clock: ``now`` comes in.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import io
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common import models
-from common.errors import ValidationError
-from common.rows import worker_shares
-from common.tasks import SubtaskPlan, Worker
-from common.training import train_params
-
-from .store import replace_file
+from ...errors import ValidationError
+from ..base import Effect, JobContext, Metrics, Planner, SaveFile, SubtaskPlan, Worker
+from ..rows import worker_shares
+from . import models
+from .datasets import content_hash
+from .params import train_params
+from .task import TrainTask
 
 log = logging.getLogger("dcf.head.training")
 
@@ -73,20 +73,22 @@ def make_scheduler(optimizer: Any, p: Mapping[str, Any], total_steps: int) -> An
     return None
 
 
-class Trainer:
-    def __init__(self, job_id: str, params: Mapping[str, Any], blob_ids: Mapping[str, str],
-                 data: Mapping[str, np.ndarray], job_dir: Path, fsync: bool = False) -> None:
+class TrainPlanner(Planner):
+    """The planner of a ``train`` job: a parameter server."""
+
+    def __init__(self, job: JobContext) -> None:
         import torch
 
-        self.job_id = job_id
-        self.fsync = fsync  # checkpoints and outputs reach the disk before they count (--fsync)
-        self.p = train_params(params)
-        self.blob_ids = dict(blob_ids)
-        self.job_dir = job_dir
+        torch.set_num_threads(1)  # the optimizer step is small; keep the cores for the providers
+        data = job.operands
+        self.job_id = job.job_id
+        self.p = train_params(job.params)
+        self.blob_ids = dict(job.blob_ids)
+        self.job_dir = job.job_dir
         self.n_train = int(data["x"].shape[0])
         self.n_test = int(data["x_test"].shape[0])
         self.input_shape = [int(d) for d in data["x"].shape[1:]]
-        self.data_key = _content_hash(data)
+        self.data_key = content_hash([data[n] for n in ("x", "y", "x_test", "y_test")])
         top = int(max(data["y"].max(), data["y_test"].max()))
         low = int(min(data["y"].min(), data["y_test"].min()))
         self.classes = self.p["classes"] or top + 1
@@ -116,10 +118,10 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
         self.samples_done = 0
-        self.started = time.time()
+        self.started: float | None = None  # the first plan's `now`
         self.finished = False
         self.checkpoint_due = False
-        self.events: list[dict[str, Any]] = []
+        self.pending: list[Effect] = []
         self.stale_dropped = 0
         self.step_seconds: list[float] = []  # wall time between optimizer steps (eval rounds excluded)
         self._last_step_at: float | None = None
@@ -132,13 +134,15 @@ class Trainer:
         self._next_shard = 0
 
     # ---- planner interface ------------------------------------------------------------------
-    def plan(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
+    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+        if self.started is None:
+            self.started = now
         if self.p["sync"] == "async":
-            return self._plan_async(workers, outstanding)
+            return self._plan_async(workers, outstanding, now)
         if self.round is not None:
             if len(self.round["parts"]) < self.round["expect"]:
                 return []
-            self._finish_round()
+            self._finish_round(now)
         self._checkpoint_if_due()
         if self.finished:
             return []
@@ -159,13 +163,16 @@ class Trainer:
             return [params]
         return [params, self.idx[sub["shard"]]]
 
-    def merge(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    def check_result(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        TrainTask.check_result(sub_params, arrays)
+
+    def merge(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
         loss_sum, n, correct = (float(v) for v in arrays[-1])
         if not math.isfinite(loss_sum):
             raise ValidationError(f"non-finite loss at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}: "
                                   "lower the learning rate or check the data")
         if self.p["sync"] == "async" and sub["kind"] == "grad":
-            self._merge_async(sub, arrays)
+            self._merge_async(sub, arrays, now)
             return
         if self.round is None or sub["round"] != self.round["id"]:
             return  # a result of a round already closed (duplicate): ignore
@@ -230,7 +237,7 @@ class Trainer:
     def _flops(self, samples: int, passes: int) -> float:
         return 2.0 * passes * samples * self.n_params
 
-    def _finish_round(self) -> None:
+    def _finish_round(self, now: float) -> None:
         rnd = self.round
         assert rnd is not None
         parts = [rnd["parts"][k] for k in sorted(rnd["parts"])]  # shard order: arrival order never matters
@@ -238,18 +245,18 @@ class Trainer:
         n = int(sum(float(p[-1][1]) for p in parts))
         correct = int(sum(float(p[-1][2]) for p in parts))
         if rnd["kind"] == "eval":
-            self._end_epoch(loss_sum / max(1, n), correct / max(1, n))
+            self._end_epoch(loss_sum / max(1, n), correct / max(1, n), now)
         elif rnd["kind"] == "grad":
             total = np.zeros(self.n_params, dtype=np.float64)
             for part in parts:
                 total += part[0]
             self._apply_gradient((total / self.p["batch_size"]).astype(np.float32))
-            self._after_steps(1, loss_sum / n, correct / n, n)
+            self._after_steps(1, loss_sum / n, correct / n, n, now)
         else:  # local-sgd: average the providers' parameters, weighted by their samples
             weights = np.array([float(p[-1][1]) for p in parts])
             avg = sum(w * p[0].astype(np.float64) for w, p in zip(weights, parts, strict=True)) / weights.sum()
             self._set_parameters(avg.astype(np.float32))
-            self._after_steps(rnd["local_steps"], loss_sum / n, correct / n, n)
+            self._after_steps(rnd["local_steps"], loss_sum / n, correct / n, n, now)
         self.round = None
 
     def _apply_gradient(self, grad: np.ndarray) -> None:
@@ -272,8 +279,7 @@ class Trainer:
         for v in [v for v in self.params if v < self.version - keep]:
             del self.params[v]
 
-    def _after_steps(self, steps: int, loss: float, acc: float, samples: int) -> None:
-        now = time.perf_counter()
+    def _after_steps(self, steps: int, loss: float, acc: float, samples: int, now: float) -> None:
         if self._last_step_at is not None and self.step_in_epoch > 0:  # eval rounds are not steps
             self.step_seconds.append((now - self._last_step_at) / steps)
         self._last_step_at = now
@@ -282,21 +288,21 @@ class Trainer:
         self.step_in_epoch += steps
         self.samples_done += samples
         self.last = {"epoch": self.epoch + 1, "step": self.global_step, "loss": loss, "accuracy": acc,
-                     "samples_per_s": self.samples_done / max(1e-9, time.time() - self.started),
+                     "samples_per_s": self.samples_done / max(1e-9, now - (self.started or now)),
                      "lr": self.optimizer.param_groups[0]["lr"]}
-        self.events.append({"kind": "step", **self.last})
+        self.pending.append(Metrics("step", dict(self.last)))
         if self.global_step // self.p["checkpoint_every"] > before // self.p["checkpoint_every"]:
             self.checkpoint_due = True
 
-    def _end_epoch(self, test_loss: float, test_acc: float) -> None:
+    def _end_epoch(self, test_loss: float, test_acc: float, now: float) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
-        record = {"epoch": self.epoch, "step": self.global_step, "elapsed_s": round(time.time() - self.started, 4),
+        record = {"epoch": self.epoch, "step": self.global_step, "elapsed_s": round(now - (self.started or now), 4),
                   "train_loss": self.last.get("loss", float("nan")),
                   "train_accuracy": self.last.get("accuracy", float("nan")), "test_loss": test_loss,
                   "test_accuracy": test_acc}
         self.history.append(record)
-        self.events.append({"kind": "epoch", **record})
+        self.pending.append(Metrics("epoch", dict(record)))
         if self.scheduler is not None and self.p["schedule"] == "step":
             self.scheduler.step()
         self.checkpoint_due = True
@@ -304,11 +310,11 @@ class Trainer:
             self.finished = True
 
     # ---- async (bounded staleness) -----------------------------------------------------------
-    def _plan_async(self, workers: Sequence[Worker], outstanding: int) -> list[SubtaskPlan]:
+    def _plan_async(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
         if self.round is not None:  # an eval round between epochs
             if len(self.round["parts"]) < self.round["expect"]:
                 return []
-            self._finish_round()
+            self._finish_round(now)
         if not self._async_out:
             self._checkpoint_if_due()
         if self.finished:
@@ -336,7 +342,7 @@ class Trainer:
         return SubtaskPlan(w.provider_id, {**self._base("grad", 0, shard, "train"), "batch": batch_no},
                            self._flops(b, 3))
 
-    def _merge_async(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    def _merge_async(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
         entry = self._async_out.pop(sub["shard"], None)
         if entry is None:
             return  # duplicate
@@ -348,11 +354,11 @@ class Trainer:
             return
         loss_sum, n, correct = (float(v) for v in arrays[-1])
         self._apply_gradient((arrays[0].astype(np.float64) / n).astype(np.float32))
-        self._after_steps(1, loss_sum / n, correct / n, int(n))
+        self._after_steps(1, loss_sum / n, correct / n, int(n), now)
 
     # ---- checkpoints and outputs ---------------------------------------------------------------
-    def checkpoint(self) -> None:
-        """Atomically write model, optimizer, scheduler and position (at a round boundary)."""
+    def _checkpoint(self) -> SaveFile:
+        """Model, optimizer, scheduler and position (at a round boundary), for the head to write."""
         import torch
 
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -361,23 +367,16 @@ class Trainer:
                  "version": self.version, "samples_done": self.samples_done,
                  "history": json.dumps(self.history), "last": json.dumps(self.last),
                  "torch_rng": torch.get_rng_state()}
-        self.job_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.job_dir / f".{CHECKPOINT}.part"
-        torch.save(state, tmp)
-        replace_file(tmp, self.job_dir / CHECKPOINT, self.fsync)
-        self.checkpoint_due = False
-        log.info("checkpoint at step %d", self.global_step, extra={"job_id": self.job_id})
+        return SaveFile(CHECKPOINT, _torch_bytes(state))
 
     def _checkpoint_if_due(self) -> None:
         """Called between rounds only: a checkpoint never holds half a step."""
-        if not self.checkpoint_due or self.finished:
-            return
-        try:
-            self.checkpoint()
-        except OSError as exc:  # training goes on; the next boundary tries again
-            log.error("checkpoint failed: %s", exc, extra={"job_id": self.job_id})
+        if self.checkpoint_due and not self.finished:
+            self.pending.append(self._checkpoint())
+            self.checkpoint_due = False
 
     def _restore(self) -> None:
+        """Built by the head after a restart: resume from the job's last checkpoint, if any."""
         import torch
 
         path = self.job_dir / CHECKPOINT
@@ -397,41 +396,38 @@ class Trainer:
         log.info("resumed from checkpoint at epoch %d step %d", self.epoch, self.global_step,
                  extra={"job_id": self.job_id})
 
+    def effects(self) -> list[Effect]:
+        out, self.pending = self.pending, []
+        return out
+
     def summary(self) -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
         times = sorted(self.step_seconds)
-        return {"epoch": self.epoch, "step": self.global_step, "total_steps": self.total_steps,
-                "last": self.last, "history": self.history, "stale_dropped": self.stale_dropped,
-                "step_ms_median": round(1000 * times[len(times) // 2], 3) if times else None,
-                "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss")}
+        return {"training": {
+            "epoch": self.epoch, "step": self.global_step, "total_steps": self.total_steps,
+            "last": self.last, "history": self.history, "stale_dropped": self.stale_dropped,
+            "step_ms_median": round(1000 * times[len(times) // 2], 3) if times else None,
+            "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss")}}
 
     def progress(self) -> tuple[int, int]:
         return self.global_step, self.total_steps
 
-    def write_outputs(self, started_at: float | None) -> list[str]:
-        import torch
-
-        self.job_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.job_dir / ".model.pt.part"
-        torch.save(self.model.state_dict(), tmp)
-        replace_file(tmp, self.job_dir / "model.pt", self.fsync)
+    def finish(self, now: float) -> list[SaveFile]:
         final = self.history[-1] if self.history else {}
         meta = {"model": self.p["model"], "model_args": self.p["model_args"], "input_shape": self.input_shape,
                 "classes": self.classes, "parameters": self.n_params, "training": self.p,
                 "dataset_hash": self.data_key, "steps": self.global_step,
-                "seconds": round(time.time() - (started_at or self.started), 3),
+                "seconds": round(now - (self.started or now), 3),
                 "metrics": {"test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss"),
                             "train_loss": final.get("train_loss"), "history": self.history,
                             "stale_gradients_dropped": self.stale_dropped}}
-        (self.job_dir / ".model.json.part").write_text(json.dumps(meta, indent=2))
-        replace_file(self.job_dir / ".model.json.part", self.job_dir / "model.json", self.fsync)
-        return ["model.pt", "model.json"]
+        return [SaveFile("model.pt", _torch_bytes(self.model.state_dict())),
+                SaveFile("model.json", json.dumps(meta, indent=2).encode())]
 
 
-def _content_hash(data: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in ("x", "y", "x_test", "y_test"):
-        arr = np.ascontiguousarray(data[name])
-        h.update(f"{name}{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.data)
-    return h.hexdigest()[:32]
+def _torch_bytes(obj: Any) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ValidationError
-from .tasks import Worker
+from ..errors import ValidationError
+from .base import Worker
 
 #: fraction of a provider's reported memory one subtask may use
 MEMORY_FRACTION = 0.5

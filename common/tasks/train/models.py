@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import NotFound, ValidationError
+from ...errors import NotFound, ValidationError
 
 Builder = Callable[..., Any]
 _MODELS: dict[str, Builder] = {}

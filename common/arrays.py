@@ -1,0 +1,28 @@
+"""What the kernel knows of an array without holding it: its dtype and shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    dtype: str  # numpy name: "float32", "float64"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = np.dtype(self.dtype).itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def of(cls, arr: np.ndarray) -> ArrayMeta:
+        return cls(arr.dtype.name, tuple(int(d) for d in arr.shape))

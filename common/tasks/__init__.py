@@ -1,0 +1,21 @@
+"""Task types: the interface (base), the registry, and the built-ins (matmul, predict, train),
+which register themselves through the registry like any plugin."""
+
+from .base import (
+    ArrayMeta,
+    Device,
+    Effect,
+    JobContext,
+    Metrics,
+    Planner,
+    SaveFile,
+    SplitPlanner,
+    SplitTask,
+    SubtaskPlan,
+    TaskType,
+    Worker,
+)
+from .registry import get, load_plugins, names, register
+
+__all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
+           "SplitTask", "SubtaskPlan", "TaskType", "Worker", "get", "load_plugins", "names", "register"]

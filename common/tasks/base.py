@@ -1,0 +1,256 @@
+"""The task-type interface. It imports no task type: built-ins register the way a plugin does.
+
+A task type is a stateless object; the head and every provider must have the same task types
+installed: code never travels over the wire, only names, params and arrays.
+
+Every job is driven by a ``Planner`` the head asks for work, round after round, until it says it
+is finished. A split/run/merge task type (``SplitTask``: matmul, predict, the rowstats example)
+gets the default single-round planner (``SplitPlanner``); a multi-round one (``train``, the power
+iteration example in docs/TASKS.md) returns its own from ``TaskType.planner``.
+
+Head side (a planner does no I/O and reads no clock: ``now`` is passed in; what it wants written
+comes out of ``effects`` and the head writes it):
+  ``validate``  check params and input arrays, return the output arrays' metadata
+  ``eligible``  can this provider run subtasks of this job (device, dtype)?
+  ``planner``   the job's planner: ``plan`` subtasks, ``subtask_inputs``, ``check_result``, ``merge``
+Provider side:
+  ``run``       compute one subtask on a device, return its result arrays
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from ..arrays import ArrayMeta
+
+__all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
+           "SplitTask", "SubtaskPlan", "TaskType", "Worker"]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What a planner sees of a ready provider."""
+
+    provider_id: str
+    gflops: float
+    memory_bytes: int
+    device_kind: str
+    dtypes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class SubtaskPlan:
+    provider_id: str
+    params: dict[str, Any]
+    cost: float  # floating-point operations, for deadlines and load balancing
+
+
+class Device(Protocol):
+    """What a provider hands to ``TaskType.run``: all that ``run`` may use."""
+
+    kind: str  # "cpu", "cuda" or "mps"
+    #: per-process cache for task types (built models), bounded by its users
+    cache: MutableMapping[Any, Any]
+
+    def torch_device(self) -> Any: ...
+
+    def fetch(self, blob_id: str, key: str) -> np.ndarray:
+        """A blob of the head's state dir (a dataset), mapped or fetched once, cached by ``key``."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What the head gives a task type to build a job's planner with."""
+
+    job_id: str
+    params: Mapping[str, Any]
+    inputs: Mapping[str, ArrayMeta]
+    outputs: Mapping[str, ArrayMeta]
+    operands: Mapping[str, np.ndarray]  # the input arrays (read-only, memory-mapped)
+    blob_ids: Mapping[str, str]  # input name -> blob id in the head's state dir
+    results: Mapping[str, np.ndarray]  # the output arrays to merge into (writable)
+    job_dir: Path  # where this job's files live: a planner may read its own saved files when built
+    options: Mapping[str, Any] = field(default_factory=dict)  # head-wide settings (e.g. fsync)
+
+
+# ---- effects: what a planner asks the head to do for it --------------------------------------
+@dataclass(frozen=True)
+class SaveFile:
+    """Write ``data`` atomically as ``name`` in the job's folder (a checkpoint, a model file)."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A metrics record of the job (``scope``: e.g. "step" or "epoch"), shown as a job event."""
+
+    scope: str
+    values: dict[str, Any]
+
+
+Effect = SaveFile | Metrics
+
+
+class Planner(ABC):
+    """Hands out one job's subtasks and folds their results in. Pure: no I/O, no clock."""
+
+    #: True once it will plan nothing more (the job is done when nothing is out either)
+    finished: bool = False
+    #: co-located providers may map this job's input blobs and write its outputs in place
+    shares_files: bool = False
+
+    @abstractmethod
+    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+        """New subtasks for these workers (eligible, fastest first), given how many are still
+        out; [] means nothing now."""
+
+    @abstractmethod
+    def subtask_inputs(self, sub_params: Mapping[str, Any]) -> list[np.ndarray]:
+        """The arrays sent with one subtask; views, not copies, where possible."""
+
+    @abstractmethod
+    def check_result(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        """Raise ValidationError unless ``arrays`` is a valid result of this subtask."""
+
+    @abstractmethod
+    def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
+        """Fold one checked result in (once per subtask). Raise a DcfError to fail the job."""
+
+    @abstractmethod
+    def progress(self) -> tuple[int, int]:
+        """(done, total) in the planner's own unit (subtasks, training steps...)."""
+
+    def effects(self) -> list[Effect]:
+        """What the head should do for the planner now (taken: a second call returns [])."""
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        """Entries for the job's stats (shown by `dcf status` and the API)."""
+        return {}
+
+    def finish(self, now: float) -> list[SaveFile]:
+        """Files the finished job leaves (e.g. a trained model), written before it counts as done."""
+        return []
+
+
+class TaskType(ABC):
+    name: ClassVar[str]
+    #: names of the input arrays a job must give, in order
+    inputs: ClassVar[tuple[str, ...]]
+    #: modules the head imports on a thread before it builds this task's first planner (slow imports)
+    head_imports: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+        """Check a job; return name -> metadata of each output array. Raise ValidationError."""
+
+    def eligible(self, worker: Worker, params: Mapping[str, Any],
+                 inputs: Mapping[str, ArrayMeta]) -> str | None:
+        """None if the worker can run this job's subtasks, else the reason it cannot."""
+        dtypes = {m.dtype for m in inputs.values()}
+        missing = dtypes - worker.dtypes
+        if missing:
+            return f"{worker.device_kind} provider does not support {', '.join(sorted(missing))}"
+        return None
+
+    def available(self) -> bool:
+        """Can this process run the task's subtasks (e.g. is torch installed)? Providers only
+        advertise the task types they can run."""
+        return True
+
+    def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
+        """Can this worker hold one already-planned subtask (used when a subtask is re-assigned)?"""
+        return True
+
+    @abstractmethod
+    def planner(self, job: JobContext) -> Planner:
+        """The planner of one job (built by the head when the job is delivered)."""
+
+    @abstractmethod
+    def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
+            device: Device) -> list[np.ndarray]:
+        """Provider side: compute one subtask."""
+
+    def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
+                 outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
+        """Provider side, co-located with the head, for planners that share files: compute one
+        subtask straight into the job's output arrays (memory-mapped files of the head's state dir).
+        Returns what it wrote. The default runs ``run`` then places nothing; ``SplitTask`` merges."""
+        return self.run(sub_params, arrays, device)
+
+
+class SplitTask(TaskType):
+    """A task type cut once into subtasks whose results are merged into the outputs."""
+
+    @abstractmethod
+    def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
+              workers: Sequence[Worker]) -> list[SubtaskPlan]:
+        """Cut the job into subtasks over ``workers`` (all eligible, fastest first)."""
+
+    @abstractmethod
+    def subtask_inputs(self, sub_params: Mapping[str, Any],
+                       inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The arrays to send with one subtask; views, not copies, where possible."""
+
+    @abstractmethod
+    def check_result(self, sub_params: Mapping[str, Any], outputs: Mapping[str, ArrayMeta],
+                     arrays: Sequence[np.ndarray]) -> None:
+        """Raise ValidationError unless ``arrays`` is a valid result of this subtask."""
+
+    @abstractmethod
+    def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
+              outputs: Mapping[str, np.ndarray]) -> None:
+        """Place a checked result into the job's output arrays."""
+
+    def planner(self, job: JobContext) -> Planner:
+        return SplitPlanner(self, job)
+
+    def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
+                 outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
+        """The default runs ``run`` then ``merge``; override it to skip the copy."""
+        results = self.run(sub_params, arrays, device)
+        self.merge(sub_params, results, outputs)
+        return results
+
+
+class SplitPlanner(Planner):
+    """The single-round planner: the task's split, once, over the workers ready at the start."""
+
+    shares_files = True
+
+    def __init__(self, task: SplitTask, job: JobContext) -> None:
+        self.task = task
+        self.job = job
+        self.total = 0
+        self.merged = 0
+
+    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+        if self.finished:
+            return []
+        plans = self.task.split(self.job.params, self.job.inputs, workers)
+        self.finished = True
+        self.total = len(plans)
+        return plans
+
+    def subtask_inputs(self, sub_params: Mapping[str, Any]) -> list[np.ndarray]:
+        return self.task.subtask_inputs(sub_params, self.job.operands)
+
+    def check_result(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        self.task.check_result(sub_params, self.job.outputs, arrays)
+
+    def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
+        if arrays:  # a co-located provider wrote its block in place (nothing to copy)
+            self.task.merge(sub_params, arrays, self.job.results)
+        self.merged += 1
+
+    def progress(self) -> tuple[int, int]:
+        return self.merged, self.total

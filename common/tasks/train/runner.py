@@ -1,0 +1,54 @@
+"""Provider side of training and inference: builds a job's model once and runs it on the device."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..base import Device
+from . import models
+
+
+class ModelRunner:
+    """Provider side: builds a job's model once and runs it on the device."""
+
+    @staticmethod
+    def model(sub: Mapping[str, Any], device: Device) -> models.FlatView:
+        cache = device.cache
+        key = ("model", sub["job_id"], sub["model"], repr(sub.get("model_args")))
+        if key in cache:
+            return cache[key]
+        module = models.build_model(sub["model"], sub["input_shape"], sub["classes"], sub.get("model_args"))
+        if device.kind != "cpu":
+            module = module.to(device.torch_device())
+        net = models.FlatView(module)
+        cache[key] = net
+        while len(cache) > 16:  # models of old jobs
+            cache.pop(next(iter(cache)))
+        return net
+
+
+    @staticmethod
+    def data(device: Device, data: Mapping[str, str], name: str) -> np.ndarray:
+        """A dataset array: mapped from the head's state dir or fetched once, then cached by content."""
+        return device.fetch(data[name], f"{data['key']}:{name}")
+
+    @staticmethod
+    def tensors(device: Device, x: np.ndarray, y: np.ndarray | None = None) -> tuple[Any, Any]:
+        import torch
+
+        dev = device.torch_device() if device.kind != "cpu" else None
+        tx = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        ty = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)) if y is not None else None
+        if dev is not None:
+            tx = tx.to(dev)
+            ty = ty.to(dev) if ty is not None else None
+        return tx, ty
+
+
+def has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None

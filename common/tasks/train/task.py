@@ -1,0 +1,103 @@
+"""Training and inference task types: ``train`` (data-parallel, driven round by round by the
+head's trainer, planner.py) and ``predict`` (split rows, run the model, merge by offset).
+
+Provider side of ``train``, one subtask kind per round kind:
+  grad   params vector + sample indices -> [sum of per-sample gradients (float32), [loss_sum, n, correct]]
+  eval   params vector + index range of the test split -> [[loss_sum, n, correct]]
+  local  params vector + K batches of indices -> [params after K local SGD steps, [loss_sum, n, correct]]
+Datasets are not sent with subtasks: they are blobs the provider maps (co-located) or fetches once
+and keeps by content hash. Models come from common/models.py by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...errors import ValidationError
+from ..base import ArrayMeta, Device, JobContext, Planner, TaskType, Worker
+from .params import check_dataset, metrics_array, train_params
+from .runner import ModelRunner, has_torch
+
+
+class TrainTask(TaskType):
+    """Data-parallel training. Its planner (planner.py) plans each round."""
+
+    name = "train"
+    inputs = ("x", "y", "x_test", "y_test")
+    head_imports = ("torch",)
+
+    def available(self) -> bool:
+        return has_torch()
+
+    def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+        if set(inputs) != set(self.inputs):
+            raise ValidationError(f"train needs inputs {list(self.inputs)}")
+        p = train_params(params)
+        check_dataset(inputs, (("x", "y"), ("x_test", "y_test")))
+        n = inputs["x"].shape[0]
+        if p["batch_size"] > n:
+            raise ValidationError(f"batch size {p['batch_size']} is larger than the training set ({n} samples)")
+        return {}
+
+    def eligible(self, worker: Worker, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> str | None:
+        return None  # float32 everywhere, gradients come back as CPU float32
+
+    def planner(self, job: JobContext) -> Planner:
+        from .planner import TrainPlanner  # torch: imported on the head only when a train job runs
+
+        return TrainPlanner(job)
+
+    @staticmethod
+    def check_result(sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        kind = sub_params["kind"]
+        want = 1 if kind == "eval" else 2
+        if len(arrays) != want or arrays[-1].shape != (3,) or arrays[-1].dtype != np.float64:
+            raise ValidationError(f"train {kind} result must be {want} arrays ending with [loss, n, correct]")
+        if kind != "eval" and (arrays[0].dtype != np.float32 or arrays[0].shape != (sub_params["n_params"],)):
+            raise ValidationError(f"train {kind} result vector must be float32 of {sub_params['n_params']} values")
+
+    def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray], device: Device) -> list[np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        flat = ModelRunner.model(sub_params, device)
+        flat.load(arrays[0])
+        net = flat.model
+        kind = sub_params["kind"]
+        data = sub_params["data"]
+        x_all = ModelRunner.data(device, data, "x")
+        y_all = ModelRunner.data(device, data, "y")
+        if kind == "eval":
+            r0, rows = sub_params["row0"], sub_params["rows"]
+            x, y = ModelRunner.tensors(device, x_all[r0:r0 + rows], y_all[r0:r0 + rows])
+            with torch.no_grad():
+                out = net(x)
+                loss = F.cross_entropy(out, y, reduction="sum")
+            return [metrics_array(float(loss), rows, int((out.argmax(1) == y).sum()))]
+        idx = np.asarray(arrays[1], dtype=np.int64)
+        if kind == "grad":
+            x, y = ModelRunner.tensors(device, x_all[idx], y_all[idx])
+            flat.zero_grad()
+            out = net(x)
+            loss = F.cross_entropy(out, y, reduction="sum")
+            loss.backward()
+            correct = int((out.argmax(1) == y).sum())
+            return [flat.gradients_numpy(), metrics_array(float(loss.detach()), len(idx), correct)]
+        if kind == "local":
+            steps = idx.reshape(sub_params["local_steps"], -1)
+            opt = torch.optim.SGD(net.parameters(), lr=sub_params["lr"])
+            loss_sum, correct = 0.0, 0
+            for batch in steps:
+                x, y = ModelRunner.tensors(device, x_all[batch], y_all[batch])
+                flat.zero_grad()
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(batch)
+                correct += int((out.argmax(1) == y).sum())
+            return [flat.parameters_numpy(), metrics_array(loss_sum, idx.size, correct)]
+        raise ValidationError(f"unknown train subtask kind {kind!r}")

@@ -1,0 +1,146 @@
+"""What the head's state machine holds: providers, jobs and their subtasks (plain data)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.jobs import JobState
+from common.tasks import ArrayMeta, Planner, Worker
+
+#: subtasks of at least this many flops update a provider's measured throughput
+MEASURABLE_FLOPS = 2e8
+#: weight of the newest measurement in that running average
+SPEED_WEIGHT = 0.5
+#: bounds of a believable throughput (a bogus elapsed_s must not break the splits)
+MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e7
+
+class SubState(str, enum.Enum):
+    PENDING = "pending"  # waiting for a provider
+    SENT = "sent"  # published, not yet acknowledged
+    RUNNING = "running"  # acknowledged by the provider
+    DONE = "done"
+
+
+@dataclass
+class ProviderInfo:
+    provider_id: str
+    name: str
+    host: str
+    os: str
+    device_kind: str
+    device_name: str
+    memory_bytes: int
+    cores: int
+    task_types: frozenset[str]
+    dtypes: frozenset[str]
+    version: str
+    gflops: float
+
+    def worker(self, gflops: float | None = None) -> Worker:
+        return Worker(self.provider_id, gflops or self.gflops, self.memory_bytes, self.device_kind, self.dtypes)
+
+
+@dataclass
+class Provider:
+    info: ProviderInfo
+    last_seen: float
+    subscribed: bool = False
+    alive: bool = True
+    local: bool = False  # shares the head's state dir: subtasks go by file reference
+    draining: bool = False  # finishes what it has, gets nothing new
+    assigned: set[tuple[str, int]] = field(default_factory=set)
+    subtasks_done: int = 0
+    flops_done: float = 0.0
+    #: throughput learned from finished subtasks, per task type (the benchmark is the prior)
+    speed: dict[str, float] = field(default_factory=dict)
+    #: when the head last heard this provider finish a subtask (a result, accepted or not, or a
+    #: failure): a subtask sent while the provider was busy starts about then (FIFO)
+    last_result_at: float = 0.0
+    #: the task type whose throughput was learned last (what the provider table shows)
+    last_learned: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self.subscribed and not self.draining
+
+    @property
+    def state(self) -> str:
+        if not self.alive:
+            return "dead"
+        if self.draining:
+            return "draining"
+        return "ready" if self.subscribed else "connecting"
+
+    def gflops(self, task_type: str) -> float:
+        return self.speed.get(task_type, self.info.gflops)
+
+    def worker(self, task_type: str) -> Worker:
+        return self.info.worker(self.gflops(task_type))
+
+    def learn(self, task_type: str, flops: float, elapsed: float) -> None:
+        """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``
+        is the seconds it cost this provider end to end (``service_seconds``), not only compute."""
+        if flops < MEASURABLE_FLOPS or elapsed <= 0:
+            return
+        measured = min(MAX_GFLOPS, max(MIN_GFLOPS, flops / elapsed / 1e9))
+        self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured
+        self.last_learned = task_type
+
+    def load(self, jobs: Mapping[str, Job]) -> float:
+        """Seconds of work assigned and not yet finished, at the measured throughput."""
+        return sum(jobs[j].subtasks[i].cost / (self.gflops(jobs[j].task_type) * 1e9)
+                   for j, i in self.assigned if j in jobs)
+
+
+@dataclass
+class Subtask:
+    index: int
+    params: dict[str, Any]
+    cost: float
+    state: SubState = SubState.PENDING
+    attempt: int = 0
+    provider_id: str | None = None
+    sent_at: float = 0.0  # of the latest attempt
+    deadline: float = 0.0
+    done_by: str | None = None
+    tried: list[str] = field(default_factory=list)  # provider of attempt k is tried[k - 1]
+    sent: list[float] = field(default_factory=list)  # when attempt k was sent: sent[k - 1]
+    strikes: int = 0  # failures, missed acks and missed deadlines (provider deaths do not count)
+    acked_at: float = 0.0
+    straggle_at: float = 0.0  # running past this, it is a straggler: flagged once, copied elsewhere
+    straggling: bool = False
+
+
+@dataclass
+class Job:
+    job_id: str
+    task_type: str
+    params: dict[str, Any]
+    inputs: dict[str, ArrayMeta]
+    outputs: dict[str, ArrayMeta]
+    nodes: int | None
+    created_at: float
+    planner: Planner  # built by the head when the job is delivered (TaskType.planner)
+    state: JobState = JobState.QUEUED
+    subtasks: list[Subtask] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    waiting: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    done_count: int = 0  # subtasks DONE (a subtask never leaves DONE)
+
+    def shares(self) -> dict[str, float]:
+        """provider id -> fraction of the job's work (by cost) it computed."""
+        total = sum(s.cost for s in self.subtasks) or 1.0
+        out: dict[str, float] = {}
+        for s in self.subtasks:
+            if s.done_by:
+                out[s.done_by] = out.get(s.done_by, 0.0) + s.cost / total
+        return out
+
+

@@ -1,0 +1,274 @@
+"""A job's life on the head, around the state machine: accept (validate, store, publish durably),
+deliver (from the queue into the scheduler, with its planner), close (store the outcome, then ack
+the queue message), and the files a planner asks for. It never names a task type: the task's
+interface (common/tasks) says what to import, how to validate and how to plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import layout, tasks
+from common.errors import DcfError, ValidationError
+from common.jobs import JobRecord, JobState
+from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
+
+from .entities import Job
+from .events import EventBus
+from .jobqueue import Ack, JobQueue
+from .stimuli import Action, JobAdded
+from .store import BlobStore, JobStore, replace_file
+
+log = logging.getLogger("dcf.head")
+
+
+@dataclass
+class ActiveJob:
+    """What the I/O layer holds for a delivered job: its record, open arrays and queue ack."""
+
+    record: JobRecord
+    operands: dict[str, np.ndarray]
+    results: dict[str, np.ndarray]
+    ack: Ack
+    by_reference: set[tuple[int, int]] = field(default_factory=set)  # (subtask, attempt) sent by file reference
+    nonfinite: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def live_stats(self) -> dict[str, Any]:
+        return {"result_nonfinite": self.nonfinite, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+
+
+class Lifecycle:
+    def __init__(self, cfg: Any, root: Path, epoch: str, blobs: BlobStore, store: JobStore, queue: JobQueue,
+                 events: EventBus, apply: Callable[[Any], list[Action]]) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.epoch = epoch
+        self.blobs = blobs
+        self.store = store
+        self.queue = queue
+        self.events = events
+        self.apply = apply  # hand a stimulus to the state machine and carry out its actions
+        self.active: dict[str, ActiveJob] = {}
+        #: submissions waiting for the broker's confirm -> a delivery of theirs that came first
+        self.parked: dict[str, tuple[dict[str, Any], Ack] | None] = {}
+        #: module -> its import on a thread (slow imports of a task type's head side, e.g. torch)
+        self.imports: dict[str, asyncio.Future[str]] = {}
+        self.waiters: dict[str, asyncio.Event] = {}
+
+    # ---- accept ---------------------------------------------------------------------------
+    async def submit(self, spec: dict[str, Any]) -> str:
+        """Validate a job, persist it, publish it durably; only then return its id."""
+        record = self.make_record(spec)
+        message = record.message()
+        self.store.insert(message, accepted=False)
+        # the broker may deliver the message before it confirms it: such a delivery waits here
+        self.parked[record.job_id] = None
+        try:
+            await self.queue.publish(message)
+        except DcfError:
+            # not accepted: no row is left, and a tombstone drops the message if the broker got it
+            # after all (a lost publisher confirm). The operands stay: the client may submit again.
+            self.store.delete(record.job_id)
+            early = self.parked.pop(record.job_id, None)
+            if early is not None:
+                asyncio.ensure_future(early[1]())  # delivered although refused: acked, never run
+            raise
+        early = self.parked.pop(record.job_id, None)
+        if early is not None:
+            self.deliver(*early)
+        self.store.mark_accepted(record.job_id)
+        log.info("job accepted: %s", record.type, extra={"job_id": record.job_id})
+        self.events.emit("job.accepted", job_id=record.job_id, type=record.type)
+        return record.job_id
+
+    def make_record(self, spec: dict[str, Any]) -> JobRecord:
+        task = tasks.get(spec["type"])
+        blob_ids = spec.get("inputs") or {}
+        missing = [n for n in task.inputs if n not in blob_ids]
+        extra = [n for n in blob_ids if n not in task.inputs]
+        if missing or extra:
+            raise ValidationError(f"{task.name} takes inputs {list(task.inputs)}; missing {missing}, "
+                                  f"unexpected {extra}")
+        metas = {name: self.blobs.meta(blob_id) for name, blob_id in blob_ids.items()}
+        params = spec.get("params") or {}
+        outputs = validate(task, params, metas)
+        return JobRecord(job_id=uuid.uuid4().hex, type=task.name, params=params,
+                         inputs={n: {"blob": b, **metas[n].to_dict()} for n, b in blob_ids.items()},
+                         outputs={n: m.to_dict() for n, m in outputs.items()}, nodes=spec.get("nodes"),
+                         created_at=time.time())
+
+    # ---- deliver --------------------------------------------------------------------------
+    def deliver(self, message: dict[str, Any], ack: Ack) -> None:
+        """A job from the durable queue (new, recovered or redelivered) enters the scheduler."""
+        job_id = message["job_id"]
+        if job_id in self.parked:  # its submission is still waiting for the broker's confirm
+            self.parked[job_id] = (message, ack)
+            return
+        if job_id in self.active:
+            self.active[job_id].ack = ack  # redelivery after a broker reconnect: the new tag counts
+            return
+        row = self.store.get(job_id)
+        if row is not None and JobState(row["state"]).terminal:
+            asyncio.ensure_future(ack())
+            return
+        try:
+            task = tasks.get(message["type"])
+        except DcfError as exc:
+            self._refuse(job_id, exc.message, ack)
+            return
+        pending = [self._import(m) for m in task.head_imports]
+        if pending:  # slow imports run once, on a thread; deliveries waiting for them keep their order
+            asyncio.ensure_future(self._deliver_after(pending, message, ack))
+            return
+        self._open(task, message, ack)
+
+    def _import(self, module: str) -> asyncio.Future[str]:
+        if module not in self.imports:
+            self.imports[module] = asyncio.ensure_future(asyncio.to_thread(_import_module, module))
+        return self.imports[module]
+
+    async def _deliver_after(self, pending: Sequence[asyncio.Future[str]], message: dict[str, Any],
+                             ack: Ack) -> None:
+        errors = [e for e in await asyncio.gather(*(asyncio.shield(f) for f in pending)) if e]
+        if errors:
+            self._refuse(message["job_id"], f"this job needs {errors[0]} on the head", ack)
+            return
+        if message["job_id"] not in self.active:
+            self._open(tasks.get(message["type"]), message, ack)
+
+    def _open(self, task: tasks.TaskType, message: dict[str, Any], ack: Ack) -> None:
+        record = JobRecord.from_message(message)
+        try:
+            job, act = self._build(task, record, ack)
+        except (DcfError, OSError, ValueError, ImportError) as exc:
+            self._refuse(record.job_id, exc.message if isinstance(exc, DcfError) else f"{type(exc).__name__}: {exc}",
+                         ack)
+            return
+        except Exception as exc:  # a plugin's planner failed to build: its job fails, the head goes on
+            log.exception("could not build the job's planner", extra={"job_id": record.job_id})
+            self._refuse(record.job_id, f"task type {task.name} could not start the job: {type(exc).__name__}: "
+                                        f"{exc}", ack)
+            return
+        self.active[record.job_id] = act
+        self.store.update(record.job_id, state=JobState.QUEUED.value)
+        self.apply(JobAdded(job))
+
+    def _build(self, task: tasks.TaskType, record: JobRecord, ack: Ack) -> tuple[Job, ActiveJob]:
+        blob_ids = record.blob_ids()
+        operands = {name: self.blobs.open(blob) for name, blob in blob_ids.items()}
+        metas = {name: ArrayMeta.of(arr) for name, arr in operands.items()}
+        outputs = validate(task, record.params, metas)
+        results = self.blobs.create_outputs(record.job_id, outputs, self.epoch)
+        ctx = JobContext(job_id=record.job_id, params=record.params, inputs=metas, outputs=outputs,
+                         operands=operands, blob_ids=blob_ids, results=results,
+                         job_dir=layout.job_dir(self.root, record.job_id))
+        job = Job(record.job_id, task.name, record.params, metas, outputs, record.nodes,
+                  created_at=record.created_at, planner=task.planner(ctx))
+        return job, ActiveJob(record, operands, results, ack)
+
+    def _refuse(self, job_id: str, error: str, ack: Ack) -> None:
+        """A delivered job that cannot run fails visibly; its message is acked (never retried)."""
+        log.error("job cannot run: %s", error, extra={"job_id": job_id})
+        self.store.update(job_id, state=JobState.FAILED.value, error=error, finished_at=time.time())
+        self.events.emit("job.failed", job_id=job_id, error=error)
+        asyncio.ensure_future(ack())
+
+    # ---- effects and close ------------------------------------------------------------------
+    def carry_out(self, job: Job, effects: Sequence[Effect]) -> None:
+        """What a planner asked for: files written atomically, metrics as job events."""
+        for effect in effects:
+            if isinstance(effect, Metrics):
+                self.events.emit("job.metrics", job_id=job.job_id, scope=effect.scope, **effect.values)
+            elif isinstance(effect, SaveFile):
+                try:
+                    self.save(job.job_id, effect)
+                except OSError as exc:  # a checkpoint: training goes on, the next boundary tries again
+                    log.error("could not write %s: %s", effect.name, exc, extra={"job_id": job.job_id})
+        job.stats.update(job.planner.summary())
+
+    def save(self, job_id: str, effect: SaveFile) -> None:
+        job_dir = layout.job_dir(self.root, job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        tmp = job_dir / f".{effect.name}.part"
+        tmp.write_bytes(effect.data)
+        replace_file(tmp, job_dir / effect.name, self.cfg.fsync)
+        log.info("wrote %s", effect.name, extra={"job_id": job_id})
+
+    def close(self, job: Job, names: dict[str, str]) -> None:
+        """The job ended (done, failed or cancelled): keep its outputs, store the outcome, then ack."""
+        act = self.active.pop(job.job_id, None)
+        done, total = job.planner.progress()
+        stats = {**job.stats, **job.planner.summary(), "progress": {"done": done, "total": total},
+                 "shares": {names.get(p, p): round(f, 4) for p, f in job.shares().items()}}
+        if act is not None:
+            stats.update(act.live_stats())
+        if job.started_at and job.finished_at:
+            stats["compute_s"] = round(job.finished_at - job.started_at, 4)
+        job.stats = stats
+        if job.state is JobState.DONE and act is not None:
+            self._keep_outputs(job, act, stats)
+        self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at, error=job.error,
+                          stats=stats)
+        if act is not None:
+            asyncio.ensure_future(act.ack())  # only after the outcome is stored
+        outcome = job.state.value
+        log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
+                 extra={"job_id": job.job_id})
+        self.events.emit(f"job.{outcome}", job_id=job.job_id, error=job.error, seconds=stats.get("compute_s"))
+        event = self.waiters.pop(job.job_id, None)
+        if event is not None:
+            event.set()
+
+    def _keep_outputs(self, job: Job, act: ActiveJob, stats: dict[str, Any]) -> None:
+        try:
+            files = job.planner.finish(job.finished_at or 0.0)
+            for f in files:
+                self.save(job.job_id, f)
+            if files:
+                stats["files"] = [f.name for f in files]
+            self.blobs.commit_outputs(job.job_id, act.results, self.epoch, self.cfg.fsync,
+                                      copy=bool(act.by_reference))
+        except Exception as exc:  # disk full, a plugin's bug...: the job fails visibly, the head goes on
+            log.exception("could not store the result", extra={"job_id": job.job_id})
+            job.state, job.error = JobState.FAILED, f"could not store result: {exc}"
+
+    def live_record(self, job: Job) -> JobRecord:
+        """The record of a job the scheduler holds, with its live state."""
+        act = self.active.get(job.job_id)
+        base = act.record if act is not None else JobRecord(
+            job.job_id, job.task_type, job.params, {k: m.to_dict() for k, m in job.inputs.items()},
+            {k: m.to_dict() for k, m in job.outputs.items()}, job.nodes, job.created_at)
+        stats = {**job.stats, **(act.live_stats() if act is not None else {})}
+        return replace(base, state=job.state, started_at=job.started_at, finished_at=job.finished_at,
+                       error=job.error, stats=stats)
+
+
+def validate(task: tasks.TaskType, params: dict[str, Any], metas: dict[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+    """task.validate, with a plugin's unexpected exception turned into a clear 4xx."""
+    try:
+        return task.validate(params, metas)
+    except DcfError:
+        raise
+    except Exception as exc:
+        raise ValidationError(f"task type {task.name} rejected the job: {type(exc).__name__}: {exc}") from None
+
+
+def _import_module(module: str) -> str:
+    """On a thread: import a module; '' if it worked, else why not (a broken install may raise anything)."""
+    try:
+        importlib.import_module(module)
+    except BaseException as exc:
+        return f"{module} ({type(exc).__name__}: {exc})"[:300]
+    return ""

@@ -1,0 +1,193 @@
+"""What goes into the head's state machine (stimuli) and what comes out (actions).
+
+``ClusterState.handle(stimulus, now) -> list[Action]`` is its one entry. Stimuli are what the I/O
+layer saw (a message, a request, a tick); actions are what it must do (send, store, emit, write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.tasks import Effect
+
+from .entities import Job, ProviderInfo
+
+
+# ---- stimuli ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProviderRegistered:
+    info: ProviderInfo
+
+
+@dataclass(frozen=True)
+class HeartbeatReceived:
+    provider_id: str
+    local: bool = False  # it proved it shares the head's state dir
+
+
+@dataclass(frozen=True)
+class SubscriptionChanged:
+    topic: str
+    subscribed: bool
+
+
+@dataclass(frozen=True)
+class ProviderLeft:
+    provider_id: str
+
+
+@dataclass(frozen=True)
+class DrainRequested:
+    provider_id: str
+    draining: bool = True
+
+
+@dataclass(frozen=True)
+class JobAdded:
+    job: Job
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class JobFailRequested:
+    """The I/O layer could not go on with a job (a planner's merge failed, a result could not be kept)."""
+
+    job_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class JobForgotten:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class SubtaskAcked:
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+    epoch: str
+
+
+@dataclass(frozen=True)
+class ResultReceived:
+    """A result that passed its planner's checks; ``elapsed``: compute seconds the provider reports."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+    epoch: str
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResultMerged:
+    """The I/O layer merged the result that ``MergeResult`` asked for."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class SubtaskFailed:
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+    epoch: str
+    error: str
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: timeouts, deadlines, stragglers, dead providers."""
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    """Something outside the state changed (a provider undrained): hand out what can be."""
+
+
+Stimulus = (ProviderRegistered | HeartbeatReceived | SubscriptionChanged | ProviderLeft | DrainRequested
+            | JobAdded | CancelRequested | JobFailRequested | JobForgotten | SubtaskAcked | ResultReceived
+            | ResultMerged | SubtaskFailed | Tick | Reschedule)
+
+
+# ---- actions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dispatch:
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    job_id: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Straggler:
+    job_id: str
+    subtask: int
+    provider_id: str
+    seconds: float
+    copied_to: str | None  # the provider running a speculative copy, if one was free
+
+
+@dataclass(frozen=True)
+class ProviderLost:
+    provider_id: str
+    requeued: int
+
+
+@dataclass(frozen=True)
+class JobCancelled:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Merge this result into its job (the planner's merge), then send ``ResultMerged``."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class RegisterAgain:
+    """Tell this provider the head does not know it (a heartbeat from an unknown or dead id)."""
+
+    provider_id: str
+
+
+@dataclass(frozen=True)
+class PlannerEffects:
+    """What a job's planner asked for (files to write, metrics to publish), in order."""
+
+    job_id: str
+    effects: tuple[Effect, ...]
+
+
+Action = (Dispatch | JobStarted | JobFinished | JobFailed | JobCancelled | ProviderLost | Straggler | MergeResult
+          | RegisterAgain | PlannerEffects)

@@ -1,0 +1,218 @@
+"""The head's ZeroMQ transport: sockets, their loops, frames to messages, CURVE identities.
+
+Sockets (all bound by the head):
+  ROUTER  registration_port  register / heartbeat / unregister / fetch; every request gets a reply
+  XPUB    task_port          subtasks, topic = provider id; subscriptions mark providers ready
+  PULL    result_port        ack / result / failed from providers
+
+It knows no job and no state: decoded messages go to the ``Handlers`` it is given (the head), and
+what they answer goes back. A socket loop never dies of one bad message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from common import protocol, security
+from common.errors import Conflict, DcfError, InternalError, Unauthorized, UnknownProvider
+from common.protocol import check_id
+
+log = logging.getLogger("dcf.head")
+
+#: frames below this size are copied when sent: zero-copy tracking costs more than copying them
+COPY_THRESHOLD = 1 << 20
+#: the largest request the ROUTER takes (registration traffic is small; replies are not capped)
+ROUTER_MAX_MESSAGE = 1 << 20
+#: with CURVE, at most this many provider ids bound to keys
+MAX_PROVIDER_KEYS = 10_000
+PROVIDER_TYPES = ("register", "heartbeat", "unregister", "fetch")
+RESULT_TYPES = ("ack", "result", "failed")
+
+
+class Handlers(Protocol):
+    """What the transport hands its messages to (the head)."""
+
+    def on_request(self, msg: protocol.Message) -> list[Any]:
+        """A ROUTER request: return the reply frames."""
+        ...
+
+    def on_subscription(self, topic: str, subscribed: bool) -> None: ...
+
+    def on_result(self, msg: protocol.Message) -> None: ...
+
+    def on_tick(self) -> None: ...
+
+
+class Transport:
+    def __init__(self, cfg: Any, keys: security.ServerKeys | None, known: Callable[[str], bool]) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.known = known  # is this provider id still in the head's state? (bounds the key table)
+        self.ctx = zmq.asyncio.Context()
+        #: with CURVE: provider id -> the public key it registered with; its later messages must carry it
+        self.provider_keys: dict[str, str] = {}
+        self.bad_messages = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _bind(self, kind: int, port: int, max_msg: int = protocol.DEFAULT_MAX_MESSAGE_BYTES) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg)  # before bind: libzmq applies it to new connections
+        security.secure_server(sock, self.keys)
+        sock.bind(f"tcp://{self.cfg.host}:{port}")
+        return sock
+
+    def start(self, handlers: Handlers) -> None:
+        self.router = self._bind(zmq.ROUTER, self.cfg.registration_port, max_msg=ROUTER_MAX_MESSAGE)
+        self.router.copy_threshold = COPY_THRESHOLD
+        self.xpub = self.ctx.socket(zmq.XPUB)
+        self.xpub.setsockopt(zmq.LINGER, 0)
+        # VERBOSE: every subscribe comes up, an unsubscribe only when the topic's last subscriber
+        # leaves (VERBOSER would let any subscriber's unsubscribe mark a provider not ready)
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.xpub.setsockopt(zmq.SNDHWM, 100_000)
+        self.xpub.copy_threshold = COPY_THRESHOLD
+        security.secure_server(self.xpub, self.keys)
+        self.xpub.bind(f"tcp://{self.cfg.host}:{self.cfg.task_port}")
+        self.pull = self._bind(zmq.PULL, self.cfg.result_port)
+        self.pull.setsockopt(zmq.RCVHWM, 100_000)
+        for coro in (self._router_loop(handlers), self._xpub_loop(handlers), self._pull_loop(handlers),
+                     self._tick_loop(handlers)):
+            self._tasks.append(asyncio.create_task(coro))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.ctx.destroy(linger=0)
+
+    # ---- sending --------------------------------------------------------------------------
+    def publish(self, frames: Sequence[Any]) -> None:
+        """PUB never blocks: past the high-water mark it drops, and the ack timeout re-sends."""
+        sent = self.xpub.send_multipart(frames, copy=False)
+        sent.add_done_callback(_log_send_error)
+
+    # ---- loops ----------------------------------------------------------------------------
+    @staticmethod
+    async def _recv(sock: zmq.asyncio.Socket) -> list[zmq.Frame] | None:
+        """The next message, or None after a receive error: a socket loop must never die of one."""
+        try:
+            return await sock.recv_multipart(copy=False)
+        except zmq.Again:  # readable without a message (seen right after CURVE handshakes): wait again
+            return None
+        except zmq.ZMQError as exc:
+            log.error("receive failed on a head socket: %s", exc)
+            await asyncio.sleep(0.1)
+            return None
+
+    async def _router_loop(self, handlers: Handlers) -> None:
+        while True:
+            frames = await self._recv(self.router)
+            if frames is None:
+                continue
+            if len(frames) < 3 or frames[1].bytes != b"":
+                self.bad_messages += 1
+                log.warning("dropped a registration message without a REQ envelope",
+                            extra={"peer": frames[0].bytes.hex()[:16]})
+                continue
+            reply = self._answer(handlers, frames)
+            try:
+                await self.router.send_multipart([frames[0].bytes, b"", *reply], copy=False)
+            except zmq.ZMQError as exc:  # the provider's Lazy Pirate asks again
+                log.warning("could not reply to a provider: %s", exc, extra={"peer": frames[0].bytes.hex()[:16]})
+
+    def _answer(self, handlers: Handlers, frames: list[zmq.Frame]) -> list[Any]:
+        peer = frames[0].bytes.hex()[:16]
+        try:
+            msg = protocol.decode(frames[2:], max_bytes=0, expect=PROVIDER_TYPES)
+            self.check_key(msg, frames[2], register=msg.type == "register")
+            return handlers.on_request(msg)
+        except DcfError as exc:
+            self.bad_messages += 1
+            log.warning("bad request from provider: %s", exc.message, extra={"peer": peer})
+            return protocol.error_frames(exc.code, exc.message)
+        except Exception as exc:  # never let one message stop the loop
+            log.exception("error handling a provider request", extra={"peer": peer})
+            return protocol.error_frames(InternalError.code, f"{type(exc).__name__}")
+
+    async def _xpub_loop(self, handlers: Handlers) -> None:
+        while True:
+            frames = await self._recv(self.xpub)
+            if not frames:
+                continue
+            frame = frames[0].bytes
+            if not frame or frame[0] not in (0, 1):
+                continue
+            topic = frame[1:].decode("ascii", "replace")
+            if not protocol.ID_RE.fullmatch(topic):
+                continue
+            try:
+                handlers.on_subscription(topic, frame[0] == 1)
+            except Exception:
+                log.exception("error handling a subscription")
+
+    async def _pull_loop(self, handlers: Handlers) -> None:
+        while True:
+            frames = await self._recv(self.pull)
+            if frames is None:
+                continue
+            try:
+                msg = protocol.decode(frames, expect=RESULT_TYPES)
+                self.check_key(msg, frames[0])
+                handlers.on_result(msg)
+            except DcfError as exc:
+                self.bad_messages += 1
+                log.warning("bad message on the result socket: %s", exc.message,
+                            extra={"peer": user_id(frames[0]) or "-"})
+            except Exception:
+                log.exception("error handling a result message")
+
+    async def _tick_loop(self, handlers: Handlers) -> None:
+        period = min(0.25, self.cfg.heartbeat_interval / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                handlers.on_tick()
+            except Exception:
+                log.exception("error in the scheduler tick")
+
+    # ---- CURVE identities -------------------------------------------------------------------
+    def check_key(self, msg: protocol.Message, frame: zmq.Frame, register: bool = False) -> None:
+        """With CURVE, a provider id belongs to the key it first registered with: another allowed
+        key cannot heartbeat, unregister or send results in its name."""
+        if self.keys is None:
+            return
+        key = user_id(frame)
+        pid = check_id(msg["provider_id"], "provider_id")
+        owner = self.provider_keys.get(pid)
+        if owner is None and register and key:
+            if len(self.provider_keys) >= MAX_PROVIDER_KEYS:  # bounded: forget ids the state forgot
+                self.provider_keys = {p: k for p, k in self.provider_keys.items() if self.known(p)}
+                if len(self.provider_keys) >= MAX_PROVIDER_KEYS:
+                    raise Conflict("too many providers are registered")
+            self.provider_keys[pid] = key
+            return
+        if owner is None:
+            raise UnknownProvider("register again")
+        if owner != key:
+            raise Unauthorized(f"provider {pid[:8]} is not registered with this CURVE key")
+
+
+def user_id(frame: zmq.Frame) -> str:
+    """The CURVE public key (Z85) the ZAP handler gave this message's connection; "" if none."""
+    try:
+        return str(frame.get("User-Id") or "")
+    except (zmq.ZMQError, AttributeError):
+        return ""
+
+
+def _log_send_error(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("subtask send failed: %s; the ack timeout will re-send it", fut.exception())
