@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import ValidationError
-from common.tasks.rows import check_block, fits_rows, place_rows, row_blocks
 from common.tasks import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker, register
+from common.tasks.rows import check_block, fits_rows, place_rows, row_blocks
 
 #: the statistics a job may ask for, in no particular order
 STATS = ("mean", "std", "min", "max", "norm")

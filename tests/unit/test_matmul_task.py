@@ -9,8 +9,8 @@ import pytest
 
 from common import tasks
 from common.errors import NotFound, ValidationError
-from common.tasks.matmul import MEMORY_FRACTION, MatMul, proportional_rows
 from common.tasks import ArrayMeta, Worker
+from common.tasks.matmul import MEMORY_FRACTION, MatMul, proportional_rows
 
 GiB = 1024**3
 

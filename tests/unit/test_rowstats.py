@@ -9,8 +9,8 @@ import pytest
 
 from common import tasks
 from common.errors import ValidationError
-from common.tasks.rows import MEMORY_FRACTION
 from common.tasks import ArrayMeta, TaskType, Worker
+from common.tasks.rows import MEMORY_FRACTION
 from examples.rowstats import STATS, TASK, RowStats, row_stats
 
 GiB = 1024**3
