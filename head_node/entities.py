@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,23 @@ MEASURABLE_FLOPS = 2e8
 SPEED_WEIGHT = 0.5
 #: bounds of a believable throughput (a bogus elapsed_s must not break the splits)
 MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e7
+
+def service_seconds(reported: float, sent_at: float, free_at: float, now: float) -> float:
+    """Seconds one subtask cost its provider, as the head saw it: from ``sent_at`` (when the head
+    sent this attempt) or ``free_at`` (when it last heard the provider finish a subtask), whichever
+    is later, to ``now`` (when the result arrived); transfers included, queueing behind earlier
+    subtasks not. Never less than the compute time the provider ``reported``, which in turn may not
+    exceed the time since the attempt was sent (a bogus ``elapsed_s`` is capped by the head's own
+    clock). 0 when nothing believable is known (the caller then learns nothing)."""
+    reported = reported if math.isfinite(reported) and reported > 0 else 0.0
+    window = now - sent_at
+    if not (math.isfinite(window) and window > 0):  # the clock stepped back: trust the provider alone
+        return reported
+    observed = now - max(sent_at, free_at)
+    if not (math.isfinite(observed) and observed > 0):
+        observed = 0.0
+    return max(min(reported, window), observed)
+
 
 class SubState(str, enum.Enum):
     PENDING = "pending"  # waiting for a provider

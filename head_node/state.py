@@ -25,7 +25,6 @@ a smaller share of later jobs; subtasks queued behind each other are not charged
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -35,7 +34,7 @@ from common.errors import Conflict, DcfError, NotFound
 from common.jobs import JobState
 from common.tasks import SubtaskPlan, Worker
 
-from .entities import Job, Provider, ProviderInfo, SubState, Subtask
+from .entities import Job, Provider, ProviderInfo, SubState, Subtask, service_seconds
 from .stimuli import (
     Action,
     CancelRequested,
@@ -73,23 +72,6 @@ __all__ = ["Action", "ClusterState", "Dispatch", "Job", "JobFailed", "JobFinishe
 def _head_default(name: str) -> Any:
     """The head option table's default (common/config.py states each default once)."""
     return next(o.default for o in config.HEAD_OPTIONS if o.name == name)
-
-
-def service_seconds(reported: float, sent_at: float, free_at: float, now: float) -> float:
-    """Seconds one subtask cost its provider, as the head saw it: from ``sent_at`` (when the head
-    sent this attempt) or ``free_at`` (when it last heard the provider finish a subtask), whichever
-    is later, to ``now`` (when the result arrived); transfers included, queueing behind earlier
-    subtasks not. Never less than the compute time the provider ``reported``, which in turn may not
-    exceed the time since the attempt was sent (a bogus ``elapsed_s`` is capped by the head's own
-    clock). 0 when nothing believable is known (the caller then learns nothing)."""
-    reported = reported if math.isfinite(reported) and reported > 0 else 0.0
-    window = now - sent_at
-    if not (math.isfinite(window) and window > 0):  # the clock stepped back: trust the provider alone
-        return reported
-    observed = now - max(sent_at, free_at)
-    if not (math.isfinite(observed) and observed > 0):
-        observed = 0.0
-    return max(min(reported, window), observed)
 
 
 @dataclass(frozen=True)

@@ -89,21 +89,8 @@ class TrainPlanner(Planner):
         self.n_test = int(data["x_test"].shape[0])
         self.input_shape = [int(d) for d in data["x"].shape[1:]]
         self.data_key = content_hash([data[n] for n in ("x", "y", "x_test", "y_test")])
-        top = int(max(data["y"].max(), data["y_test"].max()))
-        low = int(min(data["y"].min(), data["y_test"].min()))
-        self.classes = self.p["classes"] or top + 1
-        if low < 0 or top >= self.classes:
-            raise ValidationError(f"labels out of range: they span {low}..{top}, the model has {self.classes} classes")
-        self.model = models.build_model(self.p["model"], self.input_shape, self.classes, self.p["model_args"],
-                                        seed=self.p["seed"])
-        try:
-            with torch.no_grad():
-                out = self.model(torch.from_numpy(np.array(data["x"][:2], dtype=np.float32)))
-        except Exception as exc:
-            raise ValidationError(f"the data (samples of shape {self.input_shape}) does not fit model "
-                                  f"{self.p['model']}: {exc}") from None
-        if tuple(out.shape) != (min(2, self.n_train), self.classes):
-            raise ValidationError(f"model {self.p['model']} gives outputs of shape {list(out.shape)}")
+        self.classes = self._classes(data)
+        self.model = self._model(data)
         self.n_params = models.n_parameters(self.model)
         self.steps_per_epoch = self.n_train // self.p["batch_size"]
         self.total_steps = self.p["epochs"] * self.steps_per_epoch
@@ -111,6 +98,16 @@ class TrainPlanner(Planner):
         self.flat = models.FlatView(self.model)
         self.optimizer = make_optimizer(self.p["optimizer"], self.model.parameters(), self.p)
         self.scheduler = make_scheduler(self.optimizer, self.p, self.total_steps)
+        self._reset_position()
+        self._restore()
+        self.params = {self.version: self.flat.parameters_numpy()}
+        self.round: dict[str, Any] | None = None
+        self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
+        self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
+        self._async_out: dict[int, tuple[str, int]] = {}  # async: shard -> (provider, batch number)
+        self._next_shard = 0
+
+    def _reset_position(self) -> None:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -123,15 +120,32 @@ class TrainPlanner(Planner):
         self.checkpoint_due = False
         self.pending: list[Effect] = []
         self.stale_dropped = 0
-        self.step_seconds: list[float] = []  # wall time between optimizer steps (eval rounds excluded)
+        self.step_seconds: list[float] = []  # time between optimizer steps (eval rounds excluded)
         self._last_step_at: float | None = None
-        self._restore()
-        self.params = {self.version: self.flat.parameters_numpy()}
-        self.round: dict[str, Any] | None = None
-        self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
-        self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
-        self._async_out: dict[int, tuple[str, int]] = {}  # async: shard -> (provider, batch number)
-        self._next_shard = 0
+
+    def _classes(self, data: Mapping[str, np.ndarray]) -> int:
+        top = int(max(data["y"].max(), data["y_test"].max()))
+        low = int(min(data["y"].min(), data["y_test"].min()))
+        classes = int(self.p["classes"] or top + 1)
+        if low < 0 or top >= classes:
+            raise ValidationError(f"labels out of range: they span {low}..{top}, the model has {classes} classes")
+        return classes
+
+    def _model(self, data: Mapping[str, np.ndarray]) -> Any:
+        """The job's model, built from its seed and checked against two samples of the data."""
+        import torch
+
+        model = models.build_model(self.p["model"], self.input_shape, self.classes, self.p["model_args"],
+                                   seed=self.p["seed"])
+        try:
+            with torch.no_grad():
+                out = model(torch.from_numpy(np.array(data["x"][:2], dtype=np.float32)))
+        except Exception as exc:
+            raise ValidationError(f"the data (samples of shape {self.input_shape}) does not fit model "
+                                  f"{self.p['model']}: {exc}") from None
+        if tuple(out.shape) != (min(2, self.n_train), self.classes):
+            raise ValidationError(f"model {self.p['model']} gives outputs of shape {list(out.shape)}")
+        return model
 
     # ---- planner interface ------------------------------------------------------------------
     def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
