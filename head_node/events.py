@@ -1,8 +1,9 @@
 """Node and job events: kept in memory for the API and dashboard, streamed to subscribers
 (SSE), and forwarded to sinks (the RabbitMQ topic exchange ``dcf.events`` when configured).
 
-Kinds: node.registered, node.left, node.lost, node.draining, job.accepted, job.started,
-job.progress, job.done, job.failed, job.cancelled, job.metrics, subtask.retried, straggler.
+Kinds: node.registered, node.left, node.lost, node.draining, node.undrained, job.accepted,
+job.started, job.progress, job.done, job.failed, job.cancelled, job.metrics, straggler,
+queue.lost, queue.restored.
 """
 
 from __future__ import annotations
