@@ -1,21 +1,32 @@
 """Configuration by flags and ``DCF_*`` environment variables, validated at start-up.
 
 Each program declares its options once (``HEAD_OPTIONS``, ``PROVIDER_OPTIONS``,
-``CLIENT_OPTIONS``); ``parse`` builds the argparse parser from them, reads the
-environment, and checks types and ranges. Precedence: flag, then environment,
-then default. ``python -m common.config`` prints the table kept in the README.
+``CLIENT_OPTIONS``): name, converter, default, help, check. The settings each
+program runs with are a frozen dataclass (``HeadSettings``, ``ProviderSettings``,
+``ClientSettings``) whose fields are checked against its table when this module is
+imported: same names, same order, the type of each default; the defaults live only
+in the tables. ``head_settings(argv, env)`` (and the provider and client ones) build
+the argparse parser from the table, read the environment, convert and check every
+value. Precedence: flag, then environment, then default. ``python -m common.config``
+prints the table kept in the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import builtins
+import dataclasses
 import math
 import os
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, TypeVar
 
 from .errors import ConfigError
+
+#: heartbeats a provider may miss before the head declares it dead (not an option)
+MISSED_HEARTBEATS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,11 @@ class Option:
     def env(self) -> str:
         return "DCF_" + self.name.upper()
 
+    @property
+    def value_type(self) -> builtins.type[Any]:
+        """The type of this option's values: the type of its default."""
+        return type(self.default)
+
 
 def _port(v: int) -> bool:
     return 0 < v < 65536
@@ -46,6 +62,10 @@ def _positive(v: float) -> bool:
     return math.isfinite(v) and v > 0
 
 
+def _non_negative(v: float) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
 def _bool(text: str) -> bool:
     low = str(text).strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -53,6 +73,10 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def _queue_name(v: str) -> bool:
+    return 0 < len(v) <= 200 and v.isascii() and v.isprintable() and not v.startswith("amq.")
 
 
 def _port_opt(name: str, default: int, what: str) -> Option:
@@ -68,18 +92,25 @@ PORT_OPTIONS = [
 COMMON_OPTIONS = [
     Option("log_level", str, "INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_json", _bool, False, "write logs as JSON lines"),
-    Option("heartbeat_interval", float, 5.0, "seconds between provider heartbeats; 3 missed = dead",
-           _positive, "> 0"),
+    Option("heartbeat_interval", float, 5.0, f"seconds between provider heartbeats; {MISSED_HEARTBEATS} "
+           "missed = dead", _positive, "> 0"),
     Option("plugins", str, "", "comma-separated modules to import that register extra task types"),
 ]
+
+CURVE_SECRET_KEY = Option(
+    "curve_secret_key", str, "", "this program's CURVE secret key file (`NAME.key_secret` from `dcf keys "
+    "generate`); with it, all ZeroMQ traffic is encrypted and authenticated (empty: CURVE off)")
+
+SHARED_FILES = Option(
+    "shared_files", str, "auto", "auto: on the head's machine, exchange arrays as files in the head's state dir "
+    "instead of over sockets/HTTP; off: always send them", choices=("auto", "off"))
 
 HEAD_OPTIONS = [
     Option("host", str, "0.0.0.0", "address the head binds its ZeroMQ and HTTP ports to"),
     Option("state_dir", str, "./dcf-state", "directory of the job store, operands and results"),
     Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); empty: embedded store"),
     Option("amqp_queue", str, "dcf.jobs", "RabbitMQ queue of this head's jobs (heads sharing a vhost need "
-           "different ones)", lambda v: 0 < len(v) <= 200 and v.isascii() and v.isprintable()
-           and not v.startswith("amq."), "1-200 printable ASCII characters, not starting with amq."),
+           "different ones)", _queue_name, "1-200 printable ASCII characters, not starting with amq."),
     _port_opt("http_port", 8080, "REST API port"),
     *PORT_OPTIONS,
     *COMMON_OPTIONS,
@@ -93,8 +124,7 @@ HEAD_OPTIONS = [
            "checkpoints and models before reporting them, and every job-store commit (off: files and commits "
            "reach the OS before any acknowledgement, which survives any crash of the head process)"),
     Option("api_token", str, "", "bearer token the REST API requires (empty: none)"),
-    Option("curve_secret_key", str, "", "this program's CURVE secret key file (`NAME.key_secret` from `dcf keys "
-           "generate`); with it, all ZeroMQ traffic is encrypted and authenticated (empty: CURVE off)"),
+    CURVE_SECRET_KEY,
     Option("curve_allow", str, "", "head: directory of allowed provider public keys (`*.key`), re-read when "
            "it changes; required with --curve-secret-key"),
 ]
@@ -105,59 +135,261 @@ PROVIDER_OPTIONS = [
     *COMMON_OPTIONS,
     Option("device", str, "auto", "compute device", choices=("auto", "cpu", "cuda", "mps")),
     Option("name", str, "", "provider name shown by `dcf nodes` (default: host name and device)"),
-    Option("threads", int, 0, "BLAS/torch threads on the CPU (0: all cores)", lambda v: v >= 0, ">= 0"),
+    Option("threads", int, 0, "BLAS/torch threads on the CPU (0: all cores)", _non_negative, ">= 0"),
     Option("request_timeout", float, 2.5, "Lazy Pirate: seconds to wait for a head reply before retrying",
            _positive, "> 0"),
-    Option("shared_files", str, "auto", "auto: on the head's machine, exchange arrays as files in the head's "
-           "state dir instead of over sockets/HTTP; off: always send them", choices=("auto", "off")),
-    next(o for o in HEAD_OPTIONS if o.name == "curve_secret_key"),
+    SHARED_FILES,
+    CURVE_SECRET_KEY,
     Option("curve_server_key", str, "", "provider: the head's CURVE public key file (`head.key`); required "
            "with --curve-secret-key"),
-    Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask",
-           lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask", _non_negative, ">= 0"),
 ]
 
 CLIENT_OPTIONS = [
     Option("head_url", str, "http://127.0.0.1:8080", "URL of the head's REST API", flag_name="--head"),
     Option("api_token", str, "", "bearer token for the REST API", flag_name="--token"),
     Option("queue_wait", float, 60.0, "seconds a submission waits (retrying) while the head's job queue "
-           "(RabbitMQ) is unreachable; 0: fail at once", lambda v: math.isfinite(v) and v >= 0, ">= 0"),
-    next(o for o in PROVIDER_OPTIONS if o.name == "shared_files"),
+           "(RabbitMQ) is unreachable; 0: fail at once", _non_negative, ">= 0"),
+    SHARED_FILES,
 ]
 
 
+# ---- reading and checking values -------------------------------------------------------------------
+def _convert(opt: Option, raw: object, source: str) -> Any:
+    """A flag or environment value (text) read by the option's converter; a typed value from a
+    caller (e.g. ``Client(queue_wait=0)``) is kept as it is, an int for a float made a float."""
+    if not isinstance(raw, str):
+        is_int = isinstance(raw, int) and not isinstance(raw, bool)
+        return float(raw) if opt.value_type is float and is_int else raw  # type: ignore[arg-type]
+    try:
+        return opt.type(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{source}: cannot read {raw!r} as {opt.type.__name__}") from None
+
+
+def check_value(opt: Option, value: object, source: str) -> None:
+    """Raise ConfigError, naming ``source``, unless ``value`` is of the option's type and acceptable."""
+    kind = opt.value_type
+    if type(value) is not kind and not (kind is float and type(value) is int):
+        raise ConfigError(f"{source}: {value!r} is not of type {kind.__name__}")
+    if opt.choices and value not in opt.choices:
+        raise ConfigError(f"{source}: {value!r} is not one of {', '.join(opt.choices)}")
+    if opt.check and not opt.check(value):
+        raise ConfigError(f"{source}: {value!r} out of range ({opt.check_text})")
+
+
+def resolve_values(given: Mapping[str, object], options: Sequence[Option],
+                   env: Mapping[str, str] | None = None, *, given_as_flags: bool = True) -> dict[str, Any]:
+    """Every option's value: from ``given`` (None: not given), else ``env`` (default: the process
+    environment), else its default; converted and checked. Errors name a given value by its flag,
+    or by its option name when ``given_as_flags`` is false (values from Python code)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for opt in options:
+        raw, source = given.get(opt.name), opt.flag if given_as_flags else opt.name
+        if raw is None and opt.env in env:
+            raw, source = env[opt.env], opt.env
+        if raw is None:
+            values[opt.name] = opt.default
+            continue
+        value = _convert(opt, raw, source)
+        check_value(opt, value, source)
+        values[opt.name] = value
+    return values
+
+
+# ---- typed settings ----------------------------------------------------------------------------
+S = TypeVar("S", bound="Settings")
+
+
+class Settings:
+    """Base of the frozen settings dataclasses; ``OPTIONS`` is the table their fields follow."""
+
+    OPTIONS: ClassVar[Sequence[Option]] = ()
+    PROG: ClassVar[str] = ""
+    DESCRIPTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for opt in self.OPTIONS:
+            check_value(opt, getattr(self, opt.name), opt.name)
+            if opt.value_type is float:  # an int given for a float field is stored as a float
+                object.__setattr__(self, opt.name, float(getattr(self, opt.name)))
+
+    @classmethod
+    def defaults(cls: type[S]) -> S:
+        return cls(**{opt.name: opt.default for opt in cls.OPTIONS})
+
+    @classmethod
+    def from_values(cls: type[S], given: Mapping[str, object], env: Mapping[str, str] | None = None) -> S:
+        """From values by option name (None or absent: not given), then ``env``, then defaults."""
+        unknown = set(given) - {opt.name for opt in cls.OPTIONS}
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no option {', '.join(sorted(unknown))}")
+        return cls(**resolve_values(given, cls.OPTIONS, env, given_as_flags=False))
+
+    @classmethod
+    def from_namespace(cls: type[S], ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> S:
+        """From parsed flags (other attributes of ``ns``, e.g. a subcommand's, are ignored)."""
+        return cls(**resolve_values(vars(ns), cls.OPTIONS, env))
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=cls.PROG, description=cls.DESCRIPTION)
+        add_options(parser, cls.OPTIONS)
+        return parser
+
+    @classmethod
+    def parse(cls: type[S], argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> S:
+        """From command-line flags (None: ``sys.argv[1:]``; ``--help`` and bad flags exit, as argparse
+        does), then ``env`` (None: the process environment), then defaults."""
+        return cls.from_namespace(cls.parser().parse_args(argv), env)
+
+
+@dataclass(frozen=True)
+class HeadSettings(Settings):
+    """What ``dcf-head`` runs with (HEAD_OPTIONS)."""
+
+    OPTIONS: ClassVar[Sequence[Option]] = HEAD_OPTIONS
+    PROG: ClassVar[str] = "dcf-head"
+    DESCRIPTION: ClassVar[str] = "Run the dcf head: registration, scheduling, job store and REST API."
+
+    host: str
+    state_dir: str
+    amqp_url: str
+    amqp_queue: str
+    http_port: int
+    registration_port: int
+    task_port: int
+    result_port: int
+    log_level: str
+    log_json: bool
+    heartbeat_interval: float
+    plugins: str
+    ack_timeout: float
+    min_deadline: float
+    max_attempts: int
+    max_upload_bytes: int
+    fsync: bool
+    api_token: str = field(repr=False)
+    curve_secret_key: str
+    curve_allow: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len({self.http_port, self.registration_port, self.task_port, self.result_port}) != 4:
+            raise ConfigError("the HTTP, registration, task and result ports must all differ")
+
+
+@dataclass(frozen=True)
+class ProviderSettings(Settings):
+    """What ``dcf-provider`` runs with (PROVIDER_OPTIONS)."""
+
+    OPTIONS: ClassVar[Sequence[Option]] = PROVIDER_OPTIONS
+    PROG: ClassVar[str] = "dcf-provider"
+    DESCRIPTION: ClassVar[str] = "Run a dcf provider: compute subtasks for a head on this machine's device."
+
+    head: str
+    registration_port: int
+    task_port: int
+    result_port: int
+    log_level: str
+    log_json: bool
+    heartbeat_interval: float
+    plugins: str
+    device: str
+    name: str
+    threads: int
+    request_timeout: float
+    shared_files: str
+    curve_secret_key: str
+    curve_server_key: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class ClientSettings(Settings):
+    """What the ``dcf`` CLI and ``user_client.Client`` talk to the head with (CLIENT_OPTIONS)."""
+
+    OPTIONS: ClassVar[Sequence[Option]] = CLIENT_OPTIONS
+    PROG: ClassVar[str] = "dcf"
+    DESCRIPTION: ClassVar[str] = "dcf: distributed matrix multiplication and training on a pool of machines."
+
+    head_url: str
+    api_token: str = field(repr=False)
+    queue_wait: float
+    shared_files: str
+
+
+SETTINGS: Final = (HeadSettings, ProviderSettings, ClientSettings)
+
+
+def _check_fields(cls: type[Settings]) -> None:
+    """The dataclass follows its table: same names in the same order, each typed as its default."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    expected = [opt.name for opt in cls.OPTIONS]
+    if names != expected:
+        raise TypeError(f"{cls.__name__} fields {names} do not follow its options {expected}")
+    for opt in cls.OPTIONS:
+        if hints[opt.name] is not opt.value_type:
+            raise TypeError(f"{cls.__name__}.{opt.name} is {hints[opt.name]}, its default is {opt.value_type}")
+
+
+for _cls in SETTINGS:
+    _check_fields(_cls)
+
+
+def head_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> HeadSettings:
+    """The head's settings from flags (None: ``sys.argv[1:]``), ``env`` (None: os.environ), defaults."""
+    return HeadSettings.parse(argv, env)
+
+
+def provider_settings(argv: Sequence[str] | None = None,
+                      env: Mapping[str, str] | None = None) -> ProviderSettings:
+    """A provider's settings from flags (None: ``sys.argv[1:]``), ``env`` (None: os.environ), defaults."""
+    return ProviderSettings.parse(argv, env)
+
+
+def client_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ClientSettings:
+    """The client's settings from its flags only (``--head``, ``--token``, ...; None: ``sys.argv[1:]``),
+    ``env`` (None: os.environ), defaults."""
+    return ClientSettings.parse(argv, env)
+
+
+# ---- argparse and tables -------------------------------------------------------------------------
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
         parser.add_argument(opt.flag, dest=opt.name, default=None, choices=opt.choices,
                             help=f"{opt.help} [env {opt.env}, default {opt.default!r}]")
 
 
-def resolve(ns: argparse.Namespace, options: Sequence[Option],
-            env: Mapping[str, str] | None = None) -> argparse.Namespace:
-    """Fill every option from flag, env or default, converting and checking each."""
-    env = os.environ if env is None else env
+def option(options: Sequence[Option], name: str) -> Option:
+    """The option ``name`` of a table (e.g. ``option(HEAD_OPTIONS, "http_port").default``)."""
     for opt in options:
-        raw = getattr(ns, opt.name, None)
-        source = opt.flag
-        if raw is None and opt.env in env:
-            raw, source = env[opt.env], opt.env
-        if raw is None:
-            value = opt.default
-        else:
-            try:
-                value = opt.type(raw)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{source}: cannot read {raw!r} as {opt.type.__name__}") from None
-        if opt.choices and value not in opt.choices:
-            raise ConfigError(f"{source}: {value!r} is not one of {', '.join(opt.choices)}")
-        if opt.check and raw is not None and not opt.check(value):
-            raise ConfigError(f"{source}: {value!r} out of range ({opt.check_text})")
-        setattr(ns, opt.name, value)
-    return ns
+        if opt.name == name:
+            return opt
+    raise ConfigError(f"no option {name!r} in this table")
+
+
+def settings_class(options: Sequence[Option]) -> type[Settings]:
+    """The settings class of an option table (HEAD_OPTIONS, PROVIDER_OPTIONS, CLIENT_OPTIONS)."""
+    for cls in SETTINGS:
+        if list(options) == list(cls.OPTIONS):
+            return cls
+    raise ConfigError("these options are not the table of any settings class")
+
+
+def resolve(ns: argparse.Namespace, options: Sequence[Option],
+            env: Mapping[str, str] | None = None) -> Any:
+    """The settings of the table ``options`` (a ``HeadSettings`` for HEAD_OPTIONS, ...) from parsed
+    flags ``ns``, ``env`` and defaults. Typed code calls ``HeadSettings.from_namespace`` instead."""
+    return settings_class(options).from_namespace(ns, env)
 
 
 def parse(options: Sequence[Option], argv: Sequence[str] | None, prog: str, description: str,
-          env: Mapping[str, str] | None = None) -> argparse.Namespace:
+          env: Mapping[str, str] | None = None) -> Any:
+    """The settings of the table ``options`` from ``argv`` (its own parser, named ``prog``). Typed
+    code calls ``head_settings(argv, env)`` (and the provider and client ones) instead."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_options(parser, options)
     return resolve(parser.parse_args(argv), options, env)

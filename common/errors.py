@@ -3,21 +3,31 @@
 Every error carries a short machine-readable ``code`` and an HTTP status, so the
 same exception can be logged on the head, sent back to a provider as an
 ``error`` message, or returned to an HTTP client as a 4xx JSON body.
+
+Each code is one class: a subclass that states its own ``code`` is entered in a
+code-to-class registry when it is defined (``error_class``, ``error_codes``), and
+``error_from_dict`` rebuilds the class a peer sent from that registry. The code
+strings are on the wire and in HTTP bodies: they never change.
 """
 
 from __future__ import annotations
+
+_BY_CODE: dict[str, type[DcfError]] = {}
 
 
 class DcfError(Exception):
     """Base class of every error dcf raises on purpose."""
 
-    code = "error"
-    http_status = 400
+    code: str = "error"
+    http_status: int = 400
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            _register(cls)
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
 
     @property
     def message(self) -> str:
@@ -25,6 +35,27 @@ class DcfError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+
+def _register(cls: type[DcfError]) -> None:
+    owner = _BY_CODE.get(cls.code)
+    if owner is not None and owner.__qualname__ != cls.__qualname__:
+        raise TypeError(f"error code {cls.code!r} of {cls.__qualname__} is already {owner.__qualname__}'s")
+    _BY_CODE[cls.code] = cls
+
+
+_BY_CODE[DcfError.code] = DcfError
+
+
+class PeerError(DcfError):
+    """An error a peer sent with a code this version does not know: it keeps the peer's code and
+    HTTP status. It states no code of its own (dcf never raises it for an error of its own)."""
+
+    def __init__(self, message: str, code: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        if http_status:
+            self.http_status = http_status
 
 
 class ConfigError(DcfError):
@@ -41,6 +72,26 @@ class ProtocolError(DcfError):
 
 class VersionMismatch(ProtocolError):
     code = "bad_version"
+
+
+class BadRequest(DcfError):
+    """An HTTP request the API cannot read (e.g. a malformed body)."""
+
+    code = "bad_request"
+
+
+class MethodNotAllowed(DcfError):
+    """An HTTP method the route does not take."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class HttpError(DcfError):
+    """An HTTP error reply without dcf's JSON error body (e.g. from a proxy in front of the head);
+    ``http_status`` is the reply's status."""
+
+    code = "http_error"
 
 
 class ValidationError(DcfError):
@@ -96,6 +147,14 @@ class QueueUnavailable(HeadUnreachable):
     code = "queue_unavailable"
 
 
+class WaitTimeout(DcfError, TimeoutError):
+    """Waiting (for a job to end, a local cluster to come up) took longer than allowed. Also a
+    ``TimeoutError``, so ``except TimeoutError`` catches it."""
+
+    code = "timeout"
+    http_status = 504
+
+
 class TaskError(DcfError):
     """A subtask failed on a provider or its result could not be used."""
 
@@ -109,17 +168,28 @@ class DeviceError(DcfError):
     code = "bad_device"
 
 
+def error_class(code: str) -> type[DcfError] | None:
+    """The class of an error code, None for a code no class states."""
+    return _BY_CODE.get(code)
+
+
+def error_codes() -> dict[str, type[DcfError]]:
+    """Every error code and its class (a copy)."""
+    return dict(_BY_CODE)
+
+
 def error_from_dict(data: object, http_status: int | None = None) -> DcfError:
-    """Rebuild an error sent by a peer (``{"code": ..., "message": ...}``)."""
+    """Rebuild an error sent by a peer (``{"code": ..., "message": ...}``): the class of its code,
+    a ``PeerError`` keeping an unknown code and ``http_status``, or an ``HttpError`` when ``data``
+    is not an error object."""
     if not isinstance(data, dict):
-        return DcfError(f"unexpected error reply: {data!r:.200}")
-    code = str(data.get("code", "error"))
+        err = HttpError(f"unexpected error reply: {data!r:.200}")
+        if http_status:
+            err.http_status = http_status
+        return err
+    code = str(data.get("code", DcfError.code))
     message = str(data.get("message", code))
-    for cls in (NotFound, Conflict, Unauthorized, TooLarge, ValidationError, VersionMismatch,
-                ProtocolError, ConfigError, TaskError, HeadUnreachable, QueueUnavailable):
-        if cls.code == code:
-            return cls(message)
-    err = DcfError(message, code=code)
-    if http_status:
-        err.http_status = http_status
-    return err
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return PeerError(message, code, http_status)
+    return cls(message)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from argparse import Namespace
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import zmq
 import zmq.auth
@@ -33,6 +33,26 @@ from .errors import ConfigError
 
 ZAP_DOMAIN = b"dcf"
 Z85_KEY_LENGTH = 40
+
+
+class HeadCurveSettings(Protocol):
+    """The head's CURVE options (``config.HeadSettings`` has them)."""
+
+    @property
+    def curve_secret_key(self) -> str: ...
+
+    @property
+    def curve_allow(self) -> str: ...
+
+
+class ProviderCurveSettings(Protocol):
+    """A provider's CURVE options (``config.ProviderSettings`` has them)."""
+
+    @property
+    def curve_secret_key(self) -> str: ...
+
+    @property
+    def curve_server_key(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -93,7 +113,7 @@ def read_allow_list(allow_dir: Path) -> dict[bytes, str]:
     return allowed
 
 
-def server_keys(cfg: Namespace) -> ServerKeys | None:
+def server_keys(cfg: HeadCurveSettings) -> ServerKeys | None:
     """The head's CURVE configuration, checked at start-up; None when CURVE is off."""
     secret_file, allow = cfg.curve_secret_key, cfg.curve_allow
     if not secret_file and not allow:
@@ -108,7 +128,7 @@ def server_keys(cfg: Namespace) -> ServerKeys | None:
     return ServerKeys(public, secret, allow_dir)
 
 
-def client_keys(cfg: Namespace) -> ClientKeys | None:
+def client_keys(cfg: ProviderCurveSettings) -> ClientKeys | None:
     """A provider's CURVE configuration, checked at start-up; None when CURVE is off."""
     secret_file, server_file = cfg.curve_secret_key, cfg.curve_server_key
     if not secret_file and not server_file:
@@ -120,7 +140,7 @@ def client_keys(cfg: Namespace) -> ClientKeys | None:
     return ClientKeys(public, secret, load_public(server_file))
 
 
-def secure_server(sock: zmq.Socket, keys: ServerKeys | None) -> None:
+def secure_server(sock: zmq.Socket[Any], keys: ServerKeys | None) -> None:
     """Make a head socket a CURVE server that asks the ZAP handler about every client. Call before bind."""
     if keys is None:
         return
@@ -132,7 +152,7 @@ def secure_server(sock: zmq.Socket, keys: ServerKeys | None) -> None:
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
-def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+def secure_client(sock: zmq.Socket[Any], keys: ClientKeys | None) -> None:
     """Make a provider socket a CURVE client of the head. Call before connect."""
     if keys is None:
         return
@@ -148,6 +168,15 @@ def _readable(public_file: Path) -> None:
 
 
 @contextlib.contextmanager
+def _writing_keys(where: Path) -> Iterator[None]:
+    """File errors while writing or copying key files, as a ConfigError naming ``where``."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(f"cannot write CURVE keys in {where}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
 def _owner_only() -> Iterator[None]:
     """Files created inside are readable by their owner only from the start (no chmod window)."""
     old = os.umask(0o077) if os.name == "posix" else None
@@ -160,14 +189,15 @@ def _owner_only() -> Iterator[None]:
 
 def generate_head(key_dir: Path) -> tuple[Path, bool]:
     """The head's key pair in ``key_dir``; (public file, created?). An existing pair is kept."""
-    key_dir.mkdir(parents=True, exist_ok=True)
-    public = key_dir / "head.key"
-    if public.exists() and (key_dir / "head.key_secret").exists():
-        load_secret(key_dir / "head.key_secret")  # fail loudly on a damaged pair
-        return public, False
-    with _owner_only():
-        pub_file, _ = zmq.auth.create_certificates(key_dir, "head")
-    _readable(Path(pub_file))
+    with _writing_keys(key_dir):
+        key_dir.mkdir(parents=True, exist_ok=True)
+        public = key_dir / "head.key"
+        if public.exists() and (key_dir / "head.key_secret").exists():
+            load_secret(key_dir / "head.key_secret")  # fail loudly on a damaged pair
+            return public, False
+        with _owner_only():
+            pub_file, _ = zmq.auth.create_certificates(key_dir, "head")
+        _readable(Path(pub_file))
     return Path(pub_file), True
 
 
@@ -177,6 +207,11 @@ def generate_provider(key_dir: Path, name: str) -> tuple[Path, bool]:
     on the allow-list again (it may have been revoked)."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise ConfigError(f"provider key name {name!r}: use letters, digits, '-', '_' and '.'")
+    with _writing_keys(key_dir):
+        return _generate_provider(key_dir, name)
+
+
+def _generate_provider(key_dir: Path, name: str) -> tuple[Path, bool]:
     providers, allowed = key_dir / "providers", key_dir / "allowed"
     providers.mkdir(parents=True, exist_ok=True)
     allowed.mkdir(parents=True, exist_ok=True)
@@ -194,14 +229,15 @@ def generate_provider(key_dir: Path, name: str) -> tuple[Path, bool]:
 def copy_for_provider(key_dir: Path, name: str, dest: Path) -> list[Path]:
     """Copy what provider ``name``'s machine needs into ``dest``: ``head.key`` and its key pair
     (``--curve-server-key DEST/head.key --curve-secret-key DEST/NAME.key_secret``)."""
-    dest.mkdir(parents=True, exist_ok=True)
     out = []
     providers = key_dir / "providers"
-    for src in (key_dir / "head.key", providers / f"{name}.key", providers / f"{name}.key_secret"):
-        target = dest / src.name
-        with _owner_only():
-            shutil.copyfile(src, target)
-        if target.suffix == ".key_secret" and os.name == "posix":
-            target.chmod(0o600)  # an existing file keeps its mode through copyfile
-        out.append(target)
+    with _writing_keys(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in (key_dir / "head.key", providers / f"{name}.key", providers / f"{name}.key_secret"):
+            target = dest / src.name
+            with _owner_only():
+                shutil.copyfile(src, target)
+            if target.suffix == ".key_secret" and os.name == "posix":
+                target.chmod(0o600)  # an existing file keeps its mode through copyfile
+            out.append(target)
     return out

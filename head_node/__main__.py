@@ -7,7 +7,8 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Iterator, Sequence
+from typing import Any
 
 from common import config, security, tasks
 from common.errors import ConfigError
@@ -18,13 +19,9 @@ log = logging.getLogger("dcf.head")
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cfg = config.parse(config.HEAD_OPTIONS, argv, "dcf-head",
-                           "Run the dcf head: registration, scheduling, job store and REST API.")
+        cfg = config.head_settings(argv)  # checked: types, ranges, distinct ports
         setup_logging(cfg.log_level, cfg.log_json)
         tasks.load_plugins(cfg.plugins)
-        ports = {cfg.http_port, cfg.registration_port, cfg.task_port, cfg.result_port}
-        if len(ports) != 4:
-            raise ConfigError("the HTTP, registration, task and result ports must all differ")
         security.server_keys(cfg)  # key files readable and well-formed before anything starts
     except ConfigError as exc:
         print(f"dcf-head: {exc.message}", file=sys.stderr)
@@ -37,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_loop(coro) -> None:  # type: ignore[no-untyped-def]
+def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
     """uvloop where it is installed (faster HTTP bodies), asyncio elsewhere (e.g. Windows)."""
     try:
         import uvloop
@@ -47,7 +44,7 @@ def _run_loop(coro) -> None:  # type: ignore[no-untyped-def]
     uvloop.run(coro)
 
 
-async def serve(cfg) -> None:  # type: ignore[no-untyped-def]
+async def serve(cfg: config.HeadSettings) -> None:
     import uvicorn
 
     from .api import create_app
@@ -58,7 +55,7 @@ async def serve(cfg) -> None:  # type: ignore[no-untyped-def]
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
-        def capture_signals(self):  # type: ignore[no-untyped-def]  # the head handles signals itself
+        def capture_signals(self) -> Iterator[None]:  # the head handles signals itself
             yield
 
     server = Server(uvicorn.Config(create_app(head), host=cfg.host, port=cfg.http_port,

@@ -16,8 +16,7 @@ log = logging.getLogger("dcf.provider")
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cfg = config.parse(config.PROVIDER_OPTIONS, argv, "dcf-provider",
-                           "Run a dcf provider: compute subtasks for a head on this machine's device.")
+        cfg = config.provider_settings(argv)
         setup_logging(cfg.log_level, cfg.log_json)
         tasks.load_plugins(cfg.plugins)
         if cfg.threads:

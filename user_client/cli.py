@@ -9,13 +9,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from common import config
-from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError
+from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError, ValidationError
 from common.tasks.train.params import TRAIN_DEFAULTS
 
 from . import keys_cli
@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run a head and N local providers in the foreground (Ctrl-C stops)")
     up.add_argument("--providers", type=int, default=2)
-    up.add_argument("--http-port", type=int, default=8080)
+    up.add_argument("--http-port", type=int, default=config.option(config.HEAD_OPTIONS, "http_port").default)
     up.add_argument("--state-dir", default=None, help="default: a temporary directory")
-    up.add_argument("--amqp-url", default="", help="RabbitMQ URL (default: embedded store)")
+    up.add_argument("--amqp-url", default=config.option(config.HEAD_OPTIONS, "amqp_url").default,
+                    help="RabbitMQ URL (default: embedded store)")
 
     up.add_argument("--curve", action="store_true", help="CURVE keys for the head and each provider "
                     "(generated in the state dir)")
@@ -110,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config.resolve(args, config.CLIENT_OPTIONS)
+        args.settings = config.ClientSettings.from_namespace(args)  # checked before any command runs
         return COMMANDS[args.command](args)
     except HeadUnreachable as exc:
         return _fail(exc.message, 3)
     except TaskError as exc:
         return _fail(exc.message, 1)
-    except (DcfError, ConfigError) as exc:
+    except DcfError as exc:
         return _fail(exc.message, 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
@@ -128,7 +129,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    client = Client(args.head_url, token=args.api_token, shared_files=args.shared_files, queue_wait=args.queue_wait)
+    client = Client(settings=args.settings)
     told: list[bool] = []
 
     def waiting(message: str, left: float) -> None:
@@ -153,7 +154,7 @@ class Bars:
         self.enabled = enabled
         self.bars: dict[str, Any] = {}
 
-    def bytes(self, name: str, total_hint: int = 0):  # type: ignore[no-untyped-def]
+    def bytes(self, name: str, total_hint: int = 0) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
             bar = self._bar(name, total or total_hint, unit="B", unit_scale=True)
             if bar is not None:
@@ -263,10 +264,10 @@ def _operands(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     a, b = load_npy(args.a), load_npy(args.b)
     for name, arr in (("A", a), ("B", b)):
         if arr.ndim != 2:
-            raise DcfError(f"{name} must be 2-D, got shape {list(arr.shape)}", code="invalid")
+            raise ValidationError(f"{name} must be 2-D, got shape {list(arr.shape)}")
     if a.shape[1] != b.shape[0]:
-        raise DcfError(f"shape mismatch: A is {list(a.shape)}, B is {list(b.shape)} "
-                       f"({a.shape[1]} != {b.shape[0]})", code="invalid")
+        raise ValidationError(f"shape mismatch: A is {list(a.shape)}, B is {list(b.shape)} "
+                              f"({a.shape[1]} != {b.shape[0]})")
     for name, arr in (("A", a), ("B", b)):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,12 +22,17 @@ import httpx
 import numpy as np
 
 from common import layout
+from common.config import ClientSettings
 from common.errors import (
+    ConfigError,
     DcfError,
     HeadUnreachable,
+    HttpError,
+    ProtocolError,
     QueueUnavailable,
     TaskError,
     ValidationError,
+    WaitTimeout,
     error_from_dict,
 )
 from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
@@ -36,9 +42,16 @@ CHUNK = 4 * 1024 * 1024
 TERMINAL = ("done", "failed", "cancelled")
 
 
+def _as_array(arr: Any, name: str) -> np.ndarray:
+    try:
+        return np.asarray(arr)
+    except (TypeError, ValueError) as exc:  # e.g. ragged nested lists
+        raise ValidationError(f"{name}: not an array: {exc}") from None
+
+
 def check_operand(arr: Any, name: str) -> np.ndarray:
     """The array as it will be sent: 2-D, non-empty, C-ordered float32/float64. Ints are cast."""
-    arr = np.asarray(arr)
+    arr = _as_array(arr, name)
     if arr.dtype.hasobject or arr.dtype.kind not in "fiub":
         raise ValidationError(f"{name}: dtype {arr.dtype} is not numeric")
     if arr.dtype.kind in "iub" or arr.dtype.name not in ("float32", "float64"):
@@ -52,7 +65,7 @@ def check_operand(arr: Any, name: str) -> np.ndarray:
 
 def wire_array(arr: Any) -> np.ndarray:
     """Any array as the head stores it: non-empty, C-ordered, little-endian float32/float64/int64/int32."""
-    arr = np.asarray(arr)
+    arr = _as_array(arr, "array")
     if arr.dtype.name not in ACCEPTED_DTYPES:
         raise ValidationError(f"dtype {arr.dtype} cannot be uploaded; use one of {', '.join(ACCEPTED_DTYPES)}")
     if arr.ndim == 0 or arr.size == 0:
@@ -61,26 +74,25 @@ def wire_array(arr: Any) -> np.ndarray:
 
 
 class Client:
-    """``shared_files="auto"`` (default, env DCF_SHARED_FILES): when this client runs on the head's
-    machine and can use its state dir, arrays are exchanged as files there instead of over HTTP."""
+    """A client of one head. Each setting not given here (None, or an empty ``url`` or
+    ``shared_files``) comes from ``settings`` when given, else from its DCF_* variable, else from
+    the client option table (``common.config.CLIENT_OPTIONS``): ``url`` (DCF_HEAD_URL), ``token``
+    (DCF_API_TOKEN), ``shared_files`` (DCF_SHARED_FILES; "auto": when this client runs on the head's
+    machine and can use its state dir, arrays are exchanged as files there instead of over HTTP)
+    and ``queue_wait`` (DCF_QUEUE_WAIT). Bad values raise ConfigError."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
-                 shared_files: str | None = None, queue_wait: float | None = None) -> None:
-        self.url = (url or os.environ.get("DCF_HEAD_URL") or "http://127.0.0.1:8080").rstrip("/")
-        mode = shared_files or os.environ.get("DCF_SHARED_FILES", "auto")
-        if mode not in ("auto", "off"):
-            raise ValidationError(f"shared_files must be auto or off, got {mode!r}")
-        self._shared: Path | None | bool = None if mode == "auto" else False
-        token = token if token is not None else os.environ.get("DCF_API_TOKEN", "")
+                 shared_files: str | None = None, queue_wait: float | None = None, *,
+                 settings: ClientSettings | None = None) -> None:
+        given = {"head_url": url or None, "api_token": token, "shared_files": shared_files or None,
+                 "queue_wait": queue_wait}
+        self.settings = _settings(given, settings)
+        self.url = self.settings.head_url.rstrip("/")
+        self._shared: Path | None | bool = None if self.settings.shared_files == "auto" else False
+        token = self.settings.api_token
         headers = {"authorization": f"Bearer {token}"} if token else {}
         #: seconds ``submit`` keeps retrying while the head's job queue (RabbitMQ) is unreachable
-        try:
-            self.queue_wait = float(queue_wait if queue_wait is not None else os.environ.get("DCF_QUEUE_WAIT", 60.0))
-        except (TypeError, ValueError):
-            raise ValidationError(f"queue_wait (DCF_QUEUE_WAIT) must be a number of seconds, got "
-                                  f"{queue_wait or os.environ.get('DCF_QUEUE_WAIT')!r}") from None
-        if not (self.queue_wait >= 0 and self.queue_wait != float("inf")):
-            raise ValidationError(f"queue_wait must be >= 0 seconds, got {self.queue_wait!r}")
+        self.queue_wait = self.settings.queue_wait
         #: called as on_queue_wait(message, seconds_left) before each retry of a refused submission
         self.on_queue_wait: Callable[[str, float], None] | None = None
         self.http = httpx.Client(base_url=self.url, headers=headers,
@@ -105,8 +117,31 @@ class Client:
             except httpx.TransportError as exc:
                 if attempt + 1 == tries:
                     raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
+            except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded
+                raise ProtocolError(f"bad reply from the head at {self.url}: {type(exc).__name__}: {exc}") from None
         self._raise_for(resp)
         return resp
+
+    def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        """The JSON object a successful request answers with."""
+        body = self._json_any(method, path, **kw)
+        if not isinstance(body, dict):
+            raise ProtocolError(f"{method} {path}: the head's reply is not a JSON object: {str(body)[:200]}")
+        return body
+
+    def _json_list(self, method: str, path: str, **kw: Any) -> list[dict[str, Any]]:
+        """The JSON list a successful request answers with."""
+        body = self._json_any(method, path, **kw)
+        if not isinstance(body, list):
+            raise ProtocolError(f"{method} {path}: the head's reply is not a JSON list: {str(body)[:200]}")
+        return body
+
+    def _json_any(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._request(method, path, **kw)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ProtocolError(f"{method} {path}: the head's reply is not JSON: {resp.text[:200]!r}") from None
 
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:
@@ -115,29 +150,35 @@ class Client:
         try:
             body = resp.json().get("error")
         except Exception:
-            body = {"code": "http_error", "message": f"HTTP {resp.status_code}: {resp.text[:200]}"}
+            err = HttpError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            err.http_status = resp.status_code
+            raise err from None
         raise error_from_dict(body, resp.status_code)
 
     # ---- API --------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/health").json()
+        return self._json("GET", "/v1/health")
 
     def shared_dir(self) -> Path | None:
         """The head's state dir if this client shares it (same machine, readable marker), else None."""
         if self._shared is None:
             self._shared = False
             try:
-                info = self._request("GET", "/v1/info").json()
+                info = self._json("GET", "/v1/info")
                 root = Path(info["state_dir"])
                 if layout.read_marker(root) == info["epoch"] and os.access(root / "incoming", os.W_OK):
                     self._shared = root
             except (DcfError, KeyError, TypeError, ValueError, OSError):
                 pass
-        return self._shared or None
+        return self._shared if isinstance(self._shared, Path) else None
 
     def upload(self, arr: np.ndarray, progress: Progress | None = None) -> dict[str, Any]:
         """Send one array to the head's store; returns ``{"blob_id", "dtype", "shape", ...}``."""
-        arr = wire_array(arr)
+        reply = self._upload(wire_array(arr), progress)
+        _field(reply, "blob_id")
+        return reply
+
+    def _upload(self, arr: np.ndarray, progress: Progress | None) -> dict[str, Any]:
         root = self.shared_dir()
         if root is not None:
             upload_id = uuid.uuid4().hex
@@ -145,15 +186,15 @@ class Client:
             try:
                 with open(path, "wb") as f:
                     f.write(npy_header(arr))
-                    f.write(memoryview(arr.reshape(-1)).cast("B"))
+                    f.write(arr.reshape(-1).data.cast("B"))
             except OSError:
                 path.unlink(missing_ok=True)
             else:
                 if progress:
                     progress(arr.nbytes, arr.nbytes)
-                return self._request("POST", "/v1/blobs/adopt", json={"upload_id": upload_id}).json()
+                return self._json("POST", "/v1/blobs/adopt", json={"upload_id": upload_id})
         header = npy_header(arr)
-        body = memoryview(arr.reshape(-1)).cast("B")
+        body = arr.reshape(-1).data.cast("B")
         total = len(header) + body.nbytes
 
         def chunks() -> Iterator[bytes]:
@@ -166,9 +207,8 @@ class Client:
                 if progress:
                     progress(sent, total)
 
-        return self._request("PUT", "/v1/blobs", content=chunks(),
-                             headers={"content-type": "application/octet-stream",
-                                      "content-length": str(total)}).json()
+        return self._json("PUT", "/v1/blobs", content=chunks(),
+                          headers={"content-type": "application/octet-stream", "content-length": str(total)})
 
     def upload_file(self, path: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
         return self.upload(load_npy(path), progress)
@@ -182,7 +222,7 @@ class Client:
         delay = 0.5
         while True:
             try:
-                return self._request("POST", "/v1/jobs", json=body).json()["job_id"]
+                return str(_field(self._json("POST", "/v1/jobs", json=body), "job_id"))
             except QueueUnavailable as exc:  # not accepted: nothing was recorded, trying again is safe
                 left = end - time.monotonic()
                 if left <= 0:
@@ -211,12 +251,15 @@ class Client:
         return self.result(job)
 
     def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,
-                             timeout=wait + 30).json()
+        view = self._json("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,
+                          timeout=wait + 30)
+        _field(view, "state")
+        return view
 
     def wait(self, job_id: str, timeout: float | None = None,
              on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 20.0) -> dict[str, Any]:
-        """Block until the job ends; raise TaskError if it failed or was cancelled."""
+        """Block until the job ends; raise TaskError if it failed or was cancelled, WaitTimeout (also a
+        TimeoutError) if it is still going after ``timeout`` seconds."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             left = poll if end is None else min(poll, max(0.0, end - time.monotonic()))
@@ -226,7 +269,7 @@ class Client:
             if view["state"] in TERMINAL:
                 break
             if end is not None and time.monotonic() >= end:
-                raise TimeoutError(f"job {job_id} still {view['state']} after {timeout}s")
+                raise WaitTimeout(f"job {job_id} still {view['state']} after {timeout}s")
         if view["state"] != "done":
             raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}".rstrip(": "))
         return view
@@ -239,7 +282,7 @@ class Client:
             if progress:
                 progress(arr.nbytes, arr.nbytes)
             if out is not None:
-                np.save(out, arr, allow_pickle=False)
+                save_npy(out, arr)
             return arr
         params = {"name": name} if name else None
         try:
@@ -247,12 +290,13 @@ class Client:
                 if resp.status_code >= 400:
                     resp.read()
                     self._raise_for(resp)
-                total = int(resp.headers.get("content-length", 0))
-                arr = _receive_npy(resp.iter_raw(CHUNK), total, progress)
+                arr = _receive_npy(resp.iter_raw(CHUNK), _content_length(resp), progress)
         except httpx.TransportError as exc:
             raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ProtocolError(f"bad result download from {self.url}: {type(exc).__name__}: {exc}") from None
         if out is not None:
-            np.save(out, arr, allow_pickle=False)
+            save_npy(out, arr)
         return arr
 
     def _shared_result(self, job_id: str, name: str | None) -> np.ndarray | None:
@@ -285,17 +329,25 @@ class Client:
                 with open(tmp, "wb") as f:
                     for chunk in resp.iter_raw(CHUNK):
                         f.write(chunk)
+            os.replace(tmp, path)
         except httpx.TransportError as exc:
             raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
-        os.replace(tmp, path)
+        except httpx.HTTPError as exc:
+            raise ProtocolError(f"bad download from {self.url}: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ValidationError(f"{path}: cannot write: {exc.strerror or exc}") from None
         return path
 
     # ---- training ---------------------------------------------------------------------------
     def submit_train(self, dataset: Any, nodes: int | None = None, **params: Any) -> str:
         """Upload a ``common.tasks.train.datasets.Dataset`` and start training on it; see common/tasks/train/
         TRAIN_DEFAULTS for ``params`` (model, epochs, batch_size, optimizer, lr, sync, ...)."""
-        blobs = {name: self.upload(arr)["blob_id"] for name, arr in (
-            ("x", dataset.x_train), ("y", dataset.y_train), ("x_test", dataset.x_test), ("y_test", dataset.y_test))}
+        arrays = {"x": "x_train", "y": "y_train", "x_test": "x_test", "y_test": "y_test"}
+        missing = [attr for attr in (*arrays.values(), "name") if not hasattr(dataset, attr)]
+        if missing:
+            raise ValidationError(f"not a Dataset: it has no {', '.join(missing)}")
+        blobs = {name: self.upload(getattr(dataset, attr))["blob_id"] for name, attr in arrays.items()}
         return self.submit("train", blobs, {"dataset": dataset.name, **params}, nodes=nodes)
 
     def train(self, dataset: Any, out: str | os.PathLike[str], timeout: float | None = None,
@@ -309,15 +361,29 @@ class Client:
         out = Path(out)
         self.download(job_id, "model.pt", out)
         meta_path = self.download(job_id, "model.json", out.with_suffix(".json"))
-        return json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except OSError as exc:
+            raise ValidationError(f"{meta_path}: unreadable: {exc.strerror or exc}") from None
+        except ValueError:
+            raise ProtocolError(f"job {job_id}: model.json is not JSON") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"job {job_id}: model.json is not an object")
+        return meta
 
     def submit_predict(self, model_path: str | os.PathLike[str], x: np.ndarray, nodes: int | None = None) -> str:
         """Inference across providers with a model saved by ``train`` (its .json beside it)."""
-        from common.tasks.train.inference import load_model_file
+        try:
+            from common.tasks.train.inference import load_model_file
+        except ImportError as exc:
+            raise ConfigError(f"predict needs PyTorch here to read the model ({exc}); pip install torch") from None
 
         meta, weights = load_model_file(model_path)
-        shape = tuple(meta["input_shape"])
-        x = np.asarray(x, dtype=np.float32)
+        try:
+            shape = tuple(int(n) for n in meta["input_shape"])
+            x = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"{model_path} or the data: {exc}") from None
         if x.ndim >= 1 and x.shape[1:] != shape and x.size and x[0].size == int(np.prod(shape)):
             x = x.reshape(len(x), *shape)
         if x.ndim < 2 or x.shape[1:] != shape:
@@ -336,16 +402,45 @@ class Client:
         params: dict[str, Any] = {"limit": limit}
         if state:
             params["state"] = state
-        return self._request("GET", "/v1/jobs", params=params).json()
+        return self._json_list("GET", "/v1/jobs", params=params)
 
     def nodes(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/nodes").json()
+        return self._json_list("GET", "/v1/nodes")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
+
+
+def _settings(given: dict[str, Any], base: ClientSettings | None) -> ClientSettings:
+    """``given`` (None: not given) over ``base``, or over DCF_* variables and defaults."""
+    if base is None:
+        return ClientSettings.from_values(given)
+    return dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def _field(obj: Any, key: str) -> Any:
+    """``obj[key]`` of a JSON object the head sent; ProtocolError when it is not there."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise ProtocolError(f"the head's reply has no {key!r}: {str(obj)[:200]}")
+    return obj[key]
+
+
+def _content_length(resp: httpx.Response) -> int:
+    try:
+        return int(resp.headers.get("content-length", 0))
+    except ValueError:
+        return 0  # only the progress bar's total
+
+
+def save_npy(path: str | os.PathLike[str], arr: np.ndarray) -> None:
+    """Write ``arr`` to a .npy file (no pickles); ValidationError when the path cannot be written."""
+    try:
+        np.save(path, arr, allow_pickle=False)
+    except OSError as exc:
+        raise ValidationError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _receive_npy(chunks: Iterator[bytes], total: int, progress: Progress | None) -> np.ndarray:
@@ -363,18 +458,18 @@ def _receive_npy(chunks: Iterator[bytes], total: int, progress: Progress | None)
                 continue
             meta, hlen = parsed
             arr = np.empty(meta.shape, dtype=meta.dtype)
-            view = memoryview(arr.reshape(-1)).cast("B")
+            view = arr.reshape(-1).data.cast("B")
             chunk = head[hlen:]
         assert view is not None
         end = pos + len(chunk)
         if end > view.nbytes:
-            raise DcfError("result is longer than its header declares")
+            raise ProtocolError("result is longer than its header declares")
         view[pos:end] = chunk
         pos = end
         if progress:
             progress(got, total)
     if arr is None or view is None or pos != view.nbytes:
-        raise DcfError("result download was cut short")
+        raise ProtocolError("result download was cut short")
     return arr
 
 

@@ -16,20 +16,24 @@ from pathlib import Path
 from typing import IO, Any
 
 from common import security
-from common.errors import DcfError, HeadUnreachable
+from common.config import HeadSettings
+from common.errors import DcfError, HeadUnreachable, WaitTimeout
 
 from .client import Client
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    except OSError as exc:
+        raise DcfError(f"no free port on 127.0.0.1: {exc}") from None
 
 
 class LocalCluster:
     def __init__(self, providers: int = 2, *, http_port: int | None = None, state_dir: str | None = None,
-                 amqp_url: str = "", threads: int | None = None, heartbeat: float = 5.0,
+                 amqp_url: str = "", threads: int | None = None, heartbeat: float | None = None,
                  head_args: list[str] | None = None, provider_args: list[str] | None = None,
                  log_dir: str | None = None, quiet: bool = True, env: dict[str, str] | None = None,
                  curve: bool = False) -> None:
@@ -41,7 +45,8 @@ class LocalCluster:
         self.ports = {"registration": free_port(), "task": free_port(), "result": free_port()}
         self.amqp_url = amqp_url
         self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // max(1, providers))
-        self.heartbeat = heartbeat
+        #: seconds between heartbeats (default: the head option table's)
+        self.heartbeat = heartbeat if heartbeat is not None else HeadSettings.defaults().heartbeat_interval
         self.head_args = head_args or []
         self.provider_args = provider_args or []
         self.quiet = quiet
@@ -62,11 +67,14 @@ class LocalCluster:
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         out: Any = None
-        if self.quiet:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{log_name}.log", "ab")  # noqa: SIM115 (closed in stop)
-            self._logs.append(out)
-        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=out, env=self.env)
+        try:
+            if self.quiet:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"{log_name}.log", "ab")  # noqa: SIM115 (closed in stop)
+                self._logs.append(out)
+            return subprocess.Popen([sys.executable, *args], stdout=out, stderr=out, env=self.env)
+        except OSError as exc:
+            raise DcfError(f"cannot start the local {log_name}: {exc}") from None
 
     def start_head(self, timeout: float = 30.0) -> None:
         args = ["-m", "head_node", "--host", "127.0.0.1", "--http-port", str(self.http_port),
@@ -121,7 +129,7 @@ class LocalCluster:
                 except HeadUnreachable:
                     pass
                 time.sleep(0.05)
-        raise DcfError(f"{what} within {timeout:.0f}s (logs in {self.log_dir})")
+        raise WaitTimeout(f"{what} within {timeout:.0f}s (logs in {self.log_dir})")
 
     def kill_head(self) -> None:
         if self.head is not None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.errors import ConfigError, TaskError
 
-from .client import TERMINAL, Client, load_npy_any
+from .client import TERMINAL, Client, load_npy_any, save_npy
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
               "lr_step", "gamma", "seed", "sync", "max_staleness", "local_steps", "checkpoint_every")
@@ -91,7 +91,7 @@ def submit_predict(args: argparse.Namespace, client: Client, emit: Callable[...,
         job = client.submit_predict(args.model, x, nodes=args.nodes)
         client.wait(job)
         preds = np.array(client.result(job))
-    np.save(args.output, preds, allow_pickle=False)
+    save_npy(args.output, preds)
     emit(args, {"job_id": job, "output": args.output, "count": int(preds.size)},
          f"job {job}: {preds.size} predictions written to {args.output}")
     return 0

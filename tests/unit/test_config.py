@@ -1,8 +1,12 @@
-"""Unit tests of common/config.py: flag > environment > default, conversions and checks."""
+"""Unit tests of common/config.py: flag > environment > default, conversions and checks, and the
+typed, frozen settings built from the option tables (each default stated once, in the table)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from collections.abc import Sequence
 
 import pytest
 
@@ -11,23 +15,26 @@ from common.config import (
     CLIENT_OPTIONS,
     HEAD_OPTIONS,
     PROVIDER_OPTIONS,
+    ClientSettings,
+    HeadSettings,
     Option,
+    ProviderSettings,
     parse,
     resolve,
 )
 from common.errors import ConfigError
 
 
-def ns(**values) -> argparse.Namespace:
+def ns(**values: object) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def head(argv=(), env=None) -> argparse.Namespace:
-    return parse(HEAD_OPTIONS, list(argv), "dcf-head", "test", env=env or {})
+def head(argv: Sequence[str] = (), env: dict[str, str] | None = None) -> HeadSettings:
+    return config.head_settings(list(argv), env=env or {})
 
 
-def provider(argv=(), env=None) -> argparse.Namespace:
-    return parse(PROVIDER_OPTIONS, list(argv), "dcf-provider", "test", env=env or {})
+def provider(argv: Sequence[str] = (), env: dict[str, str] | None = None) -> ProviderSettings:
+    return config.provider_settings(list(argv), env=env or {})
 
 
 # ---- precedence ------------------------------------------------------------------------------------
@@ -70,18 +77,19 @@ def test_flag_beats_bad_env():
 
 def test_resolve_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("DCF_TASK_PORT", "6101")
-    cfg = resolve(ns(), HEAD_OPTIONS)
+    cfg = HeadSettings.from_namespace(ns())
     assert cfg.task_port == 6101
+    assert resolve(ns(), HEAD_OPTIONS).task_port == 6101
 
 
 def test_resolve_explicit_env_ignores_os_environ(monkeypatch):
     monkeypatch.setenv("DCF_TASK_PORT", "6101")
-    cfg = resolve(ns(), HEAD_OPTIONS, env={})
+    cfg = HeadSettings.from_namespace(ns(), env={})
     assert cfg.task_port == 5556
 
 
 def test_resolve_with_namespace_values():
-    cfg = resolve(ns(result_port="1234", log_level="ERROR"), HEAD_OPTIONS, env={"DCF_RESULT_PORT": "99"})
+    cfg = HeadSettings.from_namespace(ns(result_port="1234", log_level="ERROR"), env={"DCF_RESULT_PORT": "99"})
     assert cfg.result_port == 1234
     assert cfg.log_level == "ERROR"
 
@@ -93,7 +101,7 @@ def test_option_names():
 
 
 def test_client_options():
-    cfg = parse(CLIENT_OPTIONS, [], "dcf", "test", env={"DCF_HEAD_URL": "http://h:1", "DCF_API_TOKEN": "t"})
+    cfg = config.client_settings([], env={"DCF_HEAD_URL": "http://h:1", "DCF_API_TOKEN": "t"})
     assert cfg.head_url == "http://h:1" and cfg.api_token == "t"
 
 
@@ -219,3 +227,147 @@ def test_markdown_table_lists_every_option():
     assert len(names) == len(set(names))  # each (flag, variable) once
     shared = next(line for line in lines if "`--shared-files`" in line)
     assert "dcf-provider, dcf" in shared
+
+
+
+# ---- typed, frozen settings ------------------------------------------------------------------------
+TABLES = [(HeadSettings, HEAD_OPTIONS), (ProviderSettings, PROVIDER_OPTIONS), (ClientSettings, CLIENT_OPTIONS)]
+
+
+@pytest.mark.parametrize(("cls", "options"), TABLES)
+def test_each_default_is_the_option_tables(cls, options):
+    built = cls.parse([], env={})
+    assert built == cls.defaults()
+    for opt in options:
+        assert getattr(built, opt.name) == opt.default, opt.name
+        assert type(getattr(built, opt.name)) is type(opt.default), opt.name
+    # the dataclass states no default of its own: all come from the table
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(cls))
+
+
+@pytest.mark.parametrize(("cls", "options"), TABLES)
+def test_fields_follow_the_table(cls, options):
+    hints = typing.get_type_hints(cls)
+    assert [f.name for f in dataclasses.fields(cls)] == [o.name for o in options]
+    for opt in options:
+        assert hints[opt.name] is opt.value_type
+
+
+def test_a_class_that_does_not_follow_its_table_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Wrong(config.Settings):
+        OPTIONS: typing.ClassVar[tuple[Option, ...]] = (Option("port", int, 1, "p"), Option("name", str, "", "n"))
+        name: str
+        port: int
+
+    with pytest.raises(TypeError, match="do not follow"):
+        config._check_fields(Wrong)
+
+    @dataclasses.dataclass(frozen=True)
+    class Mistyped(config.Settings):
+        OPTIONS: typing.ClassVar[tuple[Option, ...]] = (Option("port", int, 1, "p"),)
+        port: float
+
+    with pytest.raises(TypeError, match="Mistyped.port"):
+        config._check_fields(Mistyped)
+
+
+@pytest.mark.parametrize(("cls", "options"), TABLES)
+def test_settings_are_frozen(cls, options):
+    built = cls.defaults()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(built, options[0].name, options[0].default)
+
+
+def test_settings_functions_and_types():
+    h = config.head_settings([], env={})
+    p = config.provider_settings(["--device", "cpu"], env={})
+    c = config.client_settings(["--head", "http://h:9"], env={})
+    assert isinstance(h, HeadSettings) and isinstance(p, ProviderSettings) and isinstance(c, ClientSettings)
+    assert p.device == "cpu" and c.head_url == "http://h:9"
+    assert isinstance(resolve(ns(), HEAD_OPTIONS, env={}), HeadSettings)
+    assert isinstance(parse(PROVIDER_OPTIONS, [], "x", "y", env={}), ProviderSettings)
+
+
+def test_settings_precedence_flag_env_default():
+    env = {"DCF_HTTP_PORT": "9001", "DCF_ACK_TIMEOUT": "3", "DCF_MIN_DEADLINE": "7.5"}
+    h = config.head_settings(["--http-port", "9002"], env=env)
+    assert h.http_port == 9002  # flag over env
+    assert h.ack_timeout == 3.0 and isinstance(h.ack_timeout, float)  # env over default
+    assert h.min_deadline == 7.5
+    assert h.max_attempts == config.option(HEAD_OPTIONS, "max_attempts").default  # default
+
+
+def test_settings_read_os_environ_when_env_is_none(monkeypatch):
+    monkeypatch.setenv("DCF_MAX_ATTEMPTS", "9")
+    assert config.head_settings([]).max_attempts == 9
+
+
+def test_head_timing_defaults_are_in_the_settings():
+    # head_node/state.py Timing takes these from HeadSettings (same names)
+    h = config.head_settings([], env={})
+    assert (h.heartbeat_interval, h.ack_timeout, h.min_deadline, h.max_attempts) == (5.0, 10.0, 60.0, 5)
+    assert f"{config.MISSED_HEARTBEATS} missed" in config.option(HEAD_OPTIONS, "heartbeat_interval").help
+
+
+def test_replace_is_checked_too():
+    h = config.head_settings([], env={})
+    with pytest.raises(ConfigError, match="http_port: 0 out of range"):
+        dataclasses.replace(h, http_port=0)
+    with pytest.raises(ConfigError, match="log_level: 'LOUD' is not one of"):
+        dataclasses.replace(h, log_level="LOUD")
+    with pytest.raises(ConfigError, match="max_attempts: '5' is not of type int"):
+        dataclasses.replace(h, max_attempts="5")  # type: ignore[arg-type]  # a wrong type on purpose
+    with pytest.raises(ConfigError, match="fsync"):
+        dataclasses.replace(h, fsync=1)  # type: ignore[arg-type]  # a wrong type on purpose
+    assert dataclasses.replace(h, ack_timeout=2).ack_timeout == 2.0  # an int for a float is a float
+    assert isinstance(dataclasses.replace(h, ack_timeout=2).ack_timeout, float)
+
+
+def test_head_ports_must_differ():
+    with pytest.raises(ConfigError, match="must all differ"):
+        config.head_settings(["--http-port", "5556"], env={})
+    with pytest.raises(ConfigError, match="must all differ"):
+        config.head_settings([], env={"DCF_RESULT_PORT": "5555"})
+
+
+def test_from_values_takes_typed_values_and_refuses_unknown_names():
+    c = ClientSettings.from_values({"queue_wait": 0, "head_url": None}, env={"DCF_HEAD_URL": "http://e:1"})
+    assert c.queue_wait == 0.0 and isinstance(c.queue_wait, float) and c.head_url == "http://e:1"
+    assert ClientSettings.from_values({"queue_wait": "2.5"}, env={}).queue_wait == 2.5
+    with pytest.raises(ConfigError, match="queue_wait: -1.0 out of range"):
+        ClientSettings.from_values({"queue_wait": -1}, env={})
+    with pytest.raises(ConfigError, match="queue_wait: inf out of range"):
+        ClientSettings.from_values({"queue_wait": float("inf")}, env={})
+    with pytest.raises(ConfigError, match="has no option hed_url"):
+        ClientSettings.from_values({"hed_url": "x"}, env={})
+
+
+def test_from_namespace_ignores_other_attributes():
+    args = argparse.Namespace(head_url="http://n:2", command="jobs", json=True)
+    c = ClientSettings.from_namespace(args, env={})
+    assert c.head_url == "http://n:2" and not hasattr(c, "command")
+
+
+def test_tokens_stay_out_of_the_repr():
+    h = config.head_settings(["--api-token", "s3cret"], env={})
+    c = config.client_settings(["--token", "s3cret"], env={})
+    assert h.api_token == c.api_token == "s3cret"
+    assert "s3cret" not in repr(h) and "s3cret" not in repr(c)
+
+
+def test_option_lookup_and_unknown_tables():
+    assert config.option(HEAD_OPTIONS, "http_port").default == 8080
+    with pytest.raises(ConfigError, match="no option"):
+        config.option(HEAD_OPTIONS, "nope")
+    with pytest.raises(ConfigError, match="not the table"):
+        resolve(ns(), [Option("x", str, "", "x")], env={})
+    assert config.settings_class(list(HEAD_OPTIONS)) is HeadSettings
+
+
+def test_help_names_the_program(capsys):
+    with pytest.raises(SystemExit) as info:
+        config.head_settings(["--help"], env={})
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dcf-head") and "--heartbeat-interval" in out and "DCF_HEARTBEAT_INTERVAL" in out
