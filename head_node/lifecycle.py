@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from common import layout, tasks
+from common import config, layout, tasks
 from common.errors import DcfError, ValidationError
 from common.jobs import JobRecord, JobState
 from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
@@ -50,8 +50,8 @@ class ActiveJob:
 
 
 class Lifecycle:
-    def __init__(self, cfg: Any, root: Path, epoch: str, blobs: BlobStore, store: JobStore, queue: JobQueue,
-                 events: EventBus, apply: Callable[[Any], list[Action]]) -> None:
+    def __init__(self, cfg: config.HeadSettings, root: Path, epoch: str, blobs: BlobStore, store: JobStore,
+                 queue: JobQueue, events: EventBus, apply: Callable[[Any], list[Action]]) -> None:
         self.cfg = cfg
         self.root = root
         self.epoch = epoch

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common import layout, protocol, security
+from common import config, layout, protocol, security
 from common.errors import Conflict, NotFound, ProtocolError, UnknownProvider, ValidationError
 from common.jobs import TERMINAL_NAMES, JobRecord
 from common.protocol import check_id
@@ -35,7 +35,7 @@ log = logging.getLogger("dcf.head")
 
 
 class Head:
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: config.HeadSettings) -> None:
         self.cfg = cfg
         self.root = Path(cfg.state_dir)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -71,13 +71,13 @@ __all__ = ["Action", "ClusterState", "Dispatch", "Job", "JobFailed", "JobFinishe
 
 def _head_default(name: str) -> Any:
     """The head option table's default (common/config.py states each default once)."""
-    return next(o.default for o in config.HEAD_OPTIONS if o.name == name)
+    return config.option(config.HEAD_OPTIONS, name).default
 
 
 @dataclass(frozen=True)
 class Timing:
     heartbeat_interval: float = _head_default("heartbeat_interval")
-    missed_heartbeats: int = 3
+    missed_heartbeats: int = config.MISSED_HEARTBEATS
     ack_timeout: float = _head_default("ack_timeout")
     min_deadline: float = _head_default("min_deadline")
     deadline_factor: float = 10.0
@@ -91,7 +91,7 @@ class Timing:
         return self.heartbeat_interval * self.missed_heartbeats
 
     @classmethod
-    def of(cls, settings: Any) -> Timing:
+    def of(cls, settings: config.HeadSettings) -> Timing:
         """From the head's settings: every field the settings have (same names) is taken from them."""
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
 

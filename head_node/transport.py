@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
-from common import protocol, security
+from common import config, protocol, security
 from common.errors import Conflict, DcfError, InternalError, Unauthorized, UnknownProvider
 from common.protocol import check_id
 
@@ -50,7 +50,8 @@ class Handlers(Protocol):
 
 
 class Transport:
-    def __init__(self, cfg: Any, keys: security.ServerKeys | None, known: Callable[[str], bool]) -> None:
+    def __init__(self, cfg: config.HeadSettings, keys: security.ServerKeys | None,
+                 known: Callable[[str], bool]) -> None:
         self.cfg = cfg
         self.keys = keys
         self.known = known  # is this provider id still in the head's state? (bounds the key table)
