@@ -16,6 +16,7 @@ import numpy as np
 
 from common import config
 from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError, ValidationError
+from common.jobs import ACTIVE_NAMES, STATE_NAMES, JobState
 from common.tasks.train.params import TRAIN_DEFAULTS
 
 from . import keys_cli
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="output .npy file")
     r.add_argument("--name", help="which output (default: the first)")
     j = sub.add_parser("jobs", help="list jobs")
-    j.add_argument("--state", choices=("queued", "running", "done", "failed", "cancelled"))
+    j.add_argument("--state", choices=STATE_NAMES)
     j.add_argument("--limit", type=int, default=50)
     sub.add_parser("nodes", help="list providers")
 
@@ -181,7 +182,7 @@ class Bars:
         if bar is None:
             return
         bar.update(prog["done"] - bar.n)
-        waiting = view.get("waiting") if view["state"] in ("queued", "running") else None
+        waiting = view.get("waiting") if view["state"] in ACTIVE_NAMES else None
         bar.set_postfix_str(waiting or view["state"], refresh=True)
 
     def close(self) -> None:
@@ -233,10 +234,10 @@ def submit_matmul(args: argparse.Namespace) -> int:
             job_id = client.submit("matmul", {"a": blob_a, "b": blob_b}, nodes=args.nodes)
             if args.no_wait:
                 bars.close()
-                _emit(args, {"job_id": job_id, "state": "queued"}, job_id)
+                _emit(args, {"job_id": job_id, "state": JobState.QUEUED.value}, job_id)
                 return 0
             view = _follow(client, job_id, bars)
-            if view["state"] != "done":
+            if view["state"] != JobState.DONE:
                 bars.close()
                 raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}")
             c = client.result(job_id, out=args.output, progress=bars.bytes("download"))
@@ -320,7 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             view = client.status(args.job_id)
     prog = view["progress"]
     text = f"{view['job_id']}  {view['type']}  {view['state']}  {prog['done']}/{prog['total']} subtasks"
-    if view.get("waiting") and view["state"] in ("queued", "running"):
+    if view.get("waiting") and view["state"] in ACTIVE_NAMES:
         text += f"\n  {view['waiting']}"
     if view.get("error"):
         text += f"\n  error: {view['error']}"

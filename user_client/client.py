@@ -35,11 +35,12 @@ from common.errors import (
     WaitTimeout,
     error_from_dict,
 )
+from common.jobs import TERMINAL_NAMES, JobState
 from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
 
 Progress = Callable[[int, int], None]  # (done, total)
 CHUNK = 4 * 1024 * 1024
-TERMINAL = ("done", "failed", "cancelled")
+TERMINAL = TERMINAL_NAMES  # the states a job ends in
 
 
 def _as_array(arr: Any, name: str) -> np.ndarray:
@@ -270,7 +271,7 @@ class Client:
                 break
             if end is not None and time.monotonic() >= end:
                 raise WaitTimeout(f"job {job_id} still {view['state']} after {timeout}s")
-        if view["state"] != "done":
+        if view["state"] != JobState.DONE:
             raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}".rstrip(": "))
         return view
 
@@ -306,7 +307,7 @@ class Client:
         if root is None:
             return None
         view = self.status(job_id)
-        if view["state"] != "done" or not view["outputs"]:
+        if view["state"] != JobState.DONE or not view["outputs"]:
             return None  # the HTTP path gives the proper error
         try:
             path = layout.output_path(root, job_id, name or next(iter(view["outputs"])))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ConfigError, TaskError
+from common.jobs import JobState
 
 from .client import TERMINAL, Client, load_npy_any, save_npy
 
@@ -41,17 +42,17 @@ def submit_train(args: argparse.Namespace, client: Client, emit: Callable[..., N
     with client:
         job = client.submit_train(_dataset(args), nodes=args.nodes, **params)
         if args.no_wait:
-            emit(args, {"job_id": job, "state": "queued"}, job)
+            emit(args, {"job_id": job, "state": JobState.QUEUED.value}, job)
             return 0
         view = _follow_training(client, job, show=not args.json and sys.stderr.isatty())
-        if view["state"] != "done":
+        if view["state"] != JobState.DONE:
             raise TaskError(f"job {job} {view['state']}: {view.get('error') or ''}")
         meta = client.save_model(job, args.output)
     metrics = meta["metrics"]
     text = (f"job {job}: done in {meta['seconds']:.1f} s, {meta['steps']} steps\n"
             f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}\n"
             f"wrote {args.output} and its metadata beside it")
-    emit(args, {"job_id": job, "state": "done", **meta}, text)
+    emit(args, {"job_id": job, "state": JobState.DONE.value, **meta}, text)
     return 0
 
 
