@@ -1,17 +1,24 @@
-"""Find the compute device (CUDA, then MPS, then CPU), describe it, and measure its speed."""
+"""Find the compute device (CUDA, then MPS, then CPU), describe it, and measure its speed.
+
+``ComputeDevice`` describes the hardware; ``TaskDevice`` is what the provider hands to a task
+type's ``run``: the hardware, a per-process cache and the dataset blobs (``common.tasks.Device``).
+"""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import psutil
 
 from common.errors import DeviceError
+
+from .blobs import BlobSource
 
 
 def _torch() -> Any:
@@ -29,10 +36,6 @@ class ComputeDevice:
     memory_bytes: int
     dtypes: tuple[str, ...]
     index: int = 0
-    #: per-process cache for task types (built models), bounded by its users
-    cache: dict[Any, Any] = field(default_factory=dict)
-    #: fetch(blob_id, content_key) -> array; set by the provider node (datasets of training jobs)
-    fetch: Any = None
 
     def torch_device(self) -> Any:
         torch = _torch()
@@ -47,9 +50,27 @@ class ComputeDevice:
         return int(psutil.virtual_memory().available)
 
 
+class TaskDevice:
+    """The ``common.tasks.Device`` a provider runs subtasks on."""
+
+    def __init__(self, hardware: ComputeDevice, blobs: BlobSource) -> None:
+        self.hardware = hardware
+        self.kind = hardware.kind
+        #: per-process cache for task types (built models), bounded by its users
+        self.cache: MutableMapping[Any, Any] = {}
+        self._blobs = blobs
+
+    def torch_device(self) -> Any:
+        return self.hardware.torch_device()
+
+    def fetch(self, blob_id: str, key: str) -> np.ndarray:
+        """A dataset blob, mapped or fetched once, cached by its content ``key``."""
+        return self._blobs.fetch(blob_id, key)
+
+
 def detect(requested: str = "auto") -> ComputeDevice:
     """The device to compute on. ``requested`` is auto, cpu, cuda or mps."""
-    torch = _torch() if requested != "cpu" else None
+    torch: Any = _torch() if requested != "cpu" else None
     cuda_ok = torch is not None and torch.cuda.is_available()
     mps_ok = torch is not None and getattr(torch.backends, "mps", None) is not None \
         and torch.backends.mps.is_available()

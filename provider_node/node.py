@@ -1,8 +1,9 @@
-"""The provider's main loop.
+"""The provider process: the I/O shell around its session with the head (``session.py``).
 
 Main thread: Lazy Pirate REQ (register, heartbeats), SUB (subtasks on this provider's
-topic), PUSH (acks). Compute thread: runs subtasks one at a time and PUSHes results on
-its own socket (ZeroMQ sockets are never shared between threads).
+topic), PUSH (acks); it feeds the session replies and deadlines and carries out what it
+decides. Compute thread: runs subtasks one at a time and PUSHes results on its own socket
+(ZeroMQ sockets are never shared between threads).
 """
 
 from __future__ import annotations
@@ -15,60 +16,78 @@ import socket
 import threading
 import time
 import uuid
-from argparse import Namespace
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
 
-from common import __version__, layout, protocol, security, tasks
+from common import __version__, protocol, security, tasks
+from common.config import ProviderSettings
 from common.errors import DcfError, TaskError
 
-from .device import ComputeDevice, benchmark_gflops
+from .blobs import BlobCache, HeadBlobs
+from .device import ComputeDevice, TaskDevice, benchmark_gflops
 from .pirate import LazyPirate
+from .session import (
+    Command,
+    Reconnect,
+    Registered,
+    RenewIdentity,
+    SendHeartbeat,
+    SendRegister,
+    Session,
+    WaitToRegister,
+)
 from .shared import SharedFiles
 
 log = logging.getLogger("dcf.provider")
 
-DATA_CACHE_ENTRIES = 8
-RESUBSCRIBE_AFTER = 3  # heartbeat acks in a row without our subscription: connect SUB and PUSH anew
 INLINE_SECONDS = 0.02  # subtasks expected to take less run on the socket thread
-FETCH_TIMEOUT_MS = 30_000
+LOOP_WAKEUP_S = 0.5  # the socket loop looks at ``stopping`` at least this often
 
 
 def runnable_task_types() -> list[str]:
     return [name for name in tasks.names() if tasks.get(name).available()]
 
 
+@dataclass
+class MainSockets:
+    """The socket thread's connections to the head."""
+
+    sub: zmq.Socket  # subtasks on this provider's topic
+    acks: zmq.Socket  # PUSH: acks, and results of quick subtasks run on this thread
+    pirate: LazyPirate  # REQ: register, heartbeat, unregister
+
+
 class ProviderNode:
-    def __init__(self, cfg: Namespace, device: ComputeDevice, gflops: float | None = None) -> None:
+    """One provider process: the I/O shell around its ``Session`` with the head."""
+
+    def __init__(self, cfg: ProviderSettings, device: ComputeDevice, gflops: float | None = None) -> None:
         self.cfg = cfg
         self.keys = security.client_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
-        self.device = device
-        self.provider_id = uuid.uuid4().hex
-        self.topic = self.provider_id.encode()
+        self.hardware = device
+        self.session = Session(uuid.uuid4().hex, share_files=cfg.shared_files == "auto")
         self.name = cfg.name or f"{socket.gethostname()}-{device.kind}-{os.getpid()}"
         self.gflops = gflops if gflops is not None else benchmark_gflops(device)
         self.ctx = zmq.Context()
         self.work: queue.Queue[protocol.Message | None] = queue.Queue()
-        self.in_hand: set[tuple[str, int, str]] = set()  # (job, subtask, epoch) queued or running
+        self.in_hand: set[tuple[str, int, str]] = set()  # (job, subtask, incarnation) queued or running
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.registered = False
-        self.epoch = ""
-        self.heartbeat_interval = cfg.heartbeat_interval
-        self.next_heartbeat = 0.0
-        self.shared: SharedFiles | None = None
-        self.data_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # content key -> dataset array
-        self.fetch_sockets = threading.local()  # one REQ socket per thread that fetches blobs
-        device.fetch = self._fetch_blob
-        self.register_at: float | None = None  # when to retry a refused registration
-        self.register_backoff = 1.0
+        self.shared: SharedFiles | None = None  # the head's state dir, when this process shares it
+        self.head_blobs = HeadBlobs(self._blob_socket, lambda: self.session.provider_id)
+        self.blobs = BlobCache(self.head_blobs)
+        self.device = TaskDevice(device, self.blobs)
         self.push_generation = 0  # bumped when the compute thread's PUSH must be opened again
-        self.unsubscribed_acks = 0  # heartbeat acks in a row saying the head does not see our SUB
-        self.reconnect = False  # set: the main loop opens its SUB and PUSH connections anew
-        self.renew_identity = False  # set: another key owns our provider id at the head (CURVE)
+
+    @property
+    def provider_id(self) -> str:
+        return self.session.provider_id
+
+    @property
+    def topic(self) -> bytes:
+        return self.session.provider_id.encode()
 
     def _socket(self, kind: int) -> zmq.Socket:
         """A socket to the head, a CURVE client of it when keys are configured."""
@@ -80,6 +99,12 @@ class ProviderNode:
         return LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), timeout,
                           secure=(lambda sock: security.secure_client(sock, self.keys)) if self.keys else None)
 
+    def _blob_socket(self) -> zmq.Socket:
+        sock = self._socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint(self.cfg.registration_port))
+        return sock
+
     def endpoint(self, port: int) -> str:
         host = self.cfg.head
         if ":" in host and not host.startswith("["):
@@ -88,11 +113,12 @@ class ProviderNode:
 
     # ---- messages -------------------------------------------------------------------------
     def register_frames(self) -> list[Any]:
+        hardware = self.hardware
         return protocol.encode("register", {
             "provider_id": self.provider_id, "name": self.name, "host": socket.gethostname(),
-            "os": f"{platform.system()} {platform.release()}", "device_kind": self.device.kind,
-            "device_name": self.device.name, "memory_bytes": self.device.available_memory(),
-            "cores": os.cpu_count() or 1, "task_types": runnable_task_types(), "dtypes": list(self.device.dtypes),
+            "os": f"{platform.system()} {platform.release()}", "device_kind": hardware.kind,
+            "device_name": hardware.name, "memory_bytes": hardware.available_memory(),
+            "cores": os.cpu_count() or 1, "task_types": runnable_task_types(), "dtypes": list(hardware.dtypes),
             "version": __version__, "gflops": float(self.gflops)})
 
     def heartbeat_frames(self) -> list[Any]:
@@ -101,73 +127,98 @@ class ProviderNode:
         fields: dict[str, Any] = {"provider_id": self.provider_id, "running": running,
                                   "queued": self.work.qsize()}
         if self.shared is not None:
-            fields["local_epoch"] = self.shared.epoch
+            fields["local_epoch"] = self.shared.incarnation
         return protocol.encode("heartbeat", fields)
 
     # ---- main loop ------------------------------------------------------------------------
     def run(self) -> None:
-        sub, acks = self._sub(), self._push()
-        pirate = self._pirate(self.cfg.request_timeout)
-        worker = threading.Thread(target=self._compute_loop, name="dcf-compute", daemon=True)
-        worker.start()
-        log.info("provider %s (%s, %s, %.1f GFLOP/s) connecting to %s%s", self.name, self.device.kind,
-                 self.device.name, self.gflops, self.cfg.head,
+        io = MainSockets(self._sub(), self._push(), self._pirate(self.cfg.request_timeout))
+        compute = threading.Thread(target=self._compute_loop, name="dcf-compute", daemon=True)
+        compute.start()
+        log.info("provider %s (%s, %s, %.1f GFLOP/s) connecting to %s%s", self.name, self.hardware.kind,
+                 self.hardware.name, self.gflops, self.cfg.head,
                  f" with CURVE key {self.keys.public.decode()}" if self.keys else "",
                  extra={"provider_id": self.provider_id})
-        pirate.send(self.register_frames(), time.monotonic())
+        self._carry_out(self.session.start(), io, time.monotonic())
         try:
             while not self.stopping.is_set():
-                now = time.monotonic()
-                wait = min(pirate.next_event(now), 0.5)
-                if self.registered and not pirate.busy:
-                    wait = min(wait, max(0.0, self.next_heartbeat - now))
-                elif self.register_at is not None:
-                    wait = min(wait, max(0.0, self.register_at - now))
-                poller = zmq.Poller()
-                poller.register(sub, zmq.POLLIN)
-                poller.register(pirate.socket, zmq.POLLIN)
-                events = dict(poller.poll(wait * 1000))
-                if sub in events:
-                    self._on_subtask(sub.recv_multipart(copy=False), acks)
-                if pirate.socket in events:
-                    reply = pirate.on_readable()
-                    if reply is not None:
-                        self._on_reply(reply, pirate)
-                        if self.renew_identity:
-                            self._new_identity(sub)
-                        if self.registered and (pirate.refused or self.reconnect):
-                            # a refused handshake (our key was not allowed then) is not retried by
-                            # libzmq: the SUB and PUSH connections start over
-                            log.info("opening the task and result connections anew",
-                                     extra={"provider_id": self.provider_id})
-                            pirate.refused = self.reconnect = False
-                            sub.close(linger=0)
-                            acks.close(linger=0)
-                            sub, acks = self._sub(), self._push()
-                            self.push_generation += 1
-                now = time.monotonic()
-                pirate.check(now)
-                if self.register_at is not None and now >= self.register_at and not pirate.busy:
-                    self.register_at = None
-                    pirate.send(self.register_frames(), now)
-                if self.registered and not pirate.busy and now >= self.next_heartbeat:
-                    pirate.send(self.heartbeat_frames(), now)
-                    self.next_heartbeat = now + self.heartbeat_interval
+                self._step(io)
         finally:
-            self._close_fetch_socket()
-            self._leave(pirate)
-            self.work.put(None)
-            worker.join(timeout=5)
-            sub.close(linger=0)
-            acks.close(linger=0)
-            self.ctx.term()
+            self._shut_down(io, compute)
 
-    def _new_identity(self, sub: zmq.Socket) -> None:
-        self.renew_identity = False
-        sub.setsockopt(zmq.UNSUBSCRIBE, self.topic)
-        self.provider_id = uuid.uuid4().hex
-        self.topic = self.provider_id.encode()
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+    def _step(self, io: MainSockets) -> None:
+        """Wait for a subtask, a reply or the session's next deadline, and act on what came."""
+        sub, pirate = io.sub, io.pirate
+        now = time.monotonic()
+        wait = min(pirate.next_event(now), LOOP_WAKEUP_S)
+        session_wait = self.session.seconds_until_due(now)
+        if session_wait is not None:
+            wait = min(wait, session_wait)
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(pirate.socket, zmq.POLLIN)
+        events = dict(poller.poll(int(wait * 1000)))
+        if sub in events:
+            self._on_subtask(sub.recv_multipart(copy=False), io.acks)
+        if pirate.socket in events:
+            reply = pirate.on_readable()
+            if reply is not None:
+                self._carry_out(self.session.on_reply(reply, time.monotonic()), io, time.monotonic())
+        now = time.monotonic()
+        lost = pirate.check(now)
+        if lost is not None and lost.refused:
+            self.session.on_handshake_refused()
+        self._carry_out(self.session.due(now), io, now)
+
+    def _carry_out(self, commands: list[Command], io: MainSockets, now: float) -> None:
+        """Do what the session decided."""
+        for command in commands:
+            if isinstance(command, SendRegister):
+                if command.again:
+                    log.warning("the head does not know this provider (restarted?); registering again")
+                io.pirate.send(self.register_frames(), now)
+            elif isinstance(command, SendHeartbeat):
+                io.pirate.send(self.heartbeat_frames(), now)
+            elif isinstance(command, Registered):
+                self._on_registered(command, now)
+            elif isinstance(command, RenewIdentity):
+                log.warning("the head binds this provider id to another key; registering with a new id")
+                io.sub.setsockopt(zmq.UNSUBSCRIBE, command.old_id.encode())
+                io.sub.setsockopt(zmq.SUBSCRIBE, command.new_id.encode())
+            elif isinstance(command, WaitToRegister):
+                log.error("head refused a request: %s: %s; retrying in %.0fs", command.code, command.message,
+                          command.retry_in_s)
+            elif isinstance(command, Reconnect):
+                self._reconnect(io)
+
+    def _on_registered(self, registered: Registered, now: float) -> None:
+        shared = None
+        if registered.state_dir is not None:
+            shared = SharedFiles.probe(registered.state_dir, registered.incarnation, self.provider_id)
+        self.shared = shared
+        self.blobs.use_shared(shared)
+        if shared is not None:
+            self.session.on_shared_files(now)
+        log.info("registered with head %s%s", registered.incarnation[:8],
+                 " (shares its state dir)" if shared else "", extra={"provider_id": self.provider_id})
+
+    def _reconnect(self, io: MainSockets) -> None:
+        # a refused handshake (our key was not allowed then) is not retried by libzmq, and a head that
+        # does not see our subscription sends us no subtasks: the connections start over
+        log.info("opening the task and result connections anew", extra={"provider_id": self.provider_id})
+        io.sub.close(linger=0)
+        io.acks.close(linger=0)
+        io.sub, io.acks = self._sub(), self._push()
+        self.push_generation += 1
+
+    def _shut_down(self, io: MainSockets, compute: threading.Thread) -> None:
+        self.head_blobs.close_thread_socket()
+        self._leave(io.pirate)
+        self.work.put(None)
+        compute.join(timeout=5)
+        io.sub.close(linger=0)
+        io.acks.close(linger=0)
+        self.ctx.term()
 
     def _sub(self) -> zmq.Socket:
         sub = self._socket(zmq.SUB)
@@ -183,43 +234,6 @@ class ProviderNode:
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(self.endpoint(self.cfg.result_port))
         return sock
-
-    def _on_reply(self, msg: protocol.Message, pirate: LazyPirate) -> None:
-        now = time.monotonic()
-        if msg.type == "registered":
-            self.registered = True
-            self.register_backoff = 1.0
-            self.epoch = msg["epoch"]
-            self.heartbeat_interval = float(msg["heartbeat_interval_s"])
-            self.next_heartbeat = now + self.heartbeat_interval
-            self.shared = None
-            if self.cfg.shared_files == "auto" and msg.get("state_dir"):
-                self.shared = SharedFiles.probe(msg["state_dir"], self.epoch, self.provider_id)
-                self.next_heartbeat = now  # tell the head at once
-            log.info("registered with head %s%s", self.epoch[:8],
-                     " (shares its state dir)" if self.shared else "", extra={"provider_id": self.provider_id})
-        elif msg.type == "heartbeat_ack":
-            if msg["epoch"] != self.epoch:
-                self.epoch = msg["epoch"]
-            self.unsubscribed_acks = 0 if msg.get("subscribed", True) else self.unsubscribed_acks + 1
-            if self.unsubscribed_acks >= RESUBSCRIBE_AFTER:
-                self.unsubscribed_acks = 0
-                self.reconnect = True
-        elif msg.type == "error":
-            self.registered = False
-            if msg["code"] == "unknown_provider":
-                log.warning("the head does not know this provider (restarted?); registering again")
-                self.register_backoff = 1.0
-                pirate.send(self.register_frames(), now)
-            elif msg["code"] == "unauthorized":  # our id is bound to another CURVE key: take a new one
-                log.warning("the head binds this provider id to another key; registering with a new id")
-                self.renew_identity = True
-                self.register_at = now
-            else:  # refused: try again later, not in a tight loop
-                log.error("head refused a request: %s: %s; retrying in %.0fs", msg["code"], msg["message"],
-                          self.register_backoff)
-                self.register_at = now + self.register_backoff
-                self.register_backoff = min(self.register_backoff * 2, 60.0)
 
     def _on_subtask(self, frames: list[Any], acks: zmq.Socket) -> None:
         if frames[0].bytes != self.topic:
@@ -257,63 +271,22 @@ class ProviderNode:
         cost = msg.get("cost")
         return isinstance(cost, (int, float)) and cost / (self.gflops * 1e9) < INLINE_SECONDS
 
-    def _close_fetch_socket(self) -> None:
-        sock = getattr(self.fetch_sockets, "socket", None)
-        if sock is not None:
-            sock.close(linger=0)
-            self.fetch_sockets.socket = None
-
     def _key_fields(self, msg: protocol.Message) -> dict[str, Any]:
         return {"job_id": msg["job_id"], "subtask": msg["subtask"], "attempt": msg["attempt"],
                 "epoch": msg["epoch"], "provider_id": self.provider_id}
 
     def _leave(self, pirate: LazyPirate) -> None:
-        if not self.registered:
-            pirate.close()
+        """Unregister (one try, one second) if registered."""
+        pirate.close()
+        if not self.session.registered:
             return
-        pirate.close()
-        pirate = self._pirate(1.0)
-        pirate.send(protocol.encode("unregister", {"provider_id": self.provider_id}), time.monotonic())
-        if pirate.socket.poll(1000):
-            pirate.on_readable()
-        pirate.close()
+        farewell = self._pirate(1.0)
+        farewell.send(protocol.encode("unregister", {"provider_id": self.provider_id}), time.monotonic())
+        if farewell.socket.poll(1000):
+            farewell.on_readable()
+        farewell.close()
 
     # ---- compute thread -------------------------------------------------------------------
-    def _fetch_blob(self, blob_id: str, key: str) -> np.ndarray:
-        """A dataset array, once per content key: mapped when co-located, else asked of the head."""
-        if key in self.data_cache:
-            self.data_cache.move_to_end(key)
-            return self.data_cache[key]
-        if self.shared is not None:
-            arr = np.load(layout.blob_path(self.shared.root, blob_id), mmap_mode="r", allow_pickle=False)
-        else:
-            arr = self._request_blob(blob_id)
-        self.data_cache[key] = arr
-        while len(self.data_cache) > DATA_CACHE_ENTRIES:
-            self.data_cache.popitem(last=False)
-        return arr
-
-    def _request_blob(self, blob_id: str) -> np.ndarray:
-        request = protocol.encode("fetch", {"provider_id": self.provider_id, "blob_id": blob_id})
-        for attempt in range(3):
-            sock = getattr(self.fetch_sockets, "socket", None)
-            if sock is None:
-                sock = self.fetch_sockets.socket = self._socket(zmq.REQ)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(self.endpoint(self.cfg.registration_port))
-            sock.send_multipart(request)
-            if sock.poll(FETCH_TIMEOUT_MS):
-                msg = protocol.decode(sock.recv_multipart(copy=False))
-                if msg.type == "error":
-                    raise TaskError(f"the head refused blob {blob_id}: {msg['message']}")
-                if msg.type != "blob" or len(msg.arrays) != 1:
-                    raise TaskError("malformed blob reply")
-                return msg.arrays[0]
-            sock.close(linger=0)  # Lazy Pirate: a stuck REQ is closed and reopened
-            self.fetch_sockets.socket = None
-            log.warning("no reply to a blob request (try %d)", attempt + 1)
-        raise TaskError(f"could not fetch blob {blob_id} from the head")
-
     def _compute_loop(self) -> None:
         push, generation = self._push(), self.push_generation
         try:
@@ -335,7 +308,7 @@ class ProviderNode:
                     self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
         finally:
             push.close(linger=2000)
-            self._close_fetch_socket()
+            self.head_blobs.close_thread_socket()
 
     def _execute(self, msg: protocol.Message) -> list[Any]:
         fields = self._key_fields(msg)
@@ -365,12 +338,14 @@ class ProviderNode:
 
     def _run_shared(self, msg: protocol.Message, shared: dict[str, Any]) -> list[np.ndarray]:
         files = self.shared
-        if files is None or msg["epoch"] != files.epoch:
+        if files is None or msg["epoch"] != files.incarnation:
             raise TaskError("subtask by reference, but this provider does not share the head's state dir")
         blob_ids, names = shared.get("inputs"), shared.get("outputs")
         if not isinstance(blob_ids, dict) or not isinstance(names, list):
             raise TaskError("malformed 'shared' field")
         task = tasks.get(msg["task_type"])
+        if not isinstance(task, tasks.SplitTask):
+            raise TaskError(f"task type {task.name} has no subtasks by reference")
         arrays = task.subtask_inputs(msg["params"], files.inputs(blob_ids))
         outputs = files.outputs(msg["job_id"], names, msg["epoch"])
         return task.run_into(msg["params"], arrays, outputs, self.device)

@@ -7,7 +7,7 @@ a provider keeps running while the head is down. Non-blocking: the owner polls
 ``socket`` and calls ``on_readable`` / ``check``.
 
 With CURVE (``secure`` given) a socket monitor tells a refused key apart from a head
-that is down, so the log says which one it is.
+that is down: the log says which one it is, and ``check`` reports it to the owner.
 """
 
 from __future__ import annotations
@@ -15,18 +15,27 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common import protocol
-from common.errors import DcfError
+from common.errors import DcfError, InternalError
 
 log = logging.getLogger("dcf.provider.pirate")
 
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+@dataclass(frozen=True)
+class LostReply:
+    """A request timed out: the socket was opened anew and the request is sent again soon."""
+
+    failures: int  # timeouts in a row of this request
+    refused: bool  # a CURVE handshake with the head failed meanwhile (our key was not allowed)
 
 
 class LazyPirate:
@@ -36,7 +45,6 @@ class LazyPirate:
         self.endpoint = endpoint
         self.secure = secure
         self.monitor: zmq.Socket | None = None
-        self.refused = False  # a CURVE handshake failed since the owner last cleared this
         self.timeout = timeout
         self.max_backoff = max_backoff
         self.socket: zmq.Socket = self._open()
@@ -69,10 +77,8 @@ class LazyPirate:
         while self.monitor is not None and self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.refused = True
                 why = "the head refused this provider's CURVE key (is its .key in the head's allow-list?)"
             elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and why is None:
-                self.refused = True
                 why = "the CURVE handshake with the head failed (is --curve-server-key the head's public key?)"
             # HANDSHAKE_FAILED_NO_DETAIL: the connection broke mid-handshake (e.g. the head died): no hint
         return why
@@ -83,7 +89,7 @@ class LazyPirate:
 
     def send(self, frames: list[Any], now: float) -> None:
         if self.busy:
-            raise RuntimeError("a request is already in flight")
+            raise InternalError("a request is already in flight")
         self.request = frames
         self._transmit(now)
 
@@ -117,16 +123,17 @@ class LazyPirate:
         when = self.resend_at if self.resend_at is not None else self.deadline
         return max(0.0, when - now)
 
-    def check(self, now: float) -> bool:
-        """Handle a timed-out request; True if the head looks unreachable."""
+    def check(self, now: float) -> LostReply | None:
+        """Send a request again once its back-off is over; a request past its deadline: open the
+        socket anew and report the lost reply."""
         if self.request is None:
-            return False
+            return None
         if self.resend_at is not None:
             if now >= self.resend_at:
                 self._transmit(now)
-            return self.failures > 0
+            return None
         if now < self.deadline:
-            return False
+            return None
         self.failures += 1
         refused = self.handshake_failure()
         if refused is not None and (self.failures == 1 or self.failures % 10 == 0):
@@ -137,7 +144,7 @@ class LazyPirate:
         self.socket = self._open()
         self.resend_at = now + self.backoff
         self.backoff = min(self.backoff * 2, self.max_backoff)
-        return True
+        return LostReply(self.failures, refused is not None)
 
     def close(self) -> None:
         self._close_socket()

@@ -19,29 +19,29 @@ from common import layout
 
 
 class SharedFiles:
-    def __init__(self, root: Path, epoch: str) -> None:
+    def __init__(self, root: Path, incarnation: str) -> None:
         self.root = root
-        self.epoch = epoch
+        self.incarnation = incarnation  # of the head that wrote the marker ("epoch" on the wire)
 
     @classmethod
-    def probe(cls, state_dir: str, epoch: str, provider_id: str) -> SharedFiles | None:
+    def probe(cls, state_dir: str, incarnation: str, provider_id: str) -> SharedFiles | None:
         """SharedFiles if this process can read the head's marker and write in its state dir
         (the proof file the head checks before sending anything by reference)."""
         root = Path(state_dir)
-        if layout.read_marker(root) != epoch or not os.access(root / "jobs", os.W_OK):
+        if layout.read_marker(root) != incarnation or not os.access(root / "jobs", os.W_OK):
             return None
         try:
-            layout.locality_proof_path(root, provider_id).write_text(epoch)
+            layout.locality_proof_path(root, provider_id).write_text(incarnation)
         except OSError:
             return None
-        return cls(root, epoch)
+        return cls(root, incarnation)
 
     def inputs(self, blob_ids: dict[str, str]) -> dict[str, np.ndarray]:
         return {name: np.load(layout.blob_path(self.root, bid), mmap_mode="r", allow_pickle=False)
                 for name, bid in blob_ids.items()}
 
-    def outputs(self, job_id: str, names: list[str], epoch: str) -> dict[str, np.ndarray]:
+    def outputs(self, job_id: str, names: list[str], incarnation: str) -> dict[str, np.ndarray]:
         """The job's output files, mapped for this subtask only (once the head publishes a
         result, its part file is gone and a late attempt cannot open it)."""
-        return {name: np.load(layout.output_part_path(self.root, job_id, name, epoch), mmap_mode="r+",
+        return {name: np.load(layout.output_part_path(self.root, job_id, name, incarnation), mmap_mode="r+",
                               allow_pickle=False) for name in names}
