@@ -1,0 +1,67 @@
+"""The routers' dependencies: the head, the live feed, and the one bearer-token check.
+
+With ``--api-token`` set, every route needs ``Authorization: Bearer TOKEN`` except
+``/v1/health``, the dashboard page ``/`` and its ``/static`` files, which hold no data. The
+event stream ``/v1/stream`` also takes the token as ``?token=`` (a browser's EventSource cannot
+send headers). Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from common.errors import Unauthorized
+
+from .facade import HeadApi
+from .live import Live
+
+log = logging.getLogger("dcf.head.api")
+
+
+async def get_head(request: Request) -> HeadApi:
+    head: HeadApi = request.app.state.head
+    return head
+
+
+async def get_live(request: Request) -> Live:
+    """The live feed, its sampler started if it was not yet (``create_app`` outside a loop)."""
+    live: Live = request.app.state.live
+    live.ensure_sampler()
+    return live
+
+
+HeadDep = Annotated[HeadApi, Depends(get_head)]
+LiveDep = Annotated[Live, Depends(get_live)]
+
+
+def check_token(request: Request, head: HeadApi, query_token: str | None = None) -> None:
+    """Pass if no token is configured, or the Authorization header (or ``query_token``, where the
+    route takes one) carries it; else ``Unauthorized`` (401)."""
+    token = head.cfg.api_token
+    if not token:
+        return
+    expected = f"Bearer {token}".encode()
+    if hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        return
+    if query_token is not None and hmac.compare_digest(f"Bearer {query_token}".encode(), expected):
+        return
+    log.warning("rejected request without a valid token from %s", request.client.host if request.client else "?")
+    raise Unauthorized("missing or wrong bearer token")
+
+
+async def require_token(request: Request, head: HeadDep) -> None:
+    """The token dependency of every guarded router."""
+    check_token(request, head)
+
+
+async def require_token_or_query(
+        request: Request, head: HeadDep,
+        token: Annotated[str | None, Query(description="the API token, for clients that cannot send "
+                                                       "an Authorization header (EventSource)")] = None,
+) -> None:
+    """The same check, also taking the token from the query string (the event stream only)."""
+    check_token(request, head, token)

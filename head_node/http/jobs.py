@@ -1,0 +1,81 @@
+"""Jobs: submit, list, follow, cancel, delete, fetch the result, read the job's events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse
+
+from common.jobs import STATE_NAMES
+
+from .deps import HeadDep, require_token
+from .errors import documented
+from .models import Event, JobSpec, JobView
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
+                   responses=documented(401, 422))
+
+JOB_NOT_FOUND = documented(404)
+#: the most jobs one list returns
+MAX_LIMIT = 10_000
+STATE_PATTERN = f"^({'|'.join(STATE_NAMES)})$"
+
+
+class BigFileResponse(FileResponse):
+    chunk_size = 4 * 1024 * 1024
+
+
+@router.post("", status_code=201, response_model=JobView, responses=documented(400, 404, 503))
+async def submit(spec: JobSpec, head: HeadDep) -> dict[str, Any]:
+    """Submit a job; it is accepted (durable) when this returns."""
+    job_id = await head.submit(spec.model_dump())
+    return head.job_view(job_id)
+
+
+@router.get("", response_model=list[JobView])
+async def list_jobs(head: HeadDep,
+                    state: Annotated[str | None, Query(pattern=STATE_PATTERN, description="job state")] = None,
+                    task_type: Annotated[str | None, Query(alias="type", min_length=1, max_length=64,
+                                                           description="task type, e.g. matmul")] = None,
+                    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100) -> list[dict[str, Any]]:
+    """Jobs, newest first; filter by state and task type."""
+    if task_type is None:
+        return head.list_jobs(state, limit)
+    return [j for j in head.list_jobs(state, MAX_LIMIT) if j["type"] == task_type][:limit]
+
+
+@router.get("/{job_id}", response_model=JobView, responses=JOB_NOT_FOUND)
+async def job(job_id: str, head: HeadDep,
+              wait: Annotated[float, Query(ge=0.0, le=60.0, description="seconds to wait for the job to end")] = 0.0
+              ) -> dict[str, Any]:
+    return await head.wait(job_id, wait)
+
+
+@router.post("/{job_id}/cancel", response_model=JobView, responses=documented(404, 409))
+async def cancel(job_id: str, head: HeadDep) -> dict[str, Any]:
+    return head.cancel(job_id)
+
+
+@router.delete("/{job_id}", status_code=204, responses=documented(404, 409))
+async def delete(job_id: str, head: HeadDep) -> None:
+    """Forget a finished job: its record, outputs and events, and the input blobs no other job uses."""
+    await head.delete(job_id)
+
+
+@router.get("/{job_id}/result", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the output as a .npy file, or a named output file"},
+                       **documented(404, 409)})
+async def result(job_id: str, head: HeadDep,
+                 name: Annotated[str | None, Query(max_length=64)] = None) -> FileResponse:
+    path = head.result_path(job_id, name)
+    return BigFileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{path.name}")
+
+
+@router.get("/{job_id}/events", response_model=list[Event], responses=JOB_NOT_FOUND)
+async def job_events(job_id: str, head: HeadDep,
+                     since: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+    """The job's events (kept in memory since the head started), oldest first."""
+    head.job_view(job_id)  # 404 for an unknown job
+    return head.events.job_events(job_id, since)

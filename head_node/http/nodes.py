@@ -1,0 +1,38 @@
+"""Providers: the table, one provider's detail, drain and undrain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from .deps import HeadDep, require_token
+from .errors import documented
+from .models import NodeView
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"], dependencies=[Depends(require_token)],
+                   responses=documented(401, 422))
+
+NODE_NOT_FOUND = documented(404)
+
+
+@router.get("", response_model=list[NodeView])
+async def nodes(head: HeadDep) -> list[dict[str, Any]]:
+    """Every provider the head knows, with its device and measured speed."""
+    return head.nodes()
+
+
+@router.get("/{provider_id}", response_model=NodeView, responses=NODE_NOT_FOUND)
+async def node(provider_id: str, head: HeadDep) -> dict[str, Any]:
+    return head.node_view(provider_id)
+
+
+@router.post("/{provider_id}/drain", response_model=NodeView, responses=NODE_NOT_FOUND)
+async def drain(provider_id: str, head: HeadDep) -> dict[str, Any]:
+    """The provider finishes what it has and is given nothing new."""
+    return head.drain(provider_id, True)
+
+
+@router.post("/{provider_id}/undrain", response_model=NodeView, responses=NODE_NOT_FOUND)
+async def undrain(provider_id: str, head: HeadDep) -> dict[str, Any]:
+    return head.drain(provider_id, False)
