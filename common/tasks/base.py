@@ -105,7 +105,9 @@ class Planner(ABC):
 
     #: True once it will plan nothing more (the job is done when nothing is out either)
     finished: bool = False
-    #: co-located providers may map this job's input blobs and write its outputs in place
+    #: co-located providers may map this job's input blobs and write its outputs in place; such a
+    #: provider builds a subtask's inputs with ``SplitTask.subtask_inputs``, so only a split task's
+    #: planner (``SplitPlanner``) may say True
     shares_files: bool = False
 
     @abstractmethod
