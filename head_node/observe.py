@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from common.jobs import STATE_NAMES
+
 log = logging.getLogger("dcf.head.observe")
 
 #: event kinds that raise an alert, and the alert's title and level
@@ -41,7 +43,7 @@ ALERTS: dict[str, tuple[str, str]] = {
 }
 METRIC_FIELDS = ("epoch", "step", "loss", "accuracy", "test_loss", "test_accuracy")
 PROVIDER_STATES = ("ready", "connecting", "draining", "dead")
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STATES = STATE_NAMES
 #: bucket bounds (seconds) of the job duration histogram
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 

@@ -13,15 +13,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import DcfError, InternalError, ValidationError
+from common.errors import BadRequest, DcfError, InternalError, MethodNotAllowed, NotFound, TooLarge, ValidationError
 
 from .models import ErrorBody
 
 log = logging.getLogger("dcf.head.api")
 
 #: the codes of the framework's own HTTP errors
-FRAMEWORK_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-FRAMEWORK_DEFAULT_CODE = "bad_request"
+FRAMEWORK_CODES = {404: NotFound.code, 405: MethodNotAllowed.code, 413: TooLarge.code}
+FRAMEWORK_DEFAULT_CODE = BadRequest.code
 
 
 def error_response(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
