@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .protocol import check_id
 
-MARKER = ".dcf-head"  # holds the running head's epoch
+MARKER = ".dcf-head"  # holds the running head's incarnation (its run id)
 
 
 def blob_path(root: Path, blob_id: str) -> Path:
@@ -25,7 +25,7 @@ def incoming_path(root: Path, upload_id: str) -> Path:
 
 
 def locality_proof_path(root: Path, provider_id: str) -> Path:
-    """A provider proves it shares the state dir by writing the head's epoch here."""
+    """A provider proves it shares the state dir by writing the head's incarnation here."""
     return root / "incoming" / f"{check_id(provider_id, 'provider id')}.local"
 
 
@@ -37,10 +37,10 @@ def output_path(root: Path, job_id: str, name: str) -> Path:
     return job_dir(root, job_id) / f"{_name(name)}.npy"
 
 
-def output_part_path(root: Path, job_id: str, name: str, epoch: str) -> Path:
-    """The file a running job's output is assembled in; one per head epoch, so a provider
+def output_part_path(root: Path, job_id: str, name: str, incarnation: str) -> Path:
+    """The file a running job's output is assembled in; one per head incarnation (run), so a provider
     still busy with a subtask from before a head restart cannot write into the new one."""
-    return job_dir(root, job_id) / f".{_name(name)}.{check_id(epoch, 'epoch')}.part"
+    return job_dir(root, job_id) / f".{_name(name)}.{check_id(incarnation, 'incarnation')}.part"
 
 
 def _name(name: str) -> str:

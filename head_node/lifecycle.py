@@ -50,11 +50,11 @@ class ActiveJob:
 
 
 class Lifecycle:
-    def __init__(self, cfg: config.HeadSettings, root: Path, epoch: str, blobs: BlobStore, store: JobStore,
+    def __init__(self, cfg: config.HeadSettings, root: Path, incarnation: str, blobs: BlobStore, store: JobStore,
                  queue: JobQueue, events: EventBus, apply: Callable[[Any], list[Action]]) -> None:
         self.cfg = cfg
         self.root = root
-        self.epoch = epoch
+        self.incarnation = incarnation
         self.blobs = blobs
         self.store = store
         self.queue = queue
@@ -170,7 +170,7 @@ class Lifecycle:
         operands = {name: self.blobs.open(blob) for name, blob in blob_ids.items()}
         metas = {name: ArrayMeta.of(arr) for name, arr in operands.items()}
         outputs = validate(task, record.params, metas)
-        results = self.blobs.create_outputs(record.job_id, outputs, self.epoch)
+        results = self.blobs.create_outputs(record.job_id, outputs, self.incarnation)
         ctx = JobContext(job_id=record.job_id, params=record.params, inputs=metas, outputs=outputs,
                          operands=operands, blob_ids=blob_ids, results=results,
                          job_dir=layout.job_dir(self.root, record.job_id))
@@ -238,7 +238,7 @@ class Lifecycle:
                 self.save(job.job_id, f)
             if files:
                 stats["files"] = [f.name for f in files]
-            self.blobs.commit_outputs(job.job_id, act.results, self.epoch, self.cfg.fsync,
+            self.blobs.commit_outputs(job.job_id, act.results, self.incarnation, self.cfg.fsync,
                                       copy=bool(act.by_reference))
         except Exception as exc:  # disk full, a plugin's bug...: the job fails visibly, the head goes on
             log.exception("could not store the result", extra={"job_id": job.job_id})

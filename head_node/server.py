@@ -39,8 +39,8 @@ class Head:
         self.cfg = cfg
         self.root = Path(cfg.state_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.epoch = uuid.uuid4().hex  # this head process's run id: results of earlier runs are stale
-        self.state = st.ClusterState(self.epoch, st.Timing.of(cfg))
+        self.incarnation = uuid.uuid4().hex  # this head process's run id: results of earlier runs are stale
+        self.state = st.ClusterState(self.incarnation, st.Timing.of(cfg))
         self.blobs = BlobStore(self.root)
         self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
         self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, queue_name=cfg.amqp_queue) if cfg.amqp_url
@@ -49,7 +49,7 @@ class Head:
         if isinstance(self.queue, AmqpQueue):
             self.events.sinks.append(self.queue.publish_event)
             self.queue.on_state = self._queue_state
-        self.jobs = Lifecycle(cfg, self.root, self.epoch, self.blobs, self.store, self.queue, self.events,
+        self.jobs = Lifecycle(cfg, self.root, self.incarnation, self.blobs, self.store, self.queue, self.events,
                               self.apply)
         self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
         self.transport = Transport(cfg, self.keys, known=lambda pid: pid in self.state.providers)
@@ -65,13 +65,13 @@ class Head:
     async def start(self) -> None:
         self._start_security()
         self.transport.start(self)
-        (self.root / layout.MARKER).write_text(self.epoch)
+        (self.root / layout.MARKER).write_text(self.incarnation)
         if isinstance(self.queue, AmqpQueue):  # the API serves (and refuses jobs) while RabbitMQ is away
             self._tasks.append(asyncio.create_task(self.queue.start(self.jobs.deliver)))
         else:
             await self.queue.start(self.jobs.deliver)
         log.info("head %s up: registration %d, tasks %d, results %d, store %s, state dir %s",
-                 self.epoch[:8], self.cfg.registration_port, self.cfg.task_port, self.cfg.result_port,
+                 self.incarnation[:8], self.cfg.registration_port, self.cfg.task_port, self.cfg.result_port,
                  self.queue.name, self.root)
 
     def _start_security(self) -> None:
@@ -152,7 +152,7 @@ class Head:
         job = self.state.jobs[d.job_id]
         act = self.jobs.active[d.job_id]
         sub = job.subtasks[d.subtask]
-        fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.epoch,
+        fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.incarnation,
                   "task_type": job.task_type, "params": sub.params, "cost": float(sub.cost)}
         arrays: list[np.ndarray] = []
         if job.planner.shares_files and self.state.providers[d.provider_id].local:
@@ -180,7 +180,7 @@ class Head:
                 return protocol.error_frames(UnknownProvider.code, "register again")
             # subscribed: whether the head sees this provider's SUB (a provider that is told "no" again and
             # again opens its SUB and PUSH connections anew: e.g. one refused while its key was not allowed)
-            return protocol.encode("heartbeat_ack", {"epoch": self.epoch,
+            return protocol.encode("heartbeat_ack", {"epoch": self.incarnation,
                                                      "subscribed": self.state.providers[pid].subscribed})
         if msg.type == "fetch":
             return self._fetch(pid, msg["blob_id"])
@@ -196,7 +196,7 @@ class Head:
                  info.device_name, info.gflops, extra={"provider_id": pid})
         self.events.emit("node.registered", provider_id=pid, name=info.name, device=info.device_kind,
                          gflops=round(info.gflops, 2))
-        return protocol.encode("registered", {"provider_id": pid, "epoch": self.epoch,
+        return protocol.encode("registered", {"provider_id": pid, "epoch": self.incarnation,
                                               "heartbeat_interval_s": self.cfg.heartbeat_interval,
                                               "state_dir": str(self.root.resolve())})
 
@@ -210,14 +210,14 @@ class Head:
 
     def _is_local(self, pid: str, claimed_epoch: object) -> bool:
         """A provider shares the state dir if it says so and wrote its proof file there."""
-        if claimed_epoch != self.epoch:
+        if claimed_epoch != self.incarnation:
             return False
         prov = self.state.providers.get(pid)
         if prov is not None and prov.local:
             return True
         proof = layout.locality_proof_path(self.root, pid)
         try:
-            ok = proof.read_text().strip() == self.epoch
+            ok = proof.read_text().strip() == self.incarnation
         except OSError:
             return False
         proof.unlink(missing_ok=True)
@@ -382,7 +382,7 @@ class Head:
         live = [views.live_job_view(self.jobs.live_record(j), j, names) for j in self.state.jobs.values()
                 if not j.state.terminal]
         return {
-            "time": now, "epoch": self.epoch, "uptime_s": now - self.started_at, "queue": self.queue.name,
+            "time": now, "epoch": self.incarnation, "uptime_s": now - self.started_at, "queue": self.queue.name,
             "queue_connected": self.queue.is_connected,
             "nodes": views.provider_rows(self.state.providers, now), "jobs": live,
             "counters": {**self.state.counters, **self.counters, "bad_messages": self.transport.bad_messages,

@@ -11,7 +11,7 @@ Reliability rules held here:
   * a subtask sent but not acknowledged within ``ack_timeout`` is sent again;
   * a subtask not finished by its deadline, or whose provider died, goes to another;
   * a result is accepted once per subtask, only for an attempt that was issued in this
-    head epoch; later or duplicate results are ignored (idempotent).
+    head incarnation (run); later or duplicate results are ignored (idempotent).
 
 Speed learning: each accepted result of a big enough subtask refines its provider's throughput
 for that task type (the registered benchmark is the prior), and later splits, provider choices
@@ -97,8 +97,8 @@ class Timing:
 
 
 class ClusterState:
-    def __init__(self, epoch: str, timing: Timing | None = None) -> None:
-        self.epoch = epoch
+    def __init__(self, incarnation: str, timing: Timing | None = None) -> None:
+        self.incarnation = incarnation
         self.timing = timing or Timing()
         self.providers: dict[str, Provider] = {}
         self.jobs: dict[str, Job] = {}
@@ -222,8 +222,8 @@ class ClusterState:
                 self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
 
     # ---- subtask lifecycle ---------------------------------------------------------------
-    def _live_subtask(self, job_id: str, index: int, attempt: int, epoch: str) -> Subtask | None:
-        if epoch != self.epoch:
+    def _live_subtask(self, job_id: str, index: int, attempt: int, incarnation: str) -> Subtask | None:
+        if incarnation != self.incarnation:
             return None
         job = self.jobs.get(job_id)
         if job is None or job.state is not JobState.RUNNING or not 0 <= index < len(job.subtasks):
@@ -235,7 +235,7 @@ class ClusterState:
 
     def _on_acked(self, ev: SubtaskAcked, now: float) -> list[Action]:
         provider_id, attempt = ev.provider_id, ev.attempt
-        sub = self._live_subtask(ev.job_id, ev.subtask, attempt, ev.epoch)
+        sub = self._live_subtask(ev.job_id, ev.subtask, attempt, ev.incarnation)
         if sub is None or sub.provider_id != provider_id or sub.attempt != attempt:
             return []
         if sub.state is SubState.SENT:
@@ -248,13 +248,13 @@ class ClusterState:
             sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
         return []
 
-    def _finished_work(self, provider_id: str, job_id: str, index: int, attempt: int, epoch: str,
+    def _finished_work(self, provider_id: str, job_id: str, index: int, attempt: int, incarnation: str,
                        now: float) -> None:
-        """The provider says it is done with an attempt it was really sent (this epoch), whether or
+        """The provider says it is done with an attempt it was really sent (this incarnation), whether or
         not the head still wants the outcome: whatever it runs next starts about now."""
         job = self.jobs.get(job_id)
         prov = self.providers.get(provider_id)
-        if epoch != self.epoch or job is None or prov is None or not 0 <= index < len(job.subtasks):
+        if incarnation != self.incarnation or job is None or prov is None or not 0 <= index < len(job.subtasks):
             return
         sub = job.subtasks[index]
         if 1 <= attempt <= len(sub.tried) and sub.tried[attempt - 1] == provider_id:
@@ -266,11 +266,12 @@ class ClusterState:
         ``elapsed`` is the compute time the provider reports; an accepted result teaches the head
         the provider's speed from the service time it observed (``service_seconds``), measured from
         when *this* attempt was sent (a speculative copy or a re-send elsewhere has its own time)."""
-        provider_id, job_id, index, attempt, epoch = ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.epoch
+        provider_id, job_id, index, attempt = ev.provider_id, ev.job_id, ev.subtask, ev.attempt
+        incarnation = ev.incarnation
         prov = self.providers.get(provider_id)
         free_at = prov.last_result_at if prov is not None else 0.0  # before this result moves it
-        self._finished_work(provider_id, job_id, index, attempt, epoch, now)
-        sub = self._live_subtask(job_id, index, attempt, epoch)
+        self._finished_work(provider_id, job_id, index, attempt, incarnation, now)
+        sub = self._live_subtask(job_id, index, attempt, incarnation)
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
             return []
@@ -329,10 +330,11 @@ class ClusterState:
         return actions
 
     def _on_failed(self, ev: SubtaskFailed, now: float) -> list[Action]:
-        provider_id, job_id, index, attempt, epoch = ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.epoch
+        provider_id, job_id, index, attempt = ev.provider_id, ev.job_id, ev.subtask, ev.attempt
+        incarnation = ev.incarnation
         error, retryable = ev.error, ev.retryable
-        self._finished_work(provider_id, job_id, index, attempt, epoch, now)
-        sub = self._live_subtask(job_id, index, attempt, epoch)
+        self._finished_work(provider_id, job_id, index, attempt, incarnation, now)
+        sub = self._live_subtask(job_id, index, attempt, incarnation)
         if (sub is None or sub.attempt != attempt or sub.tried[attempt - 1] != provider_id
                 or sub.state is SubState.PENDING):
             return []

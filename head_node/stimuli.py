@@ -71,7 +71,7 @@ class SubtaskAcked:
     job_id: str
     subtask: int
     attempt: int
-    epoch: str
+    incarnation: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class ResultReceived:
     job_id: str
     subtask: int
     attempt: int
-    epoch: str
+    incarnation: str
     elapsed: float = 0.0
 
 
@@ -99,7 +99,7 @@ class SubtaskFailed:
     job_id: str
     subtask: int
     attempt: int
-    epoch: str
+    incarnation: str
     error: str
     retryable: bool
 

@@ -180,23 +180,23 @@ class BlobStore:
     def output_path(self, job_id: str, name: str) -> Path:
         return layout.output_path(self.root, job_id, name)
 
-    def create_outputs(self, job_id: str, metas: dict[str, ArrayMeta], epoch: str) -> dict[str, np.ndarray]:
-        """Fresh output files for a job run by this head epoch (older runs' files are removed)."""
+    def create_outputs(self, job_id: str, metas: dict[str, ArrayMeta], incarnation: str) -> dict[str, np.ndarray]:
+        """Fresh output files for a job run by this head incarnation (older runs' files are removed)."""
         folder = layout.job_dir(self.root, job_id)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".*.part"):
             stale.unlink(missing_ok=True)
-        return {name: np.lib.format.open_memmap(layout.output_part_path(self.root, job_id, name, epoch),
+        return {name: np.lib.format.open_memmap(layout.output_part_path(self.root, job_id, name, incarnation),
                                                 mode="w+", dtype=meta.dtype, shape=meta.shape)
                 for name, meta in metas.items()}
 
-    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], epoch: str, fsync: bool,
+    def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], incarnation: str, fsync: bool,
                        copy: bool = False) -> None:
         """Flush and atomically publish the outputs of a finished job. ``copy``: a co-located
         provider may still hold the part file mapped (an attempt still out), so publish a copy
         (a new inode it cannot write into) instead of renaming."""
         for name, arr in arrays.items():
-            part = layout.output_part_path(self.root, job_id, name, epoch)
+            part = layout.output_part_path(self.root, job_id, name, incarnation)
             final = self.output_path(job_id, name)
             if copy:
                 tmp = final.with_name(f".{name}.copy")

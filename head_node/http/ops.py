@@ -32,7 +32,7 @@ streams = APIRouter(tags=["ops"], dependencies=[Depends(require_token_or_query)]
 
 @public.get("/v1/health", response_model=Health)
 async def health(head: HeadDep) -> dict[str, Any]:
-    return {"status": "ok", "version": __version__, "epoch": head.epoch, "queue": head.queue.name,
+    return {"status": "ok", "version": __version__, "epoch": head.incarnation, "queue": head.queue.name,
             "queue_connected": head.queue.is_connected, "task_types": tasks.names()}
 
 
@@ -44,7 +44,7 @@ async def dashboard(live: LiveDep) -> HTMLResponse:
 @guarded.get("/v1/info", response_model=Info)
 async def info(head: HeadDep) -> dict[str, Any]:
     """Where the state dir is: a client on this machine that can read it exchanges files there."""
-    return {"epoch": head.epoch, "state_dir": str(head.root.resolve()), "fsync": head.cfg.fsync}
+    return {"epoch": head.incarnation, "state_dir": str(head.root.resolve()), "fsync": head.cfg.fsync}
 
 
 @guarded.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

@@ -57,7 +57,7 @@ class FakeHead:
 
     def __init__(self, root: Path, token: str = "") -> None:
         self.cfg = SimpleNamespace(api_token=token, max_upload_bytes=1 << 20, fsync=False)
-        self.epoch = "e" * 32
+        self.incarnation = "e" * 32
         self.root = root
         self.queue = SimpleNamespace(name="embedded", is_connected=True)
         self.blobs = BlobStore(root)
@@ -119,7 +119,7 @@ class FakeHead:
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
-        return {"time": now, "epoch": self.epoch, "uptime_s": 3.5, "queue": "embedded", "queue_connected": True,
+        return {"time": now, "epoch": self.incarnation, "uptime_s": 3.5, "queue": "embedded", "queue_connected": True,
                 "nodes": [node_row(now)], "jobs": [], "counters": {"subtasks_completed": 3, "bytes_in": 0},
                 "finished": [("matmul", "done", 1.5)]}
 
@@ -203,8 +203,9 @@ def test_nodes_drain_health_info(http: TestClient, head: FakeHead) -> None:
     assert http.post(f"/v1/nodes/{PROVIDER}/undrain").json()["state"] == "ready"
     assert http.get(f"/v1/nodes/{'f' * 32}").status_code == 404
     health = http.get("/v1/health").json()
-    assert health["status"] == "ok" and health["epoch"] == head.epoch and "matmul" in health["task_types"]
-    assert http.get("/v1/info").json() == {"epoch": head.epoch, "state_dir": str(head.root.resolve()), "fsync": False}
+    assert health["status"] == "ok" and health["epoch"] == head.incarnation and "matmul" in health["task_types"]
+    assert http.get("/v1/info").json() == {"epoch": head.incarnation, "state_dir": str(head.root.resolve()),
+                                          "fsync": False}
 
 
 def test_metrics_json_csv_prometheus(http: TestClient) -> None:

@@ -83,7 +83,7 @@ def test_a_multi_round_planner_runs_to_the_end_with_effects_as_actions(no_clock_
         actions = []
         for d in sent:
             now += 1.0
-            assert result(cs, d.provider_id, d.job_id, d.subtask, d.attempt, cs.epoch, now)
+            assert result(cs, d.provider_id, d.job_id, d.subtask, d.attempt, cs.incarnation, now)
             planner.merge({}, [], now)
             actions = cs.handle(stimuli.ResultMerged(job.job_id), now)
         effects += [e for act in actions if isinstance(act, stimuli.PlannerEffects) for e in act.effects]

@@ -55,10 +55,10 @@ def make_job(m: int = 100, k: int = 8, n: int = 6, dtype: str = "float64", nodes
                   created_at=created_at, planner=tasks.get("matmul").planner(ctx))
 
 
-def result(cs: ClusterState, provider_id: str, job_id: str, index: int, attempt: int, epoch: str, now: float,
+def result(cs: ClusterState, provider_id: str, job_id: str, index: int, attempt: int, incarnation: str, now: float,
            elapsed: float = 0.0) -> bool:
     """True if the state machine asks for this result to be merged."""
-    actions = cs.handle(stimuli.ResultReceived(provider_id, job_id, index, attempt, epoch, elapsed), now)
+    actions = cs.handle(stimuli.ResultReceived(provider_id, job_id, index, attempt, incarnation, elapsed), now)
     return any(isinstance(a, stimuli.MergeResult) for a in actions)
 
 
@@ -73,9 +73,9 @@ def cancel(cs: ClusterState, job_id: str, now: float) -> st.Job:
     return cs.jobs[job_id]
 
 
-def failed(cs: ClusterState, provider_id: str, job_id: str, index: int, attempt: int, epoch: str, error: str,
+def failed(cs: ClusterState, provider_id: str, job_id: str, index: int, attempt: int, incarnation: str, error: str,
            retryable: bool, now: float) -> list:
-    return cs.handle(stimuli.SubtaskFailed(provider_id, job_id, index, attempt, epoch, error, retryable), now)
+    return cs.handle(stimuli.SubtaskFailed(provider_id, job_id, index, attempt, incarnation, error, retryable), now)
 
 
 def view_of(job: st.Job, names: dict[str, str] | None = None) -> dict:
@@ -106,14 +106,14 @@ def finish_all(cs: ClusterState, job: st.Job, now: float) -> list:
     """Report a result for every subtask at its current attempt, from its current provider."""
     actions = []
     for sub in job.subtasks:
-        assert result(cs, sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch, now)
+        assert result(cs, sub.provider_id, job.job_id, sub.index, sub.attempt, cs.incarnation, now)
         actions += cs.handle(stimuli.ResultMerged(job.job_id), now)
     return actions
 
 
 @pytest.fixture
 def cs() -> ClusterState:
-    return ClusterState(epoch=hexid())
+    return ClusterState(incarnation=hexid())
 
 
 # ---- readiness -----------------------------------------------------------------------------------
@@ -306,12 +306,12 @@ def test_full_job_lifecycle(cs):
     assert job.started_at == 1.0
     for sub in job.subtasks:
         assert sub.state is SubState.SENT
-        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.epoch), 1.5)
+        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, sub.attempt, cs.incarnation), 1.5)
         assert sub.state is SubState.RUNNING
         assert sub.deadline >= 1.5 + cs.timing.min_deadline
     actions = []
     for i, sub in enumerate(job.subtasks):
-        assert result(cs, sub.provider_id, job.job_id, sub.index, 1, cs.epoch, 2.0)
+        assert result(cs, sub.provider_id, job.job_id, sub.index, 1, cs.incarnation, 2.0)
         job.planner.merge(sub.params, [], 2.0)  # what the I/O layer does (here: written in place)
         actions = cs.handle(stimuli.ResultMerged(job.job_id), 2.0)
         if i < len(job.subtasks) - 1:
@@ -342,8 +342,8 @@ def running(cs):
 
 def test_duplicate_result_is_ignored(running):
     cs, p, job = running
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.1) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0) is True
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.1) is False
     assert cs.counters["results_ignored"] == 1
     assert cs.counters["subtasks_completed"] == 1
     assert cs.providers[p.provider_id].subtasks_done == 1
@@ -351,9 +351,9 @@ def test_duplicate_result_is_ignored(running):
 
 def test_late_result_after_job_done_is_ignored(running):
     cs, p, job = running
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0)
     assert cs.handle(stimuli.ResultMerged(job.job_id), 1.0) == [JobFinished(job.job_id)]
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 2.0) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 2.0) is False
 
 
 def test_result_for_old_attempt_after_done_is_ignored(cs):
@@ -367,26 +367,26 @@ def test_result_for_old_attempt_after_done_is_ignored(cs):
         heartbeat(cs, pid, 11.0)
     d = dispatches(cs.handle(stimuli.Tick(), 11.0))
     assert d == [Dispatch(b.provider_id, job.job_id, 0, 2)]
-    assert result(cs, b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is True
+    assert result(cs, b.provider_id, job.job_id, 0, 2, cs.incarnation, 12.0) is True
     # the first attempt's result comes late: ignored
-    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.epoch, 12.5) is False
+    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.incarnation, 12.5) is False
 
 
 def test_result_with_wrong_epoch_is_ignored(running):
     cs, p, job = running
     assert result(cs, p.provider_id, job.job_id, 0, 1, hexid(), 1.0) is False
     assert job.subtasks[0].state is SubState.SENT
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0) is True
 
 
 def test_result_from_provider_not_sent_that_attempt_is_ignored(running):
     cs, p, job = running
     stranger = make_info()
     connect(cs, stranger)
-    assert result(cs, stranger.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
-    assert result(cs, hexid(), job.job_id, 0, 1, cs.epoch, 1.0) is False
+    assert result(cs, stranger.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0) is False
+    assert result(cs, hexid(), job.job_id, 0, 1, cs.incarnation, 1.0) is False
     assert job.subtasks[0].state is SubState.SENT
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is True
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0) is True
 
 
 @pytest.mark.parametrize(("job_id", "index", "attempt"), [
@@ -395,7 +395,7 @@ def test_result_from_provider_not_sent_that_attempt_is_ignored(running):
 def test_result_for_unknown_subtask_or_attempt_is_ignored(running, job_id, index, attempt):
     cs, p, job = running
     jid = hexid() if job_id == "other" else job.job_id
-    assert result(cs, p.provider_id, jid, index, attempt, cs.epoch, 1.0) is False
+    assert result(cs, p.provider_id, jid, index, attempt, cs.incarnation, 1.0) is False
     assert job.subtasks[0].state is SubState.SENT
 
 
@@ -409,10 +409,10 @@ def test_old_attempt_result_accepted_if_subtask_still_open(cs):
     heartbeat(cs, a.provider_id, 11.0)
     heartbeat(cs, b.provider_id, 11.0)
     assert dispatches(cs.handle(stimuli.Tick(), 11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
-    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.epoch, 11.5) is True
+    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.incarnation, 11.5) is True
     assert cs.handle(stimuli.ResultMerged(job.job_id), 11.5) == [JobFinished(job.job_id)]
     assert not cs.providers[b.provider_id].assigned
-    assert result(cs, b.provider_id, job.job_id, 0, 2, cs.epoch, 12.0) is False
+    assert result(cs, b.provider_id, job.job_id, 0, 2, cs.incarnation, 12.0) is False
 
 
 # ---- acks and deadlines ----------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_ack_timeout_prefers_another_provider(cs):
 
 def test_acked_subtask_is_not_resent_before_deadline(running):
     cs, p, job = running
-    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.epoch), 1.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.incarnation), 1.0)
     sub = job.subtasks[0]
     assert sub.state is SubState.RUNNING
     assert sub.deadline == pytest.approx(1.0 + cs.timing.min_deadline)
@@ -461,7 +461,7 @@ def test_deadline_expiry_resends_to_another_provider(cs):
     job = make_job(m=10)
     cs.handle(stimuli.JobAdded(job), 0.0)
     connect(cs, b)
-    cs.handle(stimuli.SubtaskAcked(a.provider_id, job.job_id, 0, 1, cs.epoch), 0.5)
+    cs.handle(stimuli.SubtaskAcked(a.provider_id, job.job_id, 0, 1, cs.incarnation), 0.5)
     deadline = job.subtasks[0].deadline
     for pid in (a.provider_id, b.provider_id):
         heartbeat(cs, pid, deadline + 0.1)
@@ -474,21 +474,21 @@ def test_deadline_grows_with_work():
     connect(cs, p)
     job = make_job(m=1000, k=1000, n=500)  # 1e9 flop
     cs.handle(stimuli.JobAdded(job), 0.0)
-    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.epoch), 0.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.incarnation), 0.0)
     assert job.subtasks[0].deadline >= 10.0
 
 
 @pytest.mark.parametrize("how", ["wrong_provider", "wrong_attempt", "wrong_epoch"])
 def test_foreign_ack_is_ignored(running, how):
     cs, p, job = running
-    pid, attempt, epoch = p.provider_id, 1, cs.epoch
+    pid, attempt, incarnation = p.provider_id, 1, cs.incarnation
     if how == "wrong_provider":
         pid = hexid()
     elif how == "wrong_attempt":
         attempt = 2
     else:
-        epoch = hexid()
-    cs.handle(stimuli.SubtaskAcked(pid, job.job_id, 0, attempt, epoch), 1.0)
+        incarnation = hexid()
+    cs.handle(stimuli.SubtaskAcked(pid, job.job_id, 0, attempt, incarnation), 1.0)
     assert job.subtasks[0].state is SubState.SENT
 
 
@@ -496,9 +496,9 @@ def test_ack_of_old_attempt_is_ignored(running):
     cs, p, job = running
     heartbeat(cs, p.provider_id, 10.5)
     cs.handle(stimuli.Tick(), 10.5)  # attempt 2 to the same provider
-    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.epoch), 11.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 1, cs.incarnation), 11.0)
     assert job.subtasks[0].state is SubState.SENT
-    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 2, cs.epoch), 11.0)
+    cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, 2, cs.incarnation), 11.0)
     assert job.subtasks[0].state is SubState.RUNNING
 
 
@@ -560,7 +560,7 @@ def test_dead_provider_subtasks_reassigned_with_next_attempt(cs):
     job = make_job(m=300)
     cs.handle(stimuli.JobAdded(job), 0.0)
     for sub in job.subtasks:
-        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch), 1.0)
+        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.incarnation), 1.0)
     lost = [s.index for s in job.subtasks if s.provider_id == fast.provider_id]
     heartbeat(cs, slow.provider_id, 15.0)
     actions = cs.handle(stimuli.Tick(), 16.0)
@@ -604,7 +604,7 @@ def test_reregistered_provider_is_ready_again(cs):
 # ---- failures ------------------------------------------------------------------------------------
 def _failed_args(sub, job, cs, **over):
     args = {"provider_id": sub.provider_id, "job_id": job.job_id, "index": sub.index,
-            "attempt": sub.attempt, "epoch": cs.epoch, "error": "boom", "retryable": True, "now": 1.0}
+            "attempt": sub.attempt, "incarnation": cs.incarnation, "error": "boom", "retryable": True, "now": 1.0}
     args.update(over)
     return args
 
@@ -644,7 +644,7 @@ def test_non_retryable_failure_fails_the_job(cs):
     assert all(not p.assigned for p in cs.providers.values())
     # results for the failed job are ignored
     other = job.subtasks[1]
-    assert result(cs, other.provider_id, job.job_id, 1, 1, cs.epoch, 2.0) is False
+    assert result(cs, other.provider_id, job.job_id, 1, 1, cs.incarnation, 2.0) is False
 
 
 def test_max_attempts_fails_the_job():
@@ -666,11 +666,11 @@ def test_max_attempts_fails_the_job():
 def test_failed_for_stale_attempt_or_epoch_is_ignored(running):
     cs, p, job = running
     sub = job.subtasks[0]
-    assert failed(cs, **_failed_args(sub, job, cs, epoch=hexid(), retryable=False)) == []
+    assert failed(cs, **_failed_args(sub, job, cs, incarnation=hexid(), retryable=False)) == []
     assert failed(cs, **_failed_args(sub, job, cs, attempt=2, retryable=False)) == []
     assert failed(cs, **_failed_args(sub, job, cs, job_id=hexid(), retryable=False)) == []
     assert job.state is JobState.RUNNING
-    result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0)
     assert failed(cs, **_failed_args(sub, job, cs, retryable=False)) == []
     assert job.state is JobState.RUNNING and sub.state is SubState.DONE
 
@@ -715,7 +715,7 @@ def test_missed_deadlines_count_towards_max_attempts():
     sub = job.subtasks[0]
     now = 0.0
     for _ in range(2):
-        cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, sub.attempt, cs.epoch), now)
+        cs.handle(stimuli.SubtaskAcked(p.provider_id, job.job_id, 0, sub.attempt, cs.incarnation), now)
         now = sub.deadline + 1
         heartbeat(cs, p.provider_id, now)
         cs.handle(stimuli.Tick(), now)
@@ -774,7 +774,7 @@ def test_cancel_running_job(running):
     assert job.state is JobState.CANCELLED and job.finished_at == 2.0
     assert job.error == "cancelled by user"
     assert not cs.providers[p.provider_id].assigned
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 3.0) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 3.0) is False
     assert cs.handle(stimuli.Tick(), 5.0) == []
     with pytest.raises(Conflict):
         cancel(cs, job.job_id, 3.0)
@@ -800,7 +800,7 @@ def test_forget(running):
     cs.handle(stimuli.JobForgotten(job.job_id), 0.0)
     assert job.job_id not in cs.jobs
     cs.handle(stimuli.JobForgotten(job.job_id), 0.0)  # idempotent
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0) is False
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0) is False
 
 
 def test_unregister_requeues_to_others(cs):
@@ -826,7 +826,7 @@ def test_unregister_does_not_touch_finished_subtasks(cs):
     job = make_job(m=100)
     cs.handle(stimuli.JobAdded(job), 0.0)
     done = next(s for s in job.subtasks if s.provider_id == a.provider_id)
-    assert result(cs, a.provider_id, job.job_id, done.index, 1, cs.epoch, 1.0)
+    assert result(cs, a.provider_id, job.job_id, done.index, 1, cs.incarnation, 1.0)
     cs.handle(stimuli.ResultMerged(job.job_id), 1.0)
     actions = cs.handle(stimuli.ProviderLeft(a.provider_id), 2.0)
     assert actions == [ProviderLost(a.provider_id, 0)]
@@ -846,7 +846,7 @@ def test_provider_rows_and_job_view(cs):
     assert view["state"] == "running" and view["progress"] == {"done": 0, "total": 1}
     assert view["inputs"]["a"] == {"dtype": "float64", "shape": [10, 8]}
     assert set(TERMINAL_NAMES) == {"done", "failed", "cancelled"}
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.epoch, 1.0)
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0)
     assert view_of(job, {p.provider_id: "alpha"})["shares"] == {"alpha": 1.0}
 
 
@@ -863,7 +863,7 @@ def finish(cs: ClusterState, job: st.Job, provider: ProviderInfo, now: float, el
     """The result of ``provider``'s (only, or given attempt's) subtask of ``job`` arrives at ``now``."""
     sub = next(s for s in job.subtasks if provider.provider_id in s.tried)
     attempt = attempt or sub.tried.index(provider.provider_id) + 1
-    ok = result(cs, provider.provider_id, job.job_id, sub.index, attempt, cs.epoch, now, elapsed=elapsed)
+    ok = result(cs, provider.provider_id, job.job_id, sub.index, attempt, cs.incarnation, now, elapsed=elapsed)
     if ok:
         cs.handle(stimuli.ResultMerged(job.job_id), now)
     return ok
@@ -910,7 +910,7 @@ def test_queued_subtasks_are_not_charged_for_waiting(cs):
     assert [s.params["rows"] for s in job.subtasks] == [250] * 4 and all(s.sent == [0.0] for s in job.subtasks)
     for i, sub in enumerate(job.subtasks):  # 5e8 FLOP each at 1 GFLOP/s: 0.5 s each
         now = 0.5 * (i + 1)
-        assert result(cs, p.provider_id, job.job_id, sub.index, 1, cs.epoch, now, elapsed=0.5)
+        assert result(cs, p.provider_id, job.job_id, sub.index, 1, cs.incarnation, now, elapsed=0.5)
         cs.handle(stimuli.ResultMerged(job.job_id), now)
         assert speed(cs, p) == pytest.approx(1.0)
     assert cs.providers[p.provider_id].last_result_at == 2.0
@@ -918,7 +918,7 @@ def test_queued_subtasks_are_not_charged_for_waiting(cs):
     later = make_job(m=BIG, k=BIG, n=BIG, created_at=10.0)
     cs.handle(stimuli.JobAdded(later), 10.0)
     sub = later.subtasks[0]
-    assert result(cs, p.provider_id, later.job_id, sub.index, 1, cs.epoch, 10.5, elapsed=0.5)
+    assert result(cs, p.provider_id, later.job_id, sub.index, 1, cs.incarnation, 10.5, elapsed=0.5)
     assert speed(cs, p) == pytest.approx(1.0)
 
 
@@ -929,9 +929,9 @@ def test_a_failure_frees_the_provider_for_the_next_subtask(cs):
     job = make_job(m=BIG, k=BIG, n=BIG)
     cs.handle(stimuli.JobAdded(job), 0.0)
     first, second = job.subtasks
-    cs.handle(stimuli.SubtaskFailed(p.provider_id, job.job_id, first.index, 1, cs.epoch, "boom", True), 3.0)
+    cs.handle(stimuli.SubtaskFailed(p.provider_id, job.job_id, first.index, 1, cs.incarnation, "boom", True), 3.0)
     assert cs.providers[p.provider_id].last_result_at == 3.0
-    assert result(cs, p.provider_id, job.job_id, second.index, 1, cs.epoch, 4.0, elapsed=1.0)
+    assert result(cs, p.provider_id, job.job_id, second.index, 1, cs.incarnation, 4.0, elapsed=1.0)
     assert speed(cs, p) == pytest.approx(1.0)  # 1e9 FLOP in 1 s (from 3 s), not in 4 s
 
 
@@ -944,7 +944,7 @@ def straggling(cs: ClusterState):
     job = make_job(m=BIG, k=BIG, n=BIG)
     cs.handle(stimuli.JobAdded(job), 0.0)
     for sub in job.subtasks:
-        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.epoch), 0.0)
+        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.incarnation), 0.0)
     assert finish(cs, job, fast, 0.1, elapsed=0.1)
     copy = dispatches(cs.handle(stimuli.Tick(), 3.0))
     sub = next(s for s in job.subtasks if s.state is not SubState.DONE)
@@ -955,20 +955,20 @@ def straggling(cs: ClusterState):
 
 def test_original_winning_over_a_speculative_copy_is_timed_from_its_own_send(cs):
     fast, slow, job, sub = straggling(cs)
-    assert result(cs, slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 4.0, elapsed=0.2)
+    assert result(cs, slow.provider_id, job.job_id, sub.index, 1, cs.incarnation, 4.0, elapsed=0.2)
     assert speed(cs, slow) == pytest.approx(0.5 * 10.0 + 0.5 * 1e9 / 4.0 / 1e9)  # 4 s, not 1 s since the copy
     # the copy's result is ignored and teaches nothing, but fast is free again from then
-    assert not result(cs, fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 4.2, elapsed=4.1)
+    assert not result(cs, fast.provider_id, job.job_id, sub.index, 2, cs.incarnation, 4.2, elapsed=4.1)
     assert speed(cs, fast) == pytest.approx(10.0)
     assert cs.providers[fast.provider_id].last_result_at == 4.2
 
 
 def test_speculative_copy_winning_is_timed_from_the_copy_and_the_late_original_teaches_nothing(cs):
     fast, slow, job, sub = straggling(cs)
-    assert result(cs, fast.provider_id, job.job_id, sub.index, 2, cs.epoch, 3.1, elapsed=0.1)
+    assert result(cs, fast.provider_id, job.job_id, sub.index, 2, cs.incarnation, 3.1, elapsed=0.1)
     assert speed(cs, fast) == pytest.approx(10.0)  # 0.1 s from the copy's send, not 3.1 s from the original's
     assert cs.handle(stimuli.ResultMerged(job.job_id), 3.1) == [JobFinished(job.job_id)]
-    assert not result(cs, slow.provider_id, job.job_id, sub.index, 1, cs.epoch, 9.0, elapsed=0.1)
+    assert not result(cs, slow.provider_id, job.job_id, sub.index, 1, cs.incarnation, 9.0, elapsed=0.1)
     assert speed(cs, slow) == pytest.approx(10.0)  # only the benchmark: nothing accepted from it
     assert cs.providers[slow.provider_id].last_result_at == 9.0
 
@@ -983,7 +983,7 @@ def test_old_attempt_result_is_timed_from_that_attempt(cs):
     heartbeat(cs, a.provider_id, 11.0)
     heartbeat(cs, b.provider_id, 11.0)
     assert dispatches(cs.handle(stimuli.Tick(), 11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
-    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.epoch, 20.0, elapsed=1.0) is True
+    assert result(cs, a.provider_id, job.job_id, 0, 1, cs.incarnation, 20.0, elapsed=1.0) is True
     assert speed(cs, a) == pytest.approx(0.5 * 10.0 + 0.5 * 2e9 / 20.0 / 1e9)  # 20 s, not 9 s
 
 
@@ -991,7 +991,7 @@ def test_results_from_a_foreign_provider_or_epoch_do_not_move_its_clock(running)
     cs, p, job = running
     other = make_info()
     connect(cs, other)
-    assert not result(cs, other.provider_id, job.job_id, 0, 1, cs.epoch, 5.0)
+    assert not result(cs, other.provider_id, job.job_id, 0, 1, cs.incarnation, 5.0)
     assert not result(cs, p.provider_id, job.job_id, 0, 1, hexid(), 5.0)
     assert cs.providers[other.provider_id].last_result_at == 0.0
     assert cs.providers[p.provider_id].last_result_at == 0.0

@@ -16,7 +16,7 @@ def setup(now: float = 0.0):
     job = make_job(m=100)
     actions = cs.handle(stimuli.JobAdded(job), now)
     for d in dispatches(actions):
-        cs.handle(stimuli.SubtaskAcked(d.provider_id, d.job_id, d.subtask, d.attempt, cs.epoch), now)
+        cs.handle(stimuli.SubtaskAcked(d.provider_id, d.job_id, d.subtask, d.attempt, cs.incarnation), now)
     return cs, job, fast, slow, dispatches(actions)
 
 
@@ -24,7 +24,7 @@ def test_straggler_is_flagged_once_and_copied_to_the_idle_provider() -> None:
     cs, job, fast, slow, sent = setup()
     by_provider = {d.provider_id: d for d in sent}
     quick = by_provider[fast.provider_id]
-    assert result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.epoch, 0.5)
+    assert result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.incarnation, 0.5)
     cs.handle(stimuli.ResultMerged(job.job_id), 0.5)
     assert not [a for a in cs.handle(stimuli.Tick(), 1.0) if isinstance(a, st.Straggler)]  # not yet
     actions = cs.handle(stimuli.Tick(), 3.0)
@@ -37,9 +37,9 @@ def test_straggler_is_flagged_once_and_copied_to_the_idle_provider() -> None:
     assert cs.counters["subtasks_speculative"] == 1
     # the slow original finishes first: it wins, the copy's result is ignored
     orig = by_provider[slow.provider_id]
-    assert result(cs, slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.epoch, 4.5)
+    assert result(cs, slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.incarnation, 4.5)
     assert [type(a) for a in cs.handle(stimuli.ResultMerged(job.job_id), 4.5)] == [st.JobFinished]
-    assert not result(cs, fast.provider_id, job.job_id, orig.subtask, 2, cs.epoch, 4.6)
+    assert not result(cs, fast.provider_id, job.job_id, orig.subtask, 2, cs.incarnation, 4.6)
     assert not cs.providers[fast.provider_id].assigned and not cs.providers[slow.provider_id].assigned
 
 
@@ -47,13 +47,13 @@ def test_copy_result_wins_when_it_comes_first() -> None:
     cs, job, fast, slow, sent = setup()
     by_provider = {d.provider_id: d for d in sent}
     quick = by_provider[fast.provider_id]
-    result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.epoch, 0.5)
+    result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.incarnation, 0.5)
     cs.handle(stimuli.ResultMerged(job.job_id), 0.5)
     copy = dispatches(cs.handle(stimuli.Tick(), 3.0))[0]
-    assert result(cs, fast.provider_id, job.job_id, copy.subtask, copy.attempt, cs.epoch, 3.2)
+    assert result(cs, fast.provider_id, job.job_id, copy.subtask, copy.attempt, cs.incarnation, 3.2)
     assert [type(a) for a in cs.handle(stimuli.ResultMerged(job.job_id), 3.2)] == [st.JobFinished]
     orig = by_provider[slow.provider_id]
-    assert not result(cs, slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.epoch, 5.0)
+    assert not result(cs, slow.provider_id, job.job_id, orig.subtask, orig.attempt, cs.incarnation, 5.0)
 
 
 def test_no_copy_without_an_idle_provider() -> None:
