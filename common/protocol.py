@@ -11,6 +11,11 @@ The header always holds ``v`` (protocol version), ``type`` (message type) and
 is a field of that message type, checked against SCHEMAS. Arrays are sent with
 ``copy=False`` and decoded with ``numpy.frombuffer``: no copy on either side.
 Nothing is ever pickled.
+
+Every other schema that crosses a socket or a queue is here too: the fields of a
+``register`` (``parse_register`` -> ``ProviderHello``), the reply to a ``fetch``
+(``blob_reply``), the RabbitMQ job message (``encode_job_message``/``decode_job_message``),
+and ``check_fields``, with which a task type checks the nested ``params`` of its subtasks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
@@ -43,8 +48,19 @@ _NUM = (int, float)
 
 @dataclass(frozen=True)
 class Field:
+    """One field of a schema. ``types`` are checked exactly (a bool is no int); an int must be
+    >= 0 and a float finite, in the field and in the entries of a list. The other rules are
+    optional: ``choices`` (the value is one of them), ``max_len`` (characters of a str, entries
+    of a list or map), ``items`` (the types of a list's entries), ``fields`` (a map's own
+    schema, checked the same way) and ``is_id`` (a str that is an id, ``ID_RE.fullmatch``)."""
+
     types: tuple[type, ...]
     required: bool = True
+    choices: frozenset[Any] | None = None
+    max_len: int | None = None
+    items: tuple[type, ...] | None = None
+    fields: Mapping[str, Field] | None = None
+    is_id: bool = False
 
 
 def _f(*types: type, required: bool = True) -> Field:
@@ -66,7 +82,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "heartbeat": {"provider_id": _f(str), "running": _f(list), "queued": _f(int),
                   "local_epoch": _f(str, required=False)},
     "unregister": {"provider_id": _f(str)},
-    "fetch": {"provider_id": _f(str), "blob_id": _f(str)},
+    # max_bytes: the largest blob the provider's socket takes (PROTOCOL.md 5.1); larger -> too_large
+    "fetch": {"provider_id": _f(str), "blob_id": _f(str), "max_bytes": _f(int, required=False)},
     # head -> provider, ROUTER -> REQ
     "registered": {"provider_id": _f(str), "epoch": _f(str), "heartbeat_interval_s": _f(*_NUM),
                    "state_dir": _f(str, required=False)},
@@ -117,31 +134,62 @@ def wire_dtype(dtype: np.dtype | str) -> str:
     return name
 
 
+def check_fields(what: str, data: Mapping[str, Any], schema: Mapping[str, Field]) -> dict[str, Any]:
+    """Check the map ``data`` against ``schema``; return a copy of it (keys the schema does not
+    name are kept, unchecked: forward compatible). ``what`` names the map in errors, e.g.
+    ``"train subtask params"``. Raises ProtocolError."""
+    if not isinstance(data, Mapping):
+        raise ProtocolError(f"{what} must be a map, got {type(data).__name__}")
+    for name, spec in schema.items():
+        if name not in data:
+            if spec.required:
+                raise ProtocolError(f"{what}: missing field {name!r}")
+            continue
+        _check_value(what, name, data[name], spec)
+    return dict(data)
+
+
+def _check_value(what: str, name: str, value: Any, spec: Field) -> None:
+    label = f"{what}: field {name!r}"
+    _check_scalar(label, value, spec.types)
+    if spec.is_id and not (isinstance(value, str) and ID_RE.fullmatch(value)):
+        raise ProtocolError(f"{label} must be 32 lowercase hex digits, got {value!r:.60}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ProtocolError(f"{label} must be one of {sorted(map(str, spec.choices))}, got {value!r:.40}")
+    if spec.max_len is not None and isinstance(value, str | list | dict) and len(value) > spec.max_len:
+        raise ProtocolError(f"{label} has {len(value)} entries or characters, at most {spec.max_len} allowed")
+    if spec.items is not None and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_scalar(f"{label}[{i}]", item, spec.items)
+    if spec.fields is not None and isinstance(value, dict):
+        check_fields(f"{what}.{name}", value, spec.fields)
+
+
+def _check_scalar(label: str, value: Any, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise ProtocolError(f"{label} must be {_names(types)}, got bool")
+    if not isinstance(value, types):
+        raise ProtocolError(f"{label} must be {_names(types)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(f"{label} must be finite")
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        raise ProtocolError(f"{label} must not be negative")
+
+
 def _check_fields(mtype: str, header: Mapping[str, Any]) -> dict[str, Any]:
     schema = SCHEMAS.get(mtype)
     if schema is None:
         raise ProtocolError(f"unknown message type {mtype!r:.40}")
     fields = {k: v for k, v in header.items() if k not in ("v", "type", "arrays")}
-    for name, spec in schema.items():
-        if name not in fields:
-            if spec.required:
-                raise ProtocolError(f"{mtype}: missing field {name!r}")
-            continue
-        value = fields[name]
-        if isinstance(value, bool) and bool not in spec.types:
-            raise ProtocolError(f"{mtype}: field {name!r} must be {_names(spec.types)}, got bool")
-        if not isinstance(value, spec.types):
-            raise ProtocolError(
-                f"{mtype}: field {name!r} must be {_names(spec.types)}, got {type(value).__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError(f"{mtype}: field {name!r} must be finite")
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise ProtocolError(f"{mtype}: field {name!r} must not be negative")
-    return fields
+    return check_fields(mtype, fields, schema)
 
 
 def _names(types: tuple[type, ...]) -> str:
-    return "|".join(t.__name__ for t in types)
+    return "|".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _header_too_large(size: int) -> NoReturn:
+    raise TooLarge(f"header of {size} bytes exceeds {MAX_HEADER_BYTES}")
 
 
 def _array_meta(arr: np.ndarray) -> dict[str, Any]:
@@ -164,11 +212,11 @@ def encode(mtype: str, fields: Mapping[str, Any] | None = None,
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         arr = np.ascontiguousarray(arr)
         metas.append(_array_meta(arr))
-        bufs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+        bufs.append(arr.reshape(-1).data.cast("B") if arr.size else b"")
     header = msgpack.packb({"v": PROTOCOL_VERSION, "type": mtype, **fields, "arrays": metas},
                            use_bin_type=True)
     if len(header) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        _header_too_large(len(header))
     frames: list[Any] = [topic] if topic is not None else []
     frames.append(header)
     frames.extend(bufs)
@@ -187,7 +235,7 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         raise ProtocolError("empty message")
     head = _buffer(frames[0])
     if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+        _header_too_large(len(head))
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many types for garbage
@@ -243,3 +291,129 @@ def _check_array_meta(i: int, meta: Any) -> tuple[np.dtype, tuple[int, ...]]:
 
 def error_frames(code: str, message: str) -> list[Any]:
     return encode("error", {"code": code, "message": message[:500]})
+
+
+def blob_reply(blob_id: str, array: np.ndarray, max_bytes: int | None = None) -> list[Any]:
+    """The reply to a ``fetch``: ``blob`` with the array, or ``error{too_large}`` when the array
+    is larger than the provider said its socket takes (``fetch.max_bytes``) or than any message
+    may carry (DEFAULT_MAX_MESSAGE_BYTES): a frame over a receiver's ``ZMQ_MAXMSGSIZE`` would be
+    dropped by libzmq with its connection, and the provider would only see a timeout."""
+    limit = DEFAULT_MAX_MESSAGE_BYTES if max_bytes is None else min(max_bytes, DEFAULT_MAX_MESSAGE_BYTES)
+    if array.nbytes > limit:
+        return error_frames(TooLarge.code, f"blob {blob_id} has {array.nbytes} bytes; the limit is {limit}")
+    return encode("blob", {"blob_id": blob_id}, [array])
+
+
+# ---- register: what a provider says of itself ------------------------------------------------
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+#: entries of each list of a register (task_types, dtypes)
+MAX_REGISTER_LIST = 64
+MAX_GFLOPS = 1e7
+#: characters kept of each text field of a register (longer ones are cut, not refused)
+REGISTER_TEXT_CHARS = {"name": 64, "host": 128, "os": 64, "device_name": 128, "version": 32}
+
+
+@dataclass(frozen=True)
+class ProviderHello:
+    """A checked ``register``: the provider as the head knows it (texts cut to their limits)."""
+
+    provider_id: str
+    name: str
+    host: str
+    os: str
+    device_kind: str
+    device_name: str
+    memory_bytes: int
+    cores: int
+    task_types: frozenset[str]
+    dtypes: frozenset[str]
+    version: str
+    gflops: float
+
+
+def parse_register(msg: Message) -> ProviderHello:
+    """The provider a ``register`` describes (PROTOCOL.md 5.1); ProtocolError if any field is out
+    of its range: ``gflops`` in (0, 1e7), ``device_kind`` cpu/cuda/mps, at most 64 strings per list."""
+    if msg.type != "register":
+        raise ProtocolError(f"expected a register message, got {msg.type!r:.40}")
+    fields = _check_fields("register", msg.fields)
+    pid = check_id(fields["provider_id"], "provider_id")
+    gflops = float(fields["gflops"])
+    if not 0 < gflops < MAX_GFLOPS:
+        raise ProtocolError("register: gflops must be positive")
+    if fields["device_kind"] not in DEVICE_KINDS:
+        raise ProtocolError("register: device_kind must be cpu, cuda or mps")
+    text = {name: fields[name][:chars] for name, chars in REGISTER_TEXT_CHARS.items()}
+    return ProviderHello(
+        provider_id=pid, name=text["name"] or pid[:8], host=text["host"], os=text["os"],
+        device_kind=fields["device_kind"], device_name=text["device_name"], memory_bytes=fields["memory_bytes"],
+        cores=fields["cores"], task_types=_strings(fields, "task_types"), dtypes=_strings(fields, "dtypes"),
+        version=text["version"], gflops=gflops)
+
+
+def _strings(fields: Mapping[str, Any], name: str) -> frozenset[str]:
+    values = fields[name]
+    if not all(isinstance(v, str) for v in values) or len(values) > MAX_REGISTER_LIST:
+        raise ProtocolError(f"register: {name} must be a list of strings")
+    return frozenset(values)
+
+
+# ---- the RabbitMQ job message ----------------------------------------------------------------
+JOB_MESSAGE_VERSION = 1
+#: the largest job message (it holds the job's spec and blob ids, never bulk data)
+MAX_JOB_MESSAGE_BYTES = 1 << 20
+#: numpy names of the dtypes a job's arrays may have: those that can cross the wire
+JOB_DTYPES = frozenset(np.dtype(d).name for d in WIRE_DTYPES)
+_NAME_CHARS = 64
+_JOB_ARRAYS = 64  # inputs, outputs: at most this many each
+_SHAPE = Field((list,), max_len=64, items=(int,))
+_OUTPUT_META = {"dtype": Field((str,), choices=JOB_DTYPES), "shape": _SHAPE}
+_INPUT_META = {"blob": Field((str,), is_id=True), **_OUTPUT_META}
+JOB_MESSAGE: dict[str, Field] = {
+    "job_id": Field((str,), is_id=True), "type": Field((str,), max_len=_NAME_CHARS), "params": _f(dict),
+    "inputs": Field((dict,), max_len=_JOB_ARRAYS), "outputs": Field((dict,), max_len=_JOB_ARRAYS),
+    "nodes": _f(int, type(None), required=False), "created_at": _f(int, float),
+}
+
+
+def encode_job_message(record: Mapping[str, Any]) -> bytes:
+    """A job's queue message (``JobRecord.message()``) as the bytes on the queue: a msgpack map,
+    ``v`` first, then the record's fields in its order. Checked as ``decode_job_message`` checks it."""
+    body: bytes = msgpack.packb({"v": JOB_MESSAGE_VERSION, **record}, use_bin_type=True)
+    decode_job_message(body)
+    return body
+
+
+def decode_job_message(body: bytes) -> dict[str, Any]:
+    """The job message's fields (job_id, type, params, inputs, outputs, nodes, created_at), every
+    one checked; unknown fields are dropped. Raises TooLarge, VersionMismatch or ProtocolError."""
+    if len(body) > MAX_JOB_MESSAGE_BYTES:
+        raise TooLarge(f"job message of {len(body)} bytes exceeds {MAX_JOB_MESSAGE_BYTES}")
+    try:
+        record = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises many types for garbage
+        raise ProtocolError("job message is not msgpack") from None
+    if not isinstance(record, dict):
+        raise ProtocolError("job message must be a msgpack map")
+    version = record.get("v")
+    if type(version) is not int or version != JOB_MESSAGE_VERSION:
+        raise VersionMismatch(f"job message has no version {JOB_MESSAGE_VERSION} header (v = {version!r:.20})")
+    check_fields("job message", record, JOB_MESSAGE)
+    nodes = record.get("nodes")
+    if nodes is not None and nodes < 1:
+        raise ProtocolError("job message: field 'nodes' must be a positive int or null")
+    if record["created_at"] < 0:
+        raise ProtocolError("job message: field 'created_at' must not be negative")
+    _array_metas("job message: inputs", record["inputs"], _INPUT_META)
+    _array_metas("job message: outputs", record["outputs"], _OUTPUT_META, identifiers=True)
+    return {name: record.get(name) for name in JOB_MESSAGE}
+
+
+def _array_metas(what: str, metas: Mapping[Any, Any], schema: Mapping[str, Field], identifiers: bool = False) -> None:
+    """Names (outputs: identifiers, they name files) -> ``{"dtype", "shape"[, "blob"]}``."""
+    for name, meta in metas.items():
+        if not isinstance(name, str) or not 0 < len(name) <= _NAME_CHARS or (identifiers and not name.isidentifier()):
+            raise ProtocolError(f"{what}: bad name {name!r:.80}")
+        check_fields(f"{what}.{name}", meta, schema)
+        if any(d >= 2**40 for d in meta["shape"]):
+            raise ProtocolError(f"{what}.{name}: every dimension must be below 2**40")

@@ -5,7 +5,8 @@
 * ``AmqpQueue``: a durable RabbitMQ queue ``dcf.jobs``; persistent messages, publisher
   confirms, manual ack only once the job's outcome is stored. Unacked jobs come back
   after a head crash or a broker restart. Messages hold the job spec and blob ids,
-  never bulk data (claim-check), encoded with msgpack.
+  never bulk data (claim-check): ``protocol.encode_job_message`` writes them and
+  ``protocol.decode_job_message`` checks every field of what comes back.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import msgpack
-
-from common.errors import DcfError, ProtocolError, QueueUnavailable
-from common.protocol import check_id
+from common.errors import DcfError, QueueUnavailable
+from common.protocol import decode_job_message, encode_job_message
 
 from .store import JobStore
 
@@ -31,8 +30,6 @@ Deliver = Callable[[dict[str, Any], Ack], None]
 RECONNECT_S = 1.0
 JOB_QUEUE = "dcf.jobs"
 EVENTS_EXCHANGE = "dcf.events"  # topic exchange: routing key = event kind, e.g. job.done
-JOB_FIELDS = {"job_id": str, "type": str, "params": dict, "inputs": dict, "outputs": dict,
-              "created_at": (int, float)}
 
 
 class JobQueue(Protocol):
@@ -50,30 +47,6 @@ class JobQueue(Protocol):
 
 async def _no_ack() -> None:
     return None
-
-
-def encode_record(record: dict[str, Any]) -> bytes:
-    return msgpack.packb({"v": 1, **record}, use_bin_type=True)
-
-
-def decode_record(body: bytes) -> dict[str, Any]:
-    try:
-        if len(body) > 1 << 20:
-            raise ValueError("too large")
-        record = msgpack.unpackb(body, raw=False)
-    except Exception:
-        raise ProtocolError("job message is not msgpack") from None
-    if not isinstance(record, dict) or record.get("v") != 1:
-        raise ProtocolError("job message has no version 1 header")
-    for key, types in JOB_FIELDS.items():
-        if not isinstance(record.get(key), types):
-            raise ProtocolError(f"job message field {key!r} missing or of the wrong type")
-    check_id(record["job_id"], "job id")
-    nodes = record.get("nodes")
-    if nodes is not None and (not isinstance(nodes, int) or nodes < 1):
-        raise ProtocolError("job message field 'nodes' must be a positive int or null")
-    record.pop("v")
-    return record
 
 
 class EmbeddedQueue:
@@ -175,7 +148,7 @@ class AmqpQueue:
 
     async def _on_message(self, message: Any) -> None:
         try:
-            record = decode_record(message.body)
+            record = decode_job_message(message.body)
         except DcfError as exc:
             log.error("dropping malformed job message: %s", exc.message)
             await message.reject(requeue=False)
@@ -216,7 +189,7 @@ class AmqpQueue:
 
         if not self.connected.is_set():
             raise QueueUnavailable("the job queue (RabbitMQ) is unreachable; the head is reconnecting")
-        message = aio_pika.Message(encode_record(record), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message = aio_pika.Message(encode_job_message(record), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                    message_id=record["job_id"], content_type="application/msgpack",
                                    type=f"dcf.job.{record['type']}")
         try:

@@ -78,7 +78,7 @@ def test_round_trip_fields_preserved():
 
 
 def test_round_trip_several_arrays_and_shapes():
-    arrays = [np.random.default_rng(0).standard_normal((5, 7)),
+    arrays: list[np.ndarray] = [np.random.default_rng(0).standard_normal((5, 7)),
               np.arange(6, dtype=np.float32),
               np.zeros((2, 0), dtype=np.float64),
               np.ones((2, 1, 3), dtype=np.int64)]
@@ -401,15 +401,28 @@ def test_non_finite_floats_rejected(value):
 
 # ---- sizes and array descriptors -----------------------------------------------------------------
 def test_header_too_large_on_encode():
-    with pytest.raises(ProtocolError, match="exceeds"):
+    # PROTOCOL.md 9: an oversized header has its own code, too_large (not bad_message)
+    with pytest.raises(TooLarge, match="exceeds") as info:
         encode("error", {"code": "x", "message": "m" * (MAX_HEADER_BYTES + 1)})
+    assert info.value.code == "too_large"
 
 
 def test_header_too_large_on_decode():
     header = raw_header(type="error", code="x", message="m" * MAX_HEADER_BYTES)
     assert len(header) > MAX_HEADER_BYTES
-    with pytest.raises(ProtocolError, match="exceeds"):
+    with pytest.raises(TooLarge, match="exceeds") as info:
         decode([header])
+    assert info.value.code == "too_large"
+
+
+def test_header_of_exactly_the_limit_is_accepted():
+    base = raw_header(type="error", code="x", message="")
+    pad = MAX_HEADER_BYTES - len(base) - 2  # str8 -> str16 adds 2 bytes of length
+    header = raw_header(type="error", code="x", message="m" * pad)
+    assert len(header) == MAX_HEADER_BYTES
+    assert decode([header])["message"] == "m" * pad
+    with pytest.raises(TooLarge):
+        decode([raw_header(type="error", code="x", message="m" * (pad + 1))])
 
 
 def test_error_frames_truncate_message():
