@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from typing import Any
 
 from common.jobs import JobState
 from common.tasks import ArrayMeta, Planner, Worker
+
+log = logging.getLogger("dcf.head")
 
 #: subtasks of at least this many flops update a provider's measured throughput
 MEASURABLE_FLOPS = 2e8
@@ -151,6 +154,23 @@ class Job:
     stats: dict[str, Any] = field(default_factory=dict)
 
     done_count: int = 0  # subtasks DONE (a subtask never leaves DONE)
+
+    def progress(self) -> tuple[int, int]:
+        """(done, total) as its planner counts; a task type's bug there falls back to subtasks."""
+        try:
+            done, total = self.planner.progress()
+            return int(done), int(total)
+        except Exception:
+            log.exception("the planner's progress failed", extra={"job_id": self.job_id})
+            return self.done_count, len(self.subtasks)
+
+    def summary(self) -> dict[str, Any]:
+        """The planner's stats; a task type's bug there loses the stats, never the job's outcome."""
+        try:
+            return dict(self.planner.summary())
+        except Exception:
+            log.exception("the planner's summary failed", extra={"job_id": self.job_id})
+            return {}
 
     def shares(self) -> dict[str, float]:
         """provider id -> fraction of the job's work (by cost) it computed."""

@@ -196,7 +196,7 @@ class Lifecycle:
                     self.save(job.job_id, effect)
                 except OSError as exc:  # a checkpoint: training goes on, the next boundary tries again
                     log.error("could not write %s: %s", effect.name, exc, extra={"job_id": job.job_id})
-        job.stats.update(job.planner.summary())
+        job.stats.update(job.summary())
 
     def save(self, job_id: str, effect: SaveFile) -> None:
         job_dir = layout.job_dir(self.root, job_id)
@@ -209,8 +209,8 @@ class Lifecycle:
     def close(self, job: Job, names: dict[str, str]) -> None:
         """The job ended (done, failed or cancelled): keep its outputs, store the outcome, then ack."""
         act = self.active.pop(job.job_id, None)
-        done, total = job.planner.progress()
-        stats = {**job.stats, **job.planner.summary(), "progress": {"done": done, "total": total},
+        done, total = job.progress()
+        stats = {**job.stats, **job.summary(), "progress": {"done": done, "total": total},
                  "shares": {names.get(p, p): round(f, 4) for p, f in job.shares().items()}}
         if act is not None:
             stats.update(act.live_stats())

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from common import config, layout, protocol, security
-from common.errors import Conflict, NotFound, ProtocolError, UnknownProvider, ValidationError
+from common.errors import Conflict, DcfError, NotFound, ProtocolError, UnknownProvider, ValidationError
 from common.jobs import TERMINAL_NAMES, JobRecord
 from common.protocol import check_id
 
@@ -111,18 +111,24 @@ class Head:
 
     def _run(self, actions: list[sm.Action]) -> None:
         for action in actions:
-            if isinstance(action, sm.Dispatch):
-                self._dispatch(action)
-            elif isinstance(action, sm.JobStarted):
-                self._started(action.job_id)
-            elif isinstance(action, sm.JobFinished | sm.JobFailed | sm.JobCancelled):
-                self._closed(self.state.jobs[action.job_id])
-            elif isinstance(action, sm.PlannerEffects):
-                self.jobs.carry_out(self.state.jobs[action.job_id], action.effects)
-            elif isinstance(action, sm.Straggler):
-                self._straggler(action)
-            elif isinstance(action, sm.ProviderLost):
-                self._lost(action)
+            try:
+                self._carry_out(action)
+            except Exception:  # one action's failure must not skip the others
+                log.exception("could not carry out %s", type(action).__name__)
+
+    def _carry_out(self, action: sm.Action) -> None:
+        if isinstance(action, sm.Dispatch):
+            self._dispatch(action)
+        elif isinstance(action, sm.JobStarted):
+            self._started(action.job_id)
+        elif isinstance(action, sm.JobFinished | sm.JobFailed | sm.JobCancelled):
+            self._closed(self.state.jobs[action.job_id])
+        elif isinstance(action, sm.PlannerEffects):
+            self.jobs.carry_out(self.state.jobs[action.job_id], action.effects)
+        elif isinstance(action, sm.Straggler):
+            self._straggler(action)
+        elif isinstance(action, sm.ProviderLost):
+            self._lost(action)
 
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]
@@ -150,7 +156,9 @@ class Head:
 
     def _dispatch(self, d: sm.Dispatch) -> None:
         job = self.state.jobs[d.job_id]
-        act = self.jobs.active[d.job_id]
+        act = self.jobs.active.get(d.job_id)
+        if act is None or job.state.terminal:  # it ended earlier in this batch of actions
+            return
         sub = job.subtasks[d.subtask]
         fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.incarnation,
                   "task_type": job.task_type, "params": sub.params, "cost": float(sub.cost)}
@@ -160,7 +168,11 @@ class Head:
             fields["shared"] = {"inputs": act.record.blob_ids(), "outputs": sorted(job.outputs)}
             act.by_reference.add((d.subtask, d.attempt))
         else:
-            arrays = job.planner.subtask_inputs(sub.params)
+            try:
+                arrays = job.planner.subtask_inputs(sub.params)
+            except Exception as exc:  # a task type's bug fails its job
+                self.apply(sm.JobFailRequested(job.job_id, _bug(job, "could not give a subtask its inputs", exc)))
+                return
         nbytes = sum(a.nbytes for a in arrays)
         act.bytes_out += nbytes
         self.counters["bytes_out"] += nbytes
@@ -260,6 +272,9 @@ class Head:
             log.warning("invalid result: %s", exc.message, extra=ctx)
             self.apply(sm.SubtaskFailed(pid, *key, f"invalid result: {exc.message}", True))
             return
+        except Exception as exc:  # a task type's bug in check_result fails its job
+            self.apply(sm.JobFailRequested(job.job_id, _bug(job, "could not check a result", exc)))
+            return
         now = time.time()
         actions = self.state.handle(sm.ResultReceived(pid, *key, elapsed=float(msg["elapsed_s"])), now)
         if not any(isinstance(a, sm.MergeResult) for a in actions):
@@ -273,10 +288,12 @@ class Head:
         act.by_reference.discard((msg["subtask"], msg["attempt"]))
         try:
             job.planner.merge(params, msg.arrays, now)
-        except Exception as exc:  # a planner's merge failed: its job fails, the head goes on
-            reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-            log.warning("could not merge a result: %s", reason, extra=ctx)
-            self.apply(sm.JobFailRequested(job.job_id, reason))
+        except DcfError as exc:  # the planner refuses the result (e.g. training diverged): the job fails
+            log.warning("could not merge a result: %s", exc.message, extra=ctx)
+            self.apply(sm.JobFailRequested(job.job_id, exc.message))
+            return
+        except Exception as exc:  # a task type's bug in merge
+            self.apply(sm.JobFailRequested(job.job_id, _bug(job, "could not merge a result", exc)))
             return
         nbytes = sum(a.nbytes for a in msg.arrays)
         act.bytes_in += nbytes
@@ -284,7 +301,7 @@ class Head:
         stats = msg["stats"]
         if isinstance(stats.get("nonfinite"), int):
             act.nonfinite += stats["nonfinite"]
-        done, total = job.planner.progress()
+        done, total = job.progress()
         self.events.emit("job.progress", job_id=job.job_id, done=done, total=total, provider_id=ctx["provider_id"])
         self.apply(sm.ResultMerged(job.job_id))
 
@@ -408,3 +425,8 @@ def provider_info(msg: protocol.Message) -> st.ProviderInfo:
         host=msg["host"][:128], os=msg["os"][:64], device_kind=msg["device_kind"],
         device_name=msg["device_name"][:128], memory_bytes=msg["memory_bytes"], cores=msg["cores"],
         task_types=strs("task_types"), dtypes=strs("dtypes"), version=msg["version"][:32], gflops=gflops)
+
+
+def _bug(job: st.Job, what: str, exc: Exception) -> str:
+    log.error("task type %s %s", job.task_type, what, exc_info=exc, extra={"job_id": job.job_id})
+    return f"task type {job.task_type} {what}: {type(exc).__name__}: {exc}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 from common import config, tasks
@@ -294,7 +295,7 @@ class ClusterState:
         job = self.jobs.get(ev.job_id)
         if job is None or job.state is not JobState.RUNNING:
             return []
-        return self._advance(job, now)
+        return self._guarded(job, now, partial(self._advance, job, now))
 
     def _advance(self, job: Job, now: float) -> list[Action]:
         """Ask the job's planner for more work; finish the job when it has none and nothing is out."""
@@ -379,7 +380,7 @@ class ClusterState:
                 elif sub.state is SubState.RUNNING and now > sub.deadline:
                     actions += self._strike(job, sub, now, "deadline passed")
                 elif sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at:
-                    actions += self._straggler(job, sub, now)
+                    actions += self._guarded(job, now, partial(self._straggler, job, sub, now))
         return actions + self._schedule(now)
 
     def _straggler(self, job: Job, sub: Subtask, now: float) -> list[Action]:
@@ -432,13 +433,28 @@ class ClusterState:
     def _schedule(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for job in sorted(self.jobs.values(), key=lambda j: j.created_at):
-            if job.state is JobState.QUEUED:
-                actions += self._start(job, now)
-            if job.state is JobState.RUNNING:
-                actions += self._assign_pending(job, now)
-                if job.done_count == len(job.subtasks):  # a planner that had no workers last time
-                    actions += self._advance(job, now)
+            actions += self._guarded(job, now, partial(self._schedule_job, job, now))
         return actions
+
+    def _schedule_job(self, job: Job, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if job.state is JobState.QUEUED:
+            actions += self._start(job, now)
+        if job.state is JobState.RUNNING:
+            actions += self._assign_pending(job, now)
+            if job.done_count == len(job.subtasks):  # a planner that had no workers last time
+                actions += self._advance(job, now)
+        return actions
+
+    def _guarded(self, job: Job, now: float, step: Callable[[], list[Action]]) -> list[Action]:
+        """One job's step; an exception from its task type (eligible, fits, a planner) fails that job,
+        not the scheduler (the actions of the failed step are dropped with it)."""
+        try:
+            return step()
+        except DcfError as exc:
+            return self._fail(job, now, exc.message)
+        except Exception as exc:
+            return self._fail(job, now, f"task type {job.task_type} failed: {type(exc).__name__}: {exc}")
 
     def _start(self, job: Job, now: float) -> list[Action]:
         workers, why = self.eligible_workers(job)

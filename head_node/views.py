@@ -23,7 +23,7 @@ def provider_names(providers: Mapping[str, Provider]) -> dict[str, str]:
 
 def live_job_view(record: JobRecord, job: Job, names: Mapping[str, str]) -> dict[str, Any]:
     """A job the scheduler holds: progress from its planner, shares from its subtasks."""
-    done, total = job.planner.progress()
+    done, total = job.progress()
     shares = {names.get(pid, pid): round(f, 4) for pid, f in job.shares().items()}
     return record.view(progress=Progress(done, total), shares=shares, waiting=job.waiting)
 

@@ -184,9 +184,9 @@ class TaskType(ABC):
 
     def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
                  outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
-        """Provider side, co-located with the head, for planners that share files: compute one
-        subtask straight into the job's output arrays (memory-mapped files of the head's state dir).
-        Returns what it wrote. The default runs ``run`` then places nothing; ``SplitTask`` merges."""
+        """Provider side, co-located with the head (only for a ``SplitTask``, whose planner shares
+        files): compute one subtask straight into the job's output arrays (memory-mapped files of
+        the head's state dir) and return what it wrote. ``SplitTask`` runs ``run`` then ``merge``."""
         return self.run(sub_params, arrays, device)
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from common.arrays import ArrayMeta
 from common.errors import NotFound, TooLarge
-from common.tasks import ArrayMeta
 
 from .deps import HeadDep, require_token
 from .errors import documented

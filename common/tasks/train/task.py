@@ -6,7 +6,7 @@ Provider side of ``train``, one subtask kind per round kind:
   eval   params vector + index range of the test split -> [[loss_sum, n, correct]]
   local  params vector + K batches of indices -> [params after K local SGD steps, [loss_sum, n, correct]]
 Datasets are not sent with subtasks: they are blobs the provider maps (co-located) or fetches once
-and keeps by content hash. Models come from common/models.py by name.
+and keeps by content hash. Models come from models.py (this package) by name.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class TrainTask(TaskType):
             flat.zero_grad()
             out = net(x)
             loss = F.cross_entropy(out, y, reduction="sum")
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             correct = int((out.argmax(1) == y).sum())
             return [flat.gradients_numpy(), metrics_array(float(loss.detach()), len(idx), correct)]
         if kind == "local":
@@ -95,7 +95,7 @@ class TrainTask(TaskType):
                 flat.zero_grad()
                 out = net(x)
                 loss = F.cross_entropy(out, y)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                 opt.step()
                 loss_sum += float(loss.detach()) * len(batch)
                 correct += int((out.argmax(1) == y).sum())
