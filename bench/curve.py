@@ -42,8 +42,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 2048])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    common = {"threads": 1, "provider_args": ["--shared-files", "off"]}
-    with LocalCluster(2, **common) as plain, LocalCluster(2, curve=True, **common) as curve, \
+    def cluster(curve: bool = False) -> LocalCluster:
+        return LocalCluster(2, threads=1, provider_args=["--shared-files", "off"], curve=curve)
+
+    with cluster() as plain, cluster(curve=True) as curve, \
             Client(plain.url, shared_files="off") as cp, Client(curve.url, shared_files="off") as cc:
         print(f"{'n':>6} {'plain s':>9} {'CURVE s':>9} {'ratio':>7}")
         for n in args.sizes:

@@ -130,10 +130,10 @@ def main() -> None:
                     rows.append((n, f"dcf cli ({mode})", tc, base))
         if args.anchors and args.anchors_python:
             for name, script in (("ray 2 tasks", "a3_matmul_ray.py"), ("dask 2 procs", "a2_matmul_dask.py")):
-                t = anchor(args.anchors, args.anchors_python, script, n, args.repeats)
-                if t is not None:
-                    print(f"  {name}: {t:.4f} s = {t / base:.2f}x numpy")
-                    rows.append((n, name, t, base))
+                ta = anchor(args.anchors, args.anchors_python, script, n, args.repeats)
+                if ta is not None:
+                    print(f"  {name}: {ta:.4f} s = {ta / base:.2f}x numpy")
+                    rows.append((n, name, ta, base))
     print("\n| n | system | median s | vs numpy 2 threads |\n|---|---|---|---|")
     for n, name, t, base in rows:
         print(f"| {n} | {name} | {t:.4f} | {t / base:.2f}x |")

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,7 +29,7 @@ from common.tasks.train import datasets  # noqa: E402
 from user_client import Client  # noqa: E402
 from user_client.local import LocalCluster  # noqa: E402
 
-BASE = {"model": "cnn", "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 0}
+BASE: dict[str, Any] = {"model": "cnn", "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 0}
 
 
 def anchor(anchors: Path, *args: str) -> dict | None:
@@ -41,7 +42,7 @@ def anchor(anchors: Path, *args: str) -> dict | None:
         return None
 
 
-def run_dcf(client: Client, ds: datasets.Dataset, epochs: int, **params: object) -> dict:
+def run_dcf(client: Client, ds: datasets.Dataset, epochs: int, **params: Any) -> dict:
     t0 = time.perf_counter()
     job = client.submit_train(ds, epochs=epochs, **{**BASE, **params})
     view = client.wait(job, timeout=3600)

@@ -50,7 +50,7 @@ class PowerIterationPlanner(Planner):
         self.p = check_params(job.params)
         self.a = job.operands["a"]
         self.out = job.results["vector"]
-        n = self.a.shape[0]
+        n: int = self.a.shape[0]
         self.v = np.random.default_rng(self.p["seed"]).standard_normal(n)
         self.v /= np.linalg.norm(self.v)
         self.y = np.zeros(n)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -43,8 +44,16 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.rabbitmq, 
 
 #: each subtask takes this long: the first job is still running while the broker is down
 DELAY = 6.0
+
+
+class Seen(TypedDict, total=False):
+    waiting_cli: subprocess.Popen[str]
+    ended_during_outage: bool
+    deleted_job_after_reconnect: str
+
+
 #: what the outage test saw, for the tests that judge it
-SEEN: dict[str, object] = {}
+SEEN: Seen = {}
 
 
 @pytest.fixture(scope="module")

@@ -96,10 +96,16 @@ def test_head_kill9_at_random_points_of_a_jobs_life(store, figures: Figures, rng
             job = submit_matmul(c, nprng, rng.randint(150, 400))
             ids.append(job.job_id)
             if phase == "subtasks_out":
-                wait_for(lambda job=job: c.status(job.job_id)["state"] == "running", 10, "the job to start")
+                def running(job_id: str = job.job_id) -> bool:
+                    return c.status(job_id)["state"] == "running"
+
+                wait_for(running, 10, "the job to start")
                 time.sleep(rng.uniform(0.0, 0.1))
             elif phase == "results_arrive":
-                wait_for(lambda job=job: c.status(job.job_id)["progress"]["done"] >= 1, 10, "a first result")
+                def a_result(job_id: str = job.job_id) -> bool:
+                    return c.status(job_id)["progress"]["done"] >= 1
+
+                wait_for(a_result, 10, "a first result")
                 time.sleep(rng.uniform(0.0, 0.25))
             cl.kill_head()
             figures.fault(f"head kill -9 ({phase}, {'rabbitmq' if url else 'embedded'})")

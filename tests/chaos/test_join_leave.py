@@ -57,7 +57,10 @@ def test_matmul_providers_join_and_leave(figures: Figures, rng: random.Random, n
         for change in _changes(rng, 2):
             during = submit_matmul(c, nprng, rng.randint(200, 400))
             ids.append(during.job_id)
-            wait_for(lambda job=during: c.status(job.job_id)["state"] == "running", 10, "the job to start")
+            def running(job_id: str = during.job_id) -> bool:
+                return c.status(job_id)["state"] == "running"
+
+            wait_for(running, 10, "the job to start")
             time.sleep(rng.uniform(0.0, 0.3))
             if change == "join":
                 name = provider_name(len(cl.providers))
@@ -69,9 +72,15 @@ def test_matmul_providers_join_and_leave(figures: Figures, rng: random.Random, n
             figures.fault(f"provider {change} (matmul)")
             check_matmul(c, during, figures)
             if change == "join":
-                wait_for(lambda name=name: (node(c, name) or {}).get("state") == "ready", 30, f"{name} to be ready")
+                def ready(name: str = name) -> bool:
+                    return (node(c, name) or {}).get("state") == "ready"
+
+                wait_for(ready, 30, f"{name} to be ready")
             else:
-                wait_for(lambda name=name: node(c, name) is None, 15, f"{name} to leave")
+                def left(name: str = name) -> bool:
+                    return node(c, name) is None
+
+                wait_for(left, 15, f"{name} to leave")
                 assert cl.providers[index].wait(timeout=10) == 0
             members = _ready_names(c)
             after = submit_matmul(c, nprng, rng.randint(200, 400))

@@ -41,7 +41,10 @@ def test_kill9_providers_during_matmul_jobs(figures: Figures, rng: random.Random
         for _ in range(ROUNDS):
             jobs = [submit_matmul(c, nprng, rng.randint(120, 400)) for _ in range(2)]
             ids += [j.job_id for j in jobs]
-            wait_for(lambda job=jobs[0]: c.status(job.job_id)["state"] != "queued", 10, "the first job to start")
+            def started(job_id: str = jobs[0].job_id) -> bool:
+                return c.status(job_id)["state"] != "queued"
+
+            wait_for(started, 10, "the first job to start")
             time.sleep(rng.uniform(0.0, DELAY))  # somewhere while the subtasks are out
             victim = rng.choice(ready_providers(cl, c))
             t_kill = kill_provider(cl, victim)
@@ -66,7 +69,10 @@ def test_kill9_providers_during_sync_training(figures: Figures, rng: random.Rand
             Client(cl.url) as c:
         job = c.submit_train(DIGITS, epochs=1, **PARAMS)
         for step in sorted(rng.sample(range(2, 18), 2)):  # of 22 steps
-            wait_for(lambda step=step: c.status(job)["progress"]["done"] >= step, 60, f"training step {step}")
+            def reached(step: int = step) -> bool:
+                return c.status(job)["progress"]["done"] >= step
+
+            wait_for(reached, 60, f"training step {step}")
             assert c.status(job)["state"] == "running"
             victim = rng.choice(ready_providers(cl, c))
             t_kill = kill_provider(cl, victim)  # it holds a shard of the current step

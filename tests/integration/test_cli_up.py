@@ -27,6 +27,7 @@ def test_dcf_up_serves_and_ctrl_c_stops_everything(tmp_path) -> None:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         line = ""
+        assert proc.stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + 60
         while "Ctrl-C" not in line and time.monotonic() < deadline:
             line = proc.stdout.readline()

@@ -251,7 +251,7 @@ def _router_cases(rng: random.Random) -> Iterator[tuple[str, list[bytes], set[st
                        ("non-str dtype", {"dtypes": ["float64", 3]}), ("bad id", {"provider_id": "A" * 32}),
                        ("id with newline", {"provider_id": "a" * 32 + "\n"})):
         yield f"register {what}", [_hdr("register", _register(_pid(), **over))], {"error:bad_message"}
-    absurd = [
+    absurd: list[tuple[list[Any], int, set[str]]] = [  # metas deliberately malformed
         ([{"dtype": "<f8", "shape": [2**39] * 8}], 1, {"error:too_large"}),
         ([{"dtype": "<f8", "shape": [2**39] * 8}], 0, {"error:bad_message"}),
         ([{"dtype": "<f8", "shape": [2**40]}], 1, {"error:bad_message"}),
@@ -286,12 +286,12 @@ def _router_cases(rng: random.Random) -> Iterator[tuple[str, list[bytes], set[st
     exact = _hdr("heartbeat", _heartbeat(_pid(), pad="x" * pad))
     assert len(exact) == protocol.MAX_HEADER_BYTES
     yield "header of exactly 64 KiB", [exact], {"error:unknown_provider"}
-    over = _hdr("heartbeat", _heartbeat(_pid(), pad="x" * (pad + 1)))
-    yield "header of 64 KiB + 1", [over], {"error:bad_message"}
+    over_max = _hdr("heartbeat", _heartbeat(_pid(), pad="x" * (pad + 1)))
+    yield "header of 64 KiB + 1", [over_max], {"error:bad_message"}
     yield "header of 600 KiB", [_hdr("heartbeat", _heartbeat(_pid(), pad="y" * (600 << 10)))], {"error:bad_message"}
-    for mtype in ("subtask", "result", "ack", "failed", "registered", "heartbeat_ack", "error", "ok", "blob",
-                  "", "REGISTER", "register\x00", "x" * 5000, 7, None, b"register", ["register"]):
-        yield f"type {mtype!r:.30}", [_hdr(mtype, _register(_pid()))], {"error:bad_message"}
+    for bad_type in ("subtask", "result", "ack", "failed", "registered", "heartbeat_ack", "error", "ok", "blob",
+                     "", "REGISTER", "register\x00", "x" * 5000, 7, None, b"register", ["register"]):
+        yield f"type {bad_type!r:.30}", [_hdr(bad_type, _register(_pid()))], {"error:bad_message"}
     for bad_id in ("A" * 32, "a" * 31, "a" * 33, "g" * 32, "a" * 32 + "\n", " " + "a" * 31, "", "a" * 8 + "-" * 24):
         yield f"heartbeat id {bad_id!r}", [_hdr("heartbeat", _heartbeat(bad_id))], {"error:bad_message"}
     for i in range(15):

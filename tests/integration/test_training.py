@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from common.tasks.train import datasets, models  # noqa: E402
 from common.errors import DcfError, NotFound, ValidationError  # noqa: E402
+from common.tasks.train import datasets, models  # noqa: E402
 from common.tasks.train.planner import epoch_order  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 from user_client import Client  # noqa: E402
@@ -21,7 +25,7 @@ from user_client.local import LocalCluster  # noqa: E402
 pytestmark = pytest.mark.integration
 
 DIGITS = datasets.digits(0)
-PARAMS = {"model": "cnn", "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 11}
+PARAMS: dict[str, Any] = {"model": "cnn", "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 11}
 
 
 def reference(ds: datasets.Dataset, epochs: int, model: str = "cnn", lr: float = 0.05, momentum: float = 0.9,

@@ -9,7 +9,7 @@ def record(**over: object) -> JobRecord:
     base = JobRecord(job_id="a" * 32, type="matmul", params={"x": 1},
                      inputs={"a": {"blob": "b" * 32, "dtype": "float64", "shape": [2, 3]}},
                      outputs={"c": {"dtype": "float64", "shape": [2, 2]}}, nodes=None, created_at=5.0)
-    return JobRecord(**{**base.__dict__, **over})  # type: ignore[arg-type]
+    return JobRecord(**{**base.__dict__, **over})
 
 
 def test_message_round_trip_and_row() -> None:

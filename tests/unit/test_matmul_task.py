@@ -184,7 +184,7 @@ def test_split_memory_only_limits_the_small_worker(mm):
     big = worker(10.0)
     plans = mm.split({}, metas(m, k, n), [big, small])
     _check_cover(plans, m)
-    by = {}
+    by: dict[str, list[int]] = {}
     for p in plans:
         by.setdefault(p.provider_id, []).append(p.params["rows"])
     assert by[big.provider_id] == [200]

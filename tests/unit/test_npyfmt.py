@@ -13,10 +13,17 @@ from common.npyfmt import MAX_NPY_HEADER, NPY_MAGIC, npy_header, parse_npy_heade
 from common.tasks import ArrayMeta
 
 
-def saved(arr: np.ndarray) -> bytes:
+def saved(arr: np.ndarray | np.generic) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=True)
     return buf.getvalue()
+
+
+def parsed(data: bytes) -> tuple[ArrayMeta, int]:
+    """``parse_npy_header`` of a complete header."""
+    got = parse_npy_header(data)
+    assert got is not None, "the header is incomplete"
+    return got
 
 
 def v1_file(header_text: str, body: bytes = b"") -> bytes:
@@ -35,7 +42,7 @@ def v1_file(header_text: str, body: bytes = b"") -> bytes:
 def test_parse_np_save_output(dtype, shape):
     arr = np.zeros(shape, dtype=dtype)
     data = saved(arr)
-    meta, hlen = parse_npy_header(data)
+    meta, hlen = parsed(data)
     assert meta == ArrayMeta(dtype, shape)
     assert len(data) - hlen == arr.nbytes
     assert hlen % 64 == 0  # numpy aligns the data
@@ -45,7 +52,7 @@ def test_parse_np_save_output(dtype, shape):
 def test_parse_with_trailing_data_present():
     arr = np.arange(6, dtype=np.float64).reshape(2, 3)
     data = saved(arr)
-    meta, hlen = parse_npy_header(data + b"more")
+    meta, hlen = parsed(data + b"more")
     assert meta.shape == (2, 3)
     assert np.array_equal(np.frombuffer(data[hlen:], dtype="<f8").reshape(meta.shape), arr)
 
@@ -56,7 +63,7 @@ def test_parse_format_version_2():
     np.lib.format.write_array(buf, arr, version=(2, 0))
     data = buf.getvalue()
     assert data[6] == 2
-    meta, hlen = parse_npy_header(data)
+    meta, hlen = parsed(data)
     assert meta == ArrayMeta("float32", (2, 2))
     assert len(data) - hlen == arr.nbytes
 
@@ -67,16 +74,16 @@ def test_parse_format_version_3():
     np.lib.format.write_array(buf, arr, version=(3, 0))
     data = buf.getvalue()
     assert data[6] == 3
-    assert parse_npy_header(data)[0] == ArrayMeta("float64", (3,))
+    assert parsed(data)[0] == ArrayMeta("float64", (3,))
 
 
 # ---- incremental ----------------------------------------------------------------------------------
 def test_incremental_returns_none_until_header_complete():
     data = saved(np.zeros((4, 5), dtype=np.float32))
-    _, hlen = parse_npy_header(data)
+    _, hlen = parsed(data)
     for cut in range(hlen):
         assert parse_npy_header(data[:cut]) is None, cut
-    meta, got = parse_npy_header(data[:hlen])
+    meta, got = parsed(data[:hlen])
     assert got == hlen and meta == ArrayMeta("float32", (4, 5))
 
 
@@ -160,7 +167,7 @@ def test_rejects_small_int_dtype_with_advice():
 
 @pytest.mark.parametrize("dtype", ["int32", "int64"])
 def test_accepts_integer_labels(dtype):
-    meta, _ = parse_npy_header(saved(np.zeros(3, dtype=dtype)))
+    meta, _ = parsed(saved(np.zeros(3, dtype=dtype)))
     assert meta.dtype == dtype
 
 
@@ -204,7 +211,7 @@ def test_rejects_malformed_shape(shape):
 def test_npy_header_round_trip(dtype, shape):
     arr = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
     header = npy_header(arr)
-    meta, hlen = parse_npy_header(header)
+    meta, hlen = parsed(header)
     assert hlen == len(header)
     assert meta == ArrayMeta(dtype, shape)
     data = header + arr.tobytes()
@@ -216,7 +223,7 @@ def test_npy_header_round_trip(dtype, shape):
 def test_npy_header_of_a_view():
     base = np.arange(20, dtype=np.float64).reshape(4, 5)
     view = np.ascontiguousarray(base[1:3])
-    meta, _ = parse_npy_header(npy_header(view))
+    meta, _ = parsed(npy_header(view))
     assert meta == ArrayMeta("float64", (2, 5))
 
 
@@ -224,7 +231,7 @@ def test_npy_header_many_dims():
     arr = np.zeros((1,) * 32)
     header = npy_header(arr)
     assert header[6] == 1
-    meta, hlen = parse_npy_header(header)
+    meta, hlen = parsed(header)
     assert hlen == len(header) and meta.shape == (1,) * 32
 
 

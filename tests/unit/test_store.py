@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from head_node import store as store_mod
 from head_node.store import JobStore
 
 
-def _record(job_id: str) -> dict:
+def _record(job_id: str) -> dict[str, Any]:
     return {"job_id": job_id, "type": "matmul", "params": {}, "inputs": {}, "outputs": {}, "nodes": None,
             "created_at": time.time()}
 
@@ -29,7 +32,7 @@ def test_deleted_job_leaves_a_tombstone_that_survives_a_restart(tmp_path: Path) 
     db.close()
 
 
-def test_old_tombstones_are_purged_at_start(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_old_tombstones_are_purged_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "jobs.sqlite3"
     db = JobStore(path)
     db.delete("c" * 32)
@@ -40,7 +43,8 @@ def test_old_tombstones_are_purged_at_start(tmp_path: Path, monkeypatch) -> None
     db.close()
 
 
-def test_replace_file_with_fsync_syncs_the_file_and_its_directory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_replace_file_with_fsync_syncs_the_file_and_its_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     real = store_mod.os.fsync
 

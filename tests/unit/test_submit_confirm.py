@@ -45,6 +45,12 @@ def _head(tmp_path: Path, refuse: bool) -> Head:
     return head
 
 
+def _row(head: Head, job_id: str) -> dict[str, Any]:
+    row = head.store.get(job_id)
+    assert row is not None, f"no row for job {job_id}"
+    return row
+
+
 def _spec(head: Head) -> dict[str, Any]:
     a, b = np.ones((4, 3)), np.ones((3, 2))
     return {"type": "matmul", "inputs": {"a": head.blobs.put_array(a), "b": head.blobs.put_array(b)}}
@@ -62,12 +68,13 @@ def test_a_delivery_before_the_confirm_waits_for_it(tmp_path: Path, refuse: bool
                 await asyncio.sleep(0.01)
                 assert head.state.jobs == {} and head.jobs.active == {}, "a refused job was started"
                 assert head.store.list() == []
+                assert isinstance(head.queue, EarlyDeliveryQueue)
                 (job_id,) = head.queue.acked  # its early delivery was acked, so it is not redelivered
                 assert head.store.is_deleted(job_id)
             else:
                 job_id = await head.submit(_spec(head))
                 assert job_id in head.state.jobs and job_id in head.jobs.active
-                assert head.store.get(job_id)["accepted"]
+                assert _row(head, job_id)["accepted"]
                 assert head.jobs.parked == {}
         finally:
             head.store.close()
@@ -91,8 +98,9 @@ def test_a_broken_torch_fails_the_training_job_instead_of_leaving_it_queued(
         head.queue = head.jobs.queue = EmbeddedQueue(head.store)
         await head.queue.start(head.jobs.deliver)
         try:
-            arrays = {"x": np.zeros((100, 64), dtype=np.float32), "y": np.arange(100, dtype=np.int64) % 3,
-                      "x_test": np.zeros((4, 64), dtype=np.float32), "y_test": np.arange(4, dtype=np.int64) % 3}
+            arrays: dict[str, np.ndarray] = {
+                "x": np.zeros((100, 64), dtype=np.float32), "y": np.arange(100, dtype=np.int64) % 3,
+                "x_test": np.zeros((4, 64), dtype=np.float32), "y_test": np.arange(4, dtype=np.int64) % 3}
             inputs = {n: {"blob": head.blobs.put_array(a)} for n, a in arrays.items()}
             record = {"job_id": "d" * 32, "type": "train", "params": {"model": "logreg"}, "created_at": 0.0,
                       "nodes": None, "inputs": inputs, "outputs": {}}
@@ -105,9 +113,9 @@ def test_a_broken_torch_fails_the_training_job_instead_of_leaving_it_queued(
             head.jobs.deliver(record, ack)
             for _ in range(100):
                 await asyncio.sleep(0.02)
-                if head.store.get("d" * 32)["state"] == "failed":
+                if _row(head, "d" * 32)["state"] == "failed":
                     break
-            row = head.store.get("d" * 32)
+            row = _row(head, "d" * 32)
             assert row["state"] == "failed" and "libcudnn" in row["error"], row
             assert acks == [1]
         finally:
