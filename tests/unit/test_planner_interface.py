@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.tasks import JobContext, Metrics, Planner, SaveFile, SubtaskPlan, Worker
+from common.tasks import Effect, JobContext, Metrics, Planner, SaveFile, SubtaskPlan, Worker
 from head_node import stimuli
 from head_node.state import ClusterState, Job, JobState
 from tests.unit.test_state import connect, dispatches, hexid, make_info, result
@@ -22,7 +22,8 @@ class Rounds(Planner):
     """Three rounds of one subtask per worker; a checkpoint and a metrics record after each."""
 
     def __init__(self, rounds: int = 3) -> None:
-        self.rounds, self.done_rounds, self.expect, self.merged, self.pending = rounds, 0, 0, 0, []
+        self.rounds, self.done_rounds, self.expect, self.merged = rounds, 0, 0, 0
+        self.pending: list[Effect] = []
         self.seen_now: list[float] = []
 
     def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
@@ -51,7 +52,7 @@ class Rounds(Planner):
     def progress(self) -> tuple[int, int]:
         return self.done_rounds, self.rounds
 
-    def effects(self) -> list[Any]:
+    def effects(self) -> list[Effect]:
         out, self.pending = self.pending, []
         return out
 
@@ -115,7 +116,7 @@ def test_train_planner_is_pure_after_it_is_built(tmp_path: Path) -> None:
     from common.tasks.train.planner import TrainPlanner
 
     rng = np.random.default_rng(0)
-    data = {"x": rng.standard_normal((64, 4)).astype(np.float32), "y": rng.integers(0, 2, 64),
+    data: dict[str, np.ndarray] = {"x": rng.standard_normal((64, 4)).astype(np.float32), "y": rng.integers(0, 2, 64),
             "x_test": rng.standard_normal((8, 4)).astype(np.float32), "y_test": rng.integers(0, 2, 8)}
     ctx = JobContext(job_id=hexid(), params={"model": "logreg", "batch_size": 32, "checkpoint_every": 1},
                      inputs={}, outputs={}, operands=data, blob_ids={k: hexid() for k in data}, results={},

@@ -26,14 +26,14 @@ def test_straggler_is_flagged_once_and_copied_to_the_idle_provider() -> None:
     quick = by_provider[fast.provider_id]
     assert result(cs, fast.provider_id, job.job_id, quick.subtask, quick.attempt, cs.incarnation, 0.5)
     cs.handle(stimuli.ResultMerged(job.job_id), 0.5)
-    assert not [a for a in cs.handle(stimuli.Tick(), 1.0) if isinstance(a, st.Straggler)]  # not yet
+    assert not [a for a in cs.handle(stimuli.Tick(), 1.0) if isinstance(a, stimuli.Straggler)]  # not yet
     actions = cs.handle(stimuli.Tick(), 3.0)
-    flagged = [a for a in actions if isinstance(a, st.Straggler)]
+    flagged = [a for a in actions if isinstance(a, stimuli.Straggler)]
     assert len(flagged) == 1 and flagged[0].provider_id == slow.provider_id
     assert flagged[0].copied_to == fast.provider_id and flagged[0].seconds >= 2.0
     copy = [d for d in dispatches(actions)]
     assert len(copy) == 1 and copy[0].provider_id == fast.provider_id and copy[0].attempt == 2
-    assert not [a for a in cs.handle(stimuli.Tick(), 4.0) if isinstance(a, st.Straggler)]  # flagged once
+    assert not [a for a in cs.handle(stimuli.Tick(), 4.0) if isinstance(a, stimuli.Straggler)]  # flagged once
     assert cs.counters["subtasks_speculative"] == 1
     # the slow original finishes first: it wins, the copy's result is ignored
     orig = by_provider[slow.provider_id]
@@ -59,6 +59,6 @@ def test_copy_result_wins_when_it_comes_first() -> None:
 def test_no_copy_without_an_idle_provider() -> None:
     cs, job, fast, slow, sent = setup()
     actions = cs.handle(stimuli.Tick(), 3.0)  # both still busy
-    flagged = [a for a in actions if isinstance(a, st.Straggler)]
+    flagged = [a for a in actions if isinstance(a, stimuli.Straggler)]
     assert len(flagged) == 2 and all(a.copied_to is None for a in flagged)
     assert not dispatches(actions)
