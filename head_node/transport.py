@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 import zmq.asyncio
@@ -97,7 +97,8 @@ class Transport:
     # ---- sending --------------------------------------------------------------------------
     def publish(self, frames: Sequence[Any]) -> None:
         """PUB never blocks: past the high-water mark it drops, and the ack timeout re-sends."""
-        sent = self.xpub.send_multipart(frames, copy=False)
+        # pyzmq types the result as a bare Awaitable; zmq.asyncio really returns an asyncio Future
+        sent = cast("asyncio.Future[Any]", self.xpub.send_multipart(frames, copy=False))
         sent.add_done_callback(_log_send_error)
 
     # ---- loops ----------------------------------------------------------------------------

@@ -73,7 +73,8 @@ class ZapHandler:
     the CURVE sockets so that no handshake can happen without it)."""
 
     def __init__(self, ctx: zmq.Context, allow_dir: Path) -> None:
-        self.ctx = zmq.Context.shadow(ctx.underlying)  # same libzmq context, plain (sync) sockets
+        # same libzmq context, plain (sync) sockets
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(ctx.underlying)
         self.allow = AllowList(allow_dir)
         self.denied = 0
         self._last_logged: dict[tuple[bytes, bytes], float] = {}

@@ -235,6 +235,7 @@ class TrainPlanner(Planner):
             sub = {**self._base("local", rid, k, "train"), "local_steps": k_steps,
                    "lr": self.optimizer.param_groups[0]["lr"]}
             plans.append(SubtaskPlan(w.provider_id, sub, self._flops(n * k_steps, 3)))
+        assert self.round is not None  # set by _new_round above
         self.round["local_steps"] = k_steps
         return plans
 

@@ -19,7 +19,8 @@ class ModelRunner:
         cache = device.cache
         key = ("model", sub["job_id"], sub["model"], repr(sub.get("model_args")))
         if key in cache:
-            return cache[key]
+            hit: models.FlatView = cache[key]  # the device's cache holds any task type's values
+            return hit
         module = models.build_model(sub["model"], sub["input_shape"], sub["classes"], sub.get("model_args"))
         if device.kind != "cpu":
             module = module.to(device.torch_device())
