@@ -41,7 +41,7 @@ try:
         response_schema_conformance,
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    schemathesis = None
+    schemathesis = None  # type: ignore[assignment]
     SCHEMATHESIS_MISSING = f"schemathesis is not installed ({exc}); pip install 'schemathesis>=4.32'"
 else:
     SCHEMATHESIS_MISSING = ""
@@ -297,8 +297,8 @@ def test_deeply_nested_json_is_refused_not_fatal(cluster: LocalCluster, http: ht
             r = http.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500, (depth, r.status_code, r.text[:200])
     # nested, but valid JSON of moderate depth and no inputs: a plain validation error
-    body = {"type": "matmul", "inputs": {}, "params": {"x": json.loads("[" * 100 + "]" * 100)}}
-    r = http.post("/v1/jobs", json=body)
+    spec = {"type": "matmul", "inputs": {}, "params": {"x": json.loads("[" * 100 + "]" * 100)}}
+    r = http.post("/v1/jobs", json=spec)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid"
     assert http.get("/v1/jobs").status_code == 200
 

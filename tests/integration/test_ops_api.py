@@ -49,12 +49,12 @@ def wait_for(pred: Any, timeout: float, what: str) -> Any:
 
 def sse(resp: httpx.Response) -> Iterator[tuple[str, Any]]:
     """(event name, decoded data) of a text/event-stream response, as they arrive."""
-    name, data = "message", []
+    name, data = "message", list[str]()
     for line in resp.iter_lines():
         if line == "":
             if data:
                 yield name, json.loads("\n".join(data))
-            name, data = "message", []
+            name, data = "message", list[str]()
         elif line.startswith("event:"):
             name = line[6:].strip()
         elif line.startswith("data:"):
@@ -280,8 +280,11 @@ def test_token_on_every_route() -> None:
         # the token in the query string counts for the event stream only
         assert httpx.get(url + "/v1/metrics", params={"token": "s3cret"}, timeout=10).status_code == 401
         assert httpx.get(url + "/v1/stream", params={"token": "nope"}, timeout=10).status_code == 401
-        for kw in ({"headers": good}, {"params": {"token": "s3cret"}}):
-            with httpx.stream("GET", url + "/v1/stream", timeout=10, **kw) as resp:
+        by_header: list[tuple[dict[str, str] | None, dict[str, str] | None]] = [(good, None),
+                                                                                 (None, {"token": "s3cret"})]
+        for auth_headers, auth_params in by_header:
+            with httpx.stream("GET", url + "/v1/stream", timeout=10, headers=auth_headers,
+                              params=auth_params) as resp:
                 assert resp.status_code == 200
                 name, first = next(sse(resp))
                 assert name == "snapshot" and first["full"] is True
