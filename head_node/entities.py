@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.jobs import JobState
+from common.protocol import ProviderHello
 from common.tasks import ArrayMeta, Planner, Worker
 
 log = logging.getLogger("dcf.head")
+
+#: what a provider said of itself when it registered (checked by the wire module)
+ProviderInfo = ProviderHello
 
 #: subtasks of at least this many flops update a provider's measured throughput
 MEASURABLE_FLOPS = 2e8
@@ -43,25 +47,6 @@ class SubState(str, enum.Enum):
     SENT = "sent"  # published, not yet acknowledged
     RUNNING = "running"  # acknowledged by the provider
     DONE = "done"
-
-
-@dataclass
-class ProviderInfo:
-    provider_id: str
-    name: str
-    host: str
-    os: str
-    device_kind: str
-    device_name: str
-    memory_bytes: int
-    cores: int
-    task_types: frozenset[str]
-    dtypes: frozenset[str]
-    version: str
-    gflops: float
-
-    def worker(self, gflops: float | None = None) -> Worker:
-        return Worker(self.provider_id, gflops or self.gflops, self.memory_bytes, self.device_kind, self.dtypes)
 
 
 @dataclass
@@ -99,7 +84,8 @@ class Provider:
         return self.speed.get(task_type, self.info.gflops)
 
     def worker(self, task_type: str) -> Worker:
-        return self.info.worker(self.gflops(task_type))
+        info = self.info
+        return Worker(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes)
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
         """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``

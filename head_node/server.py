@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from common import config, layout, protocol, security
-from common.errors import Conflict, DcfError, NotFound, ProtocolError, UnknownProvider, ValidationError
+from common.errors import Conflict, DcfError, NotFound, UnknownProvider, ValidationError
 from common.jobs import TERMINAL_NAMES, JobRecord
 from common.protocol import check_id
 
@@ -195,14 +195,14 @@ class Head:
             return protocol.encode("heartbeat_ack", {"epoch": self.incarnation,
                                                      "subscribed": self.state.providers[pid].subscribed})
         if msg.type == "fetch":
-            return self._fetch(pid, msg["blob_id"])
+            return self._fetch(pid, msg)
         self.apply(sm.ProviderLeft(pid))
         log.info("provider left", extra={"provider_id": pid})
         self.events.emit("node.left", provider_id=pid)
         return protocol.encode("ok")
 
     def _register(self, msg: protocol.Message, pid: str) -> list[Any]:
-        info = provider_info(msg)
+        info = protocol.parse_register(msg)
         self.apply(sm.ProviderRegistered(info))
         log.info("provider registered: %s (%s, %s, %.1f GFLOP/s)", info.name, info.device_kind,
                  info.device_name, info.gflops, extra={"provider_id": pid})
@@ -212,13 +212,15 @@ class Head:
                                               "heartbeat_interval_s": self.cfg.heartbeat_interval,
                                               "state_dir": str(self.root.resolve())})
 
-    def _fetch(self, pid: str, blob_id: str) -> list[Any]:
+    def _fetch(self, pid: str, msg: protocol.Message) -> list[Any]:
         """A registered provider asks for a dataset blob it has not cached (claim-check over REQ-REP)."""
         if pid not in self.state.providers:
             return protocol.error_frames(UnknownProvider.code, "register again")
-        arr = self.blobs.open(blob_id)  # NotFound / ProtocolError become an error reply
-        self.counters["bytes_out"] += arr.nbytes
-        return protocol.encode("blob", {"blob_id": blob_id}, [arr])
+        arr = self.blobs.open(msg["blob_id"])  # NotFound / ProtocolError become an error reply
+        reply = protocol.blob_reply(msg["blob_id"], arr, msg.get("max_bytes"))
+        if len(reply) > 1:  # the blob went (not a too_large error)
+            self.counters["bytes_out"] += arr.nbytes
+        return reply
 
     def _is_local(self, pid: str, claimed_epoch: object) -> bool:
         """A provider shares the state dir if it says so and wrote its proof file there."""
@@ -406,25 +408,6 @@ class Head:
                          **({"curve_refused": self.zap.denied} if self.zap is not None else {})},
             "finished": list(self.finished),
         }
-
-
-def provider_info(msg: protocol.Message) -> st.ProviderInfo:
-    def strs(name: str) -> frozenset[str]:
-        values = msg[name]
-        if not all(isinstance(v, str) for v in values) or len(values) > 64:
-            raise ProtocolError(f"register: {name} must be a list of strings")
-        return frozenset(values)
-
-    gflops = float(msg["gflops"])
-    if not 0 < gflops < 1e7:
-        raise ProtocolError("register: gflops must be positive")
-    if msg["device_kind"] not in ("cpu", "cuda", "mps"):
-        raise ProtocolError("register: device_kind must be cpu, cuda or mps")
-    return st.ProviderInfo(
-        provider_id=msg["provider_id"], name=msg["name"][:64] or msg["provider_id"][:8],
-        host=msg["host"][:128], os=msg["os"][:64], device_kind=msg["device_kind"],
-        device_name=msg["device_name"][:128], memory_bytes=msg["memory_bytes"], cores=msg["cores"],
-        task_types=strs("task_types"), dtypes=strs("dtypes"), version=msg["version"][:32], gflops=gflops)
 
 
 def _bug(job: st.Job, what: str, exc: Exception) -> str:

@@ -318,10 +318,12 @@ class ProviderNode:
         t0 = time.perf_counter()
         shared = msg.get("shared")
         try:
+            task = tasks.get(msg["task_type"])
+            task.check_params(msg["params"])
             if shared is not None:
-                outputs = self._run_shared(msg, shared)
+                outputs = self._run_shared(task, msg, shared)
             else:
-                outputs = tasks.get(msg["task_type"]).run(msg["params"], msg.arrays, self.device)
+                outputs = task.run(msg["params"], msg.arrays, self.device)
         except Exception as exc:
             retryable = not (isinstance(exc, DcfError) and exc.http_status < 500)
             log.error("subtask failed: %s: %s", type(exc).__name__, exc, extra=ctx)
@@ -336,14 +338,13 @@ class ProviderNode:
             return protocol.encode("result", {**fields, "elapsed_s": elapsed, "stats": stats, "in_place": True})
         return protocol.encode("result", {**fields, "elapsed_s": elapsed, "stats": stats}, outputs)
 
-    def _run_shared(self, msg: protocol.Message, shared: dict[str, Any]) -> list[np.ndarray]:
+    def _run_shared(self, task: tasks.TaskType, msg: protocol.Message, shared: dict[str, Any]) -> list[np.ndarray]:
         files = self.shared
         if files is None or msg["epoch"] != files.incarnation:
             raise TaskError("subtask by reference, but this provider does not share the head's state dir")
         blob_ids, names = shared.get("inputs"), shared.get("outputs")
         if not isinstance(blob_ids, dict) or not isinstance(names, list):
             raise TaskError("malformed 'shared' field")
-        task = tasks.get(msg["task_type"])
         if not isinstance(task, tasks.SplitTask):
             raise TaskError(f"task type {task.name} has no subtasks by reference")
         arrays = task.subtask_inputs(msg["params"], files.inputs(blob_ids))

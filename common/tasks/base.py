@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from ..arrays import ArrayMeta
+from ..protocol import Field, check_fields
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
            "SplitTask", "SubtaskPlan", "TaskType", "Worker"]
@@ -150,6 +151,8 @@ class TaskType(ABC):
     inputs: ClassVar[tuple[str, ...]]
     #: modules the head imports on a thread before it builds this task's first planner (slow imports)
     head_imports: ClassVar[tuple[str, ...]] = ()
+    #: the schema of a subtask's params on the wire (common/tasks/wire.py); None: not checked
+    params_schema: ClassVar[Mapping[str, Field] | None] = None
 
     @abstractmethod
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
@@ -163,6 +166,12 @@ class TaskType(ABC):
         if missing:
             return f"{worker.device_kind} provider does not support {', '.join(sorted(missing))}"
         return None
+
+    def check_params(self, sub_params: Mapping[str, Any]) -> None:
+        """Provider side, before ``run``: raise ProtocolError unless the params of a subtask received
+        over the wire fit this task type's ``params_schema``."""
+        if self.params_schema is not None:
+            check_fields(f"{self.name} subtask params", sub_params, self.params_schema)
 
     def available(self) -> bool:
         """Can this process run the task's subtasks (e.g. is torch installed)? Providers only

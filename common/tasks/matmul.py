@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ValidationError
+from . import wire
 from .base import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker
 from .registry import register
 from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks
@@ -21,6 +22,7 @@ DTYPES = ("float32", "float64")
 class MatMul(SplitTask):
     name = "matmul"
     inputs = ("a", "b")
+    params_schema = wire.ROWS
 
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
         if set(inputs) != set(self.inputs):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NotFound, ValidationError
+from . import wire
 from .base import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker
 from .registry import register
 from .rows import check_block, place_rows, worker_shares
@@ -21,6 +22,7 @@ class PredictTask(SplitTask):
 
     name = "predict"
     inputs = ("x", "weights")
+    params_schema = wire.PREDICT
 
     def available(self) -> bool:
         return has_torch()

@@ -287,8 +287,8 @@ def _router_cases(rng: random.Random) -> Iterator[tuple[str, list[bytes], set[st
     assert len(exact) == protocol.MAX_HEADER_BYTES
     yield "header of exactly 64 KiB", [exact], {"error:unknown_provider"}
     over_max = _hdr("heartbeat", _heartbeat(_pid(), pad="x" * (pad + 1)))
-    yield "header of 64 KiB + 1", [over_max], {"error:bad_message"}
-    yield "header of 600 KiB", [_hdr("heartbeat", _heartbeat(_pid(), pad="y" * (600 << 10)))], {"error:bad_message"}
+    yield "header of 64 KiB + 1", [over_max], {"error:too_large"}
+    yield "header of 600 KiB", [_hdr("heartbeat", _heartbeat(_pid(), pad="y" * (600 << 10)))], {"error:too_large"}
     for bad_type in ("subtask", "result", "ack", "failed", "registered", "heartbeat_ack", "error", "ok", "blob",
                      "", "REGISTER", "register\x00", "x" * 5000, 7, None, b"register", ["register"]):
         yield f"type {bad_type!r:.30}", [_hdr(bad_type, _register(_pid()))], {"error:bad_message"}

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from common.errors import ValidationError
-from common.protocol import Field, check_fields, decode, encode
+from common.protocol import decode, encode
+from common.tasks import wire
 
 torch = pytest.importorskip("torch")
 
@@ -28,21 +29,8 @@ def hexid() -> str:
     return uuid.uuid4().hex
 
 
-def _id() -> Field:
-    return Field((str,), is_id=True)
-
-
-#: PROTOCOL.md §10.1, the params of every train subtask
-DATA = {"x": _id(), "y": _id(), "key": Field((str,))}
-TRAIN_BASE = {
-    "kind": Field((str,), choices=frozenset({"grad", "eval", "local"})), "job_id": _id(),
-    "round": Field((int,)), "shard": Field((int,)), "version": Field((int,)), "model": Field((str,)),
-    "model_args": Field((dict,)), "input_shape": Field((list,), items=(int,)), "classes": Field((int,)),
-    "n_params": Field((int,)), "data": Field((dict,), fields=DATA),
-}
-EXTRA = {"grad": {}, "async": {"batch": Field((int,))},
-         "local": {"local_steps": Field((int,)), "lr": Field((int, float))},
-         "eval": {"row0": Field((int,)), "rows": Field((int,))}}
+#: PROTOCOL.md §10.1: the kinds of train subtask and the keys each carries (async grad rounds add "batch")
+KIND_KEYS = {"grad": set(), "async": {"batch"}, "local": {"local_steps", "lr"}, "eval": {"row0", "rows"}}
 
 
 class FakeDevice:
@@ -86,9 +74,8 @@ def over_the_wire(params: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dic
 
 
 def check_train_subtask(planner: TrainPlanner, params: dict[str, Any], kind: str) -> list[np.ndarray]:
-    schema = {**TRAIN_BASE, **EXTRA[kind]}
-    assert set(params) == set(schema), "the params are exactly the documented keys"
-    check_fields(f"train {kind} params", params, schema)
+    assert set(params) == set(wire.TRAIN) | KIND_KEYS[kind], "the params are exactly the documented keys"
+    TrainTask().check_params(params)  # what a provider checks before it runs the subtask
     arrays = planner.subtask_inputs(params)
     assert arrays[0].dtype == np.float32 and arrays[0].shape == (params["n_params"],)
     if params["kind"] == "eval":
@@ -208,3 +195,21 @@ def test_predict_subtask(tmp_path: Path) -> None:
         np.testing.assert_array_equal(pred, expected)
         with pytest.raises(ValidationError):
             task.check_result(plan.params, outputs, [pred.astype(np.int32)])
+
+
+def test_malformed_subtask_params_are_refused_before_running() -> None:
+    from common import tasks
+    from common.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="row0"):
+        tasks.get("matmul").check_params({"row0": "0", "rows": 4})
+    with pytest.raises(ProtocolError, match="missing field 'rows'"):
+        tasks.get("predict").check_params({"row0": 0, "model": "mlp", "model_args": {}, "input_shape": [4],
+                                           "classes": 2})
+    good = {"kind": "local", "job_id": hexid(), "round": 1, "shard": 0, "version": 0, "model": "mlp",
+            "model_args": {}, "input_shape": [4], "classes": 2, "n_params": 10,
+            "data": {"x": hexid(), "y": hexid(), "key": "k"}, "local_steps": 2, "lr": 0.1}
+    TrainTask().check_params(good)
+    for bad in ({"kind": "sideways"}, {"data": {"x": "../etc", "y": hexid(), "key": "k"}}, {"lr": "fast"}):
+        with pytest.raises(ProtocolError):
+            TrainTask().check_params({**good, **bad})

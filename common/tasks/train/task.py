@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import ValidationError
+from ...protocol import check_fields
+from .. import wire
 from ..base import ArrayMeta, Device, JobContext, Planner, TaskType, Worker
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
@@ -28,6 +30,11 @@ class TrainTask(TaskType):
     name = "train"
     inputs = ("x", "y", "x_test", "y_test")
     head_imports = ("torch",)
+
+    def check_params(self, sub_params: Mapping[str, Any]) -> None:
+        """The fields of every train subtask (PROTOCOL.md §10.1), then those of its kind."""
+        check_fields("train subtask params", sub_params, wire.TRAIN)
+        check_fields(f"train {sub_params['kind']} subtask params", sub_params, wire.TRAIN_KIND[sub_params["kind"]])
 
     def available(self) -> bool:
         return has_torch()

@@ -1,0 +1,34 @@
+"""The params each built-in task type's subtasks carry on the wire (docs/PROTOCOL.md §10), as
+schemas of the wire module (common/protocol.py). A provider checks a subtask's params against its
+task type's schema before it runs it (``TaskType.check_params``): a malformed subtask fails with a
+clear ``bad_message`` instead of an error deep inside the computation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..protocol import Field
+
+_INT = Field((int,))
+_ID = Field((str,), is_id=True)
+
+#: matmul §10 and any task cut by rows: the rows of the first input this subtask owns
+ROWS = {"row0": _INT, "rows": _INT}
+
+#: the model a subtask builds (train and predict)
+MODEL = {"model": Field((str,), max_len=64), "model_args": Field((dict,)),
+         "input_shape": Field((list,), items=(int,), max_len=8), "classes": _INT}
+
+#: predict §10.2
+PREDICT = {**ROWS, **MODEL}
+
+#: train §10.1: the fields of every train subtask, then those of each kind
+TRAIN_DATA = {"x": _ID, "y": _ID, "key": Field((str,), max_len=128)}
+TRAIN = {"kind": Field((str,), choices=frozenset({"grad", "eval", "local"})), "job_id": _ID,
+         "round": _INT, "shard": _INT, "version": _INT, **MODEL, "n_params": _INT,
+         "data": Field((dict,), fields=TRAIN_DATA)}
+TRAIN_KIND: Mapping[str, Mapping[str, Field]] = {
+    "grad": {"batch": Field((int,), required=False)},  # async rounds name their batch
+    "local": {"local_steps": _INT, "lr": Field((int, float))},
+    "eval": ROWS,
+}
