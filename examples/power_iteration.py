@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import ValidationError
-from common.tasks import ArrayMeta, Device, JobContext, Planner, SubtaskPlan, TaskType, Worker, register
-from common.tasks.rows import check_block, worker_shares
+from common.tasks import ArrayMeta, Device, JobContext, Planner, ProviderSpec, SubtaskPlan, TaskType, register
+from common.tasks.rows import check_block, provider_shares
 
 DEFAULTS: dict[str, Any] = {"max_iterations": 100, "tol": 1e-9, "seed": 0}
 
@@ -60,7 +60,7 @@ class PowerIterationPlanner(Planner):
         self.eigenvalue = float("nan")
         self.change = float("inf")
 
-    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+    def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         if self.finished or outstanding:
             return []
         if self.expect:  # the round in flight is complete: next iterate
@@ -69,8 +69,8 @@ class PowerIterationPlanner(Planner):
                 return []
         n = self.a.shape[0]
         plans, row0 = [], 0
-        for worker, rows in worker_shares(n, workers):
-            plans.append(SubtaskPlan(worker.provider_id, {"round": self.round, "row0": row0, "rows": rows},
+        for provider, rows in provider_shares(n, providers):
+            plans.append(SubtaskPlan(provider.provider_id, {"round": self.round, "row0": row0, "rows": rows},
                                      cost=2.0 * rows * n))
             row0 += rows
         self.expect, self.got = len(plans), set()
@@ -129,8 +129,9 @@ class PowerIteration(TaskType):
             raise ValidationError(f"power_iteration: a must be float32 or float64, got {a.dtype}")
         return {"vector": ArrayMeta("float64", (a.shape[0],))}
 
-    def eligible(self, worker: Worker, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> str | None:
-        return None if "float64" in worker.dtypes else f"{worker.device_kind} provider has no float64"
+    def eligible(self, provider: ProviderSpec, params: Mapping[str, Any],
+                 inputs: Mapping[str, ArrayMeta]) -> str | None:
+        return None if "float64" in provider.dtypes else f"{provider.device_kind} provider has no float64"
 
     def planner(self, job: JobContext) -> Planner:
         return PowerIterationPlanner(job)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ValidationError
-from common.tasks import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker, register
+from common.tasks import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan, register
 from common.tasks.rows import check_block, fits_rows, place_rows, row_blocks
 
 #: the statistics a job may ask for, in no particular order
@@ -120,18 +120,19 @@ class RowStats(SplitTask):
         return rows * cols * sum(FLOPS_PER_ELEMENT[s] for s in stats)
 
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
-              workers: Sequence[Worker]) -> list[SubtaskPlan]:
+              providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         """Rows in proportion to each worker's gflops, cut further where a share exceeds its memory."""
         x = inputs["x"]
         m, n = x.shape
         stats = list(params["stats"])
-        blocks = row_blocks(m, workers, self._row_bytes(x, len(stats)), what=f"rowstats: one row of x ({n} {x.dtype})")
+        blocks = row_blocks(m, providers, self._row_bytes(x, len(stats)),
+                            what=f"rowstats: one row of x ({n} {x.dtype})")
         return [SubtaskPlan(w.provider_id, {"row0": r0, "rows": rows, "stats": stats}, cost=self._cost(rows, n, stats))
                 for w, r0, rows in blocks]
 
-    def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
+    def fits(self, provider: ProviderSpec, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         """Whether a re-assigned subtask fits ``worker`` (the same budget as ``split``)."""
-        return fits_rows(worker, sub_params["rows"], self._row_bytes(inputs["x"], len(sub_params["stats"])))
+        return fits_rows(provider, sub_params["rows"], self._row_bytes(inputs["x"], len(sub_params["stats"])))
 
     def subtask_inputs(self, sub_params: Mapping[str, Any],
                        inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:

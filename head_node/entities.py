@@ -11,7 +11,7 @@ from typing import Any
 
 from common.jobs import JobState
 from common.protocol import ProviderHello
-from common.tasks import ArrayMeta, Planner, Worker
+from common.tasks import ArrayMeta, Planner, ProviderSpec
 
 log = logging.getLogger("dcf.head")
 
@@ -83,9 +83,9 @@ class Provider:
     def gflops(self, task_type: str) -> float:
         return self.speed.get(task_type, self.info.gflops)
 
-    def worker(self, task_type: str) -> Worker:
+    def spec(self, task_type: str) -> ProviderSpec:
         info = self.info
-        return Worker(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes)
+        return ProviderSpec(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes)
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
         """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``

@@ -33,7 +33,7 @@ from typing import Any
 from common import config, tasks
 from common.errors import Conflict, DcfError, NotFound
 from common.jobs import JobState
-from common.tasks import SubtaskPlan, Worker
+from common.tasks import ProviderSpec, SubtaskPlan
 
 from .entities import Job, Provider, ProviderInfo, SubState, Subtask, service_seconds
 from .stimuli import (
@@ -302,11 +302,11 @@ class ClusterState:
         actions: list[Action] = []
         outstanding = len(job.subtasks) - job.done_count
         if not job.planner.finished:
-            workers, why = self.eligible_workers(job)
+            providers, why = self.eligible_providers(job)
             job.waiting = why
-            if workers:
+            if providers:
                 try:
-                    plans = job.planner.plan(workers[: job.nodes] if job.nodes else workers, outstanding, now)
+                    plans = job.planner.plan(providers[: job.nodes] if job.nodes else providers, outstanding, now)
                     effects = tuple(job.planner.effects())
                 except DcfError as exc:
                     return self._fail(job, now, exc.message)
@@ -388,9 +388,9 @@ class ClusterState:
         the first result of either attempt is taken, the other is ignored."""
         sub.straggling = True
         slow = sub.provider_id or ""
-        workers, _ = self.eligible_workers(job)
+        providers, _ = self.eligible_providers(job)
         task = tasks.get(job.task_type)
-        idle = [w for w in workers if w.provider_id != slow and not self.providers[w.provider_id].assigned
+        idle = [w for w in providers if w.provider_id != slow and not self.providers[w.provider_id].assigned
                 and task.fits(w, sub.params, job.inputs)]
         actions: list[Action] = []
         copy_to = None
@@ -407,9 +407,9 @@ class ClusterState:
             self._requeue(sub)
 
     # ---- scheduling ----------------------------------------------------------------------
-    def eligible_workers(self, job: Job) -> tuple[list[Worker], str | None]:
+    def eligible_providers(self, job: Job) -> tuple[list[ProviderSpec], str | None]:
         task = tasks.get(job.task_type)
-        workers: list[Worker] = []
+        providers: list[ProviderSpec] = []
         reasons: list[str] = []
         for prov in self.providers.values():
             if not prov.ready:
@@ -417,15 +417,15 @@ class ClusterState:
             if job.task_type not in prov.info.task_types:
                 reasons.append(f"{prov.info.name} lacks task type {job.task_type}")
                 continue
-            worker = prov.worker(job.task_type)
-            why = task.eligible(worker, job.params, job.inputs)
+            provider = prov.spec(job.task_type)
+            why = task.eligible(provider, job.params, job.inputs)
             if why:
                 reasons.append(why)
                 continue
-            workers.append(worker)
-        workers.sort(key=lambda w: w.gflops, reverse=True)
-        if workers:
-            return workers, None
+            providers.append(provider)
+        providers.sort(key=lambda w: w.gflops, reverse=True)
+        if providers:
+            return providers, None
         if not reasons:
             return [], "waiting for providers: none is connected"
         return [], "waiting for a suitable provider: " + "; ".join(sorted(set(reasons)))
@@ -457,9 +457,9 @@ class ClusterState:
             return self._fail(job, now, f"task type {job.task_type} failed: {type(exc).__name__}: {exc}")
 
     def _start(self, job: Job, now: float) -> list[Action]:
-        workers, why = self.eligible_workers(job)
+        providers, why = self.eligible_providers(job)
         job.waiting = why
-        if not workers:
+        if not providers:
             return []
         job.state = JobState.RUNNING
         job.started_at = now
@@ -472,16 +472,16 @@ class ClusterState:
         pending = [s for s in job.subtasks if s.state is SubState.PENDING]
         if not pending:
             return []
-        workers, why = self.eligible_workers(job)
+        providers, why = self.eligible_providers(job)
         if job.nodes:  # keep to the providers the job already uses once it has its cap
             used = {p for s in job.subtasks for p in (s.provider_id, s.done_by) if p}
-            in_use = [w for w in workers if w.provider_id in used]
+            in_use = [w for w in providers if w.provider_id in used]
             if len(used) >= job.nodes and in_use:
-                workers = in_use
+                providers = in_use
         task = tasks.get(job.task_type)
         actions: list[Action] = []
         for sub in pending:
-            fit = [w for w in workers if task.fits(w, sub.params, job.inputs)]
+            fit = [w for w in providers if task.fits(w, sub.params, job.inputs)]
             if not fit:
                 job.waiting = why or "waiting for a provider with enough memory for a subtask"
                 continue

@@ -8,14 +8,14 @@ from .base import (
     JobContext,
     Metrics,
     Planner,
+    ProviderSpec,
     SaveFile,
     SplitPlanner,
     SplitTask,
     SubtaskPlan,
     TaskType,
-    Worker,
 )
 from .registry import get, load_plugins, names, register
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
-           "SplitTask", "SubtaskPlan", "TaskType", "Worker", "get", "load_plugins", "names", "register"]
+           "SplitTask", "SubtaskPlan", "TaskType", "ProviderSpec", "get", "load_plugins", "names", "register"]

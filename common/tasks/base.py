@@ -31,11 +31,11 @@ from ..arrays import ArrayMeta
 from ..protocol import Field, check_fields
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
-           "SplitTask", "SubtaskPlan", "TaskType", "Worker"]
+           "SplitTask", "SubtaskPlan", "TaskType", "ProviderSpec"]
 
 
 @dataclass(frozen=True)
-class Worker:
+class ProviderSpec:
     """What a planner sees of a ready provider."""
 
     provider_id: str
@@ -112,7 +112,7 @@ class Planner(ABC):
     shares_files: bool = False
 
     @abstractmethod
-    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+    def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         """New subtasks for these workers (eligible, fastest first), given how many are still
         out; [] means nothing now."""
 
@@ -158,13 +158,13 @@ class TaskType(ABC):
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
         """Check a job; return name -> metadata of each output array. Raise ValidationError."""
 
-    def eligible(self, worker: Worker, params: Mapping[str, Any],
+    def eligible(self, provider: ProviderSpec, params: Mapping[str, Any],
                  inputs: Mapping[str, ArrayMeta]) -> str | None:
         """None if the worker can run this job's subtasks, else the reason it cannot."""
         dtypes = {m.dtype for m in inputs.values()}
-        missing = dtypes - worker.dtypes
+        missing = dtypes - provider.dtypes
         if missing:
-            return f"{worker.device_kind} provider does not support {', '.join(sorted(missing))}"
+            return f"{provider.device_kind} provider does not support {', '.join(sorted(missing))}"
         return None
 
     def check_params(self, sub_params: Mapping[str, Any]) -> None:
@@ -178,7 +178,7 @@ class TaskType(ABC):
         advertise the task types they can run."""
         return True
 
-    def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
+    def fits(self, provider: ProviderSpec, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         """Can this worker hold one already-planned subtask (used when a subtask is re-assigned)?"""
         return True
 
@@ -204,7 +204,7 @@ class SplitTask(TaskType):
 
     @abstractmethod
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
-              workers: Sequence[Worker]) -> list[SubtaskPlan]:
+              providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         """Cut the job into subtasks over ``workers`` (all eligible, fastest first)."""
 
     @abstractmethod
@@ -244,10 +244,10 @@ class SplitPlanner(Planner):
         self.total = 0
         self.merged = 0
 
-    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+    def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         if self.finished:
             return []
-        plans = self.task.split(self.job.params, self.job.inputs, workers)
+        plans = self.task.split(self.job.params, self.job.inputs, providers)
         self.finished = True
         self.total = len(plans)
         return plans

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ValidationError
 from . import wire
-from .base import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker
+from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan
 from .registry import register
 from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks
 
@@ -43,20 +43,20 @@ class MatMul(SplitTask):
         return {"c": ArrayMeta(a.dtype, (a.shape[0], b.shape[1]))}
 
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
-              workers: Sequence[Worker]) -> list[SubtaskPlan]:
+              providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         a, b = inputs["a"], inputs["b"]
         m, k = a.shape
         n = b.shape[1]
         item = np.dtype(a.dtype).itemsize
-        blocks = row_blocks(m, workers, (k + n) * item, fixed_bytes=k * n * item,
+        blocks = row_blocks(m, providers, (k + n) * item, fixed_bytes=k * n * item,
                             what=f"matmul: b ({k}x{n} {a.dtype}) with a row of a and c")
         return [SubtaskPlan(w.provider_id, {"row0": r0, "rows": rows}, cost=2.0 * rows * k * n)
                 for w, r0, rows in blocks]
 
-    def fits(self, worker: Worker, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
+    def fits(self, provider: ProviderSpec, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         a, b = inputs["a"], inputs["b"]
         item = np.dtype(a.dtype).itemsize
-        return fits_rows(worker, sub_params["rows"], (a.shape[1] + b.shape[1]) * item, b.shape[0] * b.shape[1] * item)
+        return fits_rows(provider, sub_params["rows"], (a.shape[1] + b.shape[1]) * item, b.shape[0] * b.shape[1] * item)
 
     def subtask_inputs(self, sub_params: Mapping[str, Any],
                        inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:

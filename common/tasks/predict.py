@@ -10,9 +10,9 @@ import numpy as np
 
 from ..errors import NotFound, ValidationError
 from . import wire
-from .base import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker
+from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan
 from .registry import register
-from .rows import check_block, place_rows, worker_shares
+from .rows import check_block, place_rows, provider_shares
 from .train import models
 from .train.runner import ModelRunner, has_torch
 
@@ -46,15 +46,16 @@ class PredictTask(SplitTask):
                                   f"x has {list(x.shape[1:])}")
         return {"predictions": ArrayMeta("int64", (x.shape[0],))}
 
-    def eligible(self, worker: Worker, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> str | None:
+    def eligible(self, provider: ProviderSpec, params: Mapping[str, Any],
+                 inputs: Mapping[str, ArrayMeta]) -> str | None:
         return None
 
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
-              workers: Sequence[Worker]) -> list[SubtaskPlan]:
+              providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         plans, row0 = [], 0
         n_params = inputs["weights"].shape[0]
-        for worker, count in worker_shares(inputs["x"].shape[0], workers):
-            plans.append(SubtaskPlan(worker.provider_id, {"row0": row0, "rows": count, **dict(params)},
+        for provider, count in provider_shares(inputs["x"].shape[0], providers):
+            plans.append(SubtaskPlan(provider.provider_id, {"row0": row0, "rows": count, **dict(params)},
                                      cost=2.0 * count * n_params))
             row0 += count
         return plans

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ValidationError
-from .base import Worker
+from .base import ProviderSpec
 
 #: fraction of a provider's reported memory one subtask may use
 MEMORY_FRACTION = 0.5
@@ -27,33 +27,33 @@ def proportional_rows(total: int, weights: Sequence[float]) -> list[int]:
     return rows
 
 
-def worker_shares(count: int, workers: Sequence[Worker]) -> list[tuple[Worker, int]]:
+def provider_shares(count: int, providers: Sequence[ProviderSpec]) -> list[tuple[ProviderSpec, int]]:
     """(worker, rows) for the workers that get a non-empty share of ``count`` rows, by speed."""
-    workers = list(workers)[: max(1, min(len(workers), count))]
-    shares = proportional_rows(count, [w.gflops for w in workers])
-    return [(w, n) for w, n in zip(workers, shares, strict=True) if n]
+    providers = list(providers)[: max(1, min(len(providers), count))]
+    shares = proportional_rows(count, [w.gflops for w in providers])
+    return [(w, n) for w, n in zip(providers, shares, strict=True) if n]
 
 
-def row_blocks(count: int, workers: Sequence[Worker], bytes_per_row: int, fixed_bytes: int = 0,
-               what: str = "a row") -> list[tuple[Worker, int, int]]:
+def row_blocks(count: int, providers: Sequence[ProviderSpec], bytes_per_row: int, fixed_bytes: int = 0,
+               what: str = "a row") -> list[tuple[ProviderSpec, int, int]]:
     """(worker, first row, rows): shares by speed, each cut into blocks that fit half the worker's
     memory beside ``fixed_bytes`` (data every block needs, e.g. matmul's B)."""
     blocks = []
     row0 = 0
-    for worker, rows in worker_shares(count, workers):
-        budget = int(worker.memory_bytes * MEMORY_FRACTION) - fixed_bytes
+    for provider, rows in provider_shares(count, providers):
+        budget = int(provider.memory_bytes * MEMORY_FRACTION) - fixed_bytes
         if budget < bytes_per_row:
-            raise ValidationError(f"{what} does not fit the memory of provider {worker.provider_id[:8]} "
-                                  f"({worker.memory_bytes} bytes)")
+            raise ValidationError(f"{what} does not fit the memory of provider {provider.provider_id[:8]} "
+                                  f"({provider.memory_bytes} bytes)")
         chunk = max(1, min(rows, budget // bytes_per_row))
         for start in range(row0, row0 + rows, chunk):
-            blocks.append((worker, start, min(chunk, row0 + rows - start)))
+            blocks.append((provider, start, min(chunk, row0 + rows - start)))
         row0 += rows
     return blocks
 
 
-def fits_rows(worker: Worker, rows: int, bytes_per_row: int, fixed_bytes: int = 0) -> bool:
-    return rows * bytes_per_row + fixed_bytes <= worker.memory_bytes * MEMORY_FRACTION
+def fits_rows(provider: ProviderSpec, rows: int, bytes_per_row: int, fixed_bytes: int = 0) -> bool:
+    return rows * bytes_per_row + fixed_bytes <= provider.memory_bytes * MEMORY_FRACTION
 
 
 def check_block(task: str, arrays: Sequence[np.ndarray], dtype: str, shape: tuple[int, ...]) -> None:

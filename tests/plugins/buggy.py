@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from common.tasks import ArrayMeta, Device, SplitTask, SubtaskPlan, Worker, register
+from common.tasks import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan, register
 from common.tasks.base import JobContext, Planner, SplitPlanner
 
 BUGS = ("eligible", "split", "subtask_inputs", "check_result", "merge", "summary", "none")
@@ -33,7 +33,8 @@ class Buggy(SplitTask):
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
         return {"y": inputs["x"]}
 
-    def eligible(self, worker: Worker, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> str | None:
+    def eligible(self, provider: ProviderSpec, params: Mapping[str, Any],
+                 inputs: Mapping[str, ArrayMeta]) -> str | None:
         self._maybe(params, "eligible")
         return None
 
@@ -41,9 +42,9 @@ class Buggy(SplitTask):
         return BuggyPlanner(self, job)
 
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
-              workers: Sequence[Worker]) -> list[SubtaskPlan]:
+              providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         self._maybe(params, "split")
-        return [SubtaskPlan(workers[0].provider_id, {"bug": params.get("bug")}, 1.0)]
+        return [SubtaskPlan(providers[0].provider_id, {"bug": params.get("bug")}, 1.0)]
 
     def subtask_inputs(self, sub_params: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         self._maybe(sub_params, "subtask_inputs")

@@ -9,7 +9,7 @@ import pytest
 
 from common import tasks
 from common.errors import NotFound, ValidationError
-from common.tasks import ArrayMeta, Worker
+from common.tasks import ArrayMeta, ProviderSpec
 from common.tasks.matmul import MEMORY_FRACTION, MatMul, proportional_rows
 
 GiB = 1024**3
@@ -22,9 +22,9 @@ class CpuDevice:
         raise AssertionError("the cpu path must not use torch")
 
 
-def worker(gflops: float = 10.0, memory_bytes: int = 16 * GiB, dtypes=("float32", "float64"),
-           kind: str = "cpu") -> Worker:
-    return Worker(uuid.uuid4().hex, gflops, memory_bytes, kind, frozenset(dtypes))
+def provider(gflops: float = 10.0, memory_bytes: int = 16 * GiB, dtypes=("float32", "float64"),
+           kind: str = "cpu") -> ProviderSpec:
+    return ProviderSpec(uuid.uuid4().hex, gflops, memory_bytes, kind, frozenset(dtypes))
 
 
 def metas(m: int, k: int, n: int, dtype: str = "float64") -> dict[str, ArrayMeta]:
@@ -113,10 +113,10 @@ def test_validate_errors(mm, inputs, match):
 
 # ---- eligible ------------------------------------------------------------------------------------
 def test_eligible_by_dtype(mm):
-    mps = worker(dtypes=("float32",), kind="mps")
+    mps = provider(dtypes=("float32",), kind="mps")
     assert mm.eligible(mps, {}, metas(2, 2, 2, "float32")) is None
     assert mm.eligible(mps, {}, metas(2, 2, 2, "float64")) == "mps provider does not support float64"
-    assert mm.eligible(worker(), {}, metas(2, 2, 2, "float64")) is None
+    assert mm.eligible(provider(), {}, metas(2, 2, 2, "float64")) is None
 
 
 # ---- split ---------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def _check_cover(plans, m):
 
 
 def test_split_single_worker(mm):
-    w = worker()
+    w = provider()
     plans = mm.split({}, metas(100, 8, 6), [w])
     assert len(plans) == 1
     assert plans[0].provider_id == w.provider_id
@@ -139,7 +139,7 @@ def test_split_single_worker(mm):
 
 
 def test_split_proportional(mm):
-    fast, slow = worker(20.0), worker(10.0)
+    fast, slow = provider(20.0), provider(10.0)
     plans = mm.split({}, metas(300, 8, 6), [fast, slow])
     _check_cover(plans, 300)
     rows = {p.provider_id: p.params["rows"] for p in plans}
@@ -148,14 +148,14 @@ def test_split_proportional(mm):
 
 
 def test_split_more_workers_than_rows(mm):
-    ws = [worker(g) for g in (40.0, 30.0, 20.0, 10.0)]
+    ws = [provider(g) for g in (40.0, 30.0, 20.0, 10.0)]
     plans = mm.split({}, metas(2, 4, 4), ws)
     _check_cover(plans, 2)
     assert {p.provider_id for p in plans} <= {ws[0].provider_id, ws[1].provider_id}
 
 
 def test_split_skips_workers_with_no_rows(mm):
-    big, tiny = worker(1000.0), worker(1.0)
+    big, tiny = provider(1000.0), provider(1.0)
     plans = mm.split({}, metas(10, 4, 4), [big, tiny])
     assert [p.provider_id for p in plans] == [big.provider_id]
 
@@ -166,7 +166,7 @@ def test_split_respects_memory(mm):
     b_bytes = k * n * item
     rows_fit = 64
     memory = int((b_bytes + rows_fit * per_row) / MEMORY_FRACTION)
-    small = worker(10.0, memory_bytes=memory)
+    small = provider(10.0, memory_bytes=memory)
     plans = mm.split({}, metas(m, k, n), [small])
     _check_cover(plans, m)
     assert len(plans) == -(-m // rows_fit)  # ceil
@@ -180,8 +180,8 @@ def test_split_respects_memory(mm):
 
 def test_split_memory_only_limits_the_small_worker(mm):
     m, k, n = 400, 64, 64
-    small = worker(10.0, memory_bytes=int(2 * (k * n * 8 + 20 * (k + n) * 8)))  # 20 rows per chunk
-    big = worker(10.0)
+    small = provider(10.0, memory_bytes=int(2 * (k * n * 8 + 20 * (k + n) * 8)))  # 20 rows per chunk
+    big = provider(10.0)
     plans = mm.split({}, metas(m, k, n), [big, small])
     _check_cover(plans, m)
     by: dict[str, list[int]] = {}
@@ -194,14 +194,14 @@ def test_split_memory_only_limits_the_small_worker(mm):
 def test_split_float32_uses_smaller_items(mm):
     m, k, n = 100, 10, 10
     memory = int(2 * (k * n * 4 + 10 * (k + n) * 4))
-    plans32 = mm.split({}, metas(m, k, n, "float32"), [worker(memory_bytes=memory)])
+    plans32 = mm.split({}, metas(m, k, n, "float32"), [provider(memory_bytes=memory)])
     assert max(p.params["rows"] for p in plans32) == 10
     with pytest.raises(ValidationError, match="does not fit"):  # same memory, float64: b alone is too big
-        mm.split({}, metas(m, k, n), [worker(memory_bytes=int(2 * k * n * 4))])
+        mm.split({}, metas(m, k, n), [provider(memory_bytes=int(2 * k * n * 4))])
 
 
 def test_split_b_does_not_fit(mm):
-    w = worker(memory_bytes=1024)
+    w = provider(memory_bytes=1024)
     with pytest.raises(ValidationError, match="does not fit the memory") as info:
         mm.split({}, metas(10, 100, 100), [w])
     assert w.provider_id[:8] in info.value.message
@@ -211,9 +211,9 @@ def test_split_b_fits_but_not_one_row(mm):
     k, n = 10, 10
     memory = int(2 * (k * n * 8 + (k + n) * 8 - 1))
     with pytest.raises(ValidationError, match="does not fit"):
-        mm.split({}, metas(5, k, n), [worker(memory_bytes=memory)])
+        mm.split({}, metas(5, k, n), [provider(memory_bytes=memory)])
     memory = int(2 * (k * n * 8 + (k + n) * 8))
-    plans = mm.split({}, metas(5, k, n), [worker(memory_bytes=memory)])
+    plans = mm.split({}, metas(5, k, n), [provider(memory_bytes=memory)])
     assert [p.params["rows"] for p in plans] == [1] * 5
 
 
@@ -227,8 +227,8 @@ def test_end_to_end_on_cpu(mm, dtype):
     inputs = {"a": ArrayMeta.of(a), "b": ArrayMeta.of(b)}
     outputs_meta = mm.validate({}, inputs)
     item = np.dtype(dtype).itemsize
-    small = worker(5.0, memory_bytes=int(2 * (k * n * item + 4 * (k + n) * item)))  # 4 rows a chunk
-    plans = mm.split({}, inputs, [worker(20.0), small])
+    small = provider(5.0, memory_bytes=int(2 * (k * n * item + 4 * (k + n) * item)))  # 4 rows a chunk
+    plans = mm.split({}, inputs, [provider(20.0), small])
     assert len(plans) > 2
     c = np.full(outputs_meta["c"].shape, np.nan, dtype=dtype)
     for plan in plans:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.tasks import Effect, JobContext, Metrics, Planner, SaveFile, SubtaskPlan, Worker
+from common.tasks import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile, SubtaskPlan
 from head_node import stimuli
 from head_node.state import ClusterState, Job, JobState
 from tests.unit.test_state import connect, dispatches, hexid, make_info, result
@@ -26,7 +26,7 @@ class Rounds(Planner):
         self.pending: list[Effect] = []
         self.seen_now: list[float] = []
 
-    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+    def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         self.seen_now.append(now)
         if outstanding:
             return []
@@ -37,8 +37,8 @@ class Rounds(Planner):
             if self.done_rounds == self.rounds:
                 self.finished = True
                 return []
-        self.expect = len(workers)
-        return [SubtaskPlan(w.provider_id, {"round": self.done_rounds}, 1.0) for w in workers]
+        self.expect = len(providers)
+        return [SubtaskPlan(w.provider_id, {"round": self.done_rounds}, 1.0) for w in providers]
 
     def subtask_inputs(self, sub_params: Mapping[str, Any]) -> list[np.ndarray]:
         return []
@@ -97,7 +97,7 @@ def test_a_multi_round_planner_runs_to_the_end_with_effects_as_actions(no_clock_
 
 def test_a_planner_that_raises_fails_its_job_not_the_scheduler() -> None:
     class Broken(Rounds):
-        def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+        def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
             raise KeyError("bug")
 
     cs = ClusterState(hexid())
@@ -122,7 +122,7 @@ def test_train_planner_is_pure_after_it_is_built(tmp_path: Path) -> None:
                      inputs={}, outputs={}, operands=data, blob_ids={k: hexid() for k in data}, results={},
                      job_dir=tmp_path)
     planner = TrainPlanner(ctx)
-    w = Worker(hexid(), 1.0, 1 << 30, "cpu", frozenset({"float32"}))
+    w = ProviderSpec(hexid(), 1.0, 1 << 30, "cpu", frozenset({"float32"}))
     (plan,) = planner.plan([w], 0, 10.0)
     grad = np.zeros(plan.params["n_params"], dtype=np.float32)
     planner.merge(plan.params, [grad, np.array([1.0, 32, 16])], 11.0)

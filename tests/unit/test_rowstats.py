@@ -9,7 +9,7 @@ import pytest
 
 from common import tasks
 from common.errors import ValidationError
-from common.tasks import ArrayMeta, TaskType, Worker
+from common.tasks import ArrayMeta, ProviderSpec, TaskType
 from common.tasks.rows import MEMORY_FRACTION
 from examples.rowstats import STATS, TASK, RowStats, row_stats
 
@@ -24,9 +24,9 @@ class CpuDevice:
         raise AssertionError("the cpu path must not use torch")
 
 
-def worker(gflops: float = 10.0, memory_bytes: int = 16 * GiB, dtypes=("float32", "float64"),
-           kind: str = "cpu") -> Worker:
-    return Worker(uuid.uuid4().hex, gflops, memory_bytes, kind, frozenset(dtypes))
+def provider(gflops: float = 10.0, memory_bytes: int = 16 * GiB, dtypes=("float32", "float64"),
+           kind: str = "cpu") -> ProviderSpec:
+    return ProviderSpec(uuid.uuid4().hex, gflops, memory_bytes, kind, frozenset(dtypes))
 
 
 def meta(m: int, n: int, dtype: str = "float64") -> dict[str, ArrayMeta]:
@@ -110,14 +110,14 @@ def test_validate_input_errors(rs, inputs, match):
 
 
 def test_eligible_by_dtype(rs):
-    mps = worker(dtypes=("float32",), kind="mps")
+    mps = provider(dtypes=("float32",), kind="mps")
     assert rs.eligible(mps, {"stats": ALL}, meta(2, 2, "float32")) is None
     assert rs.eligible(mps, {"stats": ALL}, meta(2, 2)) == "mps provider does not support float64"
 
 
 # ---- split ---------------------------------------------------------------------------------------
 def test_split_single_worker(rs):
-    w = worker()
+    w = provider()
     plans = rs.split({"stats": ["mean", "norm"]}, meta(100, 8), [w])
     assert len(plans) == 1
     assert plans[0].provider_id == w.provider_id
@@ -126,7 +126,7 @@ def test_split_single_worker(rs):
 
 
 def test_split_proportional_to_gflops(rs):
-    fast, slow = worker(30.0), worker(10.0)
+    fast, slow = provider(30.0), provider(10.0)
     plans = rs.split({"stats": ALL}, meta(500, 40), [fast, slow])
     _check_cover(plans, 500)
     rows = {p.provider_id: p.params["rows"] for p in plans}
@@ -136,19 +136,19 @@ def test_split_proportional_to_gflops(rs):
 
 
 def test_split_params_are_plain_lists(rs):
-    plans = rs.split({"stats": ("min", "max")}, meta(10, 2), [worker()])
+    plans = rs.split({"stats": ("min", "max")}, meta(10, 2), [provider()])
     assert plans[0].params["stats"] == ["min", "max"]  # msgpack/JSON friendly
 
 
 def test_split_more_workers_than_rows(rs):
-    ws = [worker(g) for g in (40.0, 30.0, 20.0, 10.0)]
+    ws = [provider(g) for g in (40.0, 30.0, 20.0, 10.0)]
     plans = rs.split({"stats": ["mean"]}, meta(2, 4), ws)
     _check_cover(plans, 2)
     assert {p.provider_id for p in plans} <= {ws[0].provider_id, ws[1].provider_id}
 
 
 def test_split_skips_workers_with_no_rows(rs):
-    big, tiny = worker(1000.0), worker(1.0)
+    big, tiny = provider(1000.0), provider(1.0)
     plans = rs.split({"stats": ["mean"]}, meta(10, 4), [big, tiny])
     assert [p.provider_id for p in plans] == [big.provider_id]
 
@@ -156,7 +156,7 @@ def test_split_skips_workers_with_no_rows(rs):
 def test_split_respects_memory(rs):
     m, n, k = 1000, 100, 3
     per_row = n * 8 + k * 8
-    small = worker(10.0, memory_bytes=int(64 * per_row / MEMORY_FRACTION))
+    small = provider(10.0, memory_bytes=int(64 * per_row / MEMORY_FRACTION))
     plans = rs.split({"stats": ["mean", "std", "max"]}, meta(m, n), [small])
     _check_cover(plans, m)
     assert len(plans) == -(-m // 64)
@@ -167,7 +167,7 @@ def test_split_respects_memory(rs):
 
 def test_split_row_too_big_for_memory(rs):
     with pytest.raises(ValidationError, match="does not fit"):
-        rs.split({"stats": ["mean"]}, meta(10, 1000), [worker(memory_bytes=1000)])
+        rs.split({"stats": ["mean"]}, meta(10, 1000), [provider(memory_bytes=1000)])
 
 
 # ---- subtask_inputs / check_result / merge ---------------------------------------------------------
@@ -241,8 +241,9 @@ def test_whole_job_without_sockets(rs):
     params = {"stats": ALL}
     outputs = rs.validate(params, {"x": ArrayMeta.of(x)})
     result = {"stats": np.full(outputs["stats"].shape, np.nan)}
-    workers = [worker(20.0), worker(10.0), worker(5.0, memory_bytes=int(50 * (40 * 8 + 5 * 8) / MEMORY_FRACTION))]
-    plans = rs.split(params, {"x": ArrayMeta.of(x)}, workers)
+    small = int(50 * (40 * 8 + 5 * 8) / MEMORY_FRACTION)
+    providers = [provider(20.0), provider(10.0), provider(5.0, memory_bytes=small)]
+    plans = rs.split(params, {"x": ArrayMeta.of(x)}, providers)
     _check_cover(plans, 500)
     for plan in reversed(plans):  # results arrive in any order
         arrays = rs.run(plan.params, rs.subtask_inputs(plan.params, {"x": x}), CpuDevice())

@@ -19,7 +19,7 @@ from common.tasks import wire
 torch = pytest.importorskip("torch")
 
 from common.arrays import ArrayMeta  # noqa: E402
-from common.tasks.base import JobContext, Worker  # noqa: E402
+from common.tasks.base import JobContext, ProviderSpec  # noqa: E402
 from common.tasks.predict import PredictTask  # noqa: E402
 from common.tasks.train.planner import TrainPlanner  # noqa: E402
 from common.tasks.train.task import TrainTask  # noqa: E402
@@ -63,8 +63,8 @@ def train_job(tmp_path: Path, **params: Any) -> tuple[TrainPlanner, FakeDevice, 
     return TrainPlanner(ctx), device, blob_ids
 
 
-def workers(n: int) -> list[Worker]:
-    return [Worker(hexid(), 10.0 - i, 1 << 30, "cpu", frozenset({"float32"})) for i in range(n)]
+def providers(n: int) -> list[ProviderSpec]:
+    return [ProviderSpec(hexid(), 10.0 - i, 1 << 30, "cpu", frozenset({"float32"})) for i in range(n)]
 
 
 def over_the_wire(params: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -100,7 +100,7 @@ def run_and_check(planner: TrainPlanner, device: FakeDevice, params: dict[str, A
 
 def test_sync_grad_round_and_eval_round(tmp_path: Path) -> None:
     planner, device, blob_ids = train_job(tmp_path)
-    ws = workers(2)
+    ws = providers(2)
     plans = planner.plan(ws, 0, 1.0)
     assert [p.params["shard"] for p in plans] == [0, 1] and len({p.params["round"] for p in plans}) == 1
     total = 0
@@ -133,7 +133,7 @@ def test_sync_grad_round_and_eval_round(tmp_path: Path) -> None:
 
 def test_local_sgd_round(tmp_path: Path) -> None:
     planner, device, _ = train_job(tmp_path, sync="local-sgd", local_steps=2)
-    for plan in planner.plan(workers(2), 0, 1.0):
+    for plan in planner.plan(providers(2), 0, 1.0):
         arrays = check_train_subtask(planner, plan.params, "local")
         k = plan.params["local_steps"]
         assert k == 2 and arrays[1].size % k == 0
@@ -146,7 +146,7 @@ def test_local_sgd_round(tmp_path: Path) -> None:
 
 def test_async_grad_subtask(tmp_path: Path) -> None:
     planner, device, _ = train_job(tmp_path, sync="async")
-    plans = planner.plan(workers(2), 0, 1.0)
+    plans = planner.plan(providers(2), 0, 1.0)
     assert len(plans) == 2 and [p.params["round"] for p in plans] == [0, 0]
     for plan in plans:
         arrays = check_train_subtask(planner, plan.params, "async")
@@ -179,7 +179,7 @@ def test_predict_subtask(tmp_path: Path) -> None:
     inputs = {"x": ArrayMeta.of(x), "weights": ArrayMeta.of(weights)}
     outputs = task.validate(model_params, inputs)
     assert outputs == {"predictions": ArrayMeta("int64", (11,))}
-    plans = task.split(model_params, inputs, workers(3))
+    plans = task.split(model_params, inputs, providers(3))
     assert [p.params["row0"] for p in plans] == [0, 4, 8] and sum(p.params["rows"] for p in plans) == 11
     for plan in plans:
         assert set(plan.params) == {"row0", "rows", *model_params}

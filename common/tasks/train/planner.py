@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from ...errors import ValidationError
-from ..base import Effect, JobContext, Metrics, Planner, SaveFile, SubtaskPlan, Worker
-from ..rows import worker_shares
+from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile, SubtaskPlan
+from ..rows import provider_shares
 from . import models
 from .datasets import content_hash
 from .params import train_params
@@ -148,11 +148,11 @@ class TrainPlanner(Planner):
         return model
 
     # ---- planner interface ------------------------------------------------------------------
-    def plan(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+    def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         if self.started is None:
             self.started = now
         if self.p["sync"] == "async":
-            return self._plan_async(workers, outstanding, now)
+            return self._plan_async(providers, outstanding, now)
         if self.round is not None:
             if len(self.round["parts"]) < self.round["expect"]:
                 return []
@@ -161,13 +161,13 @@ class TrainPlanner(Planner):
         if self.finished:
             return []
         if self.step_in_epoch >= self.steps_per_epoch:
-            return self._eval_round(workers)
+            return self._eval_round(providers)
         if self.global_step >= self.total_steps:
             self.finished = True
             return []
         if self.p["sync"] == "local-sgd":
-            return self._local_round(workers)
-        return self._grad_round(workers)
+            return self._local_round(providers)
+        return self._grad_round(providers)
 
     def subtask_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
         # a re-sent async subtask whose version was dropped gets today's parameters; its result is
@@ -193,8 +193,8 @@ class TrainPlanner(Planner):
         self.round["parts"][sub["shard"]] = arrays
 
     # ---- sync ---------------------------------------------------------------------------------
-    def _shards(self, workers: Sequence[Worker], count: int) -> list[tuple[Worker, int]]:
-        return worker_shares(count, workers)
+    def _shards(self, providers: Sequence[ProviderSpec], count: int) -> list[tuple[ProviderSpec, int]]:
+        return provider_shares(count, providers)
 
     def _base(self, kind: str, round_id: int, shard: int, data: str) -> dict[str, Any]:
         xs, ys = ("x", "y") if data == "train" else ("x_test", "y_test")
@@ -209,11 +209,11 @@ class TrainPlanner(Planner):
         self.idx.clear()
         return round_id
 
-    def _grad_round(self, workers: Sequence[Worker]) -> list[SubtaskPlan]:
+    def _grad_round(self, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         b = self.p["batch_size"]
         order = epoch_order(self.p["seed"], self.epoch, self.n_train)
         batch = order[self.step_in_epoch * b:(self.step_in_epoch + 1) * b]
-        shards = self._shards(workers, b)
+        shards = self._shards(providers, b)
         rid = self._new_round("grad", len(shards))
         plans, start = [], 0
         for k, (w, n) in enumerate(shards):
@@ -222,11 +222,11 @@ class TrainPlanner(Planner):
             plans.append(SubtaskPlan(w.provider_id, self._base("grad", rid, k, "train"), self._flops(n, 3)))
         return plans
 
-    def _local_round(self, workers: Sequence[Worker]) -> list[SubtaskPlan]:
+    def _local_round(self, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
         b, k_steps = self.p["batch_size"], min(self.p["local_steps"], self.steps_per_epoch - self.step_in_epoch)
         order = epoch_order(self.p["seed"], self.epoch, self.n_train)
         batches = order[self.step_in_epoch * b:(self.step_in_epoch + k_steps) * b].reshape(k_steps, b)
-        shards = self._shards(workers, b)
+        shards = self._shards(providers, b)
         rid = self._new_round("local", len(shards))
         plans, start = [], 0
         for k, (w, n) in enumerate(shards):
@@ -239,8 +239,8 @@ class TrainPlanner(Planner):
         self.round["local_steps"] = k_steps
         return plans
 
-    def _eval_round(self, workers: Sequence[Worker]) -> list[SubtaskPlan]:
-        shards = self._shards(workers, self.n_test)
+    def _eval_round(self, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
+        shards = self._shards(providers, self.n_test)
         rid = self._new_round("eval", len(shards))
         plans, start = [], 0
         for k, (w, n) in enumerate(shards):
@@ -325,7 +325,7 @@ class TrainPlanner(Planner):
             self.finished = True
 
     # ---- async (bounded staleness) -----------------------------------------------------------
-    def _plan_async(self, workers: Sequence[Worker], outstanding: int, now: float) -> list[SubtaskPlan]:
+    def _plan_async(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         if self.round is not None:  # an eval round between epochs
             if len(self.round["parts"]) < self.round["expect"]:
                 return []
@@ -335,19 +335,19 @@ class TrainPlanner(Planner):
         if self.finished:
             return []
         if self.step_in_epoch >= self.steps_per_epoch:
-            return [] if self._async_out else self._eval_round(workers)
+            return [] if self._async_out else self._eval_round(providers)
         if not self._async_queue and not self._async_out:
             self._async_queue = list(range(self.step_in_epoch, self.steps_per_epoch))
         busy = {pid for pid, _ in self._async_out.values()}
         plans = []
-        for w in workers:  # one batch in flight per provider
+        for w in providers:  # one batch in flight per provider
             if not self._async_queue:
                 break
             if w.provider_id not in busy:
                 plans.append(self._async_plan(w, self._async_queue.pop(0)))
         return plans
 
-    def _async_plan(self, w: Worker, batch_no: int) -> SubtaskPlan:
+    def _async_plan(self, w: ProviderSpec, batch_no: int) -> SubtaskPlan:
         b = self.p["batch_size"]
         order = epoch_order(self.p["seed"], self.epoch, self.n_train)
         self._next_shard += 1

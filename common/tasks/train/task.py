@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import ValidationError
 from ...protocol import check_fields
 from .. import wire
-from ..base import ArrayMeta, Device, JobContext, Planner, TaskType, Worker
+from ..base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, TaskType
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
 
@@ -49,7 +49,8 @@ class TrainTask(TaskType):
             raise ValidationError(f"batch size {p['batch_size']} is larger than the training set ({n} samples)")
         return {}
 
-    def eligible(self, worker: Worker, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> str | None:
+    def eligible(self, provider: ProviderSpec, params: Mapping[str, Any],
+                 inputs: Mapping[str, ArrayMeta]) -> str | None:
         return None  # float32 everywhere, gradients come back as CPU float32
 
     def planner(self, job: JobContext) -> Planner:
