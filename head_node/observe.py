@@ -285,6 +285,23 @@ def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = N
     """The head's metrics in the Prometheus text format, version 0.0.4 (``subscribers``: open
     event streams, when known)."""
     w = _Writer()
+    _head_metrics(w, snapshot)
+    _provider_metrics(w, snapshot)
+    if observer is not None:
+        w.family("dcf_cluster_throughput_gflops", "gauge", "Cluster throughput over the last sample, GFLOP/s.")
+        w.value("dcf_cluster_throughput_gflops", observer.latest_gflops())
+        w.family("dcf_provider_flops_done_total", "counter", "Floating-point operations the provider finished.")
+        for share in observer.shares():
+            w.value("dcf_provider_flops_done_total", share["flops_done"], provider_id=share["provider_id"],
+                    name=share["name"])
+    if subscribers is not None:
+        w.family("dcf_event_subscribers", "gauge", "Open event streams (SSE clients of /v1/stream).")
+        w.value("dcf_event_subscribers", subscribers)
+    _job_metrics(w, snapshot)
+    return "\n".join(w.lines) + "\n"
+
+
+def _head_metrics(w: _Writer, snapshot: Mapping[str, Any]) -> None:
     w.family("dcf_up", "gauge", "1 while the head is serving.")
     w.value("dcf_up", 1, epoch=snapshot.get("epoch", ""), queue=snapshot.get("queue", ""))
     w.family("dcf_queue_connected", "gauge", "1 while the head's job queue (RabbitMQ, or the embedded store) "
@@ -292,7 +309,14 @@ def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = N
     w.value("dcf_queue_connected", int(bool(snapshot.get("queue_connected", True))))
     w.family("dcf_uptime_seconds", "gauge", "Seconds since the head started.")
     w.value("dcf_uptime_seconds", round(float(snapshot.get("uptime_s", 0.0)), 3))
+    counters = snapshot.get("counters", {})
+    for key in sorted(counters):
+        name = f"dcf_{key}_total"
+        w.family(name, "counter", COUNTER_HELP.get(key, f"{key.replace('_', ' ')}."))
+        w.value(name, counters[key])
 
+
+def _provider_metrics(w: _Writer, snapshot: Mapping[str, Any]) -> None:
     nodes = list(snapshot.get("nodes", ()))
     by_state = dict.fromkeys(PROVIDER_STATES, 0)
     for row in nodes:
@@ -300,12 +324,6 @@ def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = N
     w.family("dcf_providers", "gauge", "Providers by state.")
     for state, count in by_state.items():
         w.value("dcf_providers", count, state=state)
-
-    counters = snapshot.get("counters", {})
-    for key in sorted(counters):
-        name = f"dcf_{key}_total"
-        w.family(name, "counter", COUNTER_HELP.get(key, f"{key.replace('_', ' ')}."))
-        w.value(name, counters[key])
 
     per_node = [
         ("dcf_provider_heartbeat_lag_seconds", "gauge", "Seconds since the provider's last heartbeat.",
@@ -321,18 +339,8 @@ def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = N
             w.value(name, row.get(key, 0), provider_id=row["provider_id"], name=row.get("name", ""),
                     device=row.get("device", ""))
 
-    if observer is not None:
-        w.family("dcf_cluster_throughput_gflops", "gauge", "Cluster throughput over the last sample, GFLOP/s.")
-        w.value("dcf_cluster_throughput_gflops", observer.latest_gflops())
-        w.family("dcf_provider_flops_done_total", "counter", "Floating-point operations the provider finished.")
-        for share in observer.shares():
-            w.value("dcf_provider_flops_done_total", share["flops_done"], provider_id=share["provider_id"],
-                    name=share["name"])
 
-    if subscribers is not None:
-        w.family("dcf_event_subscribers", "gauge", "Open event streams (SSE clients of /v1/stream).")
-        w.value("dcf_event_subscribers", subscribers)
-
+def _job_metrics(w: _Writer, snapshot: Mapping[str, Any]) -> None:
     finished = [tuple(f) for f in snapshot.get("finished", ())]
     jobs_by_state = dict.fromkeys(JOB_STATES, 0)
     for job in snapshot.get("jobs", ()):
@@ -356,7 +364,6 @@ def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = N
         w.value("dcf_job_duration_seconds_bucket", len(values), type=task_type, state=state, le="+Inf")
         w.value("dcf_job_duration_seconds_sum", round(sum(values), 6), type=task_type, state=state)
         w.value("dcf_job_duration_seconds_count", len(values), type=task_type, state=state)
-    return "\n".join(w.lines) + "\n"
 
 
 # ---- the live feed ----------------------------------------------------------------------------

@@ -31,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_options(p, config.CLIENT_OPTIONS)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_submit(sub)
+    _add_job_commands(sub)
+    _add_local_commands(sub)
+    return p
 
+
+Subparsers = Any  # argparse's _SubParsersAction
+
+
+def _add_submit(sub: Subparsers) -> None:
     s = sub.add_parser("submit", help="submit a job")
     kinds = s.add_subparsers(dest="task", required=True, metavar="TASK")
     m = kinds.add_parser("matmul", help="C = A @ B over the providers")
@@ -44,7 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nodes", type=int, help="use at most this many providers")
     m.add_argument("--no-wait", action="store_true", help="print the job id and return")
     m.add_argument("--check", action="store_true", help="compare the result with numpy locally")
+    _add_train(kinds)
+    pr = kinds.add_parser("predict", help="inference across providers with a trained model")
+    pr.add_argument("--model", required=True, help="model.pt written by `dcf submit train` (model.json beside it)")
+    pr.add_argument("--data", required=True, help="samples as a .npy file")
+    pr.add_argument("-o", "--output", required=True, help="predicted classes (.npy, int64, input order)")
+    pr.add_argument("--nodes", type=int)
 
+
+def _add_train(kinds: Subparsers) -> None:
     t = kinds.add_parser("train", help="data-parallel training of a registry model")
     t.add_argument("--model", default=TRAIN["model"], help="logreg, mlp, cnn or a plugin model")
     t.add_argument("--model-args", default="{}", help="model arguments as JSON, e.g. '{\"hidden\": [64]}'")
@@ -53,30 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--synthetic-size", type=int, default=2000)
     t.add_argument("--synthetic-features", type=int, default=20)
     t.add_argument("--synthetic-classes", type=int, default=4)
-    t.add_argument("--epochs", type=int, default=TRAIN["epochs"])
-    t.add_argument("--batch-size", type=int, default=TRAIN["batch_size"])
+    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--momentum", float),
+                       ("--weight-decay", float), ("--lr-step", int), ("--gamma", float), ("--seed", int),
+                       ("--max-staleness", int), ("--local-steps", int), ("--checkpoint-every", int)):
+        t.add_argument(flag, type=kind, default=TRAIN[flag[2:].replace("-", "_")])
     t.add_argument("--optimizer", default=TRAIN["optimizer"], help="sgd, adam or adadelta")
-    t.add_argument("--lr", type=float, default=TRAIN["lr"])
-    t.add_argument("--momentum", type=float, default=TRAIN["momentum"])
-    t.add_argument("--weight-decay", type=float, default=TRAIN["weight_decay"])
     t.add_argument("--schedule", default=TRAIN["schedule"],
                    help="none, step (lr x gamma every --lr-step epochs) or cosine")
-    t.add_argument("--lr-step", type=int, default=TRAIN["lr_step"])
-    t.add_argument("--gamma", type=float, default=TRAIN["gamma"])
-    t.add_argument("--seed", type=int, default=TRAIN["seed"])
     t.add_argument("--sync", default=TRAIN["sync"], help="sync (default), async or local-sgd")
-    t.add_argument("--max-staleness", type=int, default=TRAIN["max_staleness"])
-    t.add_argument("--local-steps", type=int, default=TRAIN["local_steps"])
-    t.add_argument("--checkpoint-every", type=int, default=TRAIN["checkpoint_every"])
     t.add_argument("--nodes", type=int)
     t.add_argument("-o", "--output", default="model.pt", help="model file; its metadata goes beside it (.json)")
     t.add_argument("--no-wait", action="store_true")
-    pr = kinds.add_parser("predict", help="inference across providers with a trained model")
-    pr.add_argument("--model", required=True, help="model.pt written by `dcf submit train` (model.json beside it)")
-    pr.add_argument("--data", required=True, help="samples as a .npy file")
-    pr.add_argument("-o", "--output", required=True, help="predicted classes (.npy, int64, input order)")
-    pr.add_argument("--nodes", type=int)
 
+
+def _add_job_commands(sub: Subparsers) -> None:
     for name, help_ in (("status", "show a job"), ("cancel", "cancel a job"), ("delete", "delete a job")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("job_id")
@@ -91,22 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=50)
     sub.add_parser("nodes", help="list providers")
 
+
+def _add_local_commands(sub: Subparsers) -> None:
     up = sub.add_parser("up", help="run a head and N local providers in the foreground (Ctrl-C stops)")
     up.add_argument("--providers", type=int, default=2)
     up.add_argument("--http-port", type=int, default=config.option(config.HEAD_OPTIONS, "http_port").default)
     up.add_argument("--state-dir", default=None, help="default: a temporary directory")
     up.add_argument("--amqp-url", default=config.option(config.HEAD_OPTIONS, "amqp_url").default,
                     help="RabbitMQ URL (default: embedded store)")
-
     up.add_argument("--curve", action="store_true", help="CURVE keys for the head and each provider "
                     "(generated in the state dir)")
     keys_cli.add_parser(sub)
-
     d = sub.add_parser("demo", help="start a local head + providers, multiply, check, report, stop")
     d.add_argument("--providers", type=int, default=2)
     d.add_argument("--size", type=int, default=2048)
     d.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
