@@ -495,7 +495,8 @@ def test_dockerfile(name: str, program: str) -> None:
     # every package setuptools needs is copied before `pip install`
     copied = {src for instr, args in steps if instr == "COPY"
               for src in [w for w in args.split() if not w.startswith("--")][:-1]}
-    needed = set(pyproject()["tool"]["setuptools"]["packages"]) | {"pyproject.toml", "README.md"}
+    packages = {pattern.rstrip("*") for pattern in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed = packages | {"pyproject.toml", "README.md"}
     assert needed <= copied, f"{name} does not COPY {sorted(needed - copied)}"
     assert any(instr == "RUN" and "pip install" in args and " ." in args for instr, args in steps)
     dcf_env = {k for k in dockerfile_env(path) if k.startswith("DCF_")}
