@@ -145,8 +145,11 @@ class Lifecycle:
         if errors:
             self._refuse(message["job_id"], f"this job needs {errors[0]} on the head", ack)
             return
-        if message["job_id"] not in self.active:
-            self._open(tasks.get(message["type"]), message, ack)
+        act = self.active.get(message["job_id"])
+        if act is not None:  # redelivered while it waited: the newest delivery's ack counts
+            act.ack = ack
+            return
+        self._open(tasks.get(message["type"]), message, ack)
 
     def _open(self, task: tasks.TaskType, message: dict[str, Any], ack: Ack) -> None:
         record = JobRecord.from_message(message)
