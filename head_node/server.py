@@ -339,17 +339,20 @@ class Head:
     def job_view(self, job_id: str) -> dict[str, Any]:
         job = self.state.jobs.get(job_id)
         if job is not None:
-            view = views.live_job_view(self.jobs.live_record(job), job, views.provider_names(self.state.providers))
+            view = self._live_view(job, views.provider_names(self.state.providers))
         else:
             view = self._record(job_id).view()
         return views.with_queue_state(view, self.queue.is_connected)
+
+    def _live_view(self, job: st.Job, names: dict[str, str]) -> dict[str, Any]:
+        return views.live_job_view(self.jobs.live_record(job), job, names)
 
     def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         names = views.provider_names(self.state.providers)
         out = []
         for row in self.store.list(state, limit):
             job = self.state.jobs.get(row["job_id"])
-            view = (views.live_job_view(self.jobs.live_record(job), job, names) if job is not None
+            view = (self._live_view(job, names) if job is not None
                     else JobRecord.from_row(row).view())
             out.append(views.with_queue_state(view, self.queue.is_connected))
         return out
@@ -398,7 +401,7 @@ class Head:
         """Everything the dashboard and /metrics show, in one read-only dict."""
         now = time.time()
         names = views.provider_names(self.state.providers)
-        live = [views.live_job_view(self.jobs.live_record(j), j, names) for j in self.state.jobs.values()
+        live = [self._live_view(j, names) for j in self.state.jobs.values()
                 if not j.state.terminal]
         return {
             "time": now, "epoch": self.incarnation, "uptime_s": now - self.started_at, "queue": self.queue.name,

@@ -63,6 +63,7 @@ from .stimuli import (
     SubscriptionChanged,
     SubtaskAcked,
     SubtaskFailed,
+    SubtaskReport,
     Tick,
 )
 
@@ -223,25 +224,25 @@ class ClusterState:
                 self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
 
     # ---- subtask lifecycle ---------------------------------------------------------------
-    def _live_subtask(self, job_id: str, index: int, attempt: int, incarnation: str) -> Subtask | None:
-        if incarnation != self.incarnation:
+    def _live_subtask(self, ev: SubtaskReport) -> Subtask | None:
+        """The subtask a report is about, if the head still wants to hear about that attempt."""
+        if ev.incarnation != self.incarnation:
             return None
-        job = self.jobs.get(job_id)
-        if job is None or job.state is not JobState.RUNNING or not 0 <= index < len(job.subtasks):
+        job = self.jobs.get(ev.job_id)
+        if job is None or job.state is not JobState.RUNNING or not 0 <= ev.subtask < len(job.subtasks):
             return None
-        sub = job.subtasks[index]
-        if sub.state is SubState.DONE or not 1 <= attempt <= sub.attempt:
+        sub = job.subtasks[ev.subtask]
+        if sub.state is SubState.DONE or not 1 <= ev.attempt <= sub.attempt:
             return None
         return sub
 
     def _on_acked(self, ev: SubtaskAcked, now: float) -> list[Action]:
-        provider_id, attempt = ev.provider_id, ev.attempt
-        sub = self._live_subtask(ev.job_id, ev.subtask, attempt, ev.incarnation)
-        if sub is None or sub.provider_id != provider_id or sub.attempt != attempt:
+        sub = self._live_subtask(ev)
+        if sub is None or sub.provider_id != ev.provider_id or sub.attempt != ev.attempt:
             return []
         if sub.state is SubState.SENT:
             sub.state = SubState.RUNNING
-            prov = self.providers.get(provider_id)
+            prov = self.providers.get(ev.provider_id)
             # the provider's load includes this subtask and everything queued before it
             load = prov.load(self.jobs) if prov else 0.0
             sub.deadline = now + max(self.timing.min_deadline, self.timing.deadline_factor * load)
@@ -249,16 +250,16 @@ class ClusterState:
             sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
         return []
 
-    def _finished_work(self, provider_id: str, job_id: str, index: int, attempt: int, incarnation: str,
-                       now: float) -> None:
+    def _finished_work(self, ev: SubtaskReport, now: float) -> None:
         """The provider says it is done with an attempt it was really sent (this incarnation), whether or
         not the head still wants the outcome: whatever it runs next starts about now."""
-        job = self.jobs.get(job_id)
-        prov = self.providers.get(provider_id)
-        if incarnation != self.incarnation or job is None or prov is None or not 0 <= index < len(job.subtasks):
+        job = self.jobs.get(ev.job_id)
+        prov = self.providers.get(ev.provider_id)
+        if (ev.incarnation != self.incarnation or job is None or prov is None
+                or not 0 <= ev.subtask < len(job.subtasks)):
             return
-        sub = job.subtasks[index]
-        if 1 <= attempt <= len(sub.tried) and sub.tried[attempt - 1] == provider_id:
+        tried = job.subtasks[ev.subtask].tried
+        if 1 <= ev.attempt <= len(tried) and tried[ev.attempt - 1] == ev.provider_id:
             prov.last_result_at = max(prov.last_result_at, now)
 
     def _on_result(self, ev: ResultReceived, now: float) -> list[Action]:
@@ -268,11 +269,10 @@ class ClusterState:
         the provider's speed from the service time it observed (``service_seconds``), measured from
         when *this* attempt was sent (a speculative copy or a re-send elsewhere has its own time)."""
         provider_id, job_id, index, attempt = ev.provider_id, ev.job_id, ev.subtask, ev.attempt
-        incarnation = ev.incarnation
         prov = self.providers.get(provider_id)
         free_at = prov.last_result_at if prov is not None else 0.0  # before this result moves it
-        self._finished_work(provider_id, job_id, index, attempt, incarnation, now)
-        sub = self._live_subtask(job_id, index, attempt, incarnation)
+        self._finished_work(ev, now)
+        sub = self._live_subtask(ev)
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
             return []
@@ -331,19 +331,17 @@ class ClusterState:
         return actions
 
     def _on_failed(self, ev: SubtaskFailed, now: float) -> list[Action]:
-        provider_id, job_id, index, attempt = ev.provider_id, ev.job_id, ev.subtask, ev.attempt
-        incarnation = ev.incarnation
-        error, retryable = ev.error, ev.retryable
-        self._finished_work(provider_id, job_id, index, attempt, incarnation, now)
-        sub = self._live_subtask(job_id, index, attempt, incarnation)
-        if (sub is None or sub.attempt != attempt or sub.tried[attempt - 1] != provider_id
+        self._finished_work(ev, now)
+        sub = self._live_subtask(ev)
+        if (sub is None or sub.attempt != ev.attempt or sub.tried[ev.attempt - 1] != ev.provider_id
                 or sub.state is SubState.PENDING):
             return []
         self.counters["subtasks_failed"] += 1
-        job = self.jobs[job_id]
-        if not retryable:
-            return self._fail(job, now, f"subtask {index} failed on provider {provider_id[:8]}: {error}")
-        return self._strike(job, sub, now, f"failed on provider {provider_id[:8]}: {error}") + self._schedule(now)
+        job = self.jobs[ev.job_id]
+        where = f"on provider {ev.provider_id[:8]}: {ev.error}"
+        if not ev.retryable:
+            return self._fail(job, now, f"subtask {ev.subtask} failed {where}")
+        return self._strike(job, sub, now, f"failed {where}") + self._schedule(now)
 
     def _strike(self, job: Job, sub: Subtask, now: float, why: str) -> list[Action]:
         """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job

@@ -66,7 +66,10 @@ class JobForgotten:
 
 
 @dataclass(frozen=True)
-class SubtaskAcked:
+class SubtaskReport:
+    """What every message of a provider about one subtask attempt names: who, which attempt, and
+    the head incarnation it was sent in."""
+
     provider_id: str
     job_id: str
     subtask: int
@@ -75,14 +78,14 @@ class SubtaskAcked:
 
 
 @dataclass(frozen=True)
-class ResultReceived:
+class SubtaskAcked(SubtaskReport):
+    """The provider has the subtask (it runs it next, or queued it)."""
+
+
+@dataclass(frozen=True)
+class ResultReceived(SubtaskReport):
     """A result that passed its planner's checks; ``elapsed``: compute seconds the provider reports."""
 
-    provider_id: str
-    job_id: str
-    subtask: int
-    attempt: int
-    incarnation: str
     elapsed: float = 0.0
 
 
@@ -94,12 +97,7 @@ class ResultMerged:
 
 
 @dataclass(frozen=True)
-class SubtaskFailed:
-    provider_id: str
-    job_id: str
-    subtask: int
-    attempt: int
-    incarnation: str
+class SubtaskFailed(SubtaskReport):
     error: str
     retryable: bool
 

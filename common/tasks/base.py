@@ -15,6 +15,7 @@ comes out of ``effects`` and the head writes it):
   ``planner``   the job's planner: ``plan`` subtasks, ``subtask_inputs``, ``check_result``, ``merge``
 Provider side:
   ``run``       compute one subtask on a device, return its result arrays
+  ``run_into``  (``SplitTask`` only) compute it in place, on a provider sharing the head's state dir
 """
 
 from __future__ import annotations
@@ -191,13 +192,6 @@ class TaskType(ABC):
             device: Device) -> list[np.ndarray]:
         """Provider side: compute one subtask."""
 
-    def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
-                 outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
-        """Provider side, co-located with the head (only for a ``SplitTask``, whose planner shares
-        files): compute one subtask straight into the job's output arrays (memory-mapped files of
-        the head's state dir) and return what it wrote. ``SplitTask`` runs ``run`` then ``merge``."""
-        return self.run(sub_params, arrays, device)
-
 
 class SplitTask(TaskType):
     """A task type cut once into subtasks whose results are merged into the outputs."""
@@ -227,7 +221,9 @@ class SplitTask(TaskType):
 
     def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
                  outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
-        """The default runs ``run`` then ``merge``; override it to skip the copy."""
+        """Provider side, co-located with the head (its planner shares files): compute one subtask
+        straight into the job's output arrays (memory-mapped files of the head's state dir) and
+        return what it wrote. The default runs ``run`` then ``merge``; override it to skip the copy."""
         results = self.run(sub_params, arrays, device)
         self.merge(sub_params, results, outputs)
         return results
