@@ -26,3 +26,9 @@ class ArrayMeta:
     @classmethod
     def of(cls, arr: np.ndarray) -> ArrayMeta:
         return cls(arr.dtype.name, tuple(int(d) for d in arr.shape))
+
+
+def from_bytes(meta: dict[str, Any], data: bytes) -> np.ndarray:
+    """The array ``{"dtype", "shape"}`` whose raw bytes (C order, little-endian) are ``data``: a read-only
+    view of them, no copy. ValueError when their length does not fit."""
+    return np.frombuffer(data, dtype=np.dtype(meta["dtype"]).newbyteorder("<")).reshape(meta["shape"])

@@ -52,7 +52,8 @@ class JobRecord:
     job_id: str
     type: str
     params: dict[str, Any]
-    #: input name -> {"blob": id, "dtype": ..., "shape": [...]} (views omit the blob id)
+    #: input name -> {"blob": id, "dtype": ..., "shape": [...]} (views omit the blob id); an inline
+    #: input has no "blob": its bytes are in ``inline``
     inputs: dict[str, dict[str, Any]]
     outputs: dict[str, dict[str, Any]]
     nodes: int | None
@@ -62,17 +63,22 @@ class JobRecord:
     finished_at: float | None = None
     error: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    #: input name -> the raw bytes (C order, little-endian) of a small input sent with the job
+    inline: dict[str, bytes] = field(default_factory=dict)
 
     # ---- the queue message: what a job is before it runs ---------------------------------------
     def message(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "type": self.type, "params": self.params, "inputs": self.inputs,
-                "outputs": self.outputs, "nodes": self.nodes, "created_at": self.created_at}
+        msg = {"job_id": self.job_id, "type": self.type, "params": self.params, "inputs": self.inputs,
+               "outputs": self.outputs, "nodes": self.nodes, "created_at": self.created_at}
+        if self.inline:
+            msg["inline"] = self.inline
+        return msg
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> JobRecord:
         return cls(job_id=msg["job_id"], type=msg["type"], params=dict(msg["params"]),
                    inputs=dict(msg["inputs"]), outputs=dict(msg["outputs"]), nodes=msg.get("nodes"),
-                   created_at=float(msg["created_at"]))
+                   created_at=float(msg["created_at"]), inline=dict(msg.get("inline") or {}))
 
     # ---- the job store's row ----------------------------------------------------------------------
     @classmethod
@@ -81,7 +87,8 @@ class JobRecord:
                        finished_at=row.get("finished_at"), error=row.get("error"), stats=dict(row.get("stats") or {}))
 
     def blob_ids(self) -> dict[str, str]:
-        return {name: ref["blob"] for name, ref in self.inputs.items()}
+        """The inputs held as blobs in the state dir (inline ones are not)."""
+        return {name: ref["blob"] for name, ref in self.inputs.items() if "blob" in ref}
 
     # ---- the API's view ---------------------------------------------------------------------------
     def view(self, *, progress: Progress | None = None, shares: Mapping[str, float] | None = None,

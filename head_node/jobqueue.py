@@ -40,7 +40,9 @@ class JobQueue(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
-    async def publish(self, record: dict[str, Any]) -> None: ...
+    async def publish_many(self, records: list[dict[str, Any]]) -> None:
+        """Publish durably, all of them or raise (QueueUnavailable); the caller stores ``accepted``."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -67,11 +69,12 @@ class EmbeddedQueue:
             log.info("recovering job", extra={"job_id": record["job_id"]})
             deliver(record, _no_ack)
 
-    async def publish(self, record: dict[str, Any]) -> None:
-        self.store.mark_accepted(record["job_id"])
+    async def publish_many(self, records: list[dict[str, Any]]) -> None:
+        """The job store is the queue: the caller's ``accepted`` mark, committed, makes them durable."""
         assert self.deliver is not None
-        # delivered on the next loop turn, as a broker would: after the submitter saw the ack
-        asyncio.get_running_loop().call_soon(self.deliver, record, _no_ack)
+        loop = asyncio.get_running_loop()
+        for record in records:  # delivered on a later loop turn, as a broker would
+            loop.call_soon(self.deliver, record, _no_ack)
 
     async def close(self) -> None:
         return None
@@ -184,20 +187,22 @@ class AmqpQueue:
         task = asyncio.ensure_future(self.exchange.publish(message, routing_key=event.kind, mandatory=False))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception never retrieved"
 
-    async def publish(self, record: dict[str, Any]) -> None:
+    async def publish_many(self, records: list[dict[str, Any]]) -> None:
+        """Persistent messages, their publisher confirms pipelined: all confirmed, or QueueUnavailable."""
         import aio_pika
 
         if not self.connected.is_set():
             raise QueueUnavailable("the job queue (RabbitMQ) is unreachable; the head is reconnecting")
-        message = aio_pika.Message(encode_job_message(record), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                   message_id=record["job_id"], content_type="application/msgpack",
-                                   type=f"dcf.job.{record['type']}")
+        exchange = self.channel.default_exchange
+        sends = [exchange.publish(aio_pika.Message(encode_job_message(r), message_id=r["job_id"],
+                                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                   content_type="application/msgpack", type=f"dcf.job.{r['type']}"),
+                                  routing_key=self.queue_name) for r in records]
         try:
-            await asyncio.wait_for(self.channel.default_exchange.publish(message, routing_key=self.queue_name),
-                                   timeout=15)
+            await asyncio.wait_for(asyncio.gather(*sends), timeout=15 + len(records) / 1000)
         except Exception as exc:
-            raise QueueUnavailable(f"the job queue did not confirm the job ({type(exc).__name__}); "
-                                   "try again") from None
+            raise QueueUnavailable(f"the job queue did not confirm the job{'s' if len(records) > 1 else ''} "
+                                   f"({type(exc).__name__}); try again") from None
 
     async def close(self) -> None:
         if self.connection is not None:

@@ -19,14 +19,16 @@ from typing import Any
 import numpy as np
 
 from common import config, layout, tasks
-from common.errors import DcfError, ValidationError
+from common.arrays import from_bytes
+from common.errors import DcfError, HeadUnreachable, ValidationError
 from common.jobs import JobRecord, JobState
+from common.protocol.batch import MAX_INLINE_BYTES, JobSpec
 from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
 
 from .entities import Job
 from .events import EventBus
 from .jobqueue import Ack, JobQueue
-from .stimuli import Action, JobAdded
+from .stimuli import Action, JobAdded, JobForgotten
 from .store import BlobStore, JobStore, replace_file
 
 log = logging.getLogger("dcf.head")
@@ -44,6 +46,14 @@ class ActiveJob:
     nonfinite: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    #: the outputs are small: held in memory and stored in the job's row, not in files
+    inline_outputs: bool = False
+
+    @property
+    def by_file(self) -> bool:
+        """Whether a co-located provider may take this job's subtasks by file reference: every input
+        is a blob file and every output a file."""
+        return not self.record.inline and not self.inline_outputs
 
     def live_stats(self) -> dict[str, Any]:
         return {"result_nonfinite": self.nonfinite, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
@@ -68,46 +78,78 @@ class Lifecycle:
         self.waiters: dict[str, asyncio.Event] = {}
 
     # ---- accept ---------------------------------------------------------------------------
-    async def submit(self, spec: dict[str, Any]) -> str:
+    async def submit(self, spec: JobSpec) -> str:
         """Validate a job, persist it, publish it durably; only then return its id."""
-        record = self.make_record(spec)
-        message = record.message()
-        self.store.insert(message, accepted=False)
-        # the broker may deliver the message before it confirms it: such a delivery waits here
-        self.parked[record.job_id] = None
+        return (await self.submit_many([spec]))[0]
+
+    async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Validate every job, persist them, publish them durably; only then return their ids. All or
+        nothing: one bad spec, or a queue that does not confirm them all, and none is accepted."""
+        records = []
+        for i, spec in enumerate(specs):
+            try:
+                records.append(self.make_record(spec))
+            except DcfError as exc:
+                if len(specs) > 1:
+                    exc.args = (f"jobs[{i}]: {exc.message}",)
+                raise
+        messages = [r.message() for r in records]
+        ids = [r.job_id for r in records]
+        self.store.insert_many(messages, accepted=False)
+        # the broker may deliver a message before it confirms it: such a delivery waits here
+        self.parked.update(dict.fromkeys(ids))
         try:
-            await self.queue.publish(message)
+            await self.queue.publish_many(messages)
+            self.store.mark_accepted_many(ids)
+            await self._committed()
         except DcfError:
-            # not accepted: no row is left, and a tombstone drops the message if the broker got it
-            # after all (a lost publisher confirm). The operands stay: the client may submit again.
-            self.store.delete(record.job_id)
-            early = self.parked.pop(record.job_id, None)
+            self._unpublish(ids)
+            raise
+        for job_id in ids:
+            early = self.parked.pop(job_id, None)
+            if early is not None:
+                self.deliver(*early)
+        for record in records:
+            log.debug("job accepted: %s", record.type, extra={"job_id": record.job_id})
+            self.events.emit("job.accepted", job_id=record.job_id, type=record.type)
+        return ids
+
+    def _unpublish(self, ids: list[str]) -> None:
+        """Not accepted: no row is left, and a tombstone drops a message the broker got after all (a
+        lost publisher confirm). The operands stay: the client may submit again."""
+        self.store.delete_many(ids)
+        for job_id in ids:
+            early = self.parked.pop(job_id, None)
             if early is not None:
                 asyncio.ensure_future(early[1]())  # delivered although refused: acked, never run
-            raise
-        early = self.parked.pop(record.job_id, None)
-        if early is not None:
-            self.deliver(*early)
-        self.store.mark_accepted(record.job_id)
-        log.info("job accepted: %s", record.type, extra={"job_id": record.job_id})
-        self.events.emit("job.accepted", job_id=record.job_id, type=record.type)
-        return record.job_id
 
-    def make_record(self, spec: dict[str, Any]) -> JobRecord:
-        task = tasks.get(spec["type"])
-        blob_ids = spec.get("inputs") or {}
-        missing = [n for n in task.inputs if n not in blob_ids]
-        extra = [n for n in blob_ids if n not in task.inputs]
+    async def _committed(self) -> None:
+        """Wait for the group commit of what was written so far; HeadUnreachable if it failed."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settle(ok: bool) -> None:
+            if not done.done():
+                done.set_result(ok)
+
+        self.store.after_commit(settle)
+        if not await done:
+            raise HeadUnreachable("the head could not write the job store; try again")
+
+    def make_record(self, spec: JobSpec) -> JobRecord:
+        task = tasks.get(spec.type)
+        names = {**spec.blobs, **spec.inline}
+        missing = [n for n in task.inputs if n not in names]
+        extra = [n for n in names if n not in task.inputs]
         if missing or extra:
             raise ValidationError(f"{task.name} takes inputs {list(task.inputs)}; missing {missing}, "
                                   f"unexpected {extra}")
-        metas = {name: self.blobs.meta(blob_id) for name, blob_id in blob_ids.items()}
-        params = spec.get("params") or {}
-        outputs = validate(task, params, metas)
-        return JobRecord(job_id=uuid.uuid4().hex, type=task.name, params=params,
-                         inputs={n: {"blob": b, **metas[n].to_dict()} for n, b in blob_ids.items()},
-                         outputs={n: m.to_dict() for n, m in outputs.items()}, nodes=spec.get("nodes"),
-                         created_at=time.time())
+        metas = {name: self.blobs.meta(blob_id) for name, blob_id in spec.blobs.items()}
+        metas.update({name: ArrayMeta.of(arr) for name, arr in spec.inline.items()})
+        outputs = validate(task, spec.params, metas)
+        inputs = {n: ({"blob": spec.blobs[n]} if n in spec.blobs else {}) | metas[n].to_dict() for n in names}
+        return JobRecord(job_id=uuid.uuid4().hex, type=task.name, params=spec.params, inputs=inputs,
+                         outputs={n: m.to_dict() for n, m in outputs.items()}, nodes=spec.nodes,
+                         created_at=time.time(), inline={n: a.tobytes() for n, a in spec.inline.items()})
 
     # ---- deliver --------------------------------------------------------------------------
     def deliver(self, message: dict[str, Any], ack: Ack) -> None:
@@ -171,22 +213,29 @@ class Lifecycle:
     def _build(self, task: tasks.TaskType, record: JobRecord, ack: Ack) -> tuple[Job, ActiveJob]:
         blob_ids = record.blob_ids()
         operands = {name: self.blobs.open(blob) for name, blob in blob_ids.items()}
+        operands.update({name: from_bytes(record.inputs[name], data) for name, data in record.inline.items()})
         metas = {name: ArrayMeta.of(arr) for name, arr in operands.items()}
         outputs = validate(task, record.params, metas)
-        results = self.blobs.create_outputs(record.job_id, outputs, self.incarnation)
+        # a small job (no input file, small outputs) stays off the disk: outputs in memory now, in its
+        # row when done; one with input files keeps output files, for co-located providers to share
+        inline_outputs = not blob_ids and sum(m.nbytes for m in outputs.values()) <= MAX_INLINE_BYTES
+        if inline_outputs:
+            results = {name: np.zeros(m.shape, dtype=m.dtype) for name, m in outputs.items()}
+        else:
+            results = self.blobs.create_outputs(record.job_id, outputs, self.incarnation)
         ctx = JobContext(job_id=record.job_id, params=record.params, inputs=metas, outputs=outputs,
                          operands=operands, blob_ids=blob_ids, results=results,
                          job_dir=layout.job_dir(self.root, record.job_id))
         job = Job(record.job_id, task.name, record.params, metas, outputs, record.nodes,
                   created_at=record.created_at, planner=task.planner(ctx))
-        return job, ActiveJob(record, operands, results, ack)
+        return job, ActiveJob(record, operands, results, ack, inline_outputs=inline_outputs)
 
     def _refuse(self, job_id: str, error: str, ack: Ack) -> None:
         """A delivered job that cannot run fails visibly; its message is acked (never retried)."""
         log.error("job cannot run: %s", error, extra={"job_id": job_id})
         self.store.update(job_id, state=JobState.FAILED.value, error=error, finished_at=time.time())
         self.events.emit("job.failed", job_id=job_id, error=error)
-        asyncio.ensure_future(ack())
+        self.store.after_commit(lambda ok: self._closed(job_id, ack, ok))
 
     # ---- effects and close ------------------------------------------------------------------
     def carry_out(self, job: Job, effects: Sequence[Effect]) -> None:
@@ -220,32 +269,45 @@ class Lifecycle:
         if job.started_at and job.finished_at:
             stats["compute_s"] = round(job.finished_at - job.started_at, 4)
         job.stats = stats
+        inline: dict[str, bytes] = {}
         if job.state is JobState.DONE and act is not None:
-            self._keep_outputs(job, act, stats)
+            inline = self._keep_outputs(job, act, stats)
         self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at, error=job.error,
-                          stats=stats)
-        if act is not None:
-            asyncio.ensure_future(act.ack())  # only after the outcome is stored
+                          stats=stats, **({"results": inline} if inline else {}))
         outcome = job.state.value
         log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
                  extra={"job_id": job.job_id})
         self.events.emit(f"job.{outcome}", job_id=job.job_id, error=job.error, seconds=stats.get("compute_s"))
-        event = self.waiters.pop(job.job_id, None)
+        # only once the outcome is committed: the queue forgets the job, its waiters hear of it
+        self.store.after_commit(lambda ok: self._closed(job.job_id, act.ack if act is not None else None, ok))
+
+    def _closed(self, job_id: str, ack: Ack | None, stored: bool) -> None:
+        if not stored:  # not acked: the queue delivers the job again after a restart
+            log.error("the outcome of the job was not stored", extra={"job_id": job_id})
+        elif ack is not None:
+            asyncio.ensure_future(ack())
+        self.apply(JobForgotten(job_id))  # the scheduler lets it go: its row is the job from now on
+        event = self.waiters.pop(job_id, None)
         if event is not None:
             event.set()
 
-    def _keep_outputs(self, job: Job, act: ActiveJob, stats: dict[str, Any]) -> None:
+    def _keep_outputs(self, job: Job, act: ActiveJob, stats: dict[str, Any]) -> dict[str, bytes]:
+        """Files the planner writes at the end, and the outputs: committed files, or (small ones) the
+        bytes to store in the job's row, returned."""
         try:
             files = job.planner.finish(job.finished_at or 0.0)
             for f in files:
                 self.save(job.job_id, f)
             if files:
                 stats["files"] = [f.name for f in files]
+            if act.inline_outputs:
+                return {name: np.ascontiguousarray(arr).tobytes() for name, arr in act.results.items()}
             self.blobs.commit_outputs(job.job_id, act.results, self.incarnation, self.cfg.fsync,
                                       copy=bool(act.by_reference))
         except Exception as exc:  # disk full, a plugin's bug...: the job fails visibly, the head goes on
             log.exception("could not store the result", extra={"job_id": job.job_id})
             job.state, job.error = JobState.FAILED, f"could not store result: {exc}"
+        return {}
 
     def live_record(self, job: Job) -> JobRecord:
         """The record of a job the scheduler holds, with its live state."""

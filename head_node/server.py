@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from common import config, layout, protocol, security
+from common.arrays import from_bytes
 from common.errors import Conflict, DcfError, NotFound, UnknownProvider, ValidationError
-from common.jobs import TERMINAL_NAMES, JobRecord
+from common.jobs import TERMINAL_NAMES, JobRecord, JobState
 from common.protocol import check_id
+from common.protocol.batch import JobSpec
 
 from . import state as st
 from . import stimuli as sm
@@ -63,6 +65,7 @@ class Head:
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        self.store.group_commit(asyncio.get_running_loop().call_soon)  # one commit per loop turn
         self._start_security()
         self.transport.start(self)
         (self.root / layout.MARKER).write_text(self.incarnation)
@@ -152,18 +155,18 @@ class Head:
         log.warning("provider lost; %d subtasks re-queued", a.requeued, extra={"provider_id": a.provider_id})
         prov = self.state.providers.get(a.provider_id)
         self.events.emit("node.lost", provider_id=a.provider_id, name=prov.info.name if prov else "",
-                         requeued=a.requeued)
+                         requeued=a.requeued, reason=a.reason)
 
     def _dispatch(self, d: sm.Dispatch) -> None:
-        job = self.state.jobs[d.job_id]
+        job = self.state.jobs.get(d.job_id)
         act = self.jobs.active.get(d.job_id)
-        if act is None or job.state.terminal:  # it ended earlier in this batch of actions
+        if job is None or act is None or job.state.terminal:  # it ended earlier in this batch of actions
             return
         sub = job.subtasks[d.subtask]
         fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.incarnation,
                   "task_type": job.task_type, "params": sub.params, "cost": float(sub.cost)}
         arrays: list[np.ndarray] = []
-        if job.planner.shares_files and self.state.providers[d.provider_id].local:
+        if job.planner.shares_files and act.by_file and self.state.providers[d.provider_id].local:
             # co-located provider: it maps the operands and writes the result in place
             fields["shared"] = {"inputs": act.record.blob_ids(), "outputs": sorted(job.outputs)}
             act.by_reference.add((d.subtask, d.attempt))
@@ -243,6 +246,11 @@ class Head:
         log.debug("subscription %s", "on" if subscribed else "off", extra={"provider_id": topic})
         self.apply(sm.SubscriptionChanged(topic, subscribed))
 
+    def on_disconnect(self, provider_id: str) -> None:
+        """Its task connection ended: lost after a short grace unless it subscribes again (a reconnect)."""
+        log.debug("task connection closed", extra={"provider_id": provider_id})
+        self.apply(sm.ProviderDisconnected(provider_id))
+
     def on_tick(self) -> None:
         self.apply(sm.Tick())
 
@@ -308,8 +316,59 @@ class Head:
         self.apply(sm.ResultMerged(job.job_id))
 
     # ---- the facade the HTTP routers use --------------------------------------------------------
-    async def submit(self, spec: dict[str, Any]) -> str:
+    async def submit(self, spec: JobSpec) -> str:
         return await self.jobs.submit(spec)
+
+    async def submit_many(self, specs: list[JobSpec], wait: float) -> list[dict[str, Any]]:
+        """Accept every job or none; with ``wait``, their outcomes once all ended (or it passed)."""
+        job_ids = await self.jobs.submit_many(specs)
+        if wait <= 0:
+            return [{"job_id": j, "state": JobState.QUEUED.value, "error": None} for j in job_ids]
+        return await self.gather(job_ids, wait, forget=False)
+
+    async def gather(self, job_ids: list[str], wait: float, forget: bool) -> list[dict[str, Any]]:
+        """The outcomes of jobs (small results inline) once all ended or ``wait`` passed, in order;
+        ``forget``: the ended ones are deleted once their outcome is read."""
+        for job_id in job_ids:
+            if job_id not in self.state.jobs:
+                self._record(job_id)  # NotFound for an unknown id, before any wait
+        await self._wait_all(job_ids, wait)
+        outcomes = [self._outcome(job_id) for job_id in job_ids]
+        if forget:
+            for o in outcomes:
+                if o["state"] in TERMINAL_NAMES:
+                    await self.delete(o["job_id"])
+        return outcomes
+
+    async def _wait_all(self, job_ids: list[str], timeout: float) -> None:
+        """Until each job's outcome is stored (a job the scheduler holds has not stored it yet)."""
+        pending = [j for j in job_ids if j in self.state.jobs or not self._stored_outcome(j)]
+        if not pending or timeout <= 0:
+            return
+        events = [self.jobs.waiters.setdefault(j, asyncio.Event()) for j in pending]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
+
+    def _stored_outcome(self, job_id: str) -> bool:
+        row = self.store.get(job_id)
+        return row is None or row["state"] in TERMINAL_NAMES
+
+    def _outcome(self, job_id: str) -> dict[str, Any]:
+        job = self.state.jobs.get(job_id)
+        if job is not None:  # the scheduler holds it: its outcome is not stored yet
+            state = JobState.RUNNING if job.state.terminal else job.state
+            return {"job_id": job_id, "state": state.value, "error": None}
+        row = self.store.get(job_id)
+        if row is None:
+            return {"job_id": job_id, "state": "deleted", "error": "deleted meanwhile"}
+        out: dict[str, Any] = {"job_id": job_id, "state": row["state"], "error": row["error"]}
+        if row["state"] != JobState.DONE.value:
+            return out
+        if row["results"]:
+            out["results"] = {name: from_bytes(row["outputs"][name], data) for name, data in row["results"].items()}
+        else:  # too large to travel inline: GET /v1/jobs/{id}/result?name=...
+            out["outputs"] = [*row["outputs"], *(row["stats"].get("files") or [])]
+        return out
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         if job_id not in self.state.jobs:
@@ -366,7 +425,8 @@ class Head:
             await asyncio.wait_for(event.wait(), timeout)
         return self.job_view(job_id)
 
-    def result_path(self, job_id: str, name: str | None) -> Path:
+    def result_file(self, job_id: str, name: str | None) -> Path | np.ndarray:
+        """A finished job's output: its file, or (a small output kept in the job's row) the array."""
         view = self.job_view(job_id)
         if view["state"] != "done":
             raise Conflict(f"job {job_id} is {view['state']}; its result is not available")
@@ -375,6 +435,9 @@ class Head:
         if name in files:
             path = layout.job_dir(self.root, job_id) / name
         elif name in view["outputs"]:
+            row = self.store.get(job_id) or {}
+            if name in (row.get("results") or {}):
+                return from_bytes(view["outputs"][name], row["results"][name])
             path = self.blobs.output_path(job_id, name)
         else:
             raise NotFound(f"job {job_id} has no output {name!r}")

@@ -9,23 +9,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import msgpack
 import numpy as np
 
 from common import layout
 from common.arrays import ArrayMeta
 from common.errors import NotFound, TooLarge, ValidationError
 from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
+
+log = logging.getLogger("dcf.head.store")
 
 
 def replace_file(tmp: Path, final: Path, fsync: bool) -> None:
@@ -216,15 +221,26 @@ class BlobStore:
 
 
 _COLUMNS = ("job_id", "type", "params", "inputs", "outputs", "nodes", "state", "accepted",
-            "created_at", "started_at", "finished_at", "error", "stats")
+            "created_at", "started_at", "finished_at", "error", "stats", "inline", "results")
 _JSON_COLUMNS = ("params", "inputs", "outputs", "stats")
+#: name -> raw bytes, as msgpack (small inputs sent with the job; small results kept in the row)
+_BYTES_COLUMNS = ("inline", "results")
 
 
 #: how long a tombstone is kept: longer than any redelivery delay (RabbitMQ's consumer timeout is 30 min)
 TOMBSTONE_SECONDS = 30 * 24 * 3600
 
+Schedule = Callable[[Callable[[], None]], object]
+#: called after a group commit with whether it reached the database
+AfterCommit = Callable[[bool], None]
+
 
 class JobStore:
+    """One SQLite table of jobs. With ``group_commit(schedule)`` (the head: ``loop.call_soon``)
+    writes gather in one transaction that commits once the current turn of the event loop is
+    over, however many requests wrote in it; ``after_commit`` runs what must wait for it (a
+    submitter's reply, a queue ack). Without it every write commits at once."""
+
     def __init__(self, path: Path, fsync: bool = False) -> None:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -235,30 +251,91 @@ class JobStore:
             "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, type TEXT NOT NULL, "
             "params TEXT NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL, nodes INTEGER, "
             "state TEXT NOT NULL, accepted INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, "
-            "started_at REAL, finished_at REAL, error TEXT, stats TEXT NOT NULL DEFAULT '{}')")
+            "started_at REAL, finished_at REAL, error TEXT, stats TEXT NOT NULL DEFAULT '{}', "
+            "inline BLOB, results BLOB)")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for column in _BYTES_COLUMNS:  # a state dir written before these columns existed
+            if column not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} BLOB")
         # tombstones: ids of deleted or refused jobs, so that a queue message redelivered later
         # (after a broker outage, a lost publisher confirm) never brings the job back
         self.db.execute("CREATE TABLE IF NOT EXISTS tombstones (job_id TEXT PRIMARY KEY, at REAL NOT NULL)")
         self.db.execute("DELETE FROM tombstones WHERE at < ?", (time.time() - TOMBSTONE_SECONDS,))
+        self._schedule: Schedule | None = None
+        self._after: list[AfterCommit] = []
+        self._pending = False
 
     def close(self) -> None:
+        if self.db.in_transaction:
+            self.commit()
         self.db.close()
 
+    # ---- group commit ---------------------------------------------------------------------
+    def group_commit(self, schedule: Schedule) -> None:
+        self._schedule = schedule
+
+    def _write(self, sql: str, args: tuple[Any, ...] | list[tuple[Any, ...]], many: bool = False) -> None:
+        if self._schedule is not None and not self.db.in_transaction:
+            self.db.execute("BEGIN")
+        if many:
+            self.db.executemany(sql, args)
+        else:
+            self.db.execute(sql, args)
+        if self._schedule is not None and not self._pending:
+            self._pending = True
+            self._schedule(self.commit)
+
+    def commit(self) -> None:
+        """End the open transaction; then run what waited for it (with False if it failed: the
+        transaction's writes are gone, and whoever waited must not claim them)."""
+        self._pending = False
+        ok = True
+        if self.db.in_transaction:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                log.exception("job store commit failed; its writes are rolled back")
+                ok = False
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+        after, self._after = self._after, []
+        for callback in after:
+            try:
+                callback(ok)
+            except Exception:
+                log.exception("error after a job store commit")
+
+    def after_commit(self, callback: AfterCommit) -> None:
+        """``callback(ok)`` once what was written so far is committed (at once if it is)."""
+        if self._pending or self.db.in_transaction:
+            self._after.append(callback)
+        else:
+            callback(True)
+
+    # ---- writes ---------------------------------------------------------------------------
     def insert(self, record: dict[str, Any], accepted: bool) -> None:
-        self.db.execute(
+        self.insert_many([record], accepted)
+
+    def insert_many(self, records: Sequence[dict[str, Any]], accepted: bool) -> None:
+        self._write(
             "INSERT OR IGNORE INTO jobs (job_id, type, params, inputs, outputs, nodes, state, accepted, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (record["job_id"], record["type"], json.dumps(record["params"]), json.dumps(record["inputs"]),
-             json.dumps(record["outputs"]), record.get("nodes"), int(accepted), record["created_at"]))
+            "created_at, inline) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            [(r["job_id"], r["type"], json.dumps(r["params"]), json.dumps(r["inputs"]), json.dumps(r["outputs"]),
+              r.get("nodes"), int(accepted), r["created_at"], _pack_bytes(r.get("inline"))) for r in records],
+            many=True)
 
     def mark_accepted(self, job_id: str) -> None:
-        self.db.execute("UPDATE jobs SET accepted = 1 WHERE job_id = ?", (job_id,))
+        self._write("UPDATE jobs SET accepted = 1 WHERE job_id = ?", (job_id,))
+
+    def mark_accepted_many(self, job_ids: Sequence[str]) -> None:
+        self._write("UPDATE jobs SET accepted = 1 WHERE job_id = ?", [(j,) for j in job_ids], many=True)
 
     def update(self, job_id: str, **fields: Any) -> None:
         cols = [c for c in fields if c in _COLUMNS and c != "job_id"]
-        values = [json.dumps(fields[c]) if c in _JSON_COLUMNS else fields[c] for c in cols]
+        values = [json.dumps(fields[c]) if c in _JSON_COLUMNS
+                  else _pack_bytes(fields[c]) if c in _BYTES_COLUMNS else fields[c] for c in cols]
         sql = "UPDATE jobs SET " + ", ".join(f"{c} = ?" for c in cols) + " WHERE job_id = ?"
-        self.db.execute(sql, (*values, job_id))
+        self._write(sql, (*values, job_id))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
@@ -295,11 +372,19 @@ class JobStore:
         return cur.fetchone() is not None
 
     def delete(self, job_id: str) -> None:
-        """Forget a job for good: its row goes, a tombstone stays."""
-        with self.db:
+        """Forget a job for good: its row goes, a tombstone stays (one transaction)."""
+        self.delete_many([job_id])
+
+    def delete_many(self, job_ids: Sequence[str]) -> None:
+        grouped = self._schedule is not None
+        if not grouped:
             self.db.execute("BEGIN")
-            self.db.execute("INSERT OR REPLACE INTO tombstones (job_id, at) VALUES (?, ?)", (job_id, time.time()))
-            self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO tombstones (job_id, at) VALUES (?, ?)", [(j, now) for j in job_ids],
+                    many=True)
+        self._write("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids], many=True)
+        if not grouped:
+            self.db.execute("COMMIT")
 
     def is_deleted(self, job_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM tombstones WHERE job_id = ?", (job_id,)).fetchone() is not None
@@ -309,5 +394,11 @@ class JobStore:
         out = dict(zip(_COLUMNS, row, strict=True))
         for c in _JSON_COLUMNS:
             out[c] = json.loads(out[c]) if out[c] else {}
+        for c in _BYTES_COLUMNS:
+            out[c] = msgpack.unpackb(out[c], raw=False) if out[c] else {}
         out["accepted"] = bool(out["accepted"])
         return out
+
+
+def _pack_bytes(value: dict[str, bytes] | None) -> bytes | None:
+    return msgpack.packb(value, use_bin_type=True) if value else None

@@ -14,7 +14,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,14 @@ from common.errors import (
 )
 from common.jobs import TERMINAL_NAMES, JobState
 from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
+from common.protocol import batch
 
 Progress = Callable[[int, int], None]  # (done, total)
 CHUNK = 4 * 1024 * 1024
+#: jobs per batch request of ``submit_many``/``map``/``gather``
+BATCH_JOBS = 1000
+MSGPACK = "application/msgpack"
+Results = dict[str, np.ndarray]  # a job's outputs by name
 TERMINAL = TERMINAL_NAMES  # the states a job ends in
 
 
@@ -62,6 +67,17 @@ def check_operand(arr: Any, name: str) -> np.ndarray:
     if arr.size == 0:
         raise ValidationError(f"{name}: empty array (shape {list(arr.shape)})")
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+
+
+def matmul_operands(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A and B as they will be sent: checked, of one dtype, with shapes that multiply."""
+    a = check_operand(a, "a")
+    b = check_operand(b, "b")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValidationError(f"shapes {list(a.shape)} and {list(b.shape)} cannot be multiplied")
+    if a.dtype != b.dtype:
+        a, b = a.astype(np.result_type(a, b)), b.astype(np.result_type(a, b))
+    return a, b
 
 
 def wire_array(arr: Any) -> np.ndarray:
@@ -235,21 +251,96 @@ class Client:
 
     def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                       progress: Progress | None = None) -> str:
-        a = check_operand(a, "a")
-        b = check_operand(b, "b")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise ValidationError(f"shapes {list(a.shape)} and {list(b.shape)} cannot be multiplied")
-        if a.dtype != b.dtype:
-            a, b = a.astype(np.result_type(a, b)), b.astype(np.result_type(a, b))
+        a, b = matmul_operands(a, b)
+        if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:  # small: inline, one request
+            return self.submit_many([{"type": "matmul", "inputs": {"a": a, "b": b}, "nodes": nodes}])[0]
         blob_a = self.upload(a, progress)["blob_id"]
         blob_b = self.upload(b, progress)["blob_id"]
         return self.submit("matmul", {"a": blob_a, "b": blob_b}, nodes=nodes)
 
     def matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                timeout: float | None = None) -> np.ndarray:
+        a, b = matmul_operands(a, b)
+        if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:  # one request: submit, wait, result inline
+            return self.run("matmul", {"a": a, "b": b}, nodes=nodes, timeout=timeout)["c"]
         job = self.submit_matmul(a, b, nodes)
         self.wait(job, timeout)
         return self.result(job)
+
+    # ---- many jobs at once (small operands inline, msgpack) --------------------------------------
+    def run(self, task_type: str, inputs: dict[str, Any], params: dict[str, Any] | None = None,
+            nodes: int | None = None, timeout: float | None = None) -> Results:
+        """One job, submitted, waited for and its outputs returned, in as few requests as it takes
+        (one when its operands and results are small)."""
+        wait = batch.MAX_WAIT_S if timeout is None else min(timeout, batch.MAX_WAIT_S)
+        spec = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
+        outcome = self._batch("/v1/jobs/batch", batch.encode_batch_request([self._inline(spec)], wait))[0]
+        return self.gather([outcome["job_id"]], timeout, first=[outcome])[0]
+
+    def submit_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Submit jobs ``{"type", "inputs": {name: array | blob id}, "params", "nodes"}``, 1000 to a
+        request; small arrays go inline, larger ones are uploaded first. Each request is accepted
+        whole or not at all (ValidationError naming ``jobs[i]``); their ids, in order."""
+        ids: list[str] = []
+        specs = [self._inline(j) for j in jobs]
+        for start in range(0, len(specs), BATCH_JOBS):
+            body = batch.encode_batch_request(specs[start:start + BATCH_JOBS])
+            ids += [o["job_id"] for o in self._batch("/v1/jobs/batch", body)]
+        return ids
+
+    def gather(self, job_ids: Sequence[str], timeout: float | None = None, forget: bool = False,
+               first: Sequence[dict[str, Any]] = ()) -> list[Results]:
+        """The outputs of jobs, in order, once each is done (TaskError when one failed or was
+        cancelled, WaitTimeout after ``timeout`` seconds). ``forget``: delete them once read."""
+        end = None if timeout is None else time.monotonic() + timeout
+        known = {o["job_id"]: o for o in first if o["state"] in TERMINAL}
+        pending = [j for j in dict.fromkeys(job_ids) if j not in known]
+        while pending:
+            left = batch.MAX_WAIT_S if end is None else max(0.0, end - time.monotonic())
+            chunk = pending[:BATCH_JOBS]
+            body = batch.encode_gather_request(chunk, min(left, 20.0), forget)
+            for o in self._batch("/v1/jobs/gather", body, timeout=min(left, 20.0) + 30):
+                if o["state"] in TERMINAL:
+                    known[o["job_id"]] = o
+            pending = [j for j in pending if j not in known]
+            if pending and end is not None and time.monotonic() >= end:
+                raise WaitTimeout(f"{len(pending)} of {len(job_ids)} jobs still running after {timeout}s")
+        return [self._outputs(known[j]) for j in job_ids]
+
+    def map(self, task_type: str, inputs: Iterable[dict[str, Any]], params: dict[str, Any] | None = None,
+            timeout: float | None = None, forget: bool = True) -> list[Results]:
+        """One job of ``task_type`` per entry of ``inputs`` (name -> array); their outputs, in order.
+        They are submitted in batches, then gathered; ``forget``: deleted on the head once read."""
+        job_ids = self.submit_many([{"type": task_type, "inputs": i, "params": params or {}} for i in inputs])
+        return self.gather(job_ids, timeout, forget=forget)
+
+    def _inline(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """A job spec for the batch API: small arrays inline, larger ones uploaded (blob ids)."""
+        inputs: dict[str, Any] = {}
+        room = batch.MAX_INLINE_BYTES
+        for name, value in (spec.get("inputs") or {}).items():
+            if isinstance(value, str):
+                inputs[name] = value
+                continue
+            arr = wire_array(value)
+            if arr.nbytes <= room:
+                inputs[name], room = arr, room - arr.nbytes
+            else:
+                inputs[name] = self.upload(arr)["blob_id"]
+        return {**spec, "inputs": inputs}
+
+    def _outputs(self, outcome: dict[str, Any]) -> Results:
+        if outcome["state"] != JobState.DONE:
+            raise TaskError(f"job {outcome['job_id']} {outcome['state']}: {outcome.get('error') or ''}".rstrip(": "))
+        if "results" in outcome:
+            return {name: np.array(arr) for name, arr in outcome["results"].items()}
+        return {name: self.result(outcome["job_id"], name) for name in outcome.get("outputs", [])
+                if not name.endswith((".pt", ".json"))}
+
+    def _batch(self, path: str, body: bytes, timeout: float | None = None) -> list[dict[str, Any]]:
+        kw: dict[str, Any] = {"timeout": timeout} if timeout else {}
+        resp = self._request("POST", path, content=body, headers={"content-type": MSGPACK}, **kw)
+        return batch.decode_outcomes(resp.content)
 
     def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
         view = self._json("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,

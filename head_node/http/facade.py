@@ -10,6 +10,10 @@ import asyncio
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
+from common.protocol.batch import JobSpec
+
 from ..events import EventBus
 from ..store import BlobStore
 
@@ -58,7 +62,11 @@ class HeadApi(Protocol):
     def stopping(self) -> asyncio.Event:
         """Set once the head is stopping: open event streams end then."""
 
-    async def submit(self, spec: dict[str, Any]) -> str: ...
+    async def submit(self, spec: JobSpec) -> str: ...
+
+    async def submit_many(self, specs: list[JobSpec], wait: float) -> list[dict[str, Any]]: ...
+
+    async def gather(self, job_ids: list[str], wait: float, forget: bool) -> list[dict[str, Any]]: ...
 
     def job_view(self, job_id: str) -> dict[str, Any]: ...
 
@@ -70,7 +78,7 @@ class HeadApi(Protocol):
 
     async def delete(self, job_id: str) -> None: ...
 
-    def result_path(self, job_id: str, name: str | None) -> Path: ...
+    def result_file(self, job_id: str, name: str | None) -> Path | np.ndarray: ...
 
     def nodes(self) -> list[dict[str, Any]]: ...
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, Response
 
+from common.errors import TooLarge
 from common.jobs import STATE_NAMES
+from common.npyfmt import npy_header
+from common.protocol import batch
 
 from .deps import HeadDep, require_token
 from .errors import documented
@@ -26,11 +30,52 @@ class BigFileResponse(FileResponse):
     chunk_size = 4 * 1024 * 1024
 
 
+MSGPACK = "application/msgpack"
+BATCH_BODY = {"requestBody": {"required": True, "content": {MSGPACK: {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}}}
+BATCH_REPLY: dict[int | str, dict[str, Any]] = {
+    200: {"content": {MSGPACK: {}}, "description": "the jobs' outcomes (docs/PROTOCOL.md §14)"}}
+
+
 @router.post("", status_code=201, response_model=JobView, responses=documented(400, 404, 503))
 async def submit(spec: JobSpec, head: HeadDep) -> dict[str, Any]:
     """Submit a job; it is accepted (durable) when this returns."""
-    job_id = await head.submit(spec.model_dump())
+    job_id = await head.submit(batch.JobSpec(spec.type, spec.inputs, {}, spec.params, spec.nodes))
     return head.job_view(job_id)
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > batch.MAX_BATCH_BYTES:
+        raise TooLarge(f"request of {declared} bytes exceeds the {batch.MAX_BATCH_BYTES} byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > batch.MAX_BATCH_BYTES:
+            raise TooLarge(f"request exceeds the {batch.MAX_BATCH_BYTES} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("/batch", response_class=Response, openapi_extra=BATCH_BODY,
+             responses={**BATCH_REPLY, **documented(400, 404, 413, 503)})
+async def submit_batch(request: Request, head: HeadDep) -> Response:
+    """Submit many jobs in one msgpack request, small operands inline: all are accepted (durable) or
+    none. With ``wait``, the reply comes once they all ended (or the wait passed), with their small
+    results inline."""
+    req = batch.decode_batch_request(await _body(request))
+    outcomes = await head.submit_many(req.jobs, req.wait)
+    return Response(batch.encode_outcomes(outcomes), media_type=MSGPACK)
+
+
+@router.post("/gather", response_class=Response, openapi_extra=BATCH_BODY,
+             responses={**BATCH_REPLY, **documented(400, 404, 413)})
+async def gather(request: Request, head: HeadDep) -> Response:
+    """The outcomes of many jobs, once they all ended or ``wait`` passed, their small results inline;
+    with ``forget``, the ended ones are deleted once read (as a result backend consumes them)."""
+    req = batch.decode_gather_request(await _body(request))
+    outcomes = await head.gather(req.job_ids, req.wait, req.forget)
+    return Response(batch.encode_outcomes(outcomes), media_type=MSGPACK)
 
 
 @router.get("", response_model=list[JobView])
@@ -68,9 +113,13 @@ async def delete(job_id: str, head: HeadDep) -> None:
                              "description": "the output as a .npy file, or a named output file"},
                        **documented(404, 409)})
 async def result(job_id: str, head: HeadDep,
-                 name: Annotated[str | None, Query(max_length=64)] = None) -> FileResponse:
-    path = head.result_path(job_id, name)
-    return BigFileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-{path.name}")
+                 name: Annotated[str | None, Query(max_length=64)] = None) -> Response:
+    found = head.result_file(job_id, name)
+    if isinstance(found, Path):
+        return BigFileResponse(found, media_type="application/octet-stream", filename=f"{job_id}-{found.name}")
+    body = npy_header(found) + found.tobytes()  # a small output kept in the job's row
+    return Response(body, media_type="application/octet-stream",
+                    headers={"content-disposition": f'attachment; filename="{job_id}-{name or "result"}.npy"'})
 
 
 @router.get("/{job_id}/events", response_model=list[Event], responses=JOB_NOT_FOUND)

@@ -19,6 +19,8 @@ from fastapi.testclient import TestClient
 
 from common.errors import Conflict, NotFound
 from common.jobs import JobRecord, JobState, Progress
+from common.protocol import batch
+from common.protocol.batch import JobSpec
 from head_node.api import create_app
 from head_node.entities import Provider, ProviderInfo
 from head_node.events import EventBus
@@ -71,9 +73,17 @@ class FakeHead:
     def last_asked(self) -> tuple[str, Any]:
         return self.asked[-1]
 
-    async def submit(self, spec: dict[str, Any]) -> str:
+    async def submit(self, spec: JobSpec) -> str:
         self.asked.append(("submit", spec))
         return JOB
+
+    async def submit_many(self, specs: list[JobSpec], wait: float) -> list[dict[str, Any]]:
+        self.asked.append(("submit_many", (specs, wait)))
+        return [{"job_id": JOB, "state": "done", "error": None, "results": {"c": np.ones((2, 2))}}]
+
+    async def gather(self, job_ids: list[str], wait: float, forget: bool) -> list[dict[str, Any]]:
+        self.asked.append(("gather", (job_ids, wait, forget)))
+        return [{"job_id": j, "state": "queued", "error": None} for j in job_ids]
 
     def job_view(self, job_id: str) -> dict[str, Any]:
         if self.fail_with is not None:
@@ -98,7 +108,7 @@ class FakeHead:
         self.job_view(job_id)
         self.asked.append(("delete", job_id))
 
-    def result_path(self, job_id: str, name: str | None) -> Path:
+    def result_file(self, job_id: str, name: str | None) -> Path | np.ndarray:
         self.job_view(job_id)
         path = self.root / "c.npy"
         path.write_bytes(npy(np.zeros((4, 2))))
@@ -159,7 +169,7 @@ def test_extra_keys_are_not_dropped(http: TestClient, head: FakeHead) -> None:
 def test_submit_list_filter_cancel_delete(http: TestClient, head: FakeHead) -> None:
     r = http.post("/v1/jobs", json={"type": "matmul", "inputs": {"a": "c" * 32}})
     assert r.status_code == 201 and r.json()["job_id"] == JOB
-    assert head.last_asked() == ("submit", {"type": "matmul", "inputs": {"a": "c" * 32}, "params": {}, "nodes": None})
+    assert head.last_asked() == ("submit", JobSpec("matmul", {"a": "c" * 32}, {}, {}, None))
     assert [j["job_id"] for j in http.get("/v1/jobs", params={"state": "done"}).json()] == [JOB]
     assert head.last_asked() == ("list_jobs", ("done", 100))
     assert http.get("/v1/jobs", params={"type": "matmul", "limit": 1}).json()[0]["job_id"] == JOB
@@ -307,3 +317,49 @@ def test_openapi_documents_every_json_response(http: TestClient) -> None:
         "finished_at", "error", "waiting", "progress", "shares", "stats"}
     assert schemas["JobState"]["enum"] == [s.value for s in JobState]
     assert "binary" in json.dumps(spec["paths"]["/v1/blobs"]["put"]["requestBody"])
+
+
+# ---- the batch API (msgpack) ----------------------------------------------------------------------
+MSGPACK = {"content-type": "application/msgpack"}
+
+
+def test_batch_submit_decodes_inline_operands_and_replies_in_msgpack(http: TestClient, head: FakeHead) -> None:
+    a = np.arange(6.0).reshape(2, 3)
+    body = batch.encode_batch_request([{"type": "matmul", "inputs": {"a": a, "b": "c" * 32}, "nodes": 2}], wait=5)
+    r = http.post("/v1/jobs/batch", content=body, headers=MSGPACK)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/msgpack"
+    [outcome] = batch.decode_outcomes(r.content)
+    assert outcome["job_id"] == JOB and outcome["state"] == "done"
+    np.testing.assert_array_equal(outcome["results"]["c"], np.ones((2, 2)))
+    kind, (specs, wait) = head.last_asked()
+    assert kind == "submit_many" and wait == 5.0
+    np.testing.assert_array_equal(specs[0].inline["a"], a)
+    assert specs[0].blobs == {"b": "c" * 32} and specs[0].nodes == 2
+
+
+def test_batch_limits_are_named_and_nothing_is_submitted(http: TestClient, head: FakeHead) -> None:
+    tiny = {"type": "matmul", "inputs": {"a": np.ones((1, 1))}}
+    too_many = batch.encode_batch_request([tiny] * (batch.MAX_BATCH_JOBS + 1))
+    r = http.post("/v1/jobs/batch", content=too_many, headers=MSGPACK)
+    assert r.status_code == 413 and str(batch.MAX_BATCH_JOBS) in r.json()["error"]["message"]
+    big = batch.encode_batch_request([tiny, {"type": "matmul", "inputs": {"a": np.ones(batch.MAX_INLINE_BYTES)}}])
+    r = http.post("/v1/jobs/batch", content=big, headers=MSGPACK)
+    assert r.status_code == 413 and "jobs[1]" in r.json()["error"]["message"]
+    r = http.post("/v1/jobs/batch", content=b"\x93" * 4, headers=MSGPACK)
+    assert r.status_code == 400
+    r = http.post("/v1/jobs/batch", content=batch.encode_batch_request([tiny], wait=600), headers=MSGPACK)
+    assert r.status_code == 422 and "wait" in r.json()["error"]["message"]
+    bad = batch._pack({"v": 1, "jobs": [{"type": "matmul", "inputs": {"a": {"dtype": "float64", "shape": [2, 2],
+                                                                             "data": b"x" * 31}}}]})
+    r = http.post("/v1/jobs/batch", content=bad, headers=MSGPACK)
+    assert r.status_code == 400 and "32" in r.json()["error"]["message"]
+    assert not [a for a in head.asked if a[0] == "submit_many"]
+
+
+def test_gather_passes_ids_wait_and_forget(http: TestClient, head: FakeHead) -> None:
+    r = http.post("/v1/jobs/gather", content=batch.encode_gather_request([JOB], 2.5, forget=True), headers=MSGPACK)
+    assert r.status_code == 200
+    assert batch.decode_outcomes(r.content) == [{"job_id": JOB, "state": "queued", "error": None}]
+    assert head.last_asked() == ("gather", ([JOB], 2.5, True))
+    r = http.post("/v1/jobs/gather", content=batch.encode_gather_request(["nope"]), headers=MSGPACK)
+    assert r.status_code == 400

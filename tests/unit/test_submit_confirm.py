@@ -13,6 +13,7 @@ import pytest
 
 from common import config
 from common.errors import QueueUnavailable
+from common.protocol.batch import JobSpec
 from head_node.jobqueue import EmbeddedQueue
 from head_node.server import Head
 
@@ -25,17 +26,19 @@ class EarlyDeliveryQueue(EmbeddedQueue):
         self.refuse = refuse
         self.acked: list[str] = []
 
-    async def publish(self, record: dict[str, Any]) -> None:
-        job_id = record["job_id"]
+    async def publish_many(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._deliver_now(record["job_id"], record)
+        await asyncio.sleep(0)
+        if self.refuse:
+            raise QueueUnavailable("the job queue did not confirm the job (TimeoutError); try again")
 
+    def _deliver_now(self, job_id: str, record: dict[str, Any]) -> None:
         async def ack() -> None:
             self.acked.append(job_id)
 
         assert self.deliver is not None
         self.deliver(record, ack)  # the consumer sees it before the confirm arrives
-        await asyncio.sleep(0)
-        if self.refuse:
-            raise QueueUnavailable("the job queue did not confirm the job (TimeoutError); try again")
 
 
 def _head(tmp_path: Path, refuse: bool) -> Head:
@@ -51,9 +54,9 @@ def _row(head: Head, job_id: str) -> dict[str, Any]:
     return row
 
 
-def _spec(head: Head) -> dict[str, Any]:
+def _spec(head: Head) -> JobSpec:
     a, b = np.ones((4, 3)), np.ones((3, 2))
-    return {"type": "matmul", "inputs": {"a": head.blobs.put_array(a), "b": head.blobs.put_array(b)}}
+    return JobSpec("matmul", {"a": head.blobs.put_array(a), "b": head.blobs.put_array(b)}, {}, {}, None)
 
 
 @pytest.mark.parametrize("refuse", [False, True])

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError, TooLarge, VersionMismatch
+from ..errors import ProtocolError, TooLarge, VersionMismatch
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -368,11 +368,12 @@ _NAME_CHARS = 64
 _JOB_ARRAYS = 64  # inputs, outputs: at most this many each
 _SHAPE = Field((list,), max_len=64, items=(int,))
 _OUTPUT_META = {"dtype": Field((str,), choices=JOB_DTYPES), "shape": _SHAPE}
-_INPUT_META = {"blob": Field((str,), is_id=True), **_OUTPUT_META}
+_INPUT_META = {"blob": Field((str,), is_id=True, required=False), **_OUTPUT_META}
 JOB_MESSAGE: dict[str, Field] = {
     "job_id": Field((str,), is_id=True), "type": Field((str,), max_len=_NAME_CHARS), "params": _f(dict),
     "inputs": Field((dict,), max_len=_JOB_ARRAYS), "outputs": Field((dict,), max_len=_JOB_ARRAYS),
     "nodes": _f(int, type(None), required=False), "created_at": _f(int, float),
+    "inline": Field((dict,), required=False, max_len=_JOB_ARRAYS),
 }
 
 
@@ -406,7 +407,27 @@ def decode_job_message(body: bytes) -> dict[str, Any]:
         raise ProtocolError("job message: field 'created_at' must not be negative")
     _array_metas("job message: inputs", record["inputs"], _INPUT_META)
     _array_metas("job message: outputs", record["outputs"], _OUTPUT_META, identifiers=True)
-    return {name: record.get(name) for name in JOB_MESSAGE}
+    _inline_inputs(record["inputs"], record.get("inline") or {})
+    return {name: record.get(name) for name in JOB_MESSAGE if name != "inline" or record.get("inline")}
+
+
+def _inline_inputs(inputs: Mapping[str, Any], inline: Mapping[Any, Any]) -> None:
+    """Each input is a blob or inline bytes of exactly its dtype and shape, never both or neither."""
+    for name, meta in inputs.items():
+        data = inline.get(name)
+        if ("blob" in meta) == (data is not None):
+            raise ProtocolError(f"job message: input {name!r:.80} must have a blob id or inline bytes, not "
+                                f"{'both' if data is not None else 'neither'}")
+        if data is not None:
+            if not isinstance(data, bytes):
+                raise ProtocolError(f"job message: inline input {name!r:.80} must be bin")
+            need = math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize
+            if len(data) != need:
+                raise ProtocolError(f"job message: inline input {name!r:.80} has {len(data)} bytes, its dtype "
+                                    f"and shape need {need}")
+    stray = set(inline) - set(inputs)
+    if stray:
+        raise ProtocolError(f"job message: inline bytes for unknown inputs {sorted(map(str, stray))[:5]}")
 
 
 def _array_metas(what: str, metas: Mapping[Any, Any], schema: Mapping[str, Field], identifiers: bool = False) -> None:
