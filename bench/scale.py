@@ -615,18 +615,22 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> Result:
             # ---- heartbeats: nothing else talks to the head in this window
             time.sleep(args.heartbeat * 1.5)  # every provider past its first (random-phase) heartbeat
             profiler.start(f"heartbeats-n{n}")
+            s0 = time.monotonic()
             before = stats_of(workers)
+            s0 = (s0 + time.monotonic()) / 2  # the counters' window runs from mid-call to mid-call
             c0, w0, split0 = cpu_seconds(hp.pid), time.monotonic(), cpu_by_thread(hp.pid)
             time.sleep(args.duration)
             c1, w1, split1 = cpu_seconds(hp.pid), time.monotonic(), cpu_by_thread(hp.pid)
+            s1 = time.monotonic()
             after = stats_of(workers)
+            s1 = (s1 + time.monotonic()) / 2
             res.head_cpu_split_pct = cpu_split(split0, split1, w1 - w0)
             profiler.stop()
             res.heartbeats = after["heartbeat_acked"] - before["heartbeat_acked"]
-            res.heartbeats_per_s = res.heartbeats / (w1 - w0)
+            res.heartbeats_per_s = res.heartbeats / (s1 - s0)
             res.head_cpu_pct = 100 * (c1 - c0) / (w1 - w0)
             if res.heartbeats:
-                res.us_per_heartbeat = 1e6 * (c1 - c0) / res.heartbeats
+                res.us_per_heartbeat = 1e4 * res.head_cpu_pct / res.heartbeats_per_s
             # ---- one job over N providers against the same job on 1
             rng = np.random.default_rng(n)
             a = rng.standard_normal((n * ROWS_PER_PROVIDER, K))
@@ -681,7 +685,8 @@ def table(results: list[Result], heartbeat: float) -> list[str]:
         if r.head_cpu_split_pct:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in r.head_cpu_split_pct.items() if v or k in ("user", "sys"))
             out.append(f"  N={r.n}: head CPU in the heartbeat window, % of one core: {parts}; sockets opened and "
-                       f"registers sent in {fmt(r.sockets_open_s, '.3f')} s")
+                       f"registers sent in {fmt(r.sockets_open_s, '.3f')} s"
+                       + (f"; provider-side errors: {r.errors}" if r.errors else ""))
     return out
 
 
