@@ -27,6 +27,27 @@ from .errors import ConfigError
 
 #: heartbeats a provider may miss before the head declares it dead (not an option)
 MISSED_HEARTBEATS: Final = 3
+#: seconds a registered provider's task connection may stay closed before the head declares it dead (not an
+#: option). The head's XPUB reports the unsubscribe of a provider's topic as soon as its last SUB connection
+#: ends: the process died (the kernel closes its sockets), the link broke, or ZMTP heartbeats found the peer
+#: silent. A provider that only reconnects (libzmq retries after 0.1 s) or reopens its sockets subscribes
+#: again well within it, and loses nothing.
+DISCONNECT_GRACE: Final = 0.5
+#: ZMTP heartbeats (ZMQ_HEARTBEAT_*) on every socket of the head and of a provider close a connection that
+#: heard nothing (not even a PONG) for MISSED_HEARTBEATS heartbeat intervals, but never sooner than this
+#: many seconds: libzmq counts only whole frames as signs of life, so one large frame crossing a slow link
+#: must not look like a dead peer (not an option)
+ZMTP_TIMEOUT_MIN: Final = 10.0
+
+
+def zmtp_heartbeat_ms(heartbeat_interval: float) -> tuple[int, int]:
+    """(``ZMQ_HEARTBEAT_IVL``, ``ZMQ_HEARTBEAT_TIMEOUT`` = ``ZMQ_HEARTBEAT_TTL``), in milliseconds, for
+    sockets of a cluster whose heartbeat interval is ``heartbeat_interval`` seconds: a PING every
+    interval; a connection silent for ``max(MISSED_HEARTBEATS × interval, ZMTP_TIMEOUT_MIN)`` is closed.
+    (The TTL, sent in each PING, makes the peer close it too; libzmq keeps it in deciseconds, ≤ 6553.5 s.)"""
+    ivl = max(100, min(6_553_500, round(heartbeat_interval * 1000)))
+    timeout = max(round(MISSED_HEARTBEATS * heartbeat_interval * 1000), round(ZMTP_TIMEOUT_MIN * 1000))
+    return ivl, min(6_553_500, max(timeout, ivl))
 
 
 @dataclass(frozen=True)

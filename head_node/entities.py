@@ -57,6 +57,9 @@ class Provider:
     alive: bool = True
     local: bool = False  # shares the head's state dir: subtasks go by file reference
     draining: bool = False  # finishes what it has, gets nothing new
+    #: when its task connection closed (XPUB unsubscribe) while it was alive; None while connected. Not
+    #: subscribed again within the disconnect grace, it is declared lost
+    disconnected_at: float | None = None
     assigned: set[tuple[str, int]] = field(default_factory=set)
     subtasks_done: int = 0
     flops_done: float = 0.0

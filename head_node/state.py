@@ -8,6 +8,10 @@ planner (common/tasks/base.py). Being pure, it is unit-tested without sockets.
 Reliability rules held here:
   * a provider is *ready* only when registered, subscribed to its topic (the head saw
     the XPUB subscription: no slow-joiner loss) and alive (heartbeat within 3 intervals);
+  * a provider is *lost* (its unfinished subtasks re-queued, no strike) when it is silent for 3
+    heartbeat intervals (hung, cut off), or when its task connection closed (``ProviderDisconnected``:
+    the process died, the link broke) and it did not subscribe again within ``disconnect_grace``
+    (a reconnect, or a provider reopening its sockets, does);
   * a subtask sent but not acknowledged within ``ack_timeout`` is sent again;
   * a subtask not finished by its deadline, or whose provider died, goes to another;
   * a result is accepted once per subtask, only for an attempt that was issued in this
@@ -37,6 +41,9 @@ from common.tasks import ProviderSpec, SubtaskPlan
 
 from .entities import Job, Provider, ProviderInfo, SubState, Subtask, service_seconds
 from .stimuli import (
+    DISCONNECTED,
+    LEFT,
+    SILENT,
     Action,
     CancelRequested,
     Dispatch,
@@ -51,6 +58,7 @@ from .stimuli import (
     JobStarted,
     MergeResult,
     PlannerEffects,
+    ProviderDisconnected,
     ProviderLeft,
     ProviderLost,
     ProviderRegistered,
@@ -87,6 +95,7 @@ class Timing:
     straggler_factor: float = 3.0  # running 3x longer than its provider's queue predicts...
     straggler_min: float = 2.0  # ...and at least this many seconds: a straggler
     forget_after: float = 600.0  # a provider dead this long leaves the provider table
+    disconnect_grace: float = config.DISCONNECT_GRACE  # task connection closed this long: lost
 
     @property
     def dead_after(self) -> float:
@@ -150,7 +159,21 @@ class ClusterState:
         if prov is None:
             return []
         prov.subscribed = subscribed
+        if subscribed:
+            prov.disconnected_at = None  # it came back (a reconnect): nothing is lost
         return self._schedule(now) if subscribed else []
+
+    def _on_disconnected(self, ev: ProviderDisconnected, now: float) -> list[Action]:
+        """Its task connection closed: not ready now; lost on the first tick past the grace unless it
+        subscribes again first (``_on_tick``). Re-registering also clears it: only a live process does."""
+        self.subscribed_topics.discard(ev.provider_id)
+        prov = self.providers.get(ev.provider_id)
+        if prov is None:
+            return []
+        prov.subscribed = False
+        if prov.alive and prov.disconnected_at is None:
+            prov.disconnected_at = now
+        return []
 
     def _on_drain(self, ev: DrainRequested, now: float) -> list[Action]:
         prov = self.providers.get(ev.provider_id)
@@ -164,13 +187,14 @@ class ClusterState:
         prov = self.providers.get(provider_id)
         if prov is None:
             return []
-        actions = self._lose(provider_id) if prov.alive else []
+        actions = self._lose(provider_id, LEFT) if prov.alive else []
         del self.providers[provider_id]
         return actions + self._schedule(now)
 
-    def _lose(self, provider_id: str) -> list[Action]:
+    def _lose(self, provider_id: str, reason: str) -> list[Action]:
         prov = self.providers[provider_id]
         prov.alive = False
+        prov.disconnected_at = None
         requeued = 0
         for job_id, index in sorted(prov.assigned):
             job = self.jobs.get(job_id)
@@ -182,7 +206,7 @@ class ClusterState:
                 requeued += 1
         prov.assigned.clear()
         self.counters["providers_lost"] += 1
-        return [ProviderLost(provider_id, requeued)]
+        return [ProviderLost(provider_id, requeued, reason)]
 
     def _requeue(self, sub: Subtask) -> None:
         sub.state = SubState.PENDING
@@ -363,8 +387,11 @@ class ClusterState:
     def _on_tick(self, ev: Tick, now: float) -> list[Action]:
         actions: list[Action] = []
         for pid, prov in list(self.providers.items()):
-            if prov.alive and now - prov.last_seen > self.timing.dead_after:
-                actions += self._lose(pid)
+            gone = prov.disconnected_at
+            if prov.alive and gone is not None and now - gone >= self.timing.disconnect_grace:
+                actions += self._lose(pid, DISCONNECTED)
+            elif prov.alive and now - prov.last_seen > self.timing.dead_after:
+                actions += self._lose(pid, SILENT)
             elif not prov.alive and now - prov.last_seen > self.timing.forget_after:
                 del self.providers[pid]  # bounded table; a late register brings it back
         for job in self.jobs.values():
@@ -505,7 +532,8 @@ class ClusterState:
 
 _HANDLERS: dict[type, str] = {
     ProviderRegistered: "_on_registered", HeartbeatReceived: "_on_heartbeat", SubscriptionChanged: "_on_subscription",
-    ProviderLeft: "_on_left", DrainRequested: "_on_drain", JobAdded: "_on_job_added", CancelRequested: "_on_cancel",
+    ProviderDisconnected: "_on_disconnected", ProviderLeft: "_on_left", DrainRequested: "_on_drain",
+    JobAdded: "_on_job_added", CancelRequested: "_on_cancel",
     JobFailRequested: "_on_fail_requested", JobForgotten: "_on_forgotten", SubtaskAcked: "_on_acked",
     ResultReceived: "_on_result", ResultMerged: "_on_merged", SubtaskFailed: "_on_failed", Tick: "_on_tick",
     Reschedule: "_on_reschedule",

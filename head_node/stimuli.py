@@ -27,8 +27,23 @@ class HeartbeatReceived:
 
 @dataclass(frozen=True)
 class SubscriptionChanged:
+    """The head's XPUB saw a subscription to ``topic`` (the transport reports an unsubscribe as
+    ``ProviderDisconnected``; ``subscribed=False`` here only marks the provider not ready)."""
+
     topic: str
     subscribed: bool
+
+
+@dataclass(frozen=True)
+class ProviderDisconnected:
+    """The provider's task connection ended: the head's XPUB reported its topic unsubscribed (``\\x00`` + id).
+    libzmq reports that when the topic's last SUB connection closes: the provider's process died (the
+    kernel closed its sockets), its TCP connection broke, or ZMTP heartbeats found the peer silent (a
+    machine that vanished). The provider is not ready from now on, and it is declared lost (its subtasks
+    re-queued) unless it subscribes again within ``Timing.disconnect_grace``, as a provider that only
+    reconnects or reopens its sockets does."""
+
+    provider_id: str
 
 
 @dataclass(frozen=True)
@@ -112,9 +127,9 @@ class Reschedule:
     """Something outside the state changed (a provider undrained): hand out what can be."""
 
 
-Stimulus = (ProviderRegistered | HeartbeatReceived | SubscriptionChanged | ProviderLeft | DrainRequested
-            | JobAdded | CancelRequested | JobFailRequested | JobForgotten | SubtaskAcked | ResultReceived
-            | ResultMerged | SubtaskFailed | Tick | Reschedule)
+Stimulus = (ProviderRegistered | HeartbeatReceived | SubscriptionChanged | ProviderDisconnected | ProviderLeft
+            | DrainRequested | JobAdded | CancelRequested | JobFailRequested | JobForgotten | SubtaskAcked
+            | ResultReceived | ResultMerged | SubtaskFailed | Tick | Reschedule)
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -151,10 +166,17 @@ class Straggler:
     copied_to: str | None  # the provider running a speculative copy, if one was free
 
 
+#: why a provider was lost (``ProviderLost.reason``)
+SILENT = "silent"  # no heartbeat for MISSED_HEARTBEATS intervals (hung, cut off, or dead without a disconnect)
+DISCONNECTED = "disconnected"  # its task connection closed and did not come back within the grace
+LEFT = "left"  # it unregistered
+
+
 @dataclass(frozen=True)
 class ProviderLost:
     provider_id: str
     requeued: int
+    reason: str = SILENT
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,16 @@ Sockets (all bound by the head):
   XPUB    task_port          subtasks, topic = provider id; subscriptions mark providers ready
   PULL    result_port        ack / result / failed from providers
 
+Failure detection: the XPUB's unsubscribe of a provider's topic, which libzmq produces as soon as that
+provider's SUB connection ends (its process died: the kernel closed the socket; or the TCP connection
+broke), goes to the head as a disconnect (``Handlers.on_disconnect``); the state machine declares the
+provider lost unless it subscribes again within a short grace. ZMTP heartbeats on all three sockets
+(``zmtp_heartbeats``) close connections to peers that went silent without closing them (a machine that
+vanished), so their unsubscribe comes too. The ROUTER's connections are not a signal of their own: a
+provider's Lazy Pirate closes and reopens its REQ after every lost reply, fetch sockets come and go, and a
+ROUTER cannot name the provider behind a connection that closed (ZMQ_ROUTER_NOTIFY is draft API); its
+heartbeats only free what dead REQ peers held.
+
 It knows no job and no state: decoded messages go to the ``Handlers`` it is given (the head), and
 what they answer goes back. A socket loop never dies of one bad message.
 """
@@ -44,6 +54,10 @@ class Handlers(Protocol):
 
     def on_subscription(self, topic: str, subscribed: bool) -> None: ...
 
+    def on_disconnect(self, provider_id: str) -> None:
+        """The provider's task connection ended (its topic was unsubscribed on the XPUB)."""
+        ...
+
     def on_result(self, msg: protocol.Message) -> None: ...
 
     def on_tick(self) -> None: ...
@@ -66,6 +80,7 @@ class Transport:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg)  # before bind: libzmq applies it to new connections
+        zmtp_heartbeats(sock, self.cfg.heartbeat_interval)
         security.secure_server(sock, self.keys)
         sock.bind(f"tcp://{self.cfg.host}:{port}")
         return sock
@@ -79,6 +94,7 @@ class Transport:
         # leaves (VERBOSER would let any subscriber's unsubscribe mark a provider not ready)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
+        zmtp_heartbeats(self.xpub, self.cfg.heartbeat_interval)
         self.xpub.copy_threshold = COPY_THRESHOLD
         security.secure_server(self.xpub, self.keys)
         self.xpub.bind(f"tcp://{self.cfg.host}:{self.cfg.task_port}")
@@ -156,7 +172,10 @@ class Transport:
             if not protocol.ID_RE.fullmatch(topic):
                 continue
             try:
-                handlers.on_subscription(topic, frame[0] == 1)
+                if frame[0] == 1:
+                    handlers.on_subscription(topic, True)
+                else:  # the last SUB connection of this topic ended (or it unsubscribed itself)
+                    handlers.on_disconnect(topic)
             except Exception:
                 log.exception("error handling a subscription")
 
@@ -205,6 +224,16 @@ class Transport:
             raise UnknownProvider("register again")
         if owner != key:
             raise Unauthorized(f"provider {pid[:8]} is not registered with this CURVE key")
+
+
+def zmtp_heartbeats(sock: zmq.Socket[Any], heartbeat_interval: float) -> None:
+    """ZMTP heartbeats on a socket's connections (set before bind or connect): a PING every heartbeat
+    interval; a connection that hears nothing back for ``config.zmtp_heartbeat_ms``'s timeout is closed,
+    and the TTL in each PING makes the peer close it too."""
+    ivl, timeout = config.zmtp_heartbeat_ms(heartbeat_interval)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
 
 
 def user_id(frame: zmq.Frame) -> str:

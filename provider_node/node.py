@@ -28,7 +28,7 @@ from common.errors import DcfError, TaskError
 
 from .blobs import BlobCache, HeadBlobs
 from .device import ComputeDevice, TaskDevice, benchmark_gflops
-from .pirate import LazyPirate
+from .pirate import LazyPirate, zmtp_heartbeats
 from .session import (
     Command,
     Reconnect,
@@ -90,14 +90,17 @@ class ProviderNode:
         return self.session.provider_id.encode()
 
     def _socket(self, kind: int) -> zmq.Socket:
-        """A socket to the head, a CURVE client of it when keys are configured."""
+        """A socket to the head, a CURVE client of it when keys are configured, with ZMTP heartbeats (a
+        connection to a head that vanished is closed, and libzmq connects again)."""
         sock = self.ctx.socket(kind)
+        zmtp_heartbeats(sock, self.cfg.heartbeat_interval)
         security.secure_client(sock, self.keys)
         return sock
 
     def _pirate(self, timeout: float) -> LazyPirate:
         return LazyPirate(self.ctx, self.endpoint(self.cfg.registration_port), timeout,
-                          secure=(lambda sock: security.secure_client(sock, self.keys)) if self.keys else None)
+                          secure=(lambda sock: security.secure_client(sock, self.keys)) if self.keys else None,
+                          heartbeat_interval=self.cfg.heartbeat_interval)
 
     def _blob_socket(self) -> zmq.Socket:
         sock = self._socket(zmq.REQ)

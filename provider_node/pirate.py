@@ -8,6 +8,10 @@ a provider keeps running while the head is down. Non-blocking: the owner polls
 
 With CURVE (``secure`` given) a socket monitor tells a refused key apart from a head
 that is down: the log says which one it is, and ``check`` reports it to the owner.
+
+``zmtp_heartbeats`` sets the ZMTP heartbeat options every provider socket uses (the REQ here, and the
+SUB and PUSH sockets of ``node.py``), so that a connection to a head that vanished is closed and opened
+anew by libzmq.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common import protocol
+from common import config, protocol
 from common.errors import DcfError, InternalError
 
 log = logging.getLogger("dcf.provider.pirate")
@@ -38,12 +42,23 @@ class LostReply:
     refused: bool  # a CURVE handshake with the head failed meanwhile (our key was not allowed)
 
 
+def zmtp_heartbeats(sock: zmq.Socket, heartbeat_interval: float) -> None:
+    """ZMTP heartbeats on a socket's connections (set before connect): a PING every heartbeat interval;
+    a connection that hears nothing back for ``config.zmtp_heartbeat_ms``'s timeout is closed (libzmq then
+    reconnects), and the TTL in each PING makes the head close it too."""
+    ivl, timeout = config.zmtp_heartbeat_ms(heartbeat_interval)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, timeout)
+
+
 class LazyPirate:
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float, max_backoff: float = 8.0,
-                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
+                 secure: Callable[[zmq.Socket], None] | None = None, heartbeat_interval: float = 0.0) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
         self.secure = secure
+        self.heartbeat_interval = heartbeat_interval  # ZMTP heartbeats on its REQ (0: none)
         self.monitor: zmq.Socket | None = None
         self.timeout = timeout
         self.max_backoff = max_backoff
@@ -58,6 +73,8 @@ class LazyPirate:
         sock = self.ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if self.heartbeat_interval > 0:
+            zmtp_heartbeats(sock, self.heartbeat_interval)
         if self.secure is not None:
             self.secure(sock)
             self.monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)

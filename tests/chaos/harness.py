@@ -296,6 +296,14 @@ class EventWatcher:
             return [e["kind"] for _, e in sorted(self.events.items(), key=lambda kv: kv[1]["ts"])
                     if e.get("job_id") == job_id]
 
+    def node_lost(self, name: str, after: float = 0.0) -> dict[str, Any] | None:
+        """The first ``node.lost`` event of the provider called ``name`` stamped at or after ``after``
+        (the head's wall clock, ``time.time()`` on this machine); None while there is none."""
+        with self.lock:
+            lost = sorted((e for e in self.events.values() if e["kind"] == "node.lost" and e.get("name") == name
+                           and e["ts"] >= after), key=lambda e: e["ts"])
+        return lost[0] if lost else None
+
 
 # ---- RabbitMQ -----------------------------------------------------------------------------------
 def _rabbitmqctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -440,6 +448,7 @@ class SlowLink:
         self.thread = threading.Thread(target=self.loop.run_forever, name="slow-link", daemon=True)
         self.servers: list[asyncio.base_events.Server] = []
         self.writers: set[asyncio.StreamWriter] = set()
+        self.by_link: dict[str, set[asyncio.StreamWriter]] = {name: set() for name in targets}
 
     def __enter__(self) -> SlowLink:
         self.start()
@@ -456,6 +465,17 @@ class SlowLink:
     def provider_args(self) -> list[str]:
         return ["--registration-port", str(self.ports["registration"]), "--task-port", str(self.ports["task"]),
                 "--result-port", str(self.ports["result"])]
+
+    def cut(self, name: str) -> int:
+        """Close every open connection of the link ``name`` at both ends (each peer sees the TCP connection
+        end, as in a transient network fault); new connections are forwarded again at once. How many."""
+        async def close_all() -> int:
+            writers = list(self.by_link[name])
+            for w in writers:
+                w.close()
+            return len(writers) // 2
+
+        return asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(10)
 
     def stop(self) -> None:
         if not self.thread.is_alive():
@@ -493,11 +513,13 @@ class SlowLink:
             writer.close()
             return
         self.writers |= {writer, up_writer}
+        self.by_link[name] |= {writer, up_writer}
         try:
             await asyncio.gather(self._pipe(name, reader, up_writer), self._pipe(name, up_reader, writer))
         finally:
             for w in (writer, up_writer):
                 self.writers.discard(w)
+                self.by_link[name].discard(w)
                 w.close()
 
     async def _pipe(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -817,7 +817,7 @@ def test_unregister_requeues_to_others(cs):
     cs.handle(stimuli.JobAdded(job), 0.0)
     moved = [s.index for s in job.subtasks if s.provider_id == a.provider_id]
     actions = cs.handle(stimuli.ProviderLeft(a.provider_id), 1.0)
-    assert actions[0] == ProviderLost(a.provider_id, len(moved))
+    assert actions[0] == ProviderLost(a.provider_id, len(moved), stimuli.LEFT)
     assert sorted(d.subtask for d in dispatches(actions)) == moved
     assert all(d.provider_id == b.provider_id and d.attempt == 2 for d in dispatches(actions))
     assert a.provider_id not in cs.providers
@@ -835,7 +835,7 @@ def test_unregister_does_not_touch_finished_subtasks(cs):
     assert result(cs, a.provider_id, job.job_id, done.index, 1, cs.incarnation, 1.0)
     cs.handle(stimuli.ResultMerged(job.job_id), 1.0)
     actions = cs.handle(stimuli.ProviderLeft(a.provider_id), 2.0)
-    assert actions == [ProviderLost(a.provider_id, 0)]
+    assert actions == [ProviderLost(a.provider_id, 0, stimuli.LEFT)]
     assert done.state is SubState.DONE
 
 
