@@ -48,6 +48,7 @@ async def serve(cfg: config.HeadSettings) -> None:
     import uvicorn
 
     from .api import create_app
+    from .http.fast import FastFront
     from .server import Head
 
     head = Head(cfg)
@@ -58,7 +59,7 @@ async def serve(cfg: config.HeadSettings) -> None:
         def capture_signals(self) -> Iterator[None]:  # the head handles signals itself
             yield
 
-    server = Server(uvicorn.Config(create_app(head), host=cfg.host, port=cfg.http_port,
+    server = Server(uvicorn.Config(FastFront(create_app(head), head), host=cfg.host, port=cfg.http_port,
                                    log_level="warning", access_log=False, lifespan="off",
                                    timeout_graceful_shutdown=2))  # open SSE streams must not hold a stop
     loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,41 @@ class SubState(str, enum.Enum):
     DONE = "done"
 
 
+class Assignments:
+    """The (job id, subtask index) pairs out on one provider, each with the seconds of work it was
+    reckoned at when sent, and their sum kept as they come and go (no pass over them to ask it)."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[str, int], float] = {}
+        self.seconds = 0.0
+
+    def add(self, key: tuple[str, int], seconds: float = 0.0) -> None:
+        self.discard(key)
+        self._seconds[key] = seconds
+        self.seconds += seconds
+
+    def discard(self, key: tuple[str, int]) -> None:
+        gone = self._seconds.pop(key, None)
+        if gone is not None:
+            self.seconds = max(0.0, self.seconds - gone) if self._seconds else 0.0
+
+    def clear(self) -> None:
+        self._seconds.clear()
+        self.seconds = 0.0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._seconds
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(list(self._seconds))
+
+    def __len__(self) -> int:
+        return len(self._seconds)
+
+    def __bool__(self) -> bool:
+        return bool(self._seconds)
+
+
 @dataclass
 class Provider:
     info: ProviderInfo
@@ -60,7 +95,7 @@ class Provider:
     #: when its task connection closed (XPUB unsubscribe) while it was alive; None while connected. Not
     #: subscribed again within the disconnect grace, it is declared lost
     disconnected_at: float | None = None
-    assigned: set[tuple[str, int]] = field(default_factory=set)
+    assigned: Assignments = field(default_factory=lambda: Assignments())
     subtasks_done: int = 0
     flops_done: float = 0.0
     #: throughput learned from finished subtasks, per task type (the benchmark is the prior)
@@ -99,10 +134,9 @@ class Provider:
         self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured
         self.last_learned = task_type
 
-    def load(self, jobs: Mapping[str, Job]) -> float:
-        """Seconds of work assigned and not yet finished, at the measured throughput."""
-        return sum(jobs[j].subtasks[i].cost / (self.gflops(jobs[j].task_type) * 1e9)
-                   for j, i in self.assigned if j in jobs)
+    def load(self) -> float:
+        """Seconds of work assigned and not yet finished, at the throughput known when it was sent."""
+        return self.assigned.seconds
 
 
 @dataclass

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +33,11 @@ class Event:
 
 
 class EventBus:
-    def __init__(self, keep: int = 5000, per_job: int = 2000) -> None:
+    def __init__(self, keep: int = 5000, per_job: int = 2000, jobs: int = 10_000) -> None:
         self.recent: deque[Event] = deque(maxlen=keep)
-        self.by_job: dict[str, deque[Event]] = {}
+        #: the events of the ``jobs`` jobs heard of last (the oldest job's are dropped first)
+        self.by_job: OrderedDict[str, deque[Event]] = OrderedDict()
+        self.jobs = jobs
         self.per_job = per_job
         self.subscribers: set[asyncio.Queue[Event]] = set()
         self.sinks: list[Callable[[Event], None]] = []
@@ -46,7 +48,12 @@ class EventBus:
         self.recent.append(event)
         job_id = data.get("job_id")
         if isinstance(job_id, str):
-            self.by_job.setdefault(job_id, deque(maxlen=self.per_job)).append(event)
+            events = self.by_job.get(job_id)
+            if events is None:
+                events = self.by_job[job_id] = deque(maxlen=self.per_job)
+                if len(self.by_job) > self.jobs:
+                    self.by_job.popitem(last=False)
+            events.append(event)
         for queue in list(self.subscribers):
             with contextlib.suppress(asyncio.QueueFull):  # a slow reader misses events, not the head
                 queue.put_nowait(event)

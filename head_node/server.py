@@ -136,7 +136,7 @@ class Head:
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]
         self.store.update(job_id, state="running", started_at=job.started_at)
-        log.info("job started with %d subtasks", len(job.subtasks), extra={"job_id": job_id})
+        log.debug("job started with %d subtasks", len(job.subtasks), extra={"job_id": job_id})
         self.events.emit("job.started", job_id=job_id, subtasks=len(job.subtasks))
 
     def _closed(self, job: st.Job) -> None:
@@ -312,7 +312,9 @@ class Head:
         if isinstance(stats.get("nonfinite"), int):
             act.nonfinite += stats["nonfinite"]
         done, total = job.progress()
-        self.events.emit("job.progress", job_id=job.job_id, done=done, total=total, provider_id=ctx["provider_id"])
+        if done < total:  # the last one is told by job.done
+            self.events.emit("job.progress", job_id=job.job_id, done=done, total=total,
+                             provider_id=ctx["provider_id"])
         self.apply(sm.ResultMerged(job.job_id))
 
     # ---- the facade the HTTP routers use --------------------------------------------------------

@@ -218,7 +218,9 @@ class ClusterState:
         if ev.job.job_id in self.jobs:
             return []
         self.jobs[ev.job.job_id] = ev.job
-        return self._schedule(now)
+        # only the new job: what the others could not place, a new job does not free (a pass over
+        # every job here would make each submission cost as much as all the jobs in flight)
+        return self._guarded(ev.job, now, partial(self._schedule_job, ev.job, now))
 
     def _on_cancel(self, ev: CancelRequested, now: float) -> list[Action]:
         job = self.jobs.get(ev.job_id)
@@ -268,7 +270,7 @@ class ClusterState:
             sub.state = SubState.RUNNING
             prov = self.providers.get(ev.provider_id)
             # the provider's load includes this subtask and everything queued before it
-            load = prov.load(self.jobs) if prov else 0.0
+            load = prov.load() if prov else 0.0
             sub.deadline = now + max(self.timing.min_deadline, self.timing.deadline_factor * load)
             sub.acked_at = now
             sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
@@ -511,7 +513,7 @@ class ClusterState:
                 job.waiting = why or "waiting for a provider with enough memory for a subtask"
                 continue
             fresh = [w for w in fit if w.provider_id not in sub.tried[-1:]] or fit
-            best = min(fresh, key=lambda w: (self.providers[w.provider_id].load(self.jobs)
+            best = min(fresh, key=lambda w: (self.providers[w.provider_id].load()
                                              + sub.cost / (w.gflops * 1e9)))
             actions.append(self._send(job, sub, best.provider_id, now))
         if actions:
@@ -525,7 +527,8 @@ class ClusterState:
         sub.sent_at = now
         sub.tried.append(provider_id)
         sub.sent.append(now)
-        self.providers[provider_id].assigned.add((job.job_id, sub.index))
+        prov = self.providers[provider_id]
+        prov.assigned.add((job.job_id, sub.index), sub.cost / (prov.gflops(job.task_type) * 1e9))
         self.counters["subtasks_dispatched"] += 1
         return Dispatch(provider_id, job.job_id, sub.index, sub.attempt)
 

@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,14 @@ from common.jobs import TERMINAL_NAMES, JobState
 from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
 from common.protocol import batch
 
+from .batch_http import BatchChannel
+
 Progress = Callable[[int, int], None]  # (done, total)
 CHUNK = 4 * 1024 * 1024
 #: jobs per batch request of ``submit_many``/``map``/``gather``
 BATCH_JOBS = 1000
-MSGPACK = "application/msgpack"
+#: submissions of ``submit_async`` in flight at once
+SUBMIT_THREADS = 4
 Results = dict[str, np.ndarray]  # a job's outputs by name
 TERMINAL = TERMINAL_NAMES  # the states a job ends in
 
@@ -114,8 +118,13 @@ class Client:
         self.on_queue_wait: Callable[[str, float], None] | None = None
         self.http = httpx.Client(base_url=self.url, headers=headers,
                                  timeout=httpx.Timeout(timeout, connect=5.0), trust_env=False)
+        self._pool: ThreadPoolExecutor | None = None  # submit_async's, started at its first use
+        self.batch_http = BatchChannel(self.url, token, timeout)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.batch_http.close()
         self.http.close()
 
     def __enter__(self) -> Client:
@@ -288,13 +297,25 @@ class Client:
             ids += [o["job_id"] for o in self._batch("/v1/jobs/batch", body)]
         return ids
 
-    def gather(self, job_ids: Sequence[str], timeout: float | None = None, forget: bool = False,
+    def submit_async(self, task_type: str, inputs: dict[str, Any], params: dict[str, Any] | None = None,
+                     nodes: int | None = None) -> Future[str]:
+        """Submit one job without waiting for the head: a future of its id, set once the head accepted
+        it durably (or of the error). Submissions overlap on a few connections, as Ray's ``.remote``
+        calls do; ``gather`` takes the futures."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="dcf-submit")
+        spec = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
+        return self._pool.submit(lambda: self.submit_many([spec])[0])
+
+    def gather(self, job_ids: Sequence[str | Future[str]], timeout: float | None = None, forget: bool = False,
                first: Sequence[dict[str, Any]] = ()) -> list[Results]:
-        """The outputs of jobs, in order, once each is done (TaskError when one failed or was
-        cancelled, WaitTimeout after ``timeout`` seconds). ``forget``: delete them once read."""
+        """The outputs of jobs (ids, or futures of ``submit_async``), in order, once each is done
+        (TaskError when one failed or was cancelled, WaitTimeout after ``timeout`` seconds).
+        ``forget``: delete them once read."""
+        ids = [j if isinstance(j, str) else j.result() for j in job_ids]
         end = None if timeout is None else time.monotonic() + timeout
         known = {o["job_id"]: o for o in first if o["state"] in TERMINAL}
-        pending = [j for j in dict.fromkeys(job_ids) if j not in known]
+        pending = [j for j in dict.fromkeys(ids) if j not in known]
         while pending:
             left = batch.MAX_WAIT_S if end is None else max(0.0, end - time.monotonic())
             chunk = pending[:BATCH_JOBS]
@@ -304,8 +325,8 @@ class Client:
                     known[o["job_id"]] = o
             pending = [j for j in pending if j not in known]
             if pending and end is not None and time.monotonic() >= end:
-                raise WaitTimeout(f"{len(pending)} of {len(job_ids)} jobs still running after {timeout}s")
-        return [self._outputs(known[j]) for j in job_ids]
+                raise WaitTimeout(f"{len(pending)} of {len(ids)} jobs still running after {timeout}s")
+        return [self._outputs(known[j]) for j in ids]
 
     def map(self, task_type: str, inputs: Iterable[dict[str, Any]], params: dict[str, Any] | None = None,
             timeout: float | None = None, forget: bool = True) -> list[Results]:
@@ -338,9 +359,10 @@ class Client:
                 if not name.endswith((".pt", ".json"))}
 
     def _batch(self, path: str, body: bytes, timeout: float | None = None) -> list[dict[str, Any]]:
-        kw: dict[str, Any] = {"timeout": timeout} if timeout else {}
-        resp = self._request("POST", path, content=body, headers={"content-type": MSGPACK}, **kw)
-        return batch.decode_outcomes(resp.content)
+        status, content = self.batch_http.post(path, body, timeout)
+        if status >= 400:
+            self._raise_for(httpx.Response(status, content=content))
+        return batch.decode_outcomes(content)
 
     def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
         view = self._json("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,

@@ -17,6 +17,7 @@ whole or not at all.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,9 +94,9 @@ def unpack_array(what: str, obj: Any, max_bytes: int = MAX_INLINE_BYTES) -> np.n
         raise TooLarge(f"{what}: {len(data)} bytes inline exceed the {max_bytes} byte limit; upload it "
                        "(PUT /v1/blobs) and pass its blob id")
     item = np.dtype(dtype).newbyteorder("<")
-    if len(data) != int(np.prod(shape)) * item.itemsize:
-        raise ProtocolError(f"{what}: {len(data)} bytes of data, the shape {shape} needs "
-                            f"{int(np.prod(shape)) * item.itemsize}")
+    need = math.prod(shape) * item.itemsize
+    if len(data) != need:
+        raise ProtocolError(f"{what}: {len(data)} bytes of data, the shape {shape} needs {need}")
     return np.frombuffer(data, dtype=item).reshape(shape)
 
 
