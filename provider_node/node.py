@@ -247,7 +247,6 @@ class ProviderNode:
             log.warning("bad subtask message: %s", exc.message)
             return
         key = (msg["job_id"], msg["subtask"], msg["epoch"])
-        _send_or_drop(acks, protocol.encode("ack", self._key_fields(msg)))
         try:
             tasks.get(msg["task_type"])
         except DcfError as exc:
@@ -256,16 +255,19 @@ class ProviderNode:
             return
         with self.lock:
             if key in self.in_hand:  # re-sent because an ack was lost: the first copy is enough
+                _send_or_drop(acks, protocol.encode("ack", self._key_fields(msg)))
                 return
             idle = not self.in_hand
             self.in_hand.add(key)
         if idle and self._is_quick(msg):
             # A few milliseconds of work while the compute thread waits: run it here and save two
-            # thread hand-offs (training steps). Heartbeats wait at most INLINE_SECONDS.
+            # thread hand-offs (training steps). Heartbeats wait at most INLINE_SECONDS. Its result,
+            # sent at once, is its ack (PROTOCOL.md 8.3): one message to the head, not two.
             _send_or_drop(acks, self._execute(msg))
             with self.lock:
                 self.in_hand.discard(key)
             return
+        _send_or_drop(acks, protocol.encode("ack", self._key_fields(msg)))
         self.work.put(msg)
 
     def _is_quick(self, msg: protocol.Message) -> bool:
