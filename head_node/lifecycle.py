@@ -207,7 +207,8 @@ class Lifecycle:
                                         f"{exc}", ack)
             return
         self.active[record.job_id] = act
-        self.store.update(record.job_id, state=JobState.QUEUED.value)
+        if message.get("state") not in (None, JobState.QUEUED.value):  # a row recovered mid-run
+            self.store.update(record.job_id, state=JobState.QUEUED.value)
         self.apply(JobAdded(job))
 
     def _build(self, task: tasks.TaskType, record: JobRecord, ack: Ack) -> tuple[Job, ActiveJob]:
@@ -272,8 +273,8 @@ class Lifecycle:
         inline: dict[str, bytes] = {}
         if job.state is JobState.DONE and act is not None:
             inline = self._keep_outputs(job, act, stats)
-        self.store.update(job.job_id, state=job.state.value, finished_at=job.finished_at, error=job.error,
-                          stats=stats, **({"results": inline} if inline else {}))
+        self.store.update(job.job_id, state=job.state.value, started_at=job.started_at, finished_at=job.finished_at,
+                          error=job.error, stats=stats, **({"results": inline} if inline else {}))
         outcome = job.state.value
         log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
                  extra={"job_id": job.job_id})

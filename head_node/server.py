@@ -134,8 +134,7 @@ class Head:
             self._lost(action)
 
     def _started(self, job_id: str) -> None:
-        job = self.state.jobs[job_id]
-        self.store.update(job_id, state="running", started_at=job.started_at)
+        job = self.state.jobs[job_id]  # its row stays queued: the scheduler holds it (list_jobs)
         log.debug("job started with %d subtasks", len(job.subtasks), extra={"job_id": job_id})
         self.events.emit("job.started", job_id=job_id, subtasks=len(job.subtasks))
 
@@ -409,14 +408,22 @@ class Head:
         return views.live_job_view(self.jobs.live_record(job), job, names)
 
     def list_jobs(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first. The store keeps a job's row ``queued`` until it ends (a running job is not
+        written down: the scheduler holds it), so for an active state the live jobs decide."""
         names = views.provider_names(self.state.providers)
-        out = []
-        for row in self.store.list(state, limit):
+        rows = self.store.list(None if state == JobState.RUNNING.value else state, limit)
+        jobs: dict[str, dict[str, Any]] = {}
+        for row in rows:
             job = self.state.jobs.get(row["job_id"])
-            view = (self._live_view(job, names) if job is not None
-                    else JobRecord.from_row(row).view())
-            out.append(views.with_queue_state(view, self.queue.is_connected))
-        return out
+            view = self._live_view(job, names) if job is not None else JobRecord.from_row(row).view()
+            if state is None or view["state"] == state:
+                jobs[view["job_id"]] = view
+        if state in (JobState.RUNNING.value, JobState.QUEUED.value):
+            for job in self.state.jobs.values():
+                if job.state.value == state and job.job_id not in jobs:
+                    jobs[job.job_id] = self._live_view(job, names)
+        ordered = sorted(jobs.values(), key=lambda v: v["created_at"], reverse=True)[:limit]
+        return [views.with_queue_state(v, self.queue.is_connected) for v in ordered]
 
     async def wait(self, job_id: str, timeout: float) -> dict[str, Any]:
         view = self.job_view(job_id)

@@ -10,17 +10,21 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from common import config
 from common.errors import ConfigError, DcfError, HeadUnreachable, TaskError, ValidationError
-from common.jobs import ACTIVE_NAMES, STATE_NAMES, JobState
-from common.tasks.train.params import TRAIN_DEFAULTS
+from common.jobs import ACTIVE_NAMES, STATE_NAMES, TERMINAL_NAMES, JobState
+from common.tasks.train.defaults import TRAIN_DEFAULTS
 
 from . import keys_cli
-from .client import TERMINAL, Client, load_npy
+
+if TYPE_CHECKING:  # numpy and the client (httpx) load only for the commands that use them
+    import numpy as np
+
+    from .client import Client
+
+TERMINAL = TERMINAL_NAMES
 
 TRAIN = TRAIN_DEFAULTS
 
@@ -136,6 +140,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from .client import Client
+
     client = Client(settings=args.settings)
     told: list[bool] = []
 
@@ -257,6 +263,10 @@ def submit_matmul(args: argparse.Namespace) -> int:
 
 
 def _operands(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
+    from .client import load_npy
+
     if args.size is not None:
         if args.a or args.b:
             raise ConfigError("give either --a/--b files or --size, not both")
@@ -287,6 +297,8 @@ def _operands(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
 
 def _report(job_id: str, view: dict[str, Any], a: np.ndarray, b: np.ndarray, c: np.ndarray,
             elapsed: float, check: bool) -> dict[str, Any]:
+    import numpy as np
+
     flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
     report: dict[str, Any] = {
         "job_id": job_id, "state": view["state"], "shape": list(c.shape), "dtype": c.dtype.name,
@@ -423,6 +435,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .client import Client
     from .local import LocalCluster
 
     print(f"dcf demo: starting a local head and {args.providers} providers (no Docker, no RabbitMQ)...")

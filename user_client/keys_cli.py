@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common import security
-
 
 def add_parser(sub: Any) -> None:
     k = sub.add_parser("keys", help="ZeroMQ CURVE keys for the head and its providers")
@@ -23,6 +21,8 @@ def add_parser(sub: Any) -> None:
 
 def cmd_keys(args: argparse.Namespace, emit: Any) -> int:
     key_dir = Path(args.dir)
+    from common import security  # zmq: only when keys are made
+
     head_public, head_new = security.generate_head(key_dir)
     made: dict[str, Any] = {"dir": str(key_dir), "head_public_key": str(head_public), "head_created": head_new,
                             "providers": []}

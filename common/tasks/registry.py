@@ -11,7 +11,7 @@ from .base import TaskType
 log = logging.getLogger(__name__)
 
 #: the built-in task types: modules imported like a plugin's, each registers what it defines
-BUILTIN_MODULES = ("common.tasks.matmul", "common.tasks.predict", "common.tasks.train")
+BUILTIN_MODULES = ("common.tasks.matmul", "common.tasks.predict", "common.tasks.train.task")
 
 _REGISTRY: dict[str, TaskType] = {}
 _builtins_loaded = False

@@ -20,6 +20,7 @@ from ...errors import ValidationError
 from ...protocol import check_fields
 from .. import wire
 from ..base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, TaskType
+from ..registry import register
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
 
@@ -109,3 +110,6 @@ class TrainTask(TaskType):
                 correct += int((out.argmax(1) == y).sum())
             return [flat.parameters_numpy(), metrics_array(loss_sum, idx.size, correct)]
         raise ValidationError(f"unknown train subtask kind {kind!r}")
+
+
+register(TrainTask())
