@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .protocol import check_id
+from .ids import check_id
 
 MARKER = ".dcf-head"  # holds the running head's incarnation (its run id)
 

@@ -265,7 +265,7 @@ def submit_matmul(args: argparse.Namespace) -> int:
 def _operands(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
-    from .client import load_npy
+    from .arrays import load_npy
 
     if args.size is not None:
         if args.a or args.b:

@@ -13,14 +13,12 @@ import dataclasses
 import json
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import httpx
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from common import layout
 from common.config import ClientSettings
@@ -37,61 +35,23 @@ from common.errors import (
     error_from_dict,
 )
 from common.jobs import TERMINAL_NAMES, JobState
-from common.npyfmt import ACCEPTED_DTYPES, npy_header, parse_npy_header
-from common.protocol import batch
 
-from .batch_http import BatchChannel
+from .channel import Channel, Reply
 
-Progress = Callable[[int, int], None]  # (done, total)
+if TYPE_CHECKING:  # numpy, the batch codec, the array helpers and httpx load when first needed
+    import httpx
+    import numpy as np
+
+    from .arrays import Progress
+
 CHUNK = 4 * 1024 * 1024
 #: jobs per batch request of ``submit_many``/``map``/``gather``
 BATCH_JOBS = 1000
+MSGPACK = "application/msgpack"
 #: submissions of ``submit_async`` in flight at once
 SUBMIT_THREADS = 4
-Results = dict[str, np.ndarray]  # a job's outputs by name
+Results = dict[str, "np.ndarray"]  # a job's outputs by name
 TERMINAL = TERMINAL_NAMES  # the states a job ends in
-
-
-def _as_array(arr: Any, name: str) -> np.ndarray:
-    try:
-        return np.asarray(arr)
-    except (TypeError, ValueError) as exc:  # e.g. ragged nested lists
-        raise ValidationError(f"{name}: not an array: {exc}") from None
-
-
-def check_operand(arr: Any, name: str) -> np.ndarray:
-    """The array as it will be sent: 2-D, non-empty, C-ordered float32/float64. Ints are cast."""
-    arr = _as_array(arr, name)
-    if arr.dtype.hasobject or arr.dtype.kind not in "fiub":
-        raise ValidationError(f"{name}: dtype {arr.dtype} is not numeric")
-    if arr.dtype.kind in "iub" or arr.dtype.name not in ("float32", "float64"):
-        arr = arr.astype(np.float64)
-    if arr.ndim == 0:
-        raise ValidationError(f"{name}: 0-d arrays cannot be multiplied")
-    if arr.size == 0:
-        raise ValidationError(f"{name}: empty array (shape {list(arr.shape)})")
-    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-
-
-def matmul_operands(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A and B as they will be sent: checked, of one dtype, with shapes that multiply."""
-    a = check_operand(a, "a")
-    b = check_operand(b, "b")
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValidationError(f"shapes {list(a.shape)} and {list(b.shape)} cannot be multiplied")
-    if a.dtype != b.dtype:
-        a, b = a.astype(np.result_type(a, b)), b.astype(np.result_type(a, b))
-    return a, b
-
-
-def wire_array(arr: Any) -> np.ndarray:
-    """Any array as the head stores it: non-empty, C-ordered, little-endian float32/float64/int64/int32."""
-    arr = _as_array(arr, "array")
-    if arr.dtype.name not in ACCEPTED_DTYPES:
-        raise ValidationError(f"dtype {arr.dtype} cannot be uploaded; use one of {', '.join(ACCEPTED_DTYPES)}")
-    if arr.ndim == 0 or arr.size == 0:
-        raise ValidationError(f"cannot upload an empty or 0-d array (shape {list(arr.shape)})")
-    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
 
 
 class Client:
@@ -111,21 +71,34 @@ class Client:
         self.url = self.settings.head_url.rstrip("/")
         self._shared: Path | None | bool = None if self.settings.shared_files == "auto" else False
         token = self.settings.api_token
-        headers = {"authorization": f"Bearer {token}"} if token else {}
         #: seconds ``submit`` keeps retrying while the head's job queue (RabbitMQ) is unreachable
         self.queue_wait = self.settings.queue_wait
         #: called as on_queue_wait(message, seconds_left) before each retry of a refused submission
         self.on_queue_wait: Callable[[str, float], None] | None = None
-        self.http = httpx.Client(base_url=self.url, headers=headers,
-                                 timeout=httpx.Timeout(timeout, connect=5.0), trust_env=False)
+        self.timeout = timeout
+        self.channel = Channel(self.url, token, timeout)  # every request but streamed transfers
+        self._http: httpx.Client | None = None  # streamed uploads and downloads, built on first use
         self._pool: ThreadPoolExecutor | None = None  # submit_async's, started at its first use
-        self.batch_http = BatchChannel(self.url, token, timeout)
+
+    @property
+    def http(self) -> httpx.Client:
+        """An httpx client of the head (streamed transfers of large arrays), built on first use."""
+        if self._http is None:
+            import httpx
+
+            token = self.settings.api_token
+            # no TLS context for an http:// head (redirects are not followed): it costs ~0.1 s to build
+            self._http = httpx.Client(base_url=self.url, verify=self.url.startswith("https://"),
+                                      headers={"authorization": f"Bearer {token}"} if token else {},
+                                      timeout=httpx.Timeout(self.timeout, connect=5.0), trust_env=False)
+        return self._http
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        self.batch_http.close()
-        self.http.close()
+        self.channel.close()
+        if self._http is not None:
+            self._http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -134,19 +107,17 @@ class Client:
         self.close()
 
     # ---- plumbing ---------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        tries = 2 if method == "GET" else 1  # a pooled connection the server closed: GET again
-        for attempt in range(tries):
-            try:
-                resp = self.http.request(method, path, **kw)
-                break
-            except httpx.TransportError as exc:
-                if attempt + 1 == tries:
-                    raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
-            except httpx.HTTPError as exc:  # e.g. a body that cannot be decoded
-                raise ProtocolError(f"bad reply from the head at {self.url}: {type(exc).__name__}: {exc}") from None
-        self._raise_for(resp)
-        return resp
+    def _request(self, method: str, path: str, *, json_body: Any = None, params: Mapping[str, Any] | None = None,
+                 timeout: float | None = None, body: bytes | None = None, content_type: str | None = None) -> Reply:
+        """One request (a GET is sent again once if a kept-alive connection went stale); raises the
+        error the head answered with."""
+        if params:
+            path += "?" + urllib.parse.urlencode(params)
+        if json_body is not None:
+            body, content_type = json.dumps(json_body).encode(), "application/json"
+        reply = self.channel.request(method, path, body, content_type, timeout)
+        raise_for_status(reply.status, reply.body)
+        return reply
 
     def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         """The JSON object a successful request answers with."""
@@ -163,23 +134,16 @@ class Client:
         return body
 
     def _json_any(self, method: str, path: str, **kw: Any) -> Any:
-        resp = self._request(method, path, **kw)
+        reply = self._request(method, path, **kw)
         try:
-            return resp.json()
+            return json.loads(reply.body)
         except ValueError:
-            raise ProtocolError(f"{method} {path}: the head's reply is not JSON: {resp.text[:200]!r}") from None
+            raise ProtocolError(f"{method} {path}: the head's reply is not JSON: {reply.body[:200]!r}") from None
 
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:
-        if resp.status_code < 400:
-            return
-        try:
-            body = resp.json().get("error")
-        except Exception:
-            err = HttpError(f"HTTP {resp.status_code}: {resp.text[:200]}")
-            err.http_status = resp.status_code
-            raise err from None
-        raise error_from_dict(body, resp.status_code)
+        """The error a streamed reply carries, if any (its body read)."""
+        raise_for_status(resp.status_code, resp.read())
 
     # ---- API --------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -200,11 +164,15 @@ class Client:
 
     def upload(self, arr: np.ndarray, progress: Progress | None = None) -> dict[str, Any]:
         """Send one array to the head's store; returns ``{"blob_id", "dtype", "shape", ...}``."""
+        from .arrays import wire_array
+
         reply = self._upload(wire_array(arr), progress)
         _field(reply, "blob_id")
         return reply
 
     def _upload(self, arr: np.ndarray, progress: Progress | None) -> dict[str, Any]:
+        from common.npyfmt import npy_header
+
         root = self.shared_dir()
         if root is not None:
             upload_id = uuid.uuid4().hex
@@ -218,7 +186,7 @@ class Client:
             else:
                 if progress:
                     progress(arr.nbytes, arr.nbytes)
-                return self._json("POST", "/v1/blobs/adopt", json={"upload_id": upload_id})
+                return self._json("POST", "/v1/blobs/adopt", json_body={"upload_id": upload_id})
         header = npy_header(arr)
         body = arr.reshape(-1).data.cast("B")
         total = len(header) + body.nbytes
@@ -233,10 +201,27 @@ class Client:
                 if progress:
                     progress(sent, total)
 
-        return self._json("PUT", "/v1/blobs", content=chunks(),
-                          headers={"content-type": "application/octet-stream", "content-length": str(total)})
+        return self._streamed_upload(chunks(), total)
+
+    def _streamed_upload(self, chunks: Iterator[bytes], total: int) -> dict[str, Any]:
+        import httpx
+
+        try:
+            resp = self.http.put("/v1/blobs", content=chunks, headers={"content-type": "application/octet-stream",
+                                                                       "content-length": str(total)}, timeout=300)
+        except httpx.TransportError as exc:
+            raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise ProtocolError(f"bad reply from the head at {self.url}: {type(exc).__name__}: {exc}") from None
+        self._raise_for(resp)
+        info = resp.json()
+        if not isinstance(info, dict):
+            raise ProtocolError(f"PUT /v1/blobs: the head's reply is not a JSON object: {str(info)[:200]}")
+        return info
 
     def upload_file(self, path: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
+        from .arrays import load_npy
+
         return self.upload(load_npy(path), progress)
 
     def submit(self, task_type: str, inputs: dict[str, str], params: dict[str, Any] | None = None,
@@ -248,7 +233,7 @@ class Client:
         delay = 0.5
         while True:
             try:
-                return str(_field(self._json("POST", "/v1/jobs", json=body), "job_id"))
+                return str(_field(self._json("POST", "/v1/jobs", json_body=body), "job_id"))
             except QueueUnavailable as exc:  # not accepted: nothing was recorded, trying again is safe
                 left = end - time.monotonic()
                 if left <= 0:
@@ -260,6 +245,10 @@ class Client:
 
     def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                       progress: Progress | None = None) -> str:
+        from common.protocol import batch
+
+        from .arrays import matmul_operands
+
         a, b = matmul_operands(a, b)
         if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:  # small: inline, one request
             return self.submit_many([{"type": "matmul", "inputs": {"a": a, "b": b}, "nodes": nodes}])[0]
@@ -269,6 +258,10 @@ class Client:
 
     def matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                timeout: float | None = None) -> np.ndarray:
+        from common.protocol import batch
+
+        from .arrays import matmul_operands
+
         a, b = matmul_operands(a, b)
         if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:  # one request: submit, wait, result inline
             return self.run("matmul", {"a": a, "b": b}, nodes=nodes, timeout=timeout)["c"]
@@ -281,6 +274,8 @@ class Client:
             nodes: int | None = None, timeout: float | None = None) -> Results:
         """One job, submitted, waited for and its outputs returned, in as few requests as it takes
         (one when its operands and results are small)."""
+        from common.protocol import batch
+
         wait = batch.MAX_WAIT_S if timeout is None else min(timeout, batch.MAX_WAIT_S)
         spec = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
         outcome = self._batch("/v1/jobs/batch", batch.encode_batch_request([self._inline(spec)], wait))[0]
@@ -290,6 +285,8 @@ class Client:
         """Submit jobs ``{"type", "inputs": {name: array | blob id}, "params", "nodes"}``, 1000 to a
         request; small arrays go inline, larger ones are uploaded first. Each request is accepted
         whole or not at all (ValidationError naming ``jobs[i]``); their ids, in order."""
+        from common.protocol import batch
+
         ids: list[str] = []
         specs = [self._inline(j) for j in jobs]
         for start in range(0, len(specs), BATCH_JOBS):
@@ -312,6 +309,8 @@ class Client:
         """The outputs of jobs (ids, or futures of ``submit_async``), in order, once each is done
         (TaskError when one failed or was cancelled, WaitTimeout after ``timeout`` seconds).
         ``forget``: delete them once read."""
+        from common.protocol import batch
+
         ids = [j if isinstance(j, str) else j.result() for j in job_ids]
         end = None if timeout is None else time.monotonic() + timeout
         known = {o["job_id"]: o for o in first if o["state"] in TERMINAL}
@@ -337,6 +336,10 @@ class Client:
 
     def _inline(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """A job spec for the batch API: small arrays inline, larger ones uploaded (blob ids)."""
+        from common.protocol import batch
+
+        from .arrays import wire_array
+
         inputs: dict[str, Any] = {}
         room = batch.MAX_INLINE_BYTES
         for name, value in (spec.get("inputs") or {}).items():
@@ -351,6 +354,8 @@ class Client:
         return {**spec, "inputs": inputs}
 
     def _outputs(self, outcome: dict[str, Any]) -> Results:
+        import numpy as np
+
         if outcome["state"] != JobState.DONE:
             raise TaskError(f"job {outcome['job_id']} {outcome['state']}: {outcome.get('error') or ''}".rstrip(": "))
         if "results" in outcome:
@@ -359,10 +364,10 @@ class Client:
                 if not name.endswith((".pt", ".json"))}
 
     def _batch(self, path: str, body: bytes, timeout: float | None = None) -> list[dict[str, Any]]:
-        status, content = self.batch_http.post(path, body, timeout)
-        if status >= 400:
-            self._raise_for(httpx.Response(status, content=content))
-        return batch.decode_outcomes(content)
+        from common.protocol import batch
+
+        reply = self._request("POST", path, body=body, content_type=MSGPACK, timeout=timeout)
+        return batch.decode_outcomes(reply.body)
 
     def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
         view = self._json("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,
@@ -391,6 +396,9 @@ class Client:
     def result(self, job_id: str, name: str | None = None, out: str | os.PathLike[str] | None = None,
                progress: Progress | None = None) -> np.ndarray:
         """Download a finished job's result; also write it to ``out`` (.npy) if given."""
+        from . import arrays
+        from .arrays import save_npy
+
         arr = self._shared_result(job_id, name)
         if arr is not None:
             if progress:
@@ -399,12 +407,14 @@ class Client:
                 save_npy(out, arr)
             return arr
         params = {"name": name} if name else None
+        import httpx
+
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params=params, timeout=120) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     self._raise_for(resp)
-                arr = _receive_npy(resp.iter_raw(CHUNK), _content_length(resp), progress)
+                arr = arrays.receive_npy(resp.iter_raw(CHUNK), _content_length(resp), progress)
         except httpx.TransportError as exc:
             raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
         except httpx.HTTPError as exc:
@@ -416,6 +426,10 @@ class Client:
     def _shared_result(self, job_id: str, name: str | None) -> np.ndarray | None:
         """The result file mapped copy-on-write: no copy, writable, private to this process.
         It stays valid even if the job is deleted later (POSIX keeps the mapped file)."""
+        import numpy as np
+
+        from common.npyfmt import parse_npy_header
+
         root = self.shared_dir()
         if root is None:
             return None
@@ -435,6 +449,8 @@ class Client:
         """Save one output file of a finished job (e.g. model.pt, model.json) to ``path``."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.part")
+        import httpx
+
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params={"name": name}, timeout=300) as resp:
                 if resp.status_code >= 400:
@@ -487,6 +503,8 @@ class Client:
 
     def submit_predict(self, model_path: str | os.PathLike[str], x: np.ndarray, nodes: int | None = None) -> str:
         """Inference across providers with a model saved by ``train`` (its .json beside it)."""
+        import numpy as np
+
         try:
             from common.tasks.train.inference import load_model_file
         except ImportError as exc:
@@ -508,6 +526,8 @@ class Client:
         return self.submit("predict", blobs, params, nodes=nodes)
 
     def predict(self, model_path: str | os.PathLike[str], x: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        import numpy as np
+
         job = self.submit_predict(model_path, x)
         self.wait(job, timeout)
         return np.array(self.result(job))
@@ -526,6 +546,21 @@ class Client:
 
     def delete(self, job_id: str) -> None:
         self._request("DELETE", f"/v1/jobs/{job_id}")
+
+
+def raise_for_status(status: int, body: bytes) -> None:
+    """The error a reply of ``status`` >= 400 carries (its JSON ``error``), rebuilt and raised."""
+    if status < 400:
+        return
+    try:
+        error = json.loads(body).get("error")
+    except Exception:
+        error = None
+    if not isinstance(error, dict):
+        err = HttpError(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
+        err.http_status = status
+        raise err from None
+    raise error_from_dict(error, status)
 
 
 def _settings(given: dict[str, Any], base: ClientSettings | None) -> ClientSettings:
@@ -547,69 +582,3 @@ def _content_length(resp: httpx.Response) -> int:
         return int(resp.headers.get("content-length", 0))
     except ValueError:
         return 0  # only the progress bar's total
-
-
-def save_npy(path: str | os.PathLike[str], arr: np.ndarray) -> None:
-    """Write ``arr`` to a .npy file (no pickles); ValidationError when the path cannot be written."""
-    try:
-        np.save(path, arr, allow_pickle=False)
-    except OSError as exc:
-        raise ValidationError(f"{path}: cannot write: {exc.strerror or exc}") from None
-
-
-def _receive_npy(chunks: Iterator[bytes], total: int, progress: Progress | None) -> np.ndarray:
-    head = b""
-    arr: np.ndarray | None = None
-    view: memoryview | None = None
-    pos = 0
-    got = 0
-    for chunk in chunks:
-        got += len(chunk)
-        if arr is None:
-            head += chunk
-            parsed = parse_npy_header(head)
-            if parsed is None:
-                continue
-            meta, hlen = parsed
-            arr = np.empty(meta.shape, dtype=meta.dtype)
-            view = arr.reshape(-1).data.cast("B")
-            chunk = head[hlen:]
-        assert view is not None
-        end = pos + len(chunk)
-        if end > view.nbytes:
-            raise ProtocolError("result is longer than its header declares")
-        view[pos:end] = chunk
-        pos = end
-        if progress:
-            progress(got, total)
-    if arr is None or view is None or pos != view.nbytes:
-        raise ProtocolError("result download was cut short")
-    return arr
-
-
-def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
-    """A matmul operand from a user's .npy file (see ``load_npy_any``), checked and cast."""
-    return check_operand(load_npy_any(path), str(path))
-
-
-def load_npy_any(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a user's .npy file safely (no pickles) with clear errors."""
-    p = Path(path)
-    if not p.exists():
-        raise ValidationError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValidationError(f"{p}: is a directory, not a .npy file")
-    try:
-        with open(p, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise ValidationError(f"{p}: not a .npy file")
-        arr = np.load(p, allow_pickle=False, mmap_mode="r")
-    except PermissionError:
-        raise ValidationError(f"{p}: permission denied") from None
-    except ValueError as exc:  # object arrays need pickles, which we refuse
-        raise ValidationError(f"{p}: cannot be read without pickle ({exc}); save a numeric array") from None
-    except OSError as exc:
-        raise ValidationError(f"{p}: unreadable: {exc}") from None
-    if arr.dtype.hasobject or arr.dtype.kind not in "fiub":
-        raise ValidationError(f"{p}: dtype {arr.dtype} is not numeric")
-    return arr

@@ -13,7 +13,8 @@ import numpy as np
 from common.errors import ConfigError, TaskError
 from common.jobs import JobState
 
-from .client import TERMINAL, Client, load_npy_any, save_npy
+from .arrays import load_npy_any, save_npy
+from .client import TERMINAL, Client
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
               "lr_step", "gamma", "seed", "sync", "max_staleness", "local_steps", "checkpoint_every")

@@ -21,7 +21,6 @@ and ``check_fields``, with which a task type checks the nested ``params`` of its
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -30,6 +29,8 @@ import msgpack
 import numpy as np
 
 from ..errors import ProtocolError, TooLarge, VersionMismatch
+from ..ids import ID_RE as ID_RE  # re-exported (common/ids.py is light: the state-dir layout uses it)
+from ..ids import check_id as check_id
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -40,7 +41,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024**3
 #: dtypes that may cross the wire, as numpy ``dtype.str`` (explicit byte order).
 WIRE_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "|u1", "|i1", "|b1"})
 
-ID_RE = re.compile(r"[0-9a-f]{32}")  # use with fullmatch
 
 _INT = (int,)
 _NUM = (int, float)
@@ -115,12 +115,6 @@ class Message:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.fields.get(key, default)
-
-
-def check_id(value: object, what: str = "id") -> str:
-    if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise ProtocolError(f"{what} must be 32 lowercase hex digits, got {value!r:.60}")
-    return value
 
 
 def wire_dtype(dtype: np.dtype | str) -> str:

@@ -4,9 +4,10 @@ builtin exception escaping the client's, config's and security's public function
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
+from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -24,7 +25,9 @@ from common.errors import (
     error_codes,
     error_from_dict,
 )
-from user_client.client import Client, save_npy, wire_array
+from user_client.arrays import save_npy, wire_array
+from user_client.channel import Reply
+from user_client.client import Client
 
 #: the codes on the wire and in HTTP bodies: they never change
 WIRE_CODES = {
@@ -114,42 +117,57 @@ def test_wait_timeout_is_also_a_timeout_error():
 
 
 # ---- no builtin exception escapes ---------------------------------------------------------------------
-def _client(handler) -> Client:
+class FakeChannel:
+    """Answers the client's requests with ``handler(method, path)`` (no network)."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                timeout: float | None = None) -> Reply:
+        return self.handler(method, path)
+
+    def close(self) -> None:
+        pass
+
+
+def _reply(status: int, body: Any = None, text: str | None = None) -> Reply:
+    data = text.encode() if text is not None else json.dumps(body).encode() if body is not None else b""
+    return Reply(status, data, "application/json" if text is None else "text/html")
+
+
+def _client(handler: Any) -> Client:
     c = Client("http://head.invalid:1", shared_files="off", queue_wait=0)
-    c.http.close()
-    c.http = httpx.Client(base_url=c.url, transport=httpx.MockTransport(handler))
+    c.channel = FakeChannel(handler)  # type: ignore[assignment]
     return c
 
 
 def test_client_wait_timeout_is_a_dcf_error():
-    def running(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"job_id": "j", "state": "running"})
-
-    with _client(running) as c, pytest.raises(WaitTimeout, match="still running"):
+    with _client(lambda m, p: _reply(200, {"job_id": "j", "state": "running"})) as c, \
+            pytest.raises(WaitTimeout, match="still running"):
         c.wait("j", timeout=0.01, poll=0.01)
 
 
 def test_client_replies_that_break_the_api():
-    with _client(lambda req: httpx.Response(502, text="<html>bad gateway</html>")) as c:
+    with _client(lambda m, p: _reply(502, text="<html>bad gateway</html>")) as c:
         with pytest.raises(HttpError) as info:
             c.nodes()
         assert info.value.http_status == 502 and info.value.code == "http_error"
-    with _client(lambda req: httpx.Response(200, text="not json")) as c, pytest.raises(ProtocolError):
+    with _client(lambda m, p: _reply(200, text="not json")) as c, pytest.raises(ProtocolError):
         c.health()
-    with _client(lambda req: httpx.Response(200, json={"no": "state"})) as c, pytest.raises(ProtocolError):
+    with _client(lambda m, p: _reply(200, {"no": "state"})) as c, pytest.raises(ProtocolError):
         c.status("j")
-    with _client(lambda req: httpx.Response(200, json={"a": 1})) as c, pytest.raises(ProtocolError):
+    with _client(lambda m, p: _reply(200, {"a": 1})) as c, pytest.raises(ProtocolError):
         c.jobs()
     missing = {"error": {"code": "not_found", "message": "no job"}}
-    with _client(lambda req: httpx.Response(404, json=missing)) as c, pytest.raises(errors.NotFound, match="no job"):
+    with _client(lambda m, p: _reply(404, missing)) as c, pytest.raises(errors.NotFound, match="no job"):
         c.cancel("j")
+    with _client(lambda m, p: _reply(200, text="\x93\x01")) as c, pytest.raises(ProtocolError):
+        c.submit_many([{"type": "matmul", "inputs": {"a": np.ones((2, 2)), "b": np.ones((2, 2))}}])
 
 
 def test_client_unreachable_head():
-    def refuse(req: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=req)
-
-    with _client(refuse) as c, pytest.raises(HeadUnreachable):
+    with Client("http://127.0.0.1:9", shared_files="off") as c, pytest.raises(HeadUnreachable):
         c.health()
 
 
@@ -173,7 +191,7 @@ def test_client_settings_errors_and_precedence(monkeypatch):
 
 
 def test_client_input_errors(tmp_path: Path):
-    with _client(lambda req: httpx.Response(500)) as c:
+    with _client(lambda m, p: _reply(500)) as c:
         with pytest.raises(ValidationError):
             c.upload(wire_array([[1.0, 2.0], [3.0]]))  # ragged
         with pytest.raises(ValidationError, match="not a Dataset"):
