@@ -76,7 +76,10 @@ REQUEST_TIMEOUT_S = 2.5  # Lazy Pirate: a request unanswered this long is sent a
 CONTROL_MAX_MESSAGE = 1 << 20  # the control REQ's ZMQ_MAXMSGSIZE (PROTOCOL.md §1)
 LOOP_WAKEUP_S = 0.5
 MEMORY_BYTES = 1 << 30
-GFLOPS = 10.0
+#: what each simulated provider claims. Low on purpose: the head gives a job only as many providers as keep
+#: each share at least rows.MIN_SHARE_SECONDS of work at the claimed speed, and the job here is small
+#: (N*8 rows); at 0.01 GFLOP/s every 8-row share is worth its own subtask, so the job spans all N
+GFLOPS = 0.01
 #: targets of issue 10, item 6
 CPU_TARGET_N, CPU_TARGET_PCT = 500, 10.0
 OVERHEAD_TARGET_N, OVERHEAD_TARGET_MS = 100, 1.0

@@ -49,7 +49,7 @@ class MatMul(SplitTask):
         n = b.shape[1]
         item = np.dtype(a.dtype).itemsize
         blocks = row_blocks(m, providers, (k + n) * item, fixed_bytes=k * n * item,
-                            what=f"matmul: b ({k}x{n} {a.dtype}) with a row of a and c")
+                            what=f"matmul: b ({k}x{n} {a.dtype}) with a row of a and c", flops_per_row=2.0 * k * n)
         return [SubtaskPlan(w.provider_id, {"row0": r0, "rows": rows}, cost=2.0 * rows * k * n)
                 for w, r0, rows in blocks]
 

@@ -14,6 +14,10 @@ from .base import ProviderSpec
 
 #: fraction of a provider's reported memory one subtask may use
 MEMORY_FRACTION = 0.5
+#: the least compute (seconds at the provider's speed) a share must hold to be worth a subtask of its
+#: own: a subtask costs the head, the wire and the provider about a millisecond whatever its size, so
+#: a job smaller than this per provider goes to fewer providers (a tiny one to the fastest alone)
+MIN_SHARE_SECONDS = 0.002
 
 
 def proportional_rows(total: int, weights: Sequence[float]) -> list[int]:
@@ -27,20 +31,36 @@ def proportional_rows(total: int, weights: Sequence[float]) -> list[int]:
     return rows
 
 
-def provider_shares(count: int, providers: Sequence[ProviderSpec]) -> list[tuple[ProviderSpec, int]]:
-    """(worker, rows) for the workers that get a non-empty share of ``count`` rows, by speed."""
-    providers = list(providers)[: max(1, min(len(providers), count))]
+def provider_shares(count: int, providers: Sequence[ProviderSpec],
+                    flops_per_row: float = 0.0) -> list[tuple[ProviderSpec, int]]:
+    """(worker, rows) for the workers that get a non-empty share of ``count`` rows, by speed. With
+    ``flops_per_row``, only as many workers (fastest first) as keep every share at least
+    ``MIN_SHARE_SECONDS`` of work."""
+    providers = list(providers)[: max(1, min(len(providers), count, _worth(count * flops_per_row, providers)))]
     shares = proportional_rows(count, [w.gflops for w in providers])
     return [(w, n) for w, n in zip(providers, shares, strict=True) if n]
 
 
+def _worth(flops: float, providers: Sequence[ProviderSpec]) -> int:
+    """How many of ``providers`` (fastest first) ``flops`` of work keeps busy for MIN_SHARE_SECONDS each."""
+    if flops <= 0:
+        return len(providers)
+    used, speed = 1, providers[0].gflops * 1e9 if providers else 1.0
+    for w in providers[1:]:
+        if flops / (speed + w.gflops * 1e9) < MIN_SHARE_SECONDS:
+            break
+        used, speed = used + 1, speed + w.gflops * 1e9
+    return used
+
+
 def row_blocks(count: int, providers: Sequence[ProviderSpec], bytes_per_row: int, fixed_bytes: int = 0,
-               what: str = "a row") -> list[tuple[ProviderSpec, int, int]]:
-    """(worker, first row, rows): shares by speed, each cut into blocks that fit half the worker's
-    memory beside ``fixed_bytes`` (data every block needs, e.g. matmul's B)."""
+               what: str = "a row", flops_per_row: float = 0.0) -> list[tuple[ProviderSpec, int, int]]:
+    """(worker, first row, rows): shares by speed (as many workers as the work is worth, see
+    ``provider_shares``), each cut into blocks that fit half the worker's memory beside
+    ``fixed_bytes`` (data every block needs, e.g. matmul's B)."""
     blocks = []
     row0 = 0
-    for provider, rows in provider_shares(count, providers):
+    for provider, rows in provider_shares(count, providers, flops_per_row):
         budget = int(provider.memory_bytes * MEMORY_FRACTION) - fixed_bytes
         if budget < bytes_per_row:
             raise ValidationError(f"{what} does not fit the memory of provider {provider.provider_id[:8]} "

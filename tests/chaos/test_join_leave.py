@@ -50,12 +50,16 @@ def _ready_names(c: Client) -> set[str]:
     return {n["name"] for n in c.nodes() if n["state"] == "ready"}
 
 
+#: square matmuls this big hold work enough for a share of >= rows.MIN_SHARE_SECONDS on every provider
+MATMUL_MIN = 1000
+
+
 def test_matmul_providers_join_and_leave(figures: Figures, rng: random.Random, nprng: np.random.Generator) -> None:
     with LocalCluster(2, heartbeat=HEARTBEAT, threads=1, provider_args=["--delay", "0.5"]) as cl, \
             Client(cl.url) as c:
         ids: list[str] = []
         for change in _changes(rng, 2):
-            during = submit_matmul(c, nprng, rng.randint(200, 400))
+            during = submit_matmul(c, nprng, rng.randint(MATMUL_MIN, MATMUL_MIN + 200))
             ids.append(during.job_id)
             def running(job_id: str = during.job_id) -> bool:
                 return c.status(job_id)["state"] == "running"
@@ -83,7 +87,7 @@ def test_matmul_providers_join_and_leave(figures: Figures, rng: random.Random, n
                 wait_for(left, 15, f"{name} to leave")
                 assert cl.providers[index].wait(timeout=10) == 0
             members = _ready_names(c)
-            after = submit_matmul(c, nprng, rng.randint(200, 400))
+            after = submit_matmul(c, nprng, rng.randint(MATMUL_MIN, MATMUL_MIN + 200))
             ids.append(after.job_id)
             view = check_matmul(c, after, figures)
             assert set(view["shares"]) == members, f"after {change} of {name}: shares {view['shares']}, " \

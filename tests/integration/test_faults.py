@@ -153,7 +153,8 @@ def test_straggler_is_copied_to_an_idle_provider_and_alerted() -> None:
         cl.add_provider()
         cl.add_provider("--delay", "6")  # a straggler: sleeps 6 s before each subtask
         cl.wait_ready(2)
-        a, b = _operands(200)
+        rng = np.random.default_rng(5)  # work enough for two shares of >= rows.MIN_SHARE_SECONDS each
+        a, b = rng.random((200, 1000)), rng.random((1000, 1000))
         t0 = time.monotonic()
         job = c.submit_matmul(a, b)
         c.wait(job, timeout=60)

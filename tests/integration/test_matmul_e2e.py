@@ -26,8 +26,9 @@ def test_client_api_matches_numpy(client: Client, dtype: str) -> None:
 
 
 def test_rows_are_shared_by_both_providers_and_placed_by_offset(client: Client) -> None:
-    a = np.arange(600 * 50, dtype=np.float64).reshape(600, 50) / 1000
-    b = np.eye(50)  # C must equal A row for row: any misplaced block shows
+    # enough work for a share of >= rows.MIN_SHARE_SECONDS on each provider
+    a = np.arange(400 * 1000, dtype=np.float64).reshape(400, 1000) / 1000
+    b = np.eye(1000)  # C must equal A row for row: any misplaced block shows
     job = client.submit_matmul(a, b)
     view = client.wait(job, timeout=60)
     assert view["progress"] == {"done": 2, "total": 2}

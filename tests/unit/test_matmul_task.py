@@ -9,8 +9,15 @@ import pytest
 
 from common import tasks
 from common.errors import NotFound, ValidationError
-from common.tasks import ArrayMeta, ProviderSpec
+from common.tasks import ArrayMeta, ProviderSpec, rows
 from common.tasks.matmul import MEMORY_FRACTION, MatMul, proportional_rows
+
+
+@pytest.fixture(autouse=True)
+def _split_small_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests split small matrices to check the mechanics; the least-share rule
+    (rows.MIN_SHARE_SECONDS) has tests of its own in test_matmul_task.py."""
+    monkeypatch.setattr(rows, "MIN_SHARE_SECONDS", 0.0)
 
 GiB = 1024**3
 
@@ -287,3 +294,20 @@ def test_merge_writes_only_its_rows(mm):
     np.testing.assert_array_equal(c[:2], 0)
     np.testing.assert_array_equal(c[2:5], 1)
     np.testing.assert_array_equal(c[5:], 0)
+
+
+def test_a_tiny_job_goes_to_the_fastest_provider_alone(mm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rows, "MIN_SHARE_SECONDS", 0.002)
+    fast, slow = provider(20.0), provider(10.0)
+    plans = mm.split({}, metas(4, 4, 4), [fast, slow])
+    assert [(p.provider_id, p.params) for p in plans] == [(fast.provider_id, {"row0": 0, "rows": 4})]
+
+
+def test_a_job_is_spread_as_far_as_each_share_is_worth_it(mm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rows, "MIN_SHARE_SECONDS", 0.002)
+    ws = [provider(10.0) for _ in range(4)]
+    # 2*m*k*n flops: 2*1000*100*500 = 1e8 = 10 ms on one 10 GFLOP/s provider, so 2 ms shares for 4 providers
+    # would be 2.5 ms: all 4; a fifth of that work (2 ms alone) stays on one
+    assert {p.provider_id for p in mm.split({}, metas(1000, 100, 500), ws)} == {w.provider_id for w in ws}
+    assert len({p.provider_id for p in mm.split({}, metas(200, 100, 500), ws)}) == 1
+    assert len({p.provider_id for p in mm.split({}, metas(500, 100, 500), ws)}) == 2

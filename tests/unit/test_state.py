@@ -10,7 +10,7 @@ import pytest
 from common import tasks
 from common.errors import Conflict, NotFound
 from common.jobs import TERMINAL_NAMES, JobRecord
-from common.tasks import ArrayMeta, JobContext
+from common.tasks import ArrayMeta, JobContext, rows
 from head_node import state as st
 from head_node import stimuli, views
 from head_node.state import (
@@ -25,6 +25,13 @@ from head_node.state import (
     SubState,
     Timing,
 )
+
+
+@pytest.fixture(autouse=True)
+def _split_small_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests split small matrices to check the mechanics; the least-share rule
+    (rows.MIN_SHARE_SECONDS) has tests of its own in test_matmul_task.py."""
+    monkeypatch.setattr(rows, "MIN_SHARE_SECONDS", 0.0)
 
 GiB = 1024**3
 

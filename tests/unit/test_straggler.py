@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+
+from common.tasks import rows
 from head_node import state as st
 from head_node import stimuli
 from head_node.state import ClusterState, Timing
 from tests.unit.test_state import connect, dispatches, hexid, make_info, make_job, result
+
+
+@pytest.fixture(autouse=True)
+def _split_small_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests split small matrices to check the mechanics; the least-share rule
+    (rows.MIN_SHARE_SECONDS) has tests of its own in test_matmul_task.py."""
+    monkeypatch.setattr(rows, "MIN_SHARE_SECONDS", 0.0)
 
 
 def setup(now: float = 0.0):
