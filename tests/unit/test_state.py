@@ -1035,3 +1035,18 @@ def test_nothing_believable_learns_nothing(cs):
     cs.handle(stimuli.JobAdded(job), 5.0)
     assert finish(cs, job, p, 4.0, elapsed=float("nan"))  # the clock stepped back, elapsed_s is garbage
     assert speed(cs, p) == 10.0
+
+
+def test_a_stream_of_tiny_jobs_takes_turns_on_the_providers(cs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One subtask each (too small to split); the least loaded provider gets the next, not always the fastest."""
+    monkeypatch.setattr(rows, "MIN_SHARE_SECONDS", 0.002)
+    fast, slow = make_info(11.0), make_info(10.0)
+    connect(cs, fast)
+    connect(cs, slow)
+    first = dispatches(cs.handle(stimuli.JobAdded(make_job(m=4, k=4, n=4)), 0.0))
+    assert [d.provider_id for d in first] == [fast.provider_id], "an idle pool: the fastest"
+    second = dispatches(cs.handle(stimuli.JobAdded(make_job(m=4, k=4, n=4)), 0.0))
+    assert [d.provider_id for d in second] == [slow.provider_id], "the fastest is busy: the other"
+    targets = [d.provider_id for _ in range(10)
+               for d in dispatches(cs.handle(stimuli.JobAdded(make_job(m=4, k=4, n=4)), 0.0))]
+    assert targets.count(fast.provider_id) == targets.count(slow.provider_id) == 5
