@@ -30,7 +30,7 @@ from . import views
 from .events import EventBus
 from .jobqueue import AmqpQueue, EmbeddedQueue, JobQueue
 from .lifecycle import Lifecycle
-from .store import BlobStore, JobStore
+from .store import BlobStore, JobStore, Outcome
 from .transport import Transport
 
 log = logging.getLogger("dcf.head")
@@ -330,46 +330,45 @@ class Head:
     async def gather(self, job_ids: list[str], wait: float, forget: bool) -> list[dict[str, Any]]:
         """The outcomes of jobs (small results inline) once all ended or ``wait`` passed, in order;
         ``forget``: the ended ones are deleted once their outcome is read."""
-        for job_id in job_ids:
-            if job_id not in self.state.jobs:
-                self._record(job_id)  # NotFound for an unknown id, before any wait
-        await self._wait_all(job_ids, wait)
-        outcomes = [self._outcome(job_id) for job_id in job_ids]
+        held = [j for j in job_ids if j in self.state.jobs]  # the scheduler holds them: not stored yet
+        rows = self.store.outcomes([j for j in job_ids if j not in self.state.jobs])
+        unknown = next((j for j in job_ids if j not in rows and j not in self.state.jobs), None)
+        if unknown is not None:
+            raise NotFound(f"no job {unknown}")  # before any wait
+        pending = held + [j for j, row in rows.items() if row.state not in TERMINAL_NAMES]
+        if pending and wait > 0:
+            events = [self.jobs.waiters.setdefault(j, asyncio.Event()) for j in pending]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), wait)
+            rows.update(self.store.outcomes([j for j in pending if j not in self.state.jobs]))
+        outcomes = [self._outcome(j, rows.get(j)) for j in job_ids]
         if forget:
-            for o in outcomes:
-                if o["state"] in TERMINAL_NAMES:
-                    await self.delete(o["job_id"])
+            self._forget([j for j in dict.fromkeys(job_ids) if j not in self.state.jobs and j in rows
+                          and rows[j].state in TERMINAL_NAMES], rows)
         return outcomes
 
-    async def _wait_all(self, job_ids: list[str], timeout: float) -> None:
-        """Until each job's outcome is stored (a job the scheduler holds has not stored it yet)."""
-        pending = [j for j in job_ids if j in self.state.jobs or not self._stored_outcome(j)]
-        if not pending or timeout <= 0:
-            return
-        events = [self.jobs.waiters.setdefault(j, asyncio.Event()) for j in pending]
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout)
-
-    def _stored_outcome(self, job_id: str) -> bool:
-        row = self.store.get(job_id)
-        return row is None or row["state"] in TERMINAL_NAMES
-
-    def _outcome(self, job_id: str) -> dict[str, Any]:
+    def _outcome(self, job_id: str, row: Outcome | None) -> dict[str, Any]:
         job = self.state.jobs.get(job_id)
-        if job is not None:  # the scheduler holds it: its outcome is not stored yet
-            state = JobState.RUNNING if job.state.terminal else job.state
+        if job is not None or row is None:  # the scheduler holds it: its outcome is not stored yet
+            state = JobState.RUNNING if job is None or job.state.terminal else job.state
             return {"job_id": job_id, "state": state.value, "error": None}
-        row = self.store.get(job_id)
-        if row is None:
-            return {"job_id": job_id, "state": "deleted", "error": "deleted meanwhile"}
-        out: dict[str, Any] = {"job_id": job_id, "state": row["state"], "error": row["error"]}
-        if row["state"] != JobState.DONE.value:
+        out: dict[str, Any] = {"job_id": job_id, "state": row.state, "error": row.error}
+        if row.state != JobState.DONE.value:
             return out
-        if row["results"]:
-            out["results"] = {name: from_bytes(row["outputs"][name], data) for name, data in row["results"].items()}
+        outputs, results = row.outputs(), row.results()
+        if results:
+            out["results"] = {name: from_bytes(outputs[name], data) for name, data in results.items()}
         else:  # too large to travel inline: GET /v1/jobs/{id}/result?name=...
-            out["outputs"] = [*row["outputs"], *(row["stats"].get("files") or [])]
+            out["outputs"] = [*outputs, *row.files()]
         return out
+
+    def _forget(self, job_ids: list[str], rows: dict[str, Outcome]) -> None:
+        """Delete ended jobs at once (one transaction); blob files only for jobs that had some."""
+        for job_id in job_ids:
+            self.events.forget_job(job_id)
+            if rows[job_id].has_blobs or rows[job_id].files() or not rows[job_id].results():
+                self._delete_files(job_id, self._record(job_id))
+        self.store.delete_many(job_ids)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         if job_id not in self.state.jobs:
@@ -384,8 +383,12 @@ class Head:
         record = self._record(job_id)
         self.apply(sm.JobForgotten(job_id))
         self.events.forget_job(job_id)
-        self.blobs.delete_job(job_id)
+        self._delete_files(job_id, record)
         self.store.delete(job_id)
+
+    def _delete_files(self, job_id: str, record: JobRecord) -> None:
+        """A forgotten job's output files, and its input blobs no other job uses."""
+        self.blobs.delete_job(job_id)
         for blob in record.blob_ids().values():
             if not self.store.blob_in_use(blob, job_id):
                 self.blobs.delete_blob(blob)

@@ -19,6 +19,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -230,6 +231,28 @@ _BYTES_COLUMNS = ("inline", "results")
 #: how long a tombstone is kept: longer than any redelivery delay (RabbitMQ's consumer timeout is 30 min)
 TOMBSTONE_SECONDS = 30 * 24 * 3600
 
+@dataclass(frozen=True)
+class Outcome:
+    """A job's row as a batch reply reads it: the columns it needs, decoded on demand."""
+
+    state: str
+    error: str | None
+    outputs_json: str
+    results_packed: bytes | None
+    stats_json: str
+    has_blobs: bool  # it has blob inputs (their files may have to go with it)
+
+    def results(self) -> dict[str, bytes]:
+        return msgpack.unpackb(self.results_packed, raw=False) if self.results_packed else {}
+
+    def outputs(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.outputs_json)
+        return out
+
+    def files(self) -> list[str]:
+        return list(json.loads(self.stats_json or "{}").get("files") or [])
+
+
 Schedule = Callable[[Callable[[], None]], object]
 #: called after a group commit with whether it reached the database
 AfterCommit = Callable[[bool], None]
@@ -341,6 +364,18 @@ class JobStore:
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
         row = cur.fetchone()
         return self._row(row) if row else None
+
+    def outcomes(self, job_ids: Sequence[str]) -> dict[str, Outcome]:
+        """What a batch reply needs of each job found (state, error, small results, output names),
+        without decoding the rest of its row."""
+        found: dict[str, Outcome] = {}
+        for start in range(0, len(job_ids), 500):  # SQLite's limit on host parameters is 999 or more
+            chunk = job_ids[start:start + 500]
+            cur = self.db.execute("SELECT job_id, state, error, outputs, results, stats, inputs FROM jobs "
+                                  f"WHERE job_id IN ({', '.join('?' * len(chunk))})", chunk)
+            for job_id, state, error, outputs, results, stats, inputs in cur:
+                found[job_id] = Outcome(state, error, outputs, results, stats, '"blob"' in inputs)
+        return found
 
     def list(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
