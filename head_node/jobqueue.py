@@ -30,6 +30,9 @@ Deliver = Callable[[dict[str, Any], Ack], None]
 RECONNECT_S = 1.0
 JOB_QUEUE = "dcf.jobs"
 EVENTS_EXCHANGE = "dcf.events"  # topic exchange: routing key = event kind, e.g. job.done
+#: the kinds kept off the exchange: one or more per job and subtask, and each publish costs the head
+#: about as much as running a tiny job; they stay on the head's own event API (GET /v1/stream)
+LOCAL_EVENTS = frozenset({"job.accepted", "job.started", "job.progress"})
 
 
 class JobQueue(Protocol):
@@ -179,7 +182,7 @@ class AmqpQueue:
 
         import aio_pika
 
-        if not self.connected.is_set() or getattr(self, "exchange", None) is None:
+        if event.kind in LOCAL_EVENTS or not self.connected.is_set() or getattr(self, "exchange", None) is None:
             return
         body = json.dumps(event.to_dict(), default=str).encode()
         message = aio_pika.Message(body, content_type="application/json", type=event.kind,
