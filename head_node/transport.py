@@ -37,6 +37,8 @@ log = logging.getLogger("dcf.head")
 
 #: frames below this size are copied when sent: zero-copy tracking costs more than copying them
 COPY_THRESHOLD = 1 << 20
+#: the ROUTER loop waits this long after a request for more to answer in the same wake-up
+ROUTER_BATCH_S = 0.005
 #: the largest request the ROUTER takes (registration traffic is small; replies are not capped)
 ROUTER_MAX_MESSAGE = 1 << 20
 #: with CURVE, at most this many provider ids bound to keys
@@ -135,16 +137,35 @@ class Transport:
             frames = await self._recv(self.router)
             if frames is None:
                 continue
-            if len(frames) < 3 or frames[1].bytes != b"":
-                self.bad_messages += 1
-                log.warning("dropped a registration message without a REQ envelope",
-                            extra={"peer": frames[0].bytes.hex()[:16]})
-                continue
-            reply = self._answer(handlers, frames)
-            try:
-                await self.router.send_multipart([frames[0].bytes, b"", *reply], copy=False)
-            except zmq.ZMQError as exc:  # the provider's Lazy Pirate asks again
-                log.warning("could not reply to a provider: %s", exc, extra={"peer": frames[0].bytes.hex()[:16]})
+            # one wake-up for what arrives within the window (heartbeats of many providers): a wake-up,
+            # not the handling, is most of what a request costs the head (bench/scale.py)
+            await asyncio.sleep(ROUTER_BATCH_S)
+            for request in [frames, *self._ready(self.router)]:
+                await self._reply(handlers, request)
+
+    @staticmethod
+    def _ready(sock: zmq.asyncio.Socket) -> list[list[zmq.Frame]]:
+        """The messages already queued on ``sock`` (at most 1000), without waiting."""
+        out: list[list[zmq.Frame]] = []
+        while len(out) < 1000:
+            # a non-blocking receive of zmq.asyncio is done at once: a message, or zmq.Again
+            got = cast("asyncio.Future[list[zmq.Frame]]", sock.recv_multipart(flags=zmq.NOBLOCK, copy=False))
+            if got.exception() is not None:
+                break
+            out.append(got.result())
+        return out
+
+    async def _reply(self, handlers: Handlers, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 3 or frames[1].bytes != b"":
+            self.bad_messages += 1
+            log.warning("dropped a registration message without a REQ envelope",
+                        extra={"peer": frames[0].bytes.hex()[:16]})
+            return
+        reply = self._answer(handlers, frames)
+        try:
+            await self.router.send_multipart([frames[0].bytes, b"", *reply], copy=False)
+        except zmq.ZMQError as exc:  # the provider's Lazy Pirate asks again
+            log.warning("could not reply to a provider: %s", exc, extra={"peer": frames[0].bytes.hex()[:16]})
 
     def _answer(self, handlers: Handlers, frames: list[zmq.Frame]) -> list[Any]:
         peer = frames[0].bytes.hex()[:16]
@@ -184,16 +205,20 @@ class Transport:
             frames = await self._recv(self.pull)
             if frames is None:
                 continue
-            try:
-                msg = protocol.decode(frames, expect=RESULT_TYPES)
-                self.check_key(msg, frames[0])
-                handlers.on_result(msg)
-            except DcfError as exc:
-                self.bad_messages += 1
-                log.warning("bad message on the result socket: %s", exc.message,
-                            extra={"peer": user_id(frames[0]) or "-"})
-            except Exception:
-                log.exception("error handling a result message")
+            for message in [frames, *self._ready(self.pull)]:  # what else came: no wake-up each
+                self._on_result_frames(handlers, message)
+
+    def _on_result_frames(self, handlers: Handlers, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = protocol.decode(frames, expect=RESULT_TYPES)
+            self.check_key(msg, frames[0])
+            handlers.on_result(msg)
+        except DcfError as exc:
+            self.bad_messages += 1
+            log.warning("bad message on the result socket: %s", exc.message,
+                        extra={"peer": user_id(frames[0]) or "-"})
+        except Exception:
+            log.exception("error handling a result message")
 
     async def _tick_loop(self, handlers: Handlers) -> None:
         period = min(0.25, self.cfg.heartbeat_interval / 4)
