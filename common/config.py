@@ -42,12 +42,15 @@ ZMTP_TIMEOUT_MIN: Final = 10.0
 
 def zmtp_heartbeat_ms(heartbeat_interval: float) -> tuple[int, int]:
     """(``ZMQ_HEARTBEAT_IVL``, ``ZMQ_HEARTBEAT_TIMEOUT`` = ``ZMQ_HEARTBEAT_TTL``), in milliseconds, for
-    sockets of a cluster whose heartbeat interval is ``heartbeat_interval`` seconds: a PING every
-    interval; a connection silent for ``max(MISSED_HEARTBEATS × interval, ZMTP_TIMEOUT_MIN)`` is closed.
-    (The TTL, sent in each PING, makes the peer close it too; libzmq keeps it in deciseconds, ≤ 6553.5 s.)"""
-    ivl = max(100, min(6_553_500, round(heartbeat_interval * 1000)))
-    timeout = max(round(MISSED_HEARTBEATS * heartbeat_interval * 1000), round(ZMTP_TIMEOUT_MIN * 1000))
-    return ivl, min(6_553_500, max(timeout, ivl))
+    sockets of a cluster whose heartbeat interval is ``heartbeat_interval`` seconds: a connection silent
+    for ``timeout = max(MISSED_HEARTBEATS × interval, ZMTP_TIMEOUT_MIN)`` is closed, and a PING goes every
+    ``timeout / MISSED_HEARTBEATS`` (so every interval, but not more often than every 3.3 s: the pings
+    only free what dead peers hold, and at 500 providers and 1 s they cost the head's I/O thread ~1,500
+    a second). (The TTL, sent in each PING, makes the peer close it too; libzmq keeps it in
+    deciseconds, ≤ 6553.5 s.)"""
+    timeout = min(6_553_500, max(round(MISSED_HEARTBEATS * heartbeat_interval * 1000),
+                                 round(ZMTP_TIMEOUT_MIN * 1000)))
+    return max(100, timeout // MISSED_HEARTBEATS), timeout
 
 
 @dataclass(frozen=True)

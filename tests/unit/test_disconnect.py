@@ -186,11 +186,11 @@ def test_disconnect_while_a_job_waits_for_providers(cs):
 
 # ---- ZMTP heartbeat settings --------------------------------------------------------------------
 @pytest.mark.parametrize(("interval", "expected"), [
-    (5.0, (5000, 15000)),  # the default: silent for 3 intervals
-    (0.4, (400, 10000)),  # short intervals: never below ZMTP_TIMEOUT_MIN (a large frame on a slow link)
-    (0.01, (100, 10000)),  # a PING at most every 0.1 s
+    (5.0, (5000, 15000)),  # the default: silent for 3 intervals, a PING every interval
+    (0.4, (3333, 10000)),  # short intervals: never below ZMTP_TIMEOUT_MIN (a large frame on a slow link),
+    (0.01, (3333, 10000)),  # ... and 3 PINGs in that time, not one per interval
     (60.0, (60000, 180000)),
-    (3000.0, (3000000, 6553500)),  # libzmq's TTL is a 16-bit count of deciseconds
+    (3000.0, (2184500, 6553500)),  # libzmq's TTL is a 16-bit count of deciseconds
 ])
 def test_zmtp_heartbeat_ms(interval, expected):
     assert config.zmtp_heartbeat_ms(interval) == expected
