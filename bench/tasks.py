@@ -75,7 +75,8 @@ def peer_round(python: str, anchors: Path, peer: str, tasks: int, latency_calls:
     script, *extra = PEER_SCRIPTS[peer]
     cmd = [python, str(anchors / script), "--tasks", str(tasks), "--repeats", "1",
            "--latency-calls", str(latency_calls), *extra]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": os.environ.get("DCF_BENCH_HOME", "/tmp/dcf-bench")}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": os.environ.get("DCF_BENCH_HOME", "/tmp/dcf-bench"),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on loopback only: its node address is 127.0.0.1
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=anchors, env=env)
     except subprocess.TimeoutExpired:
