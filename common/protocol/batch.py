@@ -188,12 +188,12 @@ def check_params(what: str, params: Any) -> dict[str, Any]:
         raise ValidationError(f"{what}: params must be plain JSON data ({exc})") from None
     if len(text) > MAX_PARAMS_BYTES:
         raise ValidationError(f"{what}: params exceed {MAX_PARAMS_BYTES} bytes as JSON")
-    if _depth(params) > MAX_PARAMS_DEPTH:
+    if json_depth(params) > MAX_PARAMS_DEPTH:
         raise ValidationError(f"{what}: params nest deeper than {MAX_PARAMS_DEPTH} levels")
     return params
 
 
-def _depth(value: Any) -> int:
+def json_depth(value: Any) -> int:
     """Nesting depth of JSON-like data, without recursion."""
     deepest, stack = 0, [(value, 1)]
     while stack:

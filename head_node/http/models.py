@@ -15,12 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from typing_extensions import TypedDict
 
 from common.jobs import JobState
+from common.protocol.batch import MAX_PARAMS_BYTES, MAX_PARAMS_DEPTH, json_depth
 
 #: a JSON number as the head wrote it: int or float, never converted
 Number = Annotated[int | float, WithJsonSchema({"type": "number"})]
 
-MAX_PARAMS_DEPTH = 32
-MAX_PARAMS_BYTES = 64 * 1024
 
 
 class Reply(BaseModel):
@@ -46,19 +45,6 @@ class JobSpec(BaseModel):
         if len(json.dumps(params)) > MAX_PARAMS_BYTES:
             raise ValueError(f"params exceed {MAX_PARAMS_BYTES} bytes as JSON")
         return params
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of JSON-like data, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return deepest
 
 
 class Adopt(BaseModel):
