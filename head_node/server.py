@@ -344,9 +344,10 @@ class Head:
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), wait)
             rows.update(self.store.outcomes([j for j in pending if j not in self.state.jobs]))
         outcomes = [self._outcome(j, rows.get(j)) for j in job_ids]
-        if forget:
+        if forget:  # not a done job whose outputs are files: the client fetches them first (then deletes it)
             self._forget([j for j in dict.fromkeys(job_ids) if j not in self.state.jobs and j in rows
-                          and rows[j].state in TERMINAL_NAMES], rows)
+                          and rows[j].state in TERMINAL_NAMES
+                          and (rows[j].state != JobState.DONE.value or rows[j].results_packed)], rows)
         return outcomes
 
     def _outcome(self, job_id: str, row: Outcome | None) -> dict[str, Any]:

@@ -325,7 +325,7 @@ class Client:
             pending = [j for j in pending if j not in known]
             if pending and end is not None and time.monotonic() >= end:
                 raise WaitTimeout(f"{len(pending)} of {len(ids)} jobs still running after {timeout}s")
-        return [self._outputs(known[j]) for j in ids]
+        return [self._outputs(known[j], forget) for j in ids]
 
     def map(self, task_type: str, inputs: Iterable[dict[str, Any]], params: dict[str, Any] | None = None,
             timeout: float | None = None, forget: bool = True) -> list[Results]:
@@ -353,15 +353,20 @@ class Client:
                 inputs[name] = self.upload(arr)["blob_id"]
         return {**spec, "inputs": inputs}
 
-    def _outputs(self, outcome: dict[str, Any]) -> Results:
+    def _outputs(self, outcome: dict[str, Any], forget: bool) -> Results:
+        """A done job's arrays: inline, or fetched (and then, with ``forget``, the job deleted: the
+        head forgets only jobs whose results it sent)."""
         import numpy as np
 
         if outcome["state"] != JobState.DONE:
             raise TaskError(f"job {outcome['job_id']} {outcome['state']}: {outcome.get('error') or ''}".rstrip(": "))
         if "results" in outcome:
             return {name: np.array(arr) for name, arr in outcome["results"].items()}
-        return {name: self.result(outcome["job_id"], name) for name in outcome.get("outputs", [])
-                if not name.endswith((".pt", ".json"))}
+        fetched = {name: np.array(self.result(outcome["job_id"], name)) for name in outcome.get("outputs", [])
+                   if not name.endswith((".pt", ".json"))}
+        if forget:
+            self.delete(outcome["job_id"])
+        return fetched
 
     def _batch(self, path: str, body: bytes, timeout: float | None = None) -> list[dict[str, Any]]:
         from common.protocol import batch

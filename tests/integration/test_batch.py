@@ -96,3 +96,14 @@ def test_gather_of_a_deleted_job_is_not_found(client: Client) -> None:
     client.delete(job)
     with pytest.raises(NotFound):
         client.gather([job])
+
+
+def test_map_with_results_too_large_to_travel_inline(client: Client) -> None:
+    """Outputs over 256 KiB are files: fetched after the gather, and only then the job is deleted."""
+    rng = np.random.default_rng(3)
+    inputs = [{"a": rng.random((300, 20)), "b": rng.random((20, 300))} for _ in range(2)]  # C: 720 KB each
+    before = {j["job_id"] for j in client.jobs(limit=10_000)}
+    out = client.map("matmul", inputs)
+    for got, ops in zip(out, inputs, strict=True):
+        np.testing.assert_allclose(got["c"], ops["a"] @ ops["b"], rtol=1e-12)
+    assert {j["job_id"] for j in client.jobs(limit=10_000)} == before
