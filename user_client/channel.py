@@ -69,7 +69,7 @@ class Channel:
             if conn.sock is not None:
                 conn.sock.settimeout(conn.timeout)
             try:
-                conn.request(method, self.prefix + path, body=body, headers=headers)
+                conn.request(method, target(self.prefix + path), body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
             except STALE as exc:
@@ -104,3 +104,10 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+def target(path: str) -> str:
+    """The request target for ``path``: what a URL may not hold as it is (a space, a non-ASCII letter in a
+    job id typed by hand) percent-encoded, so that the head answers it (404) instead of http.client
+    refusing to send it; a query already encoded stays as it is."""
+    return urllib.parse.quote(path, safe="/?=&%:@!$'()*+,;~-._")

@@ -210,3 +210,11 @@ def test_security_file_errors_are_config_errors(tmp_path: Path):
     security.generate_head(tmp_path / "k")
     with pytest.raises(ConfigError, match="cannot write CURVE keys"):  # no such provider to copy
         security.copy_for_provider(tmp_path / "k", "nobody", tmp_path / "out")
+
+
+def test_a_hand_typed_job_id_is_sent_as_a_valid_request_target():
+    from user_client.channel import target
+
+    assert target("/v1/jobs/a b/cancel") == "/v1/jobs/a%20b/cancel"
+    assert target("/v1/jobs/é?wait=2.5") == "/v1/jobs/%C3%A9?wait=2.5"
+    assert target("/v1/jobs?state=done&limit=5") == "/v1/jobs?state=done&limit=5"
