@@ -369,7 +369,8 @@ class Head:
         """Delete ended jobs at once (one transaction); blob files only for jobs that had some."""
         for job_id in job_ids:
             self.events.forget_job(job_id)
-            if rows[job_id].has_blobs or rows[job_id].files() or not rows[job_id].results():
+            row = rows[job_id]
+            if row.has_blobs or not row.results_packed or row.files():
                 self._delete_files(job_id, self._record(job_id))
         self.store.delete_many(job_ids)
 

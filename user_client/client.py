@@ -245,12 +245,15 @@ class Client:
 
     def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                       progress: Progress | None = None) -> str:
-        from common.protocol import batch
-
         from .arrays import matmul_operands
 
-        a, b = matmul_operands(a, b)
-        if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:  # small: inline, one request
+        return self._submit_operands(*matmul_operands(a, b), nodes, progress)
+
+    def _submit_operands(self, a: np.ndarray, b: np.ndarray, nodes: int | None, progress: Progress | None) -> str:
+        """Submit checked operands: small ones inline in one request, larger ones uploaded first."""
+        from common.protocol import batch
+
+        if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:
             return self.submit_many([{"type": "matmul", "inputs": {"a": a, "b": b}, "nodes": nodes}])[0]
         blob_a = self.upload(a, progress)["blob_id"]
         blob_b = self.upload(b, progress)["blob_id"]
@@ -265,7 +268,7 @@ class Client:
         a, b = matmul_operands(a, b)
         if a.nbytes + b.nbytes <= batch.MAX_INLINE_BYTES:  # one request: submit, wait, result inline
             return self.run("matmul", {"a": a, "b": b}, nodes=nodes, timeout=timeout)["c"]
-        job = self.submit_matmul(a, b, nodes)
+        job = self._submit_operands(a, b, nodes, None)
         self.wait(job, timeout)
         return self.result(job)
 
@@ -401,8 +404,9 @@ class Client:
     def result(self, job_id: str, name: str | None = None, out: str | os.PathLike[str] | None = None,
                progress: Progress | None = None) -> np.ndarray:
         """Download a finished job's result; also write it to ``out`` (.npy) if given."""
-        from . import arrays
-        from .arrays import save_npy
+        import httpx
+
+        from .arrays import receive_npy, save_npy
 
         arr = self._shared_result(job_id, name)
         if arr is not None:
@@ -412,14 +416,12 @@ class Client:
                 save_npy(out, arr)
             return arr
         params = {"name": name} if name else None
-        import httpx
-
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params=params, timeout=120) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     self._raise_for(resp)
-                arr = arrays.receive_npy(resp.iter_raw(CHUNK), _content_length(resp), progress)
+                arr = receive_npy(resp.iter_raw(CHUNK), _content_length(resp), progress)
         except httpx.TransportError as exc:
             raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
         except httpx.HTTPError as exc:
@@ -452,10 +454,10 @@ class Client:
 
     def download(self, job_id: str, name: str, path: str | os.PathLike[str]) -> Path:
         """Save one output file of a finished job (e.g. model.pt, model.json) to ``path``."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.part")
         import httpx
 
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.part")
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params={"name": name}, timeout=300) as resp:
                 if resp.status_code >= 400:

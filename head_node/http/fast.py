@@ -11,15 +11,15 @@ implementation, the same token check, limits and JSON errors.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from common.errors import DcfError, InternalError, TooLarge, Unauthorized
+from common.errors import DcfError, InternalError, TooLarge
 from common.protocol import batch
 
+from .deps import require_bearer
 from .facade import HeadApi
 
 log = logging.getLogger("dcf.head.api")
@@ -47,11 +47,6 @@ def check_body_size(declared: str | None) -> None:
         raise TooLarge(f"request of {declared} bytes exceeds the {batch.MAX_BATCH_BYTES} byte limit")
 
 
-def token_ok(head: HeadApi, authorization: str) -> bool:
-    token = head.cfg.api_token
-    return not token or hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
-
-
 class FastFront:
     """ASGI: the batch routes answered here, everything else passed to ``app``."""
 
@@ -65,12 +60,10 @@ class FastFront:
             return
         headers = {k.decode("latin1"): v.decode("latin1") for k, v in scope["headers"]}
         try:
-            if not token_ok(self.head, headers.get("authorization", "")):
-                client = scope.get("client") or ("?",)
-                log.warning("rejected request without a valid token from %s", client[0])
-                raise Unauthorized("missing or wrong bearer token")
+            require_bearer(self.head.cfg.api_token, headers.get("authorization", ""),
+                           (scope.get("client") or ("?",))[0])
             check_body_size(headers.get("content-length"))
-            body = await _read(receive)
+            body = await read_body(receive)
             status, content, ctype = 200, await reply(self.head, scope["path"], body), MSGPACK
         except DcfError as exc:
             log.info("POST %s -> %d %s: %s", scope["path"], exc.http_status, exc.code, exc.message)
@@ -84,7 +77,8 @@ class FastFront:
         await send({"type": "http.response.body", "body": content})
 
 
-async def _read(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body, refused past ``MAX_BATCH_BYTES`` as it arrives."""
     chunks, size = [], 0
     while True:
         message = await receive()

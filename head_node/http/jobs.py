@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from common.errors import TooLarge
 from common.jobs import STATE_NAMES
 from common.npyfmt import npy_header
 from common.protocol import batch
@@ -47,13 +46,7 @@ async def submit(spec: JobSpec, head: HeadDep) -> dict[str, Any]:
 
 async def _body(request: Request) -> bytes:
     fast.check_body_size(request.headers.get("content-length"))
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > batch.MAX_BATCH_BYTES:
-            raise TooLarge(f"request exceeds the {batch.MAX_BATCH_BYTES} byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await fast.read_body(request.receive)
 
 
 @router.post("/batch", response_class=Response, openapi_extra=BATCH_BODY,
