@@ -16,8 +16,10 @@ event dicts (``Event.to_dict()``), and keeps
 Every item has a cursor (a sample number, an event seq), so a reader asks only for what is
 new: the SSE stream sends deltas after its first full message.
 
-``render_prometheus`` writes the Prometheus text exposition format (version 0.0.4) by hand,
-and ``sampler`` is the coroutine that feeds an ``Observer`` from a running head once a second.
+``Metrics`` serves ``/metrics`` with ``prometheus_client`` (the text format, version 0.0.4): jobs
+are counted, and their durations observed, as their end events happen; the rest is read from the
+head's snapshot when scraped. ``sampler`` is the coroutine that feeds an ``Observer`` from a
+running head once a second.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from common.jobs import STATE_NAMES
 
 log = logging.getLogger("dcf.head.observe")
+# no ``*_created`` series beside every counter and histogram: the head's uptime tells when they began
+prometheus_client.disable_created_metrics()
 
 #: event kinds that raise an alert, and the alert's title and level
 ALERTS: dict[str, tuple[str, str]] = {
@@ -244,132 +253,199 @@ COUNTER_HELP = {
     "bytes_out": "Operand bytes sent to providers over sockets.",
     "bad_messages": "Malformed messages dropped.",
 }
+#: the events that end a job, and the job's final state
+FINISH_KINDS = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"}
+#: job.accepted events remembered (task type, time) until the job ends, at most
+KEEP_ACCEPTED = 100_000
+#: what ``Metrics`` asks of a finished job: (task type, seconds from submission to end), or None
+JobLookup = Callable[[str], tuple[str, float | None] | None]
 
 
-def _esc(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class Metrics:
+    """The head's Prometheus metrics, in their own ``CollectorRegistry`` (one per head, so that
+    heads in one process never mix): counters of finished jobs and the job duration histogram,
+    updated once per job as its end event happens (``on_event``), and gauges and counters read
+    from the head's snapshot (``read``) at scrape time."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]], observer: Observer | None = None,
+                 subscribers: Callable[[], int] | None = None, lookup: JobLookup | None = None) -> None:
+        self.read = read
+        self.observer = observer
+        self.subscribers = subscribers
+        self.lookup = lookup
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.finished = Counter("dcf_jobs_finished", "Jobs that ended since the head started, by task type and "
+                                "final state.", ["type", "state"], registry=self.registry)
+        self.duration = Histogram("dcf_job_duration_seconds", "Seconds from submission to end of finished "
+                                  "jobs, by task type and final state.", ["type", "state"],
+                                  buckets=DURATION_BUCKETS, registry=self.registry)
+        #: final state -> jobs that ended in it (the dcf_jobs gauge)
+        self.by_state: dict[str, int] = {}
+        self._accepted: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: (type, state) -> its counter and histogram children (labels() takes a lock each call)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.registry.register(_SnapshotCollector(self))
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        """Fold one event dict (``Event.to_dict()``) in: ``job.accepted`` is remembered, an end
+        (done, failed, cancelled) is counted and its duration observed."""
+        self._fold(str(event.get("kind", "")), float(event.get("ts") or 0.0), event)
+
+    def sink(self, event: Any) -> None:
+        """An ``EventBus`` sink: called with each ``Event`` as it is emitted."""
+        self._fold(event.kind, event.ts, event.data)
+
+    def _fold(self, kind: str, ts: float, data: Mapping[str, Any]) -> None:
+        if kind != "job.accepted" and kind not in FINISH_KINDS:
+            return
+        job_id = data.get("job_id")
+        if not isinstance(job_id, str):
+            return
+        if kind == "job.accepted":
+            self._accepted[job_id] = (str(data.get("type") or "unknown"), ts)
+            if len(self._accepted) > KEEP_ACCEPTED:
+                self._accepted.popitem(last=False)
+        else:
+            self._finished(job_id, FINISH_KINDS[kind], ts)
+
+    def _finished(self, job_id: str, state: str, ts: float) -> None:
+        accepted = self._accepted.pop(job_id, None)
+        found = self.lookup(job_id) if self.lookup is not None else None
+        if found is not None:
+            task_type, seconds = found
+        elif accepted is not None:
+            task_type, seconds = accepted[0], max(0.0, ts - accepted[1])
+        else:
+            task_type, seconds = "unknown", None
+        self.by_state[state] = self.by_state.get(state, 0) + 1
+        children = self._children.get((task_type, state))
+        if children is None:
+            children = self._children[(task_type, state)] = (self.finished.labels(task_type, state),
+                                                               self.duration.labels(task_type, state))
+        children[0].inc()
+        if seconds is not None:
+            children[1].observe(seconds)
+
+    def render(self) -> str:
+        """The Prometheus text format, version 0.0.4."""
+        return generate_latest(self.registry).decode("utf-8")
 
 
-def _labels(**labels: Any) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
+class _SnapshotCollector(Collector):
+    """Gauges and counters read from the head's snapshot when scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        snapshot = m.read()
+        yield from _head_metrics(snapshot)
+        yield from _provider_metrics(snapshot)
+        if m.observer is not None:
+            yield GaugeMetricFamily("dcf_cluster_throughput_gflops", "Cluster throughput over the last sample, "
+                                    "GFLOP/s.", value=m.observer.latest_gflops())
+            done = CounterMetricFamily("dcf_provider_flops_done", "Floating-point operations the provider "
+                                       "finished.", labels=["provider_id", "name"])
+            for share in m.observer.shares():
+                done.add_metric([share["provider_id"], share["name"]], share["flops_done"])
+            yield done
+        if m.subscribers is not None:
+            yield GaugeMetricFamily("dcf_event_subscribers", "Open event streams (SSE clients of /v1/stream).",
+                                    value=m.subscribers())
+        jobs = GaugeMetricFamily("dcf_jobs", "Jobs by state: live jobs, and jobs finished since the head "
+                                 "started.", labels=["state"])
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for job in snapshot.get("jobs", ()):
+            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        for state, n in m.by_state.items():
+            counts[state] = counts.get(state, 0) + n
+        for state, n in counts.items():
+            jobs.add_metric([state], n)
+        yield jobs
 
 
-def _num(value: float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def _one(family: GaugeMetricFamily, labels: list[str], value: float) -> GaugeMetricFamily:
+    family.add_metric(labels, value)
+    return family
 
 
-class _Writer:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, metric: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {metric} {help_text}")
-        self.lines.append(f"# TYPE {metric} {kind}")
-
-    def value(self, metric: str, value: float, /, **labels: Any) -> None:
-        self.lines.append(f"{metric}{_labels(**labels)} {_num(value)}")
-
-
-def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = None, *,
-                      subscribers: int | None = None) -> str:
-    """The head's metrics in the Prometheus text format, version 0.0.4 (``subscribers``: open
-    event streams, when known)."""
-    w = _Writer()
-    _head_metrics(w, snapshot)
-    _provider_metrics(w, snapshot)
-    if observer is not None:
-        w.family("dcf_cluster_throughput_gflops", "gauge", "Cluster throughput over the last sample, GFLOP/s.")
-        w.value("dcf_cluster_throughput_gflops", observer.latest_gflops())
-        w.family("dcf_provider_flops_done_total", "counter", "Floating-point operations the provider finished.")
-        for share in observer.shares():
-            w.value("dcf_provider_flops_done_total", share["flops_done"], provider_id=share["provider_id"],
-                    name=share["name"])
-    if subscribers is not None:
-        w.family("dcf_event_subscribers", "gauge", "Open event streams (SSE clients of /v1/stream).")
-        w.value("dcf_event_subscribers", subscribers)
-    _job_metrics(w, snapshot)
-    return "\n".join(w.lines) + "\n"
-
-
-def _head_metrics(w: _Writer, snapshot: Mapping[str, Any]) -> None:
-    w.family("dcf_up", "gauge", "1 while the head is serving.")
-    w.value("dcf_up", 1, epoch=snapshot.get("epoch", ""), queue=snapshot.get("queue", ""))
-    w.family("dcf_queue_connected", "gauge", "1 while the head's job queue (RabbitMQ, or the embedded store) "
-             "is reachable.")
-    w.value("dcf_queue_connected", int(bool(snapshot.get("queue_connected", True))))
-    w.family("dcf_uptime_seconds", "gauge", "Seconds since the head started.")
-    w.value("dcf_uptime_seconds", round(float(snapshot.get("uptime_s", 0.0)), 3))
+def _head_metrics(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
+    yield _one(GaugeMetricFamily("dcf_up", "1 while the head is serving.", labels=["epoch", "queue"]),
+               [str(snapshot.get("epoch", "")), str(snapshot.get("queue", ""))], 1)
+    yield GaugeMetricFamily("dcf_queue_connected", "1 while the head's job queue (RabbitMQ, or the embedded "
+                            "store) is reachable.", value=int(bool(snapshot.get("queue_connected", True))))
+    yield GaugeMetricFamily("dcf_uptime_seconds", "Seconds since the head started.",
+                            value=round(float(snapshot.get("uptime_s", 0.0)), 3))
     counters = snapshot.get("counters", {})
     for key in sorted(counters):
-        name = f"dcf_{key}_total"
-        w.family(name, "counter", COUNTER_HELP.get(key, f"{key.replace('_', ' ')}."))
-        w.value(name, counters[key])
+        yield CounterMetricFamily(f"dcf_{key}", COUNTER_HELP.get(key, f"{key.replace('_', ' ')}."),
+                                  value=counters[key])
 
 
-def _provider_metrics(w: _Writer, snapshot: Mapping[str, Any]) -> None:
+#: per provider: metric, kind, help, the node row's key
+PER_PROVIDER = (
+    ("dcf_provider_heartbeat_lag_seconds", "gauge", "Seconds since the provider's last heartbeat.",
+     "last_heartbeat_s"),
+    ("dcf_provider_gflops", "gauge", "Provider throughput for matmul (measured), GFLOP/s.", "gflops"),
+    ("dcf_provider_assigned_subtasks", "gauge", "Subtasks assigned to the provider and not finished.", "assigned"),
+    ("dcf_provider_subtasks_done", "counter", "Subtasks the provider finished.", "subtasks_done"),
+)
+
+
+def _provider_metrics(snapshot: Mapping[str, Any]) -> Iterator[Metric]:
     nodes = list(snapshot.get("nodes", ()))
     by_state = dict.fromkeys(PROVIDER_STATES, 0)
     for row in nodes:
         by_state[row["state"]] = by_state.get(row["state"], 0) + 1
-    w.family("dcf_providers", "gauge", "Providers by state.")
+    providers = GaugeMetricFamily("dcf_providers", "Providers by state.", labels=["state"])
     for state, count in by_state.items():
-        w.value("dcf_providers", count, state=state)
-
-    per_node = [
-        ("dcf_provider_heartbeat_lag_seconds", "gauge", "Seconds since the provider's last heartbeat.",
-         "last_heartbeat_s"),
-        ("dcf_provider_gflops", "gauge", "Provider throughput for matmul (measured), GFLOP/s.", "gflops"),
-        ("dcf_provider_assigned_subtasks", "gauge", "Subtasks assigned to the provider and not finished.",
-         "assigned"),
-        ("dcf_provider_subtasks_done_total", "counter", "Subtasks the provider finished.", "subtasks_done"),
-    ]
-    for name, kind, help_text, key in per_node:
-        w.family(name, kind, help_text)
+        providers.add_metric([state], count)
+    yield providers
+    for name, kind, help_text, key in PER_PROVIDER:
+        family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = family_type(name, help_text, labels=["provider_id", "name", "device"])
         for row in nodes:
-            w.value(name, row.get(key, 0), provider_id=row["provider_id"], name=row.get("name", ""),
-                    device=row.get("device", ""))
+            family.add_metric([row["provider_id"], str(row.get("name", "")), str(row.get("device", ""))],
+                              row.get(key, 0))
+        yield family
 
 
-def _job_metrics(w: _Writer, snapshot: Mapping[str, Any]) -> None:
-    finished = [tuple(f) for f in snapshot.get("finished", ())]
-    jobs_by_state = dict.fromkeys(JOB_STATES, 0)
-    for job in snapshot.get("jobs", ()):
-        jobs_by_state[job["state"]] = jobs_by_state.get(job["state"], 0) + 1
-    for _type, state, _secs in finished:
-        jobs_by_state[state] = jobs_by_state.get(state, 0) + 1
-    w.family("dcf_jobs", "gauge",
-             "Jobs by state: live jobs, and jobs finished since the head started (the last 10000).")
-    for state, count in jobs_by_state.items():
-        w.value("dcf_jobs", count, state=state)
-
-    w.family("dcf_job_duration_seconds", "histogram",
-             "Seconds from submission to end of finished jobs, by task type and final state.")
-    groups: dict[tuple[str, str], list[float]] = {}
-    for task_type, state, secs in finished:
-        groups.setdefault((task_type, state), []).append(float(secs))
-    for (task_type, state), values in sorted(groups.items()):
-        for bound in DURATION_BUCKETS:
-            w.value("dcf_job_duration_seconds_bucket", sum(1 for v in values if v <= bound),
-                    type=task_type, state=state, le=_num(bound))
-        w.value("dcf_job_duration_seconds_bucket", len(values), type=task_type, state=state, le="+Inf")
-        w.value("dcf_job_duration_seconds_sum", round(sum(values), 6), type=task_type, state=state)
-        w.value("dcf_job_duration_seconds_count", len(values), type=task_type, state=state)
+def render_prometheus(snapshot: Mapping[str, Any], observer: Observer | None = None, *,
+                      subscribers: int | None = None) -> str:
+    """The Prometheus text of one snapshot, without finished-job counters (a ``Metrics`` keeps those)."""
+    return Metrics(lambda: snapshot, observer, None if subscribers is None else (lambda: subscribers)).render()
 
 
 # ---- the live feed ----------------------------------------------------------------------------
 def provider_flops(head: Any) -> dict[str, float]:
     """provider id -> flops finished, read (never changed) from the head's state machine."""
     return {pid: float(getattr(p, "flops_done", 0.0)) for pid, p in head.state.providers.items()}
+
+
+def finished_job(head: Any, job_id: str) -> tuple[str, float | None] | None:
+    """(task type, seconds from submission to end) of a job that just ended, read (never changed)
+    from the head: its live job while the head still holds it, else its row; None if neither."""
+    job = getattr(getattr(head, "state", None), "jobs", {}).get(job_id)
+    if job is not None:
+        return str(job.task_type), _elapsed(job.created_at, job.finished_at)
+    store = getattr(head, "store", None)
+    row = store.get(job_id) if store is not None else None
+    if row is None:
+        return None
+    return str(row["type"]), _elapsed(row.get("created_at"), row.get("finished_at"))
+
+
+def _elapsed(start: float | None, end: float | None) -> float | None:
+    return max(0.0, float(end) - float(start)) if start and end else None
+
+
+def head_metrics(head: Any, observer: Observer | None) -> Metrics:
+    """The ``Metrics`` of a running head, fed by its event bus from now on."""
+    metrics = Metrics(head.snapshot, observer, lambda: len(head.events.subscribers),
+                      lambda job_id: finished_job(head, job_id))
+    head.events.sinks.append(metrics.sink)
+    return metrics
 
 
 def observe_once(head: Any, observer: Observer) -> None:

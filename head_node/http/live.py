@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ..observe import Observer, sampler
+from ..observe import Observer, head_metrics, sampler
 from .facade import HeadApi
 
 #: finished jobs the dashboard lists beside the live ones
@@ -27,6 +27,7 @@ class Live:
         self.head = head
         self.period = period
         self.observer = Observer()
+        self.metrics = head_metrics(head, self.observer)
         self.task: asyncio.Task[None] | None = None
 
     def exiting(self) -> bool:

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from common import __version__, tasks
 
-from ..observe import observe_once, render_prometheus
+from ..observe import observe_once
 from .deps import HeadDep, LiveDep, require_token, require_token_or_query
 from .errors import documented
 from .live import event_stream
@@ -48,10 +48,9 @@ async def info(head: HeadDep) -> dict[str, Any]:
 
 
 @guarded.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(head: HeadDep, live: LiveDep) -> Response:
+async def metrics(live: LiveDep) -> Response:
     """Prometheus text format (0.0.4)."""
-    text = render_prometheus(head.snapshot(), live.observer, subscribers=len(head.events.subscribers))
-    return Response(text, media_type=PROMETHEUS_TYPE)
+    return Response(live.metrics.render(), media_type=PROMETHEUS_TYPE)
 
 
 @guarded.get("/v1/metrics", response_model=MetricsView)

@@ -94,6 +94,27 @@ def test_prometheus_metrics_parse_and_grow(cluster: LocalCluster, client: Client
     assert buckets[-1][0] == math.inf
 
 
+def test_prometheus_counts_failed_and_cancelled_jobs() -> None:
+    # a finished job leaves the head's live state once its outcome is stored: the counts must not
+    # come from there (dcf_jobs{state="failed"} stayed 0 after a failure)
+    plugin = ["--plugins", "tests.plugins.buggy"]
+    with LocalCluster(1, heartbeat=0.5, threads=1, head_args=plugin, provider_args=plugin) as cl, \
+            Client(cl.url) as c:
+        _, before = scrape(cl.url)
+        assert value(before, "dcf_jobs", state="failed") == 0
+        x = c.upload(np.ones((2, 3)))["blob_id"]
+        failed = c.submit("buggy", {"x": x}, {"bug": "merge"})
+        assert c.status(failed, wait=30)["state"] == "failed"
+        good = c.submit("buggy", {"x": x}, {"bug": "none"})
+        assert c.wait(good, timeout=30)["state"] == "done"
+        types, after = scrape(cl.url)  # counted as the job's end event happened
+        assert types["dcf_jobs_finished_total"] == "counter"
+        assert value(after, "dcf_jobs", state="failed") == 1
+        assert value(after, "dcf_jobs_finished_total", type="buggy", state="failed") == 1
+        assert value(after, "dcf_job_duration_seconds_count", type="buggy", state="failed") == 1
+        assert value(after, "dcf_jobs", state="done") == 1
+
+
 # ---- JSON and CSV -----------------------------------------------------------------------------
 def test_metrics_json_and_csv(cluster: LocalCluster, client: Client) -> None:
     matmul(client, 500, seed=1)  # 0.25 GFLOP: shows in the next sample

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from head_node.observe import Observer, render_prometheus
+from head_node.events import EventBus
+from head_node.observe import Metrics, Observer, render_prometheus
 from tests.promtext import parse_prometheus, value
 
 A, B = "a" * 32, "b" * 32
@@ -89,16 +90,25 @@ def test_training_metrics_and_alerts_from_events() -> None:
     assert list(obs.training) == ["k1", "k2"]
 
 
+def finish(metrics: Metrics, seq: int, job_id: str, task_type: str, state: str, seconds: float) -> None:
+    metrics.on_event({"seq": seq, "ts": 1000.0, "kind": "job.accepted", "job_id": job_id, "type": task_type})
+    metrics.on_event({"seq": seq + 1, "ts": 1000.0 + seconds, "kind": f"job.{state}", "job_id": job_id})
+
+
 def test_prometheus_text() -> None:
     obs = Observer()
     nodes = [node(A, 'we"ird\\name\n', 3), node(B, "b", state="draining", lag=1.5)]
     obs.sample(snap(1.0, nodes), {A: 0.0, B: 0.0})
     obs.sample(snap(2.0, nodes), {A: 2e9, B: 0.0})
-    finished = [("matmul", "done", 0.3), ("matmul", "done", 7.0), ("matmul", "failed", 1.0), ("train", "done", 90.0)]
     jobs = [{"state": "running"}, {"state": "queued"}, {"state": "queued"}]
-    text = render_prometheus(snap(2.0, nodes, finished=finished, jobs=jobs), obs, subscribers=2)
-    types, samples = parse_prometheus(text)
+    metrics = Metrics(lambda: snap(2.0, nodes, jobs=jobs), obs, lambda: 2)
+    for i, (task_type, state, secs) in enumerate([("matmul", "done", 0.25), ("matmul", "done", 7.0),
+                                                   ("matmul", "failed", 1.0), ("train", "done", 90.0)]):
+        finish(metrics, 10 * i, f"j{i}", task_type, state, secs)
+    types, samples = parse_prometheus(metrics.render())
     assert types["dcf_job_duration_seconds"] == "histogram" and types["dcf_subtasks_completed_total"] == "counter"
+    assert types["dcf_jobs_finished_total"] == "counter"
+    assert not [t for t in types if t.endswith("_created")]
     assert value(samples, "dcf_providers", state="ready") == 1
     assert value(samples, "dcf_providers", state="draining") == 1
     assert value(samples, "dcf_providers", state="dead") == 0
@@ -108,10 +118,33 @@ def test_prometheus_text() -> None:
     assert value(samples, "dcf_cluster_throughput_gflops") == 2.0
     assert value(samples, "dcf_event_subscribers") == 2
     assert value(samples, "dcf_jobs", state="queued") == 2 and value(samples, "dcf_jobs", state="done") == 3
+    assert value(samples, "dcf_jobs", state="failed") == 1 and value(samples, "dcf_jobs", state="cancelled") == 0
+    assert value(samples, "dcf_jobs_finished_total", type="matmul", state="failed") == 1
     assert value(samples, "dcf_job_duration_seconds_count", type="matmul", state="done") == 2
     assert value(samples, "dcf_job_duration_seconds_bucket", type="matmul", state="done", le="0.5") == 1
     assert value(samples, "dcf_job_duration_seconds_bucket", type="matmul", state="done", le="10.0") == 2
     assert value(samples, "dcf_job_duration_seconds_bucket", type="train", state="done", le="60.0") == 0
-    assert value(samples, "dcf_job_duration_seconds_sum", type="matmul", state="done") == 7.3
+    assert value(samples, "dcf_job_duration_seconds_sum", type="matmul", state="done") == 7.25
+
+
+def test_finished_jobs_are_counted_from_the_event_bus_and_looked_up() -> None:
+    # the head's lookup (its live job, else its row) names the type and the duration; a job it
+    # no longer knows is still counted, as type unknown
+    known = {"j1": ("train", 4.0)}
+    metrics = Metrics(lambda: snap(1.0, []), lookup=known.get)
+    bus = EventBus()
+    bus.sinks.append(metrics.sink)
+    bus.emit("job.failed", job_id="j1", error="boom")
+    bus.emit("job.cancelled", job_id="j2", error=None)
+    bus.emit("job.progress", job_id="j1", done=1, total=2)
+    _, samples = parse_prometheus(metrics.render())
+    assert value(samples, "dcf_jobs", state="failed") == 1 and value(samples, "dcf_jobs", state="cancelled") == 1
+    assert value(samples, "dcf_job_duration_seconds_sum", type="train", state="failed") == 4.0
+    assert value(samples, "dcf_jobs_finished_total", type="unknown", state="cancelled") == 1
+    # every Metrics has its own registry: a second head in the process starts from zero
+    _, other = parse_prometheus(Metrics(lambda: snap(1.0, [])).render())
+    assert value(other, "dcf_jobs", state="failed") == 0
+
+
     # no observer, no providers, nothing finished: still valid
     parse_prometheus(render_prometheus(snap(0.0, [])))
