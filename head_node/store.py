@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -230,6 +231,8 @@ _BYTES_COLUMNS = ("inline", "results")
 
 #: how long a tombstone is kept: longer than any redelivery delay (RabbitMQ's consumer timeout is 30 min)
 TOMBSTONE_SECONDS = 30 * 24 * 3600
+#: a job id prefix: lowercase hex digits
+_HEX = re.compile("[0-9a-f]+")
 
 @dataclass(frozen=True)
 class Outcome:
@@ -364,6 +367,15 @@ class JobStore:
         cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
         row = cur.fetchone()
         return self._row(row) if row else None
+
+    def ids_with_prefix(self, prefix: str, limit: int = 11) -> list[str]:
+        """Ids of stored jobs that start with ``prefix`` (lowercase hex), at most ``limit``, in
+        order: a range scan of the primary key (``LIKE`` would not use its index)."""
+        if not prefix or not _HEX.fullmatch(prefix):
+            return []
+        rows = self.db.execute("SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? ORDER BY job_id LIMIT ?",
+                               (prefix, prefix + "~", limit))  # "~" sorts after every hex digit
+        return [row[0] for row in rows]
 
     def outcomes(self, job_ids: Sequence[str]) -> dict[str, Outcome]:
         """What a batch reply needs of each job found (state, error, small results, output names),

@@ -74,7 +74,7 @@ ERROR_DESCRIPTIONS = {
     400: "unreadable request",
     401: "missing or wrong bearer token (with --api-token)",
     404: "no such job, blob, provider or output",
-    409: "the request does not fit the job's state",
+    409: "the request does not fit the job's state, or a short id matches more than one",
     413: "too large",
     422: "invalid request",
     503: "the job queue (RabbitMQ) is unreachable: the job was not accepted",

@@ -15,12 +15,15 @@ from common.protocol import batch
 from . import fast
 from .deps import HeadDep, require_token
 from .errors import documented
+from .ids import JobId
 from .models import Event, JobSpec, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
                    responses=documented(401, 422))
 
 JOB_NOT_FOUND = documented(404)
+#: a short id that matches more than one job
+AMBIGUOUS = documented(409)
 #: the most jobs one list returns
 MAX_LIMIT = 10_000
 STATE_PATTERN = f"^({'|'.join(STATE_NAMES)})$"
@@ -79,20 +82,20 @@ async def list_jobs(head: HeadDep,
     return JSONResponse([j for j in head.list_jobs(state, MAX_LIMIT) if j["type"] == task_type][:limit])
 
 
-@router.get("/{job_id}", response_model=JobView, responses=JOB_NOT_FOUND)
-async def job(job_id: str, head: HeadDep,
+@router.get("/{job_id}", response_model=JobView, responses=JOB_NOT_FOUND | AMBIGUOUS)
+async def job(job_id: JobId, head: HeadDep,
               wait: Annotated[float, Query(ge=0.0, le=60.0, description="seconds to wait for the job to end")] = 0.0
               ) -> dict[str, Any]:
     return await head.wait(job_id, wait)
 
 
 @router.post("/{job_id}/cancel", response_model=JobView, responses=documented(404, 409))
-async def cancel(job_id: str, head: HeadDep) -> dict[str, Any]:
+async def cancel(job_id: JobId, head: HeadDep) -> dict[str, Any]:
     return head.cancel(job_id)
 
 
 @router.delete("/{job_id}", status_code=204, responses=documented(404, 409))
-async def delete(job_id: str, head: HeadDep) -> None:
+async def delete(job_id: JobId, head: HeadDep) -> None:
     """Forget a finished job: its record, outputs and events, and the input blobs no other job uses."""
     await head.delete(job_id)
 
@@ -101,7 +104,7 @@ async def delete(job_id: str, head: HeadDep) -> None:
             responses={200: {"content": {"application/octet-stream": {}},
                              "description": "the output as a .npy file, or a named output file"},
                        **documented(404, 409)})
-async def result(job_id: str, head: HeadDep,
+async def result(job_id: JobId, head: HeadDep,
                  name: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     found = head.result_file(job_id, name)
     if isinstance(found, Path):
@@ -111,8 +114,8 @@ async def result(job_id: str, head: HeadDep,
                     headers={"content-disposition": f'attachment; filename="{job_id}-{name or "result"}.npy"'})
 
 
-@router.get("/{job_id}/events", response_model=list[Event], responses=JOB_NOT_FOUND)
-async def job_events(job_id: str, head: HeadDep,
+@router.get("/{job_id}/events", response_model=list[Event], responses=JOB_NOT_FOUND | AMBIGUOUS)
+async def job_events(job_id: JobId, head: HeadDep,
                      since: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
     """The job's events (kept in memory since the head started), oldest first."""
     head.job_view(job_id)  # 404 for an unknown job

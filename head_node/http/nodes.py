@@ -9,12 +9,13 @@ from fastapi.responses import JSONResponse
 
 from .deps import HeadDep, require_token
 from .errors import documented
+from .ids import ProviderId
 from .models import NodeView
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"], dependencies=[Depends(require_token)],
                    responses=documented(401, 422))
 
-NODE_NOT_FOUND = documented(404)
+NODE_NOT_FOUND = documented(404, 409)  # 409: an ambiguous short id
 
 
 @router.get("", response_model=list[NodeView])
@@ -26,16 +27,16 @@ async def nodes(head: HeadDep) -> JSONResponse:
 
 
 @router.get("/{provider_id}", response_model=NodeView, responses=NODE_NOT_FOUND)
-async def node(provider_id: str, head: HeadDep) -> dict[str, Any]:
+async def node(provider_id: ProviderId, head: HeadDep) -> dict[str, Any]:
     return head.node_view(provider_id)
 
 
 @router.post("/{provider_id}/drain", response_model=NodeView, responses=NODE_NOT_FOUND)
-async def drain(provider_id: str, head: HeadDep) -> dict[str, Any]:
+async def drain(provider_id: ProviderId, head: HeadDep) -> dict[str, Any]:
     """The provider finishes what it has and is given nothing new."""
     return head.drain(provider_id, True)
 
 
 @router.post("/{provider_id}/undrain", response_model=NodeView, responses=NODE_NOT_FOUND)
-async def undrain(provider_id: str, head: HeadDep) -> dict[str, Any]:
+async def undrain(provider_id: ProviderId, head: HeadDep) -> dict[str, Any]:
     return head.drain(provider_id, False)

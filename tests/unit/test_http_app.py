@@ -24,7 +24,7 @@ from common.protocol.batch import JobSpec
 from head_node.api import create_app
 from head_node.entities import Provider, ProviderInfo
 from head_node.events import EventBus
-from head_node.store import BlobStore
+from head_node.store import BlobStore, JobStore
 from head_node.views import provider_row
 
 JOB = "a" * 32
@@ -65,7 +65,8 @@ class FakeHead:
         self.blobs = BlobStore(root)
         self.events = EventBus()
         self.stopping = asyncio.Event()
-        self.state = SimpleNamespace(providers={})  # read by the observer's sampler
+        self.state = SimpleNamespace(providers={}, jobs={})  # read by the sampler and the short ids
+        self.store: JobStore | None = None  # the job store's rows, for short ids
         self.views = {JOB: done_view()}
         self.asked: list[tuple[str, Any]] = []
         self.fail_with: Exception | None = None
@@ -164,6 +165,27 @@ def test_job_view_passes_through_unchanged(http: TestClient, head: FakeHead) -> 
 def test_extra_keys_are_not_dropped(http: TestClient, head: FakeHead) -> None:
     head.views[JOB] = {**done_view(), "something_new": {"x": 1}}
     assert http.get(f"/v1/jobs/{JOB}").json()["something_new"] == {"x": 1}
+
+
+def test_short_ids_resolve_to_the_one_match(http: TestClient, head: FakeHead) -> None:
+    # live jobs (the head's state) and stored rows (the job store) both count
+    other = "a" * 8 + "0" * 24
+    head.views[other] = done_view(other)
+    head.state.jobs = {JOB: object()}
+    head.store = store = JobStore(head.root / "jobs.sqlite3")
+    store.insert({"job_id": other, "type": "matmul", "params": {}, "inputs": {}, "outputs": {}, "nodes": None,
+                       "created_at": 1.0}, accepted=True)
+    r = http.get("/v1/jobs/aaaaaaaaa")
+    assert r.status_code == 200 and r.json()["job_id"] == JOB and head.last_asked() == ("wait", (JOB, 0.0))
+    assert http.get("/v1/jobs/aaaaaaaa0").json()["job_id"] == other
+    r = http.get("/v1/jobs/aaaa/events")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    assert JOB in r.json()["error"]["message"] and other in r.json()["error"]["message"]
+    assert http.get("/v1/jobs/abcd").status_code == 404  # no match: the head's own 404
+    assert http.get("/v1/jobs/aaa").status_code == 404  # too short to be a prefix
+    head.state.providers = {PROVIDER: object()}
+    r = http.post("/v1/nodes/bbbb/drain")
+    assert r.status_code == 200 and r.json()["provider_id"] == PROVIDER
 
 
 def test_submit_list_filter_cancel_delete(http: TestClient, head: FakeHead) -> None:

@@ -61,3 +61,23 @@ def test_replace_file_with_fsync_syncs_the_file_and_its_directory(tmp_path: Path
     store_mod.replace_file(tmp, final, fsync=True)
     assert final.read_bytes() == b"def" and not tmp.exists()
     assert len(synced) == 2  # the file's data, then the directory entry
+
+
+def test_ids_with_prefix_scans_the_primary_key(tmp_path: Path) -> None:
+    db = JobStore(tmp_path / "jobs.sqlite3")
+    ids = ["abcd" + "0" * 28, "abcd" + "f" * 28, "abce" + "0" * 28, "0bcd" + "0" * 28]
+    for job_id in ids:
+        db.insert(_record(job_id), accepted=True)
+    db.commit()
+    assert db.ids_with_prefix("abcd") == ids[:2]
+    assert db.ids_with_prefix("abcd", limit=1) == ids[:1]
+    assert db.ids_with_prefix("abc") == ids[:3]
+    assert db.ids_with_prefix("abcdf") == [ids[1]]
+    assert db.ids_with_prefix("beef") == []
+    # only lowercase hex is a prefix (no LIKE wildcards, no other characters)
+    assert db.ids_with_prefix("ab%") == [] and db.ids_with_prefix("") == [] and db.ids_with_prefix("ABCD") == []
+    plan = " ".join(str(r) for r in db.db.execute(
+        "EXPLAIN QUERY PLAN SELECT job_id FROM jobs WHERE job_id >= ? AND job_id < ? ORDER BY job_id LIMIT ?",
+        ("abcd", "abcd~", 11)))
+    assert "USING" in plan and "INDEX" in plan, plan  # a range of the primary key's index, not a scan
+    db.close()
