@@ -99,6 +99,23 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def head_url(text: str) -> str:
+    """The head's URL as given, with ``http://`` put in front of a bare ``host:port``."""
+    text = str(text).strip()
+    return text if "://" in text else "http://" + text
+
+
+def _http_url(v: str) -> bool:
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(v)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _queue_name(v: str) -> bool:
     return 0 < len(v) <= 200 and v.isascii() and v.isprintable() and not v.startswith("amq.")
 
@@ -170,10 +187,14 @@ PROVIDER_OPTIONS = [
 ]
 
 CLIENT_OPTIONS = [
-    Option("head_url", str, "http://127.0.0.1:8080", "URL of the head's REST API", flag_name="--head"),
+    Option("head_url", head_url, "http://127.0.0.1:8080", "URL of the head's REST API (`HOST:PORT` means "
+           "`http://HOST:PORT`)", _http_url, "an http:// or https:// URL with a host", flag_name="--head"),
     Option("api_token", str, "", "bearer token for the REST API", flag_name="--token"),
     Option("queue_wait", float, 60.0, "seconds a submission waits (retrying) while the head's job queue "
            "(RabbitMQ) is unreachable; 0: fail at once", _non_negative, ">= 0"),
+    Option("reconnect_wait", float, 60.0, "seconds a client waiting for a job (`--wait`, a submission's "
+           "follow-up, a result download) keeps reconnecting, with back-off, while the head is unreachable "
+           "(e.g. restarting); 0: fail at once", _non_negative, ">= 0"),
     SHARED_FILES,
 ]
 
@@ -199,6 +220,8 @@ def check_value(opt: Option, value: object, source: str) -> None:
     if opt.choices and value not in opt.choices:
         raise ConfigError(f"{source}: {value!r} is not one of {', '.join(opt.choices)}")
     if opt.check and not opt.check(value):
+        if opt.check_text.startswith(("a ", "an ")):  # what the value must be, e.g. "an http:// URL"
+            raise ConfigError(f"{source}: {value!r} is not {opt.check_text}")
         raise ConfigError(f"{source}: {value!r} out of range ({opt.check_text})")
 
 
@@ -341,6 +364,7 @@ class ClientSettings(Settings):
     head_url: str
     api_token: str = field(repr=False)
     queue_wait: float
+    reconnect_wait: float
     shared_files: str
 
 
@@ -381,10 +405,20 @@ def client_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | 
 
 
 # ---- argparse and tables -------------------------------------------------------------------------
-def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], default: Any = None) -> None:
+    """A flag for each option (``default``: what an absent flag leaves; ``argparse.SUPPRESS`` leaves no
+    attribute, for a copy of the flags on a subcommand that must not overwrite the main command's).
+    A boolean option is a flag (``--fsync``), takes an explicit value too (``--fsync false``), and has
+    a ``--no-`` form (``--no-fsync``)."""
     for opt in options:
-        parser.add_argument(opt.flag, dest=opt.name, default=None, choices=opt.choices,
-                            help=f"{opt.help} [env {opt.env}, default {opt.default!r}]")
+        text = f"{opt.help} [env {opt.env}, default {opt.default!r}]"
+        if opt.value_type is bool:
+            parser.add_argument(opt.flag, dest=opt.name, default=default, nargs="?", const="true",
+                                metavar="true|false", help=text)
+            parser.add_argument("--no-" + opt.flag[2:], dest=opt.name, default=default, action="store_const",
+                                const="false", help=f"the same as {opt.flag} false")
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, default=default, choices=opt.choices, help=text)
 
 
 def option(options: Sequence[Option], name: str) -> Option:
@@ -431,7 +465,8 @@ def markdown_table() -> str:
             opts.setdefault(key, opt)
     for key, opt in opts.items():
         default = "(empty)" if opt.default == "" else f"`{opt.default}`"
-        rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {', '.join(seen[key])} | {opt.help} |")
+        flag = f"`{opt.flag}`, `--no-{opt.flag[2:]}`" if opt.value_type is bool else f"`{opt.flag}`"
+        rows.append(f"| {flag} | `{opt.env}` | {default} | {', '.join(seen[key])} | {opt.help} |")
     return "\n".join(rows)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
@@ -26,12 +27,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dcf-head: {exc.message}", file=sys.stderr)
         return 2
+    import zmq
+
     try:
         _run_loop(serve(cfg))
-    except OSError as exc:
+    except (OSError, zmq.ZMQError) as exc:  # e.g. a port in use: one line, exit 1
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def http_socket(host: str, port: int) -> socket.socket:
+    """The REST API's listening socket, bound before anything else starts: a port in use is an
+    OSError naming it, before the head touches its state dir (uvicorn would only log it, after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT of a previous run is fine
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"HTTP port {port} on {host}: {exc.strerror} (--http-port)") from None
+    return sock
 
 
 def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
@@ -51,8 +68,13 @@ async def serve(cfg: config.HeadSettings) -> None:
     from .http.fast import FastFront
     from .server import Head
 
+    sock = http_socket(cfg.host, cfg.http_port)
     head = Head(cfg)
-    await head.start()
+    try:
+        await head.start()
+    except BaseException:
+        sock.close()
+        raise
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -71,7 +93,7 @@ async def serve(cfg: config.HeadSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         await head.stop()
         log.info("head stopped")

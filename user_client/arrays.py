@@ -60,9 +60,11 @@ def wire_array(arr: Any) -> np.ndarray:
 
 
 def save_npy(path: str | os.PathLike[str], arr: np.ndarray) -> None:
-    """Write ``arr`` to a .npy file (no pickles); ValidationError when the path cannot be written."""
+    """Write ``arr`` in .npy format to exactly ``path`` (``C.txt`` stays ``C.txt``: numpy's
+    ``np.save`` of a name would add ``.npy``), no pickles; ValidationError when it cannot be written."""
     try:
-        np.save(path, arr, allow_pickle=False)
+        with open(path, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
     except OSError as exc:
         raise ValidationError(f"{path}: cannot write: {exc.strerror or exc}") from None
 

@@ -1,15 +1,27 @@
 """The ``dcf`` command line: submit jobs, follow them, fetch results, run a local cluster.
 
-Exit codes: 0 ok, 1 the job failed or was cancelled, 2 bad input or usage, 3 head unreachable.
+Options shared by every command (``--json`` and the client options of ``common.config.CLIENT_OPTIONS``:
+``--head``, ``--token``, ``--queue-wait``, ``--reconnect-wait``, ``--shared-files``) go before or after
+the command: ``dcf --json nodes`` and ``dcf nodes --json`` are the same. Plain ``dcf`` prints this
+help (exit 0).
+
+Exit codes: 0 ok (``dcf status``: the job is done, or still queued or running without ``--wait``);
+1 the job failed or was cancelled (``submit``, ``status`` with or without ``--wait``, ``result``);
+2 bad input or usage (also: a missing optional dependency, an ``-o`` that cannot be written);
+3 the head is unreachable (a wait keeps reconnecting for ``--reconnect-wait`` seconds first);
+130 interrupted (Ctrl-C; a job already accepted goes on); 141 stdout was closed (e.g. ``| head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from common import config
@@ -23,53 +35,114 @@ if TYPE_CHECKING:  # numpy and the client (httpx) load only for the commands tha
     import numpy as np
 
     from .client import Client
+    from .local import LocalCluster
 
 TERMINAL = TERMINAL_NAMES
+#: states ``dcf status`` exits 1 for
+UNSUCCESSFUL = frozenset({JobState.FAILED.value, JobState.CANCELLED.value})
 
 TRAIN = TRAIN_DEFAULTS
+#: signals that stop ``dcf up`` and ``dcf demo`` cleanly, as Ctrl-C does (SIGHUP: the terminal closed)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: ``--size`` from which ``dcf submit matmul`` says that it is making the operands
+SAY_MAKING_FROM = 1024
+
+
+class Detached(Exception):  # noqa: N818 (not an error: the CLI stops following, the job goes on)
+    """Ctrl-C while following an accepted job: the job goes on without the CLI."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) turned into a clean stop, as Ctrl-C is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# ---- parser ---------------------------------------------------------------------------------
+class _Version(argparse.Action):
+    """``--version``: the installed package's version (read only when asked: start-up time counts)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print dcf's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"dcf {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("dcf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from common import __version__
+
+        return __version__
+
+
+def _add_shared(p: argparse.ArgumentParser, default: Any) -> None:
+    """The options every command takes; ``default`` SUPPRESS on the commands' copies, so that an option
+    given before the command is not overwritten by the command's default."""
+    config.add_options(p, config.CLIENT_OPTIONS, default=default)
+    p.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
+                   help="print JSON instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_shared(shared, argparse.SUPPRESS)
     p = argparse.ArgumentParser(prog="dcf", description="dcf: distributed matrix multiplication and "
-                                "training on a pool of machines.")
-    config.add_options(p, config.CLIENT_OPTIONS)
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_submit(sub)
-    _add_job_commands(sub)
-    _add_local_commands(sub)
+                                "training on a pool of machines.", epilog="Exit codes: 0 ok, 1 the job failed "
+                                "or was cancelled, 2 bad input, 3 head unreachable, 130 interrupted.")
+    p.add_argument("--version", action=_Version)
+    _add_shared(p, None)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_submit(sub, shared)
+    _add_job_commands(sub, shared)
+    _add_local_commands(sub, shared)
     return p
 
 
 Subparsers = Any  # argparse's _SubParsersAction
 
 
-def _add_submit(sub: Subparsers) -> None:
-    s = sub.add_parser("submit", help="submit a job")
+def _add_submit(sub: Subparsers, shared: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("submit", help="submit a job", parents=[shared])
     kinds = s.add_subparsers(dest="task", required=True, metavar="TASK")
-    m = kinds.add_parser("matmul", help="C = A @ B over the providers")
+    m = kinds.add_parser("matmul", help="C = A @ B over the providers", parents=[shared])
     m.add_argument("--a", help="A as a .npy file")
     m.add_argument("--b", help="B as a .npy file")
-    m.add_argument("--size", type=int, help="random square operands of this size instead of files")
+    m.add_argument("--size", type=int, help="random square operands of this size instead of files "
+                   "(uniform in [-1, 1))")
     m.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("-o", "--output", help="write C here (.npy)")
+    m.add_argument("-o", "--output", help="write C to exactly this file (.npy format)")
     m.add_argument("--nodes", type=int, help="use at most this many providers")
     m.add_argument("--no-wait", action="store_true", help="print the job id and return")
     m.add_argument("--check", action="store_true", help="compare the result with numpy locally")
-    _add_train(kinds)
-    pr = kinds.add_parser("predict", help="inference across providers with a trained model")
+    _add_train(kinds, shared)
+    pr = kinds.add_parser("predict", help="inference across providers with a trained model", parents=[shared])
     pr.add_argument("--model", required=True, help="model.pt written by `dcf submit train` (model.json beside it)")
     pr.add_argument("--data", required=True, help="samples as a .npy file")
-    pr.add_argument("-o", "--output", required=True, help="predicted classes (.npy, int64, input order)")
+    pr.add_argument("-o", "--output", required=True, help="predicted classes (.npy format, int64, input order)")
     pr.add_argument("--nodes", type=int)
 
 
-def _add_train(kinds: Subparsers) -> None:
-    t = kinds.add_parser("train", help="data-parallel training of a registry model")
+def _add_train(kinds: Subparsers, shared: argparse.ArgumentParser) -> None:
+    t = kinds.add_parser("train", help="data-parallel training of a registry model", parents=[shared])
     t.add_argument("--model", default=TRAIN["model"], help="logreg, mlp, cnn or a plugin model")
     t.add_argument("--model-args", default="{}", help="model arguments as JSON, e.g. '{\"hidden\": [64]}'")
-    t.add_argument("--dataset", default="digits", help="digits or synthetic")
+    t.add_argument("--dataset", default="digits", help="digits (needs scikit-learn) or synthetic")
     t.add_argument("--dataset-file", help="a .npz with X, y (and optionally X_test, y_test)")
     t.add_argument("--synthetic-size", type=int, default=2000)
     t.add_argument("--synthetic-features", type=int, default=20)
@@ -87,24 +160,26 @@ def _add_train(kinds: Subparsers) -> None:
     t.add_argument("--no-wait", action="store_true")
 
 
-def _add_job_commands(sub: Subparsers) -> None:
-    for name, help_ in (("status", "show a job"), ("cancel", "cancel a job"), ("delete", "delete a job")):
-        c = sub.add_parser(name, help=help_)
+def _add_job_commands(sub: Subparsers, shared: argparse.ArgumentParser) -> None:
+    for name, help_ in (("status", "show a job (exit 1 when it failed or was cancelled)"),
+                        ("cancel", "cancel a job"), ("delete", "delete a job")):
+        c = sub.add_parser(name, help=help_, parents=[shared])
         c.add_argument("job_id")
         if name == "status":
             c.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    r = sub.add_parser("result", help="download a finished job's result")
+    r = sub.add_parser("result", help="download a finished job's result", parents=[shared])
     r.add_argument("job_id")
-    r.add_argument("-o", "--output", required=True, help="output .npy file")
+    r.add_argument("-o", "--output", required=True, help="output file (written in .npy format, exactly there)")
     r.add_argument("--name", help="which output (default: the first)")
-    j = sub.add_parser("jobs", help="list jobs")
+    j = sub.add_parser("jobs", help="list jobs", parents=[shared])
     j.add_argument("--state", choices=STATE_NAMES)
     j.add_argument("--limit", type=int, default=50)
-    sub.add_parser("nodes", help="list providers")
+    sub.add_parser("nodes", help="list providers", parents=[shared])
 
 
-def _add_local_commands(sub: Subparsers) -> None:
-    up = sub.add_parser("up", help="run a head and N local providers in the foreground (Ctrl-C stops)")
+def _add_local_commands(sub: Subparsers, shared: argparse.ArgumentParser) -> None:
+    up = sub.add_parser("up", help="run a head and N local providers in the foreground (Ctrl-C, SIGTERM or "
+                        "SIGHUP stops them all)", parents=[shared])
     up.add_argument("--providers", type=int, default=2)
     up.add_argument("--http-port", type=int, default=config.option(config.HEAD_OPTIONS, "http_port").default)
     up.add_argument("--state-dir", default=None, help="default: a temporary directory")
@@ -112,24 +187,46 @@ def _add_local_commands(sub: Subparsers) -> None:
                     help="RabbitMQ URL (default: embedded store)")
     up.add_argument("--curve", action="store_true", help="CURVE keys for the head and each provider "
                     "(generated in the state dir)")
-    keys_cli.add_parser(sub)
-    d = sub.add_parser("demo", help="start a local head + providers, multiply, check, report, stop")
+    keys_cli.add_parser(sub, shared)
+    d = sub.add_parser("demo", help="start a local head + providers, multiply, check, report, stop",
+                       parents=[shared])
     d.add_argument("--providers", type=int, default=2)
     d.add_argument("--size", type=int, default=2048)
     d.add_argument("--dtype", choices=("float32", "float64"), default="float64")
 
 
+# ---- main ----------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:  # stdout closed early (`dcf --json jobs | head -c1`): quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.settings = config.ClientSettings.from_namespace(args)  # checked before any command runs
         return COMMANDS[args.command](args)
+    except Detached as exc:
+        print(f"dcf: job {exc.job_id} goes on; follow it with `dcf status {exc.job_id} --wait`", file=sys.stderr)
+        return 130
     except HeadUnreachable as exc:
         return _fail(exc.message, 3)
     except TaskError as exc:
         return _fail(exc.message, 1)
     except DcfError as exc:
         return _fail(exc.message, 2)
+    except Stopped as exc:
+        return _fail("stopped", 128 + exc.signum)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 
@@ -139,19 +236,34 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def say(message: str) -> None:
+    """One line on stderr, above any progress bar."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        tqdm.tqdm.write(f"dcf: {message}", file=sys.stderr)
+    else:
+        print(f"dcf: {message}", file=sys.stderr, flush=True)
+
+
 def _client(args: argparse.Namespace) -> Client:
     from .client import Client
 
     client = Client(settings=args.settings)
-    told: list[bool] = []
+    told: set[str] = set()
 
     def waiting(message: str, left: float) -> None:
-        if not told:  # once: the wait ends in an accepted job or in exit code 3
-            print(f"dcf: {message}; waiting up to {left:.0f}s more for the head to take the job "
-                  "(--queue-wait; Ctrl-C gives up)", file=sys.stderr, flush=True)
-            told.append(True)
+        if "queue" not in told:  # once: the wait ends in an accepted job or in exit code 3
+            say(f"{message}; waiting up to {left:.0f}s more for the head to take the job "
+                 "(--queue-wait; Ctrl-C gives up)")
+            told.add("queue")
+
+    def reconnecting(message: str, left: float) -> None:
+        if "head" not in told:  # once: the wait ends when the head is back, or in exit code 3
+            say(f"{message}; reconnecting for up to {left:.0f}s (--reconnect-wait; Ctrl-C gives up)")
+            told.add("head")
 
     client.on_queue_wait = waiting
+    client.on_reconnect = reconnecting
     return client
 
 
@@ -159,9 +271,30 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
     print(json.dumps(obj, indent=2, default=str) if args.json else text)
 
 
+def _accepted(args: argparse.Namespace, job_id: str) -> None:
+    """The job id, as soon as the head accepted the job (stderr: stdout is for the final answer)."""
+    if not args.json:
+        say(f"job {job_id} accepted")
+
+
+@contextmanager
+def following(job_id: str) -> Iterator[None]:
+    """Ctrl-C while following an accepted job detaches from it (exit 130): the job goes on."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Stopped):
+            raise
+        raise Detached(job_id) from None
+
+
 # ---- progress ------------------------------------------------------------------------------
 class Bars:
-    """tqdm bars on stderr for upload, compute and download; silent when --json or not a TTY."""
+    """tqdm bars on stderr for upload, compute and download; silent when --json or not a TTY.
+
+    Byte bars show the average rate (``smoothing=0``: the live rate is the one the bar ends with); a bar
+    starts with the first bytes moved, and a result read from the head's shared state dir (no bytes
+    moved) shows none."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -169,7 +302,7 @@ class Bars:
 
     def bytes(self, name: str, total_hint: int = 0) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
-            bar = self._bar(name, total or total_hint, unit="B", unit_scale=True)
+            bar = self._bar(name, total or total_hint, unit="B", unit_scale=True, unit_divisor=1024)
             if bar is not None:
                 bar.update(done - bar.n)
         return update
@@ -181,7 +314,7 @@ class Bars:
             from tqdm import tqdm
 
             self.bars[name] = tqdm(total=total, desc=f"{name:<9}", file=sys.stderr, leave=True,
-                                   dynamic_ncols=True, **kw)
+                                   dynamic_ncols=True, smoothing=0, **kw)
         bar = self.bars[name]
         if total and bar.total != total:
             bar.total = total
@@ -190,7 +323,7 @@ class Bars:
 
     def job(self, view: dict[str, Any]) -> None:
         prog = view["progress"]
-        bar = self._bar("compute", prog["total"], unit="subtask")
+        bar = self._bar("compute", prog["total"], unit=f" {progress_unit(prog)}")
         if bar is None:
             return
         bar.update(prog["done"] - bar.n)
@@ -203,17 +336,24 @@ class Bars:
         self.bars.clear()
 
 
+def progress_unit(prog: dict[str, Any]) -> str:
+    """What a job's progress counts (the head's ``unit``: rows, steps, ...; subtasks when it says none)."""
+    return str(prog.get("unit") or "subtasks")
+
+
 def _follow(client: Client, job_id: str, bars: Bars) -> dict[str, Any]:
-    """Wait for the job with a live compute bar (polls every 0.25 s)."""
+    """Wait for the job with a live compute bar (polls every 0.25 s); a head that restarts meanwhile
+    is ridden out (``--reconnect-wait``)."""
     told = False
-    while True:
-        view = client.status(job_id, wait=0.25)
-        bars.job(view)
-        if view.get("waiting") and not bars.enabled and not told:
-            print(f"dcf: job {job_id} {view['waiting']}", file=sys.stderr)
-            told = True
-        if view["state"] in TERMINAL:
-            return view
+    with following(job_id):
+        while True:
+            view = client.watch(job_id, wait=0.25)
+            bars.job(view)
+            if view.get("waiting") and not bars.enabled and not told:
+                say(f"job {job_id} {view['waiting']}")
+                told = True
+            if view["state"] in TERMINAL:
+                return view
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -230,29 +370,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def submit_matmul(args: argparse.Namespace) -> int:
+    from .paths import check_output
+
+    if args.output:
+        check_output(args.output)
     a, b = _operands(args)
     bars = Bars(not args.json and sys.stderr.isatty())
     with _client(args) as client:
         t0 = time.perf_counter()
         try:
-            up = bars.bytes("upload", a.nbytes + b.nbytes)
-            sent = [0]
-
-            def both(done: int, total: int) -> None:
-                up(sent[0] + done, a.nbytes + b.nbytes)
-            blob_a = client.upload(a, both)["blob_id"]
-            sent[0] = a.nbytes
-            blob_b = client.upload(b, both)["blob_id"]
-            job_id = client.submit("matmul", {"a": blob_a, "b": blob_b}, nodes=args.nodes)
+            job_id = _upload_and_submit(client, a, b, args.nodes, bars)
             if args.no_wait:
                 bars.close()
                 _emit(args, {"job_id": job_id, "state": JobState.QUEUED.value}, job_id)
                 return 0
+            _accepted(args, job_id)
             view = _follow(client, job_id, bars)
             if view["state"] != JobState.DONE:
                 bars.close()
                 raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}")
-            c = client.result(job_id, out=args.output, progress=bars.bytes("download"))
+            with following(job_id):
+                c = client.result(job_id, out=args.output, progress=bars.bytes("download"))
         finally:
             bars.close()
         elapsed = time.perf_counter() - t0
@@ -260,6 +398,34 @@ def submit_matmul(args: argparse.Namespace) -> int:
     text = _report_text(report) + (f"\nwrote {args.output}" if args.output else "")
     _emit(args, report, text)
     return 0 if report.get("check", True) is not False else 1
+
+
+def _upload_and_submit(client: Client, a: np.ndarray, b: np.ndarray, nodes: int | None, bars: Bars) -> str:
+    total = a.nbytes + b.nbytes
+    up = bars.bytes("upload", total)
+    sent = [0]
+
+    def both(done: int, size: int) -> None:
+        up(sent[0] + done, total)
+    blob_a = client.upload(a, both)["blob_id"]
+    sent[0] = a.nbytes
+    blob_b = client.upload(b, both)["blob_id"]
+    return client.submit("matmul", {"a": blob_a, "b": blob_b}, nodes=nodes)
+
+
+def random_operands(size: int, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two random ``size`` x ``size`` matrices, uniform in [-1, 1): ``Generator.random`` is ~8x faster
+    than ``standard_normal`` (6000x6000 float64: 0.3 s against 2.7 s on the project's machine)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(2):
+        m = rng.random((size, size), dtype=np.dtype(dtype))
+        m *= 2
+        m -= 1
+        out.append(m)
+    return out[0], out[1]
 
 
 def _operands(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -272,10 +438,9 @@ def _operands(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
             raise ConfigError("give either --a/--b files or --size, not both")
         if args.size < 1:
             raise ConfigError("--size must be positive")
-        rng = np.random.default_rng(args.seed)
-        dtype = np.dtype(args.dtype)
-        return (rng.standard_normal((args.size, args.size), dtype=dtype),
-                rng.standard_normal((args.size, args.size), dtype=dtype))
+        if args.size >= SAY_MAKING_FROM and not args.json:
+            say(f"making two {args.size}x{args.size} {args.dtype} matrices...")
+        return random_operands(args.size, args.dtype, args.seed)
     if not (args.a and args.b):
         raise ConfigError("matmul needs --a A.npy and --b B.npy, or --size N")
     a, b = load_npy(args.a), load_npy(args.b)
@@ -316,7 +481,7 @@ def _report(job_id: str, view: dict[str, Any], a: np.ndarray, b: np.ndarray, c: 
 
 def _report_text(r: dict[str, Any]) -> str:
     lines = [f"job {r['job_id']}: {r['state']}, C {r['shape'][0]}x{r['shape'][1]} {r['dtype']}",
-             f"time {r['seconds']:.3f} s, {r['gflops']:.1f} GFLOP/s"]
+             f"time {r['seconds']:.3f} s (upload, compute and download), {r['gflops']:.1f} GFLOP/s"]
     for name, share in sorted(r["shares"].items()):
         lines.append(f"  provider {name}: {share * 100:.1f}% of the rows")
     if r.get("result_nonfinite"):
@@ -337,19 +502,55 @@ def cmd_status(args: argparse.Namespace) -> int:
                 bars.close()
         else:
             view = client.status(args.job_id)
+    _emit(args, view, status_text(view))
+    return 1 if view["state"] in UNSUCCESSFUL else 0
+
+
+def status_text(view: dict[str, Any], now: float | None = None) -> str:
+    """``dcf status``'s text: the job, its progress, what it waits for, training metrics, errors, shares."""
     prog = view["progress"]
-    text = f"{view['job_id']}  {view['type']}  {view['state']}  {prog['done']}/{prog['total']} subtasks"
+    text = (f"{view['job_id']}  {view['type']}  {view['state']}  "
+            f"{prog['done']}/{prog['total']} {progress_unit(prog)}")
     if view.get("waiting") and view["state"] in ACTIVE_NAMES:
         text += f"\n  {view['waiting']}"
+    training = training_line(view, time.time() if now is None else now)
+    if training:
+        text += f"\n  {training}"
     if view.get("error"):
         text += f"\n  error: {view['error']}"
     for name, share in sorted(view.get("shares", {}).items()):
         text += f"\n  {name}: {share * 100:.1f}%"
-    _emit(args, view, text)
-    return 0
+    return text
+
+
+def training_line(view: dict[str, Any], now: float) -> str:
+    """``epoch 2/20, step 50/500, loss 0.4213, accuracy 0.912, 8100 samples/s, 3.1 s elapsed`` for a
+    training job that reported metrics (``stats.training``), else ``""``."""
+    training = (view.get("stats") or {}).get("training") or {}
+    last = training.get("last") or {}
+    if not last:
+        return ""
+    epochs = (view.get("params") or {}).get("epochs", TRAIN["epochs"])
+    parts = [f"epoch {last.get('epoch', training.get('epoch', 0))}/{epochs}"]
+    step, total = training.get("step", last.get("step")), training.get("total_steps")
+    if step is not None:
+        parts.append(f"step {step}/{total}" if total else f"step {step}")
+    if last.get("loss") is not None:
+        parts.append(f"loss {last['loss']:.4f}")
+    if last.get("accuracy") is not None:
+        parts.append(f"accuracy {last['accuracy']:.3f}")
+    if last.get("samples_per_s"):
+        parts.append(f"{last['samples_per_s']:.0f} samples/s")
+    started = view.get("started_at")
+    if started:
+        parts.append(f"{max(0.0, (view.get('finished_at') or now) - started):.1f} s elapsed")
+    return "training: " + ", ".join(parts)
 
 
 def cmd_result(args: argparse.Namespace) -> int:
+    from .paths import check_output
+
+    check_output(args.output)
     bars = Bars(not args.json and sys.stderr.isatty())
     with _client(args) as client:
         try:
@@ -416,46 +617,85 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+# ---- local clusters --------------------------------------------------------------------------
+def _raise_stopped(signum: int, frame: object) -> None:
+    _ignore_stops()  # a second signal must not cut the stop short
+    raise Stopped(signum)
+
+
+def _ignore_stops() -> None:
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop what the block starts, as Ctrl-C does (they raise ``Stopped``, a
+    KeyboardInterrupt); the block's own clean-up (its ``finally``) runs with them and Ctrl-C ignored,
+    and the handlers there were before are put back after it."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .local import LocalCluster
 
     cluster = LocalCluster(args.providers, http_port=args.http_port, state_dir=args.state_dir,
                            amqp_url=args.amqp_url, quiet=False, curve=args.curve)
-    cluster.start()
-    print(f"dcf: head at {cluster.url} with {args.providers} providers; Ctrl-C stops them all", flush=True)
+    with stop_signals():
+        return _run_up(cluster, args.providers)
+
+
+def _run_up(cluster: LocalCluster, providers: int) -> int:
     try:
+        cluster.start()
+        print(f"dcf: head at {cluster.url} with {providers} providers; Ctrl-C stops them all", flush=True)
         while cluster.head is not None and cluster.head.poll() is None:
             time.sleep(0.5)
         return _fail("the head exited", 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
         print("dcf: stopping", file=sys.stderr)
         return 0
     finally:
+        _ignore_stops()
         cluster.stop()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    with stop_signals():
+        return _run_demo(args)
 
+
+def _run_demo(args: argparse.Namespace) -> int:
     from .client import Client
     from .local import LocalCluster
 
-    print(f"dcf demo: starting a local head and {args.providers} providers (no Docker, no RabbitMQ)...")
-    with LocalCluster(args.providers) as cluster, Client(cluster.url) as client:
-        for n in client.nodes():
-            print(f"  provider {n['name']}: {n['device']} {n['device_name']}, {n['gflops']:.1f} GFLOP/s")
-        rng = np.random.default_rng(0)
-        dtype = np.dtype(args.dtype)
-        a = rng.standard_normal((args.size, args.size), dtype=dtype)
-        b = rng.standard_normal((args.size, args.size), dtype=dtype)
-        print(f"multiplying two {args.size}x{args.size} {args.dtype} matrices...")
-        t0 = time.perf_counter()
-        job_id = client.submit_matmul(a, b)
-        view = client.wait(job_id)
-        c = client.result(job_id)
-        elapsed = time.perf_counter() - t0
-        report = _report(job_id, view, a, b, c, elapsed, check=True)
-        print(_report_text(report))
+    print(f"dcf demo: starting a local head and {args.providers} providers (no Docker, no RabbitMQ)...",
+          flush=True)
+    cluster = LocalCluster(args.providers)
+    try:
+        cluster.start()
+        with Client(cluster.url) as client:
+            for n in client.nodes():
+                print(f"  provider {n['name']}: {n['device']} {n['device_name']}, {n['gflops']:.1f} GFLOP/s")
+            a, b = random_operands(args.size, args.dtype, 0)
+            print(f"multiplying two {args.size}x{args.size} {args.dtype} matrices...", flush=True)
+            t0 = time.perf_counter()
+            job_id = client.submit_matmul(a, b)
+            view = client.wait(job_id)
+            c = client.result(job_id)
+            elapsed = time.perf_counter() - t0
+            report = _report(job_id, view, a, b, c, elapsed, check=True)
+            print(_report_text(report))
+    finally:
+        _ignore_stops()
+        cluster.stop()
     print("stopped the local head and providers")
     return 0 if report["check"] else 1
 

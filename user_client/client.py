@@ -18,9 +18,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from common import layout
+from common import config, layout
 from common.config import ClientSettings
 from common.errors import (
     ConfigError,
@@ -52,6 +52,9 @@ MSGPACK = "application/msgpack"
 SUBMIT_THREADS = 4
 Results = dict[str, "np.ndarray"]  # a job's outputs by name
 TERMINAL = TERMINAL_NAMES  # the states a job ends in
+#: longest pause between two reconnection attempts (the first comes after 0.25 s, then doubling)
+RECONNECT_MAX_DELAY = 2.0
+T = TypeVar("T")
 
 
 class Client:
@@ -64,9 +67,9 @@ class Client:
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
                  shared_files: str | None = None, queue_wait: float | None = None, *,
-                 settings: ClientSettings | None = None) -> None:
-        given = {"head_url": url or None, "api_token": token, "shared_files": shared_files or None,
-                 "queue_wait": queue_wait}
+                 reconnect_wait: float | None = None, settings: ClientSettings | None = None) -> None:
+        given = {"head_url": config.head_url(url) if url else None, "api_token": token,
+                 "shared_files": shared_files or None, "queue_wait": queue_wait, "reconnect_wait": reconnect_wait}
         self.settings = _settings(given, settings)
         self.url = self.settings.head_url.rstrip("/")
         self._shared: Path | None | bool = None if self.settings.shared_files == "auto" else False
@@ -75,6 +78,10 @@ class Client:
         self.queue_wait = self.settings.queue_wait
         #: called as on_queue_wait(message, seconds_left) before each retry of a refused submission
         self.on_queue_wait: Callable[[str, float], None] | None = None
+        #: seconds ``watch``, ``wait``, ``result`` and ``download`` keep reconnecting to an unreachable head
+        self.reconnect_wait = self.settings.reconnect_wait
+        #: called as on_reconnect(message, seconds_left) before each reconnection attempt
+        self.on_reconnect: Callable[[str, float], None] | None = None
         self.timeout = timeout
         self.channel = Channel(self.url, token, timeout)  # every request but streamed transfers
         self._http: httpx.Client | None = None  # streamed uploads and downloads, built on first use
@@ -140,6 +147,28 @@ class Client:
         except ValueError:
             raise ProtocolError(f"{method} {path}: the head's reply is not JSON: {reply.body[:200]!r}") from None
 
+    def riding_out(self, call: Callable[[], T]) -> T:
+        """``call()``, tried again with back-off while the head is unreachable (e.g. restarting), for
+        up to ``reconnect_wait`` seconds from the first failure; only for requests that are safe to
+        repeat (reads)."""
+        end: float | None = None
+        delay = 0.25
+        while True:
+            try:
+                return call()
+            except QueueUnavailable:
+                raise
+            except HeadUnreachable as exc:
+                now = time.monotonic()
+                end = now + self.reconnect_wait if end is None else end
+                left = end - now
+                if left <= 0:
+                    raise
+                if self.on_reconnect is not None:
+                    self.on_reconnect(exc.message, left)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:
         """The error a streamed reply carries, if any (its body read)."""
@@ -178,14 +207,10 @@ class Client:
             upload_id = uuid.uuid4().hex
             path = layout.incoming_path(root, upload_id)
             try:
-                with open(path, "wb") as f:
-                    f.write(npy_header(arr))
-                    f.write(arr.reshape(-1).data.cast("B"))
+                _write_npy(path, npy_header(arr), arr, progress)
             except OSError:
                 path.unlink(missing_ok=True)
             else:
-                if progress:
-                    progress(arr.nbytes, arr.nbytes)
                 return self._json("POST", "/v1/blobs/adopt", json_body={"upload_id": upload_id})
         header = npy_header(arr)
         body = arr.reshape(-1).data.cast("B")
@@ -378,10 +403,15 @@ class Client:
         return batch.decode_outcomes(reply.body)
 
     def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """The job's view (one request; ``wait``: seconds the head may hold it until the job changes)."""
         view = self._json("GET", f"/v1/jobs/{job_id}", params={"wait": wait} if wait else None,
                           timeout=wait + 30)
         _field(view, "state")
         return view
+
+    def watch(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """``status``, riding out a head that is unreachable for up to ``reconnect_wait`` seconds."""
+        return self.riding_out(lambda: self.status(job_id, wait))
 
     def wait(self, job_id: str, timeout: float | None = None,
              on_update: Callable[[dict[str, Any]], None] | None = None, poll: float = 20.0) -> dict[str, Any]:
@@ -390,7 +420,7 @@ class Client:
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             left = poll if end is None else min(poll, max(0.0, end - time.monotonic()))
-            view = self.status(job_id, wait=left)
+            view = self.watch(job_id, wait=left)
             if on_update:
                 on_update(view)
             if view["state"] in TERMINAL:
@@ -403,17 +433,23 @@ class Client:
 
     def result(self, job_id: str, name: str | None = None, out: str | os.PathLike[str] | None = None,
                progress: Progress | None = None) -> np.ndarray:
-        """Download a finished job's result; also write it to ``out`` (.npy) if given."""
+        """Download a finished job's result; also write it to ``out`` (.npy, exactly that path) if given.
+        A head that is unreachable is ridden out (``reconnect_wait``). ``progress`` is called as bytes
+        arrive over HTTP, never for a result read from the shared state dir (nothing is transferred)."""
+        from .arrays import save_npy
+
+        arr = self.riding_out(lambda: self._fetch_result(job_id, name, progress))
+        if out is not None:
+            save_npy(out, arr)
+        return arr
+
+    def _fetch_result(self, job_id: str, name: str | None, progress: Progress | None) -> np.ndarray:
         import httpx
 
-        from .arrays import receive_npy, save_npy
+        from .arrays import receive_npy
 
         arr = self._shared_result(job_id, name)
         if arr is not None:
-            if progress:
-                progress(arr.nbytes, arr.nbytes)
-            if out is not None:
-                save_npy(out, arr)
             return arr
         params = {"name": name} if name else None
         try:
@@ -426,8 +462,6 @@ class Client:
             raise HeadUnreachable(f"head at {self.url} unreachable: {exc}") from None
         except httpx.HTTPError as exc:
             raise ProtocolError(f"bad result download from {self.url}: {type(exc).__name__}: {exc}") from None
-        if out is not None:
-            save_npy(out, arr)
         return arr
 
     def _shared_result(self, job_id: str, name: str | None) -> np.ndarray | None:
@@ -453,10 +487,13 @@ class Client:
             return None
 
     def download(self, job_id: str, name: str, path: str | os.PathLike[str]) -> Path:
-        """Save one output file of a finished job (e.g. model.pt, model.json) to ``path``."""
+        """Save one output file of a finished job (e.g. model.pt, model.json) to ``path``, riding out
+        a head that is unreachable (``reconnect_wait``)."""
+        return self.riding_out(lambda: self._download(job_id, name, Path(path)))
+
+    def _download(self, job_id: str, name: str, path: Path) -> Path:
         import httpx
 
-        path = Path(path)
         tmp = path.with_name(f".{path.name}.part")
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params={"name": name}, timeout=300) as resp:
@@ -575,6 +612,18 @@ def _settings(given: dict[str, Any], base: ClientSettings | None) -> ClientSetti
     if base is None:
         return ClientSettings.from_values(given)
     return dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def _write_npy(path: Path, header: bytes, arr: np.ndarray, progress: Progress | None) -> None:
+    """The array as a .npy file, ``progress`` called as its bytes are written (a true rate)."""
+    body = arr.reshape(-1).data.cast("B")
+    total = len(header) + body.nbytes
+    with open(path, "wb") as f:
+        f.write(header)
+        for start in range(0, body.nbytes, CHUNK):
+            f.write(body[start:start + CHUNK])
+            if progress:
+                progress(len(header) + min(body.nbytes, start + CHUNK), total)
 
 
 def _field(obj: Any, key: str) -> Any:

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 
-def add_parser(sub: Any) -> None:
-    k = sub.add_parser("keys", help="ZeroMQ CURVE keys for the head and its providers")
+def add_parser(sub: Any, shared: argparse.ArgumentParser) -> None:
+    k = sub.add_parser("keys", help="ZeroMQ CURVE keys for the head and its providers", parents=[shared])
     actions = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    g = actions.add_parser("generate", help="create the head's key pair and provider key pairs, and add the "
-                           "providers' public keys to the head's allow-list (existing keys are kept)")
+    g = actions.add_parser("generate", parents=[shared], help="create the head's key pair and provider key "
+                           "pairs, and add the providers' public keys to the head's allow-list (existing keys "
+                           "are kept)")
     g.add_argument("--dir", default="keys", help="key directory (default: ./keys)")
     g.add_argument("--provider", action="append", default=None, metavar="NAME",
                    help="a provider key to create (repeat for several; default: one named 'provider')")

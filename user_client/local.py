@@ -15,11 +15,25 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from common import security
+from common import layout, security
 from common.config import HeadSettings
-from common.errors import DcfError, HeadUnreachable, WaitTimeout
+from common.errors import ConfigError, DcfError, HeadUnreachable, WaitTimeout
 
 from .client import Client
+
+
+def check_port_free(port: int, host: str = "127.0.0.1", what: str = "HTTP") -> None:
+    """ConfigError, naming the port, when something already listens on it (e.g. another head): found
+    before a head is started, not from a health answer given by the other program. (SO_REUSEADDR, as
+    the head's own sockets: connections of an earlier head still in TIME_WAIT do not count.)"""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{what} port {port} on {host} is already in use ({exc.strerror or exc}): another "
+                              "dcf head or another program listens there; choose another port "
+                              "(e.g. dcf up --http-port N)") from None
 
 
 def free_port() -> int:
@@ -86,8 +100,15 @@ class LocalCluster:
             (self.key_dir / "allowed").mkdir(exist_ok=True)
             args += ["--curve-secret-key", str(self.key_dir / "head.key_secret"),
                      "--curve-allow", str(self.key_dir / "allowed")]
+        check_port_free(self.http_port)
         self.head = self._spawn(args, "head")
-        self._wait(lambda c: c.health(), timeout, "the head did not come up", self.head)
+        self._wait(self._our_head_answers, timeout, "the head did not come up", self.head)
+
+    def _our_head_answers(self, client: Client) -> bool:
+        """The head answering is the one started here: its run id (``epoch``) is the one it wrote in
+        this cluster's state dir, not another head's that took the port meanwhile."""
+        epoch = client.health().get("epoch")
+        return epoch is not None and epoch == layout.read_marker(self.state_dir)
 
     def add_provider(self, *extra: str) -> subprocess.Popen[bytes]:
         i = len(self.providers)
@@ -119,7 +140,7 @@ class LocalCluster:
 
     def _wait(self, probe: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
         end = time.monotonic() + timeout
-        with Client(self.url, timeout=5) as client:
+        with Client(self.url, timeout=5, reconnect_wait=0) as client:
             while time.monotonic() < end:
                 if proc is not None and proc.poll() is not None:
                     raise DcfError(f"{what}: it exited with code {proc.returncode} (logs in {self.log_dir})")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import NotFound, ValidationError
+from ...errors import ConfigError, NotFound, ValidationError
 
 MAX_CLASSES = 10_000
 
@@ -58,8 +58,11 @@ def load(name: str, seed: int = 0, size: int = 2000, features: int = 20, classes
 
 
 def digits(seed: int = 0) -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ConfigError("the digits dataset needs scikit-learn: pip install 'dcf[train]'") from None
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
