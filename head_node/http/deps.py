@@ -13,6 +13,7 @@ import logging
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from common.errors import Unauthorized
 
@@ -59,13 +60,19 @@ def require_bearer(token: str | None, authorization: str, client: str, query_tok
     raise Unauthorized("missing or wrong bearer token")
 
 
-async def require_token(request: Request, head: HeadDep) -> None:
+#: declares the bearer token in /openapi.json (the "Authorize" button of /docs); the check itself
+#: is ``check_token``'s
+BEARER = HTTPBearer(auto_error=False, description="the head's --api-token, when it has one")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+
+
+async def require_token(request: Request, head: HeadDep, _: Bearer) -> None:
     """The token dependency of every guarded router."""
     check_token(request, head)
 
 
 async def require_token_or_query(
-        request: Request, head: HeadDep,
+        request: Request, head: HeadDep, _: Bearer,
         token: Annotated[str | None, Query(description="the API token, for clients that cannot send "
                                                        "an Authorization header (EventSource)")] = None,
 ) -> None:

@@ -101,7 +101,8 @@ async def delete(job_id: JobId, head: HeadDep) -> None:
 
 
 @router.get("/{job_id}/result", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}},
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}},
                              "description": "the output as a .npy file, or a named output file"},
                        **documented(404, 409)})
 async def result(job_id: JobId, head: HeadDep,
