@@ -7,6 +7,7 @@
   const MAX_SAMPLES = 3600;
   const MAX_EVENTS = 80;
   const MAX_ALERTS = 50;
+  const CONNECTED = new Set(["ready", "busy", "draining"]);
   const $ = (id) => document.getElementById(id);
 
   // ---- token: ?token=... once, then kept in local storage ----------------------------------------
@@ -168,15 +169,27 @@
     for (const a of obs.alerts || []) state.alerts.unshift(a);
     state.alerts.length = Math.min(state.alerts.length, MAX_ALERTS);
     if (msg.full && msg.recent_events) {
-      state.events = msg.recent_events.slice().reverse();
+      state.events = [];
+      for (const ev of msg.recent_events) addEvent(ev);
       renderEvents();
     }
     render();
   }
 
+  // the event log, newest first by seq (the head's order), each event once: an event can come
+  // both in a full snapshot's recent_events and on its own
+  function addEvent(ev) {
+    const list = state.events;
+    let i = 0;
+    while (i < list.length && list[i].seq > ev.seq) i++;
+    if (i < list.length && list[i].seq === ev.seq) return false;
+    list.splice(i, 0, ev);
+    list.length = Math.min(list.length, MAX_EVENTS);
+    return true;
+  }
+
   function onEvent(ev) {
-    state.events.unshift(ev);
-    state.events.length = Math.min(state.events.length, MAX_EVENTS);
+    if (!addEvent(ev)) return;
     const job = ev.job_id ? state.jobs.get(ev.job_id) : null;
     if (job) {
       if (ev.kind === "job.progress") {
@@ -265,14 +278,21 @@
     const rows = state.nodes.slice().sort((a, b) => a.name.localeCompare(b.name));
     $("nodes-empty").hidden = rows.length > 0;
     $("nodes").hidden = rows.length === 0;
-    $("nodes-count").textContent = rows.length ? rows.length + " connected" : "";
+    // connected: providers the head hears from and gives work (ready, or draining what it has)
+    const connected = rows.filter((n) => CONNECTED.has(n.state)).length;
+    const dead = rows.filter((n) => n.state === "dead").length;
+    $("nodes-count").textContent = rows.length ? connected + " connected" + (dead ? " · " + dead + " dead" : "") : "";
     $("nodes").tBodies[0].innerHTML = rows.map((n) => {
       const draining = n.state === "draining";
       const action = draining ? "undrain" : "drain";
       const hb = n.last_heartbeat_s;
-      return `<tr class="node" data-provider-id="${esc(n.provider_id)}" data-name="${esc(n.name)}"
+      const button = n.state === "dead" ? "" : `<button data-action="${action}" data-pid="${esc(n.provider_id)}"
+            title="${draining ? "give it work again" : "finish current work, take no new work"}">${action}</button>`;
+      return `<tr class="node ${esc(n.state)}" data-provider-id="${esc(n.provider_id)}" data-name="${esc(n.name)}"
                   data-state="${esc(n.state)}">
-        <td><span class="dot-c" style="color:${colorOf(n.provider_id)}">●</span> ${esc(n.name)}
+        <td><span class="state-dot ${esc(n.state)}" title="${esc(n.state)}"></span>
+          <span class="swatch" style="background:${colorOf(n.provider_id)}" title="its colour in the charts"></span>
+          ${esc(n.name)} <span class="mono sub-id" title="${esc(n.provider_id)}">${esc(n.provider_id.slice(0, 8))}</span>
           <div class="sub">${esc(n.host)}</div></td>
         <td>${esc(n.device)}<div class="sub">${esc(n.device_name)}</div></td>
         <td>${esc(n.os)}<div class="sub">${n.cores} cores · ${bytes(n.memory_bytes)}</div></td>
@@ -281,8 +301,7 @@
         <td class="num">${n.subtasks_done}</td>
         <td class="num">${hb == null ? "–" : hb.toFixed(1) + " s ago"}</td>
         <td><span class="badge ${esc(n.state)}">${esc(n.state)}</span></td>
-        <td class="num"><button data-action="${action}" data-pid="${esc(n.provider_id)}"
-            title="${draining ? "give it work again" : "finish current work, take no new work"}">${action}</button></td>
+        <td class="num">${button}</td>
       </tr>`;
     }).join("");
   }
@@ -457,7 +476,7 @@
 
   function renderEvents() {
     $("events").innerHTML = state.events.slice(0, MAX_EVENTS).map((e) => `
-      <li><span class="time">${clock(e.ts)}</span><span class="kind">${esc(e.kind)}</span>
+      <li data-seq="${e.seq}"><span class="time">${clock(e.ts)}</span><span class="kind">${esc(e.kind)}</span>
         <span>${esc(describe(e))}</span></li>`).join("") || '<li class="empty">waiting for events…</li>';
   }
 

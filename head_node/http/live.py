@@ -64,6 +64,9 @@ async def event_stream(live: Live, period: float, disconnected: Callable[[], Awa
     try:
         first = live.payload(True)
         cursor = first["observe"]["cursor"]
+        # events emitted between subscribing and the first message are in both: each is sent once,
+        # and in the head's order (by seq)
+        sent = max((e["seq"] for e in first.get("recent_events", ())), default=0)
         yield "retry: 2000\n" + sse("snapshot", first)  # retry: the browser's reconnect delay (ms)
         next_tick = time.monotonic() + period
         while not live.exiting():
@@ -80,7 +83,9 @@ async def event_stream(live: Live, period: float, disconnected: Callable[[], Awa
                 event = await asyncio.wait_for(queue.get(), min(wait, EXIT_CHECK_S))
             except asyncio.TimeoutError:
                 continue
-            yield sse("event", event.to_dict(), event.seq)
+            if event.seq > sent:
+                sent = event.seq
+                yield sse("event", event.to_dict(), event.seq)
     finally:
         events.unsubscribe(queue)
 

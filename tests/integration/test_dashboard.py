@@ -109,7 +109,8 @@ def test_dashboard_shows_nodes_and_job_progress(browser: Any, tmp_path: Path) ->
         wait_until(browser, job_state, 60, "the job to show done")
         states = [s for s, _ in seen]
         assert "running" in states and states.index("running") < states.index("done"), seen
-        assert seen[-1] == ("done", "1/1 · 100%"), seen
+        done, total = seen[-1][1].split(" · ")[0].split("/")  # subtasks or rows, whichever the head counts
+        assert seen[-1][0] == "done" and seen[-1][1].endswith(" · 100%") and done == total, seen
         assert js(browser, f"""return document.querySelector('tr.job[data-job-id="{job}"] .bar > span')
                                .style.width""") == "100%"
 
@@ -150,5 +151,61 @@ def test_dashboard_takes_token_from_query(browser: Any) -> None:
         assert js(browser, "return localStorage.getItem('dcf.token')") == "s3cret"
         errors = [e for e in console_errors(browser) if "401" not in e]  # the first load's refusals
         assert errors == []
+    finally:
+        cl.stop()
+
+
+def only_local_requests(driver: Any, base: str) -> list[str]:
+    """What the page fetched from anywhere but the head (none: the page works offline)."""
+    names: list[str] = js(driver, "return performance.getEntriesByType('resource').map((e) => e.name)")
+    return [n for n in names if not n.startswith(base + "/")]
+
+
+def test_a_dead_provider_shows_dead_and_events_stay_in_order(browser: Any) -> None:
+    with LocalCluster(2, heartbeat=0.25, threads=1) as cl, Client(cl.url) as c:
+        browser.get(cl.url + "/")
+        wait_until(browser, lambda: js(browser, """
+            return [...document.querySelectorAll('tr.node')].filter((r) => r.dataset.state === 'ready').length;""")
+                   == 2, 30, "both providers ready")
+        assert browser.find_element("id", "nodes-count").text == "2 connected"
+        c.matmul(np.ones((50, 40)), np.ones((40, 30)))  # some job events to order
+        victim = cl.providers[1]
+        victim.kill()  # kill -9: no goodbye, the head finds out from the missed heartbeats
+        victim.wait(10)
+        dead = wait_until(browser, lambda: js(browser, """
+            const row = [...document.querySelectorAll('tr.node')].find((r) => r.dataset.state === 'dead');
+            return row ? [row.dataset.name, row.querySelector('.state-dot').className,
+                          row.querySelector('.badge').textContent] : null;"""), 30, "the provider shown dead")
+        assert dead[1] == "state-dot dead" and dead[2] == "dead", dead
+        assert browser.find_element("id", "nodes-count").text == "1 connected · 1 dead"
+        live = js(browser, "return document.querySelector('tr.node[data-state=\"ready\"] .state-dot').className")
+        assert live == "state-dot ready"
+        assert js(browser, "return getComputedStyle(document.querySelector('.state-dot.dead')).backgroundColor") != \
+            js(browser, "return getComputedStyle(document.querySelector('.state-dot.ready')).backgroundColor")
+        wait_until(browser, lambda: "node.lost" in browser.find_element("id", "events").text, 10, "node.lost")
+        seqs = js(browser, "return [...document.querySelectorAll('#events li[data-seq]')].map((li) => +li.dataset.seq)")
+        assert len(seqs) > 5 and seqs == sorted(set(seqs), reverse=True), seqs  # newest first, each once
+        kinds = js(browser, "return [...document.querySelectorAll('#events li .kind')].map((k) => k.textContent)")
+        assert kinds.index("job.accepted") > kinds.index("job.done"), kinds  # listed newest first
+        assert only_local_requests(browser, cl.url) == []
+        assert console_errors(browser) == []
+
+
+def test_api_docs_render_from_the_head_alone(browser: Any) -> None:
+    cl = LocalCluster(0, heartbeat=0.5)
+    try:
+        cl.start_head()
+        browser.get(cl.url + "/docs")
+        title = wait_until(browser, lambda: js(browser, """
+            const t = document.querySelector('.swagger-ui .info .title'); return t && t.textContent;"""),
+                           30, "Swagger UI to render")
+        assert "dcf head" in title
+        wait_until(browser, lambda: js(browser, "return document.querySelectorAll('.opblock').length") > 10, 10,
+                   "the operations")
+        assert only_local_requests(browser, cl.url) == []
+        browser.get(cl.url + "/redoc")
+        wait_until(browser, lambda: js(browser, "return document.querySelector('.api-content h1')?.textContent"),
+                   30, "ReDoc to render")
+        assert only_local_requests(browser, cl.url) == []
     finally:
         cl.stop()
