@@ -289,12 +289,16 @@ def following(job_id: str) -> Iterator[None]:
 
 
 # ---- progress ------------------------------------------------------------------------------
+#: a byte bar whose bytes all came in one piece: a rate over no time would read e.g. 638GB/s
+NO_RATE = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B"
+
+
 class Bars:
     """tqdm bars on stderr for upload, compute and download; silent when --json or not a TTY.
 
     Byte bars show the average rate (``smoothing=0``: the live rate is the one the bar ends with); a bar
-    starts with the first bytes moved, and a result read from the head's shared state dir (no bytes
-    moved) shows none."""
+    starts with the first bytes moved, one whose bytes all came at once shows no rate, and a result
+    read from the head's shared state dir (no bytes moved) shows none."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -302,7 +306,11 @@ class Bars:
 
     def bytes(self, name: str, total_hint: int = 0) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
-            bar = self._bar(name, total or total_hint, unit="B", unit_scale=True, unit_divisor=1024)
+            total = total or total_hint
+            kw: dict[str, Any] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}
+            if name not in self.bars and total and done >= total:  # all at once (inline, small): no rate
+                kw["bar_format"] = NO_RATE
+            bar = self._bar(name, total, **kw)
             if bar is not None:
                 bar.update(done - bar.n)
         return update

@@ -551,10 +551,13 @@ class Client:
 
         try:
             from common.tasks.train.inference import load_model_file
-        except ImportError as exc:
-            raise ConfigError(f"predict needs PyTorch here to read the model ({exc}); pip install torch") from None
 
-        meta, weights = load_model_file(model_path)
+            meta, weights = load_model_file(model_path)  # imports torch when called
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != "torch":
+                raise
+            raise ConfigError("predict needs PyTorch here to read the model: pip install 'dcf[torch]' "
+                              "(a torch build for your platform)") from None
         try:
             shape = tuple(int(n) for n in meta["input_shape"])
             x = np.asarray(x, dtype=np.float32)
