@@ -54,13 +54,16 @@ METRIC_FIELDS = ("epoch", "step", "loss", "accuracy", "test_loss", "test_accurac
 PROVIDER_STATES = ("ready", "connecting", "draining", "dead")
 JOB_STATES = STATE_NAMES
 #: bucket bounds (seconds) of the job duration histogram
+#: how far back a provider's work is spread at most (seconds)
+MAX_SPREAD_S = 600.0
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 class Observer:
     def __init__(self, keep: int = 3600, keep_alerts: int = 200, keep_points: int = 5000,
                  keep_jobs: int = 20) -> None:
-        #: samples: {"n", "t", "gflops", "providers": {provider id: GFLOP/s}}
+        #: samples: {"n", "rev", "t", "gflops", "providers": {provider id: GFLOP/s}}; ``rev``: the
+        #: sample number when it was last changed (``n``, or later where work was spread back over it)
         self.samples: deque[dict[str, Any]] = deque(maxlen=keep)
         self.alerts: deque[dict[str, Any]] = deque(maxlen=keep_alerts)
         #: job id -> its job.metrics points, for the keep_jobs most recent training jobs
@@ -73,14 +76,45 @@ class Observer:
         self.last_seq = 0
         self._n = 0
         self._prev: tuple[float, dict[str, float]] | None = None
+        #: provider id -> the time since which the work it reports next was computed
+        self._since: dict[str, float] = {}
 
     # ---- input ---------------------------------------------------------------------------
     def sample(self, snapshot: Mapping[str, Any], flops: Mapping[str, float] | None = None) -> dict[str, Any] | None:
         """Fold one snapshot in. The first call only sets the baseline; later ones add a sample
-        (returned) with the throughput since the previous call."""
+        (returned) with the throughput since the previous call.
+
+        Work is accounted over the time it was computed: a provider's flops count when a
+        subtask's result (or progress) comes in, and what came in now was computed while the
+        provider was busy since it last reported or was last seen idle (no subtask assigned). So
+        an increase is spread evenly over the samples of that time, which are amended (their
+        ``rev`` is this sample's number, and ``series(after)`` returns them again): a 15 s subtask
+        shows as 15 s at its rate, not as 0 then a spike above the provider's speed."""
         now = float(snapshot["time"])
-        flops = flops or {}
+        current, busy = self._read(snapshot, flops or {})
+        prev = self._prev
+        self._prev = (now, current)
+        if prev is None or now <= prev[0]:
+            self._since = {pid: now for pid in current}
+            return None
+        self._n += 1
+        point: dict[str, Any] = {"n": self._n, "rev": self._n, "t": round(now, 3), "gflops": 0.0, "providers": {}}
+        self.samples.append(point)
+        for pid, done in current.items():
+            before = prev[1].get(pid, 0.0)
+            delta = done - before if done >= before else done  # a counter that went back: it restarted
+            since = max(self._since.get(pid, prev[0]), now - MAX_SPREAD_S)
+            self._spread(pid, delta, since, now)
+            if delta > 0 or not busy.get(pid):
+                self._since[pid] = now  # what comes in later was computed after now
+        point["gflops"] = _total(point)
+        return point
+
+    def _read(self, snapshot: Mapping[str, Any], flops: Mapping[str, float]
+              ) -> tuple[dict[str, float], dict[str, bool]]:
+        """Each provider's flops done (where known) and whether it has subtasks assigned."""
         current: dict[str, float] = {}
+        busy: dict[str, bool] = {}
         for row in snapshot.get("nodes", ()):
             pid = row["provider_id"]
             done = row.get("flops_done", flops.get(pid))
@@ -88,23 +122,28 @@ class Observer:
             total = self.totals.setdefault(pid, {"name": self.names[pid], "flops_done": 0.0, "subtasks_done": 0})
             total["name"] = self.names[pid]
             total["subtasks_done"] = int(row.get("subtasks_done", 0))
+            busy[pid] = int(row.get("assigned", 0) or 0) > 0
             if done is not None:
                 current[pid] = float(done)
                 total["flops_done"] = float(done)
-        prev = self._prev
-        self._prev = (now, current)
-        if prev is None or now <= prev[0]:
-            return None
-        dt = now - prev[0]
-        per: dict[str, float] = {}
-        for pid, done in current.items():
-            before = prev[1].get(pid, 0.0)
-            delta = done - before if done >= before else done  # a counter that went back: it restarted
-            per[pid] = round(delta / dt / 1e9, 6)
-        self._n += 1
-        point = {"n": self._n, "t": round(now, 3), "gflops": round(sum(per.values()), 6), "providers": per}
-        self.samples.append(point)
-        return point
+        return current, busy
+
+    def _spread(self, pid: str, flops: float, since: float, now: float) -> None:
+        """Add ``flops`` done between ``since`` and ``now`` to the provider's samples of that time,
+        at one rate (the latest sample, just added, is always one of them)."""
+        latest = self.samples[-1]
+        if flops <= 0:
+            latest["providers"][pid] = 0.0
+            return
+        rate = flops / (now - since) / 1e9
+        edge = round(since, 3)
+        for s in reversed(self.samples):
+            if s is not latest and s["t"] <= edge:
+                break
+            s["providers"][pid] = round((s["providers"].get(pid) or 0.0) + rate, 6)
+            if s is not latest:
+                s["gflops"] = _total(s)
+                s["rev"] = self._n
 
     def on_event(self, event: Mapping[str, Any]) -> None:
         """Fold one event (``Event.to_dict()``: seq, ts, kind and its fields) in."""
@@ -158,9 +197,10 @@ class Observer:
         return self.samples[-1]["gflops"] if self.samples else 0.0
 
     def series(self, after: int = 0) -> dict[str, Any]:
-        """The time series column by column (samples numbered above ``after``): ``t`` (unix
-        seconds), ``throughput_gflops``, and per provider its GFLOP/s (None where it was absent)."""
-        rows = [s for s in self.samples if s["n"] > after]
+        """The time series column by column (samples added or amended after sample ``after``): ``n``
+        (a reader replaces a sample it has by ``n``), ``t`` (unix seconds), ``throughput_gflops``, and
+        per provider its GFLOP/s (None where it was absent)."""
+        rows = [s for s in self.samples if s["rev"] > after]
         pids: list[str] = []
         for s in rows:
             pids.extend(p for p in s["providers"] if p not in pids)
@@ -214,6 +254,10 @@ class Observer:
                          *["" if cols["providers"][p]["gflops"][i] is None else cols["providers"][p]["gflops"][i]
                            for p in pids]])
         return header, rows
+
+
+def _total(sample: Mapping[str, Any]) -> float:
+    return round(sum(v for v in sample["providers"].values() if v is not None), 6)
 
 
 def _alert(event: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:

@@ -31,7 +31,7 @@
     snapshot: null,
     nodes: [],
     jobs: new Map(),
-    series: { t: [], total: [], providers: {} },
+    series: { n: [], t: [], total: [], providers: {} },
     shares: [],
     training: {},
     alerts: [],
@@ -145,7 +145,7 @@
     const snap = msg.snapshot;
     const obs = msg.observe;
     if (msg.full) {
-      state.series = { t: [], total: [], providers: {} };
+      state.series = { n: [], t: [], total: [], providers: {} };
       state.training = {};
       state.alerts = [];
     }
@@ -209,23 +209,32 @@
     renderEvents();
   }
 
+  // a delta holds new samples and earlier ones the head amended (work spread back over the time
+  // it was computed): a sample the page has is replaced, by its number n
   function mergeSeries(delta) {
-    if (!delta) return;
+    if (!delta || !delta.t) return;
     const S = state.series;
-    const start = S.t.length;
-    S.t.push(...delta.t);
-    S.total.push(...delta.throughput_gflops);
     for (const [pid, p] of Object.entries(delta.providers || {})) {
-      let col = S.providers[pid];
-      if (!col) col = S.providers[pid] = { name: p.name, values: new Array(start).fill(null) };
-      col.name = p.name;
-      col.values.push(...p.gflops);
+      if (!S.providers[pid]) S.providers[pid] = { name: p.name, values: new Array(S.t.length).fill(null) };
+      S.providers[pid].name = p.name;
     }
-    for (const col of Object.values(S.providers)) {
-      while (col.values.length < S.t.length) col.values.push(null);
-    }
+    delta.t.forEach((t, i) => {
+      const n = delta.n ? delta.n[i] : null;
+      let at = n != null && S.n.length ? n - S.n[0] : -1;
+      if (at < 0 || at >= S.n.length || S.n[at] !== n) at = n == null ? -1 : S.n.lastIndexOf(n);
+      if (at < 0) {
+        at = S.t.length;
+        S.n.push(n);
+        S.t.push(t);
+        S.total.push(null);
+        for (const col of Object.values(S.providers)) col.values.push(null);
+      }
+      S.total[at] = delta.throughput_gflops[i];
+      for (const [pid, p] of Object.entries(delta.providers || {})) S.providers[pid].values[at] = p.gflops[i];
+    });
     const extra = S.t.length - MAX_SAMPLES;
     if (extra > 0) {
+      S.n.splice(0, extra);
       S.t.splice(0, extra);
       S.total.splice(0, extra);
       for (const col of Object.values(S.providers)) col.values.splice(0, extra);

@@ -148,3 +148,41 @@ def test_finished_jobs_are_counted_from_the_event_bus_and_looked_up() -> None:
 
     # no observer, no providers, nothing finished: still valid
     parse_prometheus(render_prometheus(snap(0.0, [])))
+
+
+def busy(pid: str, name: str, assigned: int) -> dict[str, Any]:
+    return {**node(pid, name), "assigned": assigned}
+
+
+def test_work_is_spread_over_the_time_it_was_computed() -> None:
+    # a subtask at 10 GFLOP/s, sent between 100 and 101 (seen busy from 101) and done at 116, whose
+    # flops all count when its result comes in: 16 samples at its rate over 100-116 (never above
+    # 10 GFLOP/s), not 15 zeros and a 150 GFLOP/s spike
+    obs = Observer()
+    obs.sample(snap(100.0, [busy(A, "a", 0), busy(B, "b", 0)]), {A: 0.0, B: 0.0})
+    for t in range(101, 116):
+        obs.sample(snap(float(t), [busy(A, "a", 1), busy(B, "b", 0)]), {A: 0.0, B: 0.0})
+    cursor = obs.cursor["sample"]
+    assert cursor == 15 and obs.latest_gflops() == 0.0
+    point = obs.sample(snap(116.0, [busy(A, "a", 0), busy(B, "b", 0)]), {A: 150e9, B: 0.0})
+    assert point is not None and point["providers"][A] == 9.375
+    cols = obs.series()
+    assert cols["providers"][A]["gflops"] == [9.375] * 16
+    assert max(cols["throughput_gflops"]) == 9.375 and cols["providers"][B]["gflops"] == [0.0] * 16
+    # a reader that had everything up to the cursor gets the amended samples again, by number
+    delta = obs.series(after=cursor)
+    assert delta["n"] == list(range(1, 17)) and delta["throughput_gflops"] == [9.375] * 16
+    assert obs.series(after=obs.cursor["sample"])["n"] == []
+
+    # idle in between: a short subtask later is not spread over the idle time
+    obs.sample(snap(117.0, [busy(A, "a", 0), busy(B, "b", 0)]), {A: 150e9, B: 0.0})
+    obs.sample(snap(118.0, [busy(A, "a", 0), busy(B, "b", 1)]), {A: 150e9, B: 0.0})
+    obs.sample(snap(120.0, [busy(A, "a", 0), busy(B, "b", 0)]), {A: 150e9, B: 8e9})
+    cols = obs.series()
+    # seen idle at 117, busy at 118, done by 120: 8 GFLOP over 117-120, nothing before 117
+    assert cols["providers"][B]["gflops"][-4:] == [0.0, 0.0, 2.666667, 2.666667]
+    assert cols["providers"][A]["gflops"][-3:] == [0.0, 0.0, 0.0]
+    # progress reported as it goes: nothing to spread, each sample has its own share
+    obs.sample(snap(121.0, [busy(A, "a", 1), busy(B, "b", 0)]), {A: 153e9, B: 8e9})
+    obs.sample(snap(122.0, [busy(A, "a", 1), busy(B, "b", 0)]), {A: 156e9, B: 8e9})
+    assert obs.series()["providers"][A]["gflops"][-2:] == [3.0, 3.0]
