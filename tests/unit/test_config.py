@@ -371,3 +371,32 @@ def test_help_names_the_program(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: dcf-head") and "--heartbeat-interval" in out and "DCF_HEARTBEAT_INTERVAL" in out
+
+
+# ---- boolean options are flags (issue 11) ------------------------------------------------------------
+def test_boolean_options_are_flags():
+    cfg = head(["--fsync", "--log-json"])
+    assert cfg.fsync is True and cfg.log_json is True
+    assert head(["--no-fsync"], env={"DCF_FSYNC": "true"}).fsync is False  # a flag beats the environment
+    assert head(["--fsync", "false"]).fsync is False  # an explicit value still works
+    assert provider(["--log-json"]).log_json is True
+    bools = [opt for opt in (*HEAD_OPTIONS, *PROVIDER_OPTIONS, *CLIENT_OPTIONS) if opt.value_type is bool]
+    assert bools
+    for opt in bools:
+        assert f"`--no-{opt.flag[2:]}`" in config.markdown_table()
+
+
+def test_head_url_without_a_scheme_is_http():
+    assert config.client_settings(["--head", "10.0.0.2:8080"], env={}).head_url == "http://10.0.0.2:8080"
+    assert config.client_settings([], env={"DCF_HEAD_URL": "h:1"}).head_url == "http://h:1"
+    assert ClientSettings.from_values({"head_url": "https://h"}, env={}).head_url == "https://h"
+    for bad in ("ftp://h:1", "http://", "http://h:99999"):
+        with pytest.raises(ConfigError, match="--head: .* is not an http:// or https:// URL"):
+            config.client_settings(["--head", bad], env={})
+
+
+def test_reconnect_wait_option():
+    assert config.client_settings([], env={}).reconnect_wait == 60.0
+    assert config.client_settings(["--reconnect-wait", "0"], env={}).reconnect_wait == 0.0
+    with pytest.raises(ConfigError, match="DCF_RECONNECT_WAIT"):
+        config.client_settings([], env={"DCF_RECONNECT_WAIT": "-1"})
