@@ -4,6 +4,7 @@ dashboard's static files. It runs in the head's event loop: handlers call the he
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -32,4 +33,22 @@ def create_app(head: HeadApi) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=ops.DASHBOARD), name="static")
+    _token_optional_unless_set(app, bool(head.cfg.api_token))
     return app
+
+
+def _token_optional_unless_set(app: FastAPI, required: bool) -> None:
+    """The bearer token is declared on every guarded route (the "Authorize" button of /docs), as
+    required only where the head has one (``--api-token``): without, no security is an option too."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        if not required:
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    if isinstance(op, dict) and op.get("security") and {} not in op["security"]:
+                        op["security"].append({})
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

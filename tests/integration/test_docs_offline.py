@@ -56,5 +56,6 @@ def test_openapi_describes_bodies_responses_and_the_token(head_url: str) -> None
     schemes = spec["components"]["securitySchemes"]
     assert [s["scheme"] for s in schemes.values()] == ["bearer"]
     assert submit["security"] and "security" not in spec["paths"]["/v1/health"]["get"]
+    assert {} not in submit["security"]  # this head has --api-token: required (without one it is optional)
     job_param = spec["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"][0]
     assert job_param["in"] == "path" and "prefix" in job_param["description"]

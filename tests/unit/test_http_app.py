@@ -345,6 +345,13 @@ def test_openapi_documents_every_json_response(http: TestClient) -> None:
 MSGPACK = {"content-type": "application/msgpack"}
 
 
+def test_the_token_is_optional_in_openapi_without_one(http: TestClient, tmp_path: Path) -> None:
+    spec = http.get("/openapi.json").json()
+    assert {} in spec["paths"]["/v1/jobs"]["post"]["security"]
+    with TestClient(create_app(FakeHead(tmp_path, TOKEN))) as guarded:
+        assert {} not in guarded.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]["security"]
+
+
 def test_batch_submit_decodes_inline_operands_and_replies_in_msgpack(http: TestClient, head: FakeHead) -> None:
     a = np.arange(6.0).reshape(2, 3)
     body = batch.encode_batch_request([{"type": "matmul", "inputs": {"a": a, "b": "c" * 32}, "nodes": 2}], wait=5)
