@@ -32,18 +32,29 @@ TERMINAL_NAMES = frozenset(s.value for s in TERMINAL)
 ACTIVE_NAMES = frozenset({JobState.QUEUED.value, JobState.RUNNING.value})
 
 
+#: the units a job's progress is counted in (``Progress.unit``): a matmul's rows, a training's
+#: optimizer steps, or (any other task type) its subtasks
+PROGRESS_UNITS = ("rows", "steps", "subtasks")
+
+
 @dataclass(frozen=True)
 class Progress:
+    """How far a job has got: ``done`` of ``total`` ``unit``s. One definition (its planner's, plus the rows
+    providers report of running subtasks), the same in every view, event and stored outcome."""
+
     done: int = 0
     total: int = 0
+    unit: str = "subtasks"
 
-    def to_dict(self) -> dict[str, int]:
-        return {"done": self.done, "total": self.total}
+    def to_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "total": self.total, "unit": self.unit}
 
     @classmethod
     def of(cls, data: object) -> Progress:
         if isinstance(data, Mapping):
-            return cls(int(data.get("done", 0)), int(data.get("total", 0)))
+            unit = data.get("unit")
+            return cls(int(data.get("done", 0)), int(data.get("total", 0)),
+                       unit if isinstance(unit, str) and unit else "subtasks")
         return cls()
 
 

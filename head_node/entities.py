@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.jobs import JobState
+from common.jobs import JobState, Progress
 from common.protocol import ProviderHello
 from common.tasks import ArrayMeta, Planner, ProviderSpec
 
@@ -85,6 +85,17 @@ class Assignments:
 
 
 @dataclass
+class Stopping:
+    """A subtask of an ended job (or a beaten copy) the provider was told to stop: it stays in the
+    provider's assignments until the provider says it stopped (``cancelled``, a late result or failure, or
+    a heartbeat that no longer lists it), or until ``until`` (a provider that ignores the cancel)."""
+
+    since: float
+    until: float
+    told: float  # when the cancel was last sent (a heartbeat that still lists it sends it again)
+
+
+@dataclass
 class Provider:
     info: ProviderInfo
     last_seen: float
@@ -96,6 +107,8 @@ class Provider:
     #: subscribed again within the disconnect grace, it is declared lost
     disconnected_at: float | None = None
     assigned: Assignments = field(default_factory=lambda: Assignments())
+    #: (job id, subtask index) of ``assigned`` it was told to stop
+    stopping: dict[tuple[str, int], Stopping] = field(default_factory=dict)
     subtasks_done: int = 0
     flops_done: float = 0.0
     #: throughput learned from finished subtasks, per task type (the benchmark is the prior)
@@ -156,6 +169,8 @@ class Subtask:
     acked_at: float = 0.0
     straggle_at: float = 0.0  # running past this, it is a straggler: flagged once, copied elsewhere
     straggling: bool = False
+    #: provider id -> the fraction of this subtask it reported done (its flops are counted as it goes)
+    reported: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,15 +192,21 @@ class Job:
     stats: dict[str, Any] = field(default_factory=dict)
 
     done_count: int = 0  # subtasks DONE (a subtask never leaves DONE)
+    #: subtask index -> units of progress its providers reported of it while it runs (not yet merged)
+    partial: dict[int, float] = field(default_factory=dict)
 
-    def progress(self) -> tuple[int, int]:
-        """(done, total) as its planner counts; a task type's bug there falls back to subtasks."""
+    def progress(self) -> Progress:
+        """The job's one progress: its planner's count of merged results plus what providers reported
+        of running subtasks, in the planner's unit. A task type's bug there falls back to subtasks."""
         try:
             done, total = self.planner.progress()
-            return int(done), int(total)
+            done, total = int(done), int(total)
+            if self.partial:
+                done = min(total, done + int(sum(self.partial.values())))
+            return Progress(done, total, str(self.planner.progress_unit))
         except Exception:
             log.exception("the planner's progress failed", extra={"job_id": self.job_id})
-            return self.done_count, len(self.subtasks)
+            return Progress(self.done_count, len(self.subtasks), "subtasks")
 
     def summary(self) -> dict[str, Any]:
         """The planner's stats; a task type's bug there loses the stats, never the job's outcome."""

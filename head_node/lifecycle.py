@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -74,7 +76,7 @@ class Lifecycle:
         #: submissions waiting for the broker's confirm -> a delivery of theirs that came first
         self.parked: dict[str, tuple[dict[str, Any], Ack] | None] = {}
         #: module -> its import on a thread (slow imports of a task type's head side, e.g. torch)
-        self.imports: dict[str, asyncio.Future[str]] = {}
+        self.imports: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
         self.waiters: dict[str, asyncio.Event] = {}
 
     # ---- accept ---------------------------------------------------------------------------
@@ -105,13 +107,13 @@ class Lifecycle:
         except DcfError:
             self._unpublish(ids)
             raise
+        for record in records:  # before any event of the job: a parked delivery starts it right below
+            log.debug("job accepted: %s", record.type, extra={"job_id": record.job_id})
+            self.events.emit("job.accepted", job_id=record.job_id, type=record.type)
         for job_id in ids:
             early = self.parked.pop(job_id, None)
             if early is not None:
                 self.deliver(*early)
-        for record in records:
-            log.debug("job accepted: %s", record.type, extra={"job_id": record.job_id})
-            self.events.emit("job.accepted", job_id=record.job_id, type=record.type)
         return ids
 
     def _unpublish(self, ids: list[str]) -> None:
@@ -137,6 +139,11 @@ class Lifecycle:
 
     def make_record(self, spec: JobSpec) -> JobRecord:
         task = tasks.get(spec.type)
+        absent = next((m for m in task.head_imports if not _installed(m)), None)
+        if absent is not None:  # refused at once, not accepted and then failed
+            why = needs_on_head(task, absent)
+            log.warning("refused a %s job: %s", task.name, why)
+            raise ValidationError(why)
         names = {**spec.blobs, **spec.inline}
         missing = [n for n in task.inputs if n not in names]
         extra = [n for n in names if n not in task.inputs]
@@ -176,16 +183,17 @@ class Lifecycle:
             return
         self._open(task, message, ack)
 
-    def _import(self, module: str) -> asyncio.Future[str]:
+    def _import(self, module: str) -> asyncio.Future[tuple[str, str] | None]:
         if module not in self.imports:
             self.imports[module] = asyncio.ensure_future(asyncio.to_thread(_import_module, module))
         return self.imports[module]
 
-    async def _deliver_after(self, pending: Sequence[asyncio.Future[str]], message: dict[str, Any],
+    async def _deliver_after(self, pending: Sequence[asyncio.Future[tuple[str, str] | None]], message: dict[str, Any],
                              ack: Ack) -> None:
         errors = [e for e in await asyncio.gather(*(asyncio.shield(f) for f in pending)) if e]
         if errors:
-            self._refuse(message["job_id"], f"this job needs {errors[0]} on the head", ack)
+            module, why = errors[0]
+            self._refuse(message["job_id"], needs_on_head(tasks.get(message["type"]), module, why), ack)
             return
         act = self.active.get(message["job_id"])
         if act is not None:  # redelivered while it waited: the newest delivery's ack counts
@@ -262,8 +270,8 @@ class Lifecycle:
     def close(self, job: Job, names: dict[str, str]) -> None:
         """The job ended (done, failed or cancelled): keep its outputs, store the outcome, then ack."""
         act = self.active.pop(job.job_id, None)
-        done, total = job.progress()
-        stats = {**job.stats, **job.summary(), "progress": {"done": done, "total": total},
+        # the progress as it stands: a cancelled job keeps what it had done (rows reported included)
+        stats = {**job.stats, **job.summary(), "progress": job.progress().to_dict(),
                  "shares": {names.get(p, p): round(f, 4) for p, f in job.shares().items()}}
         if act is not None:
             stats.update(act.live_stats())
@@ -331,10 +339,29 @@ def validate(task: tasks.TaskType, params: dict[str, Any], metas: dict[str, Arra
         raise ValidationError(f"task type {task.name} rejected the job: {type(exc).__name__}: {exc}") from None
 
 
-def _import_module(module: str) -> str:
-    """On a thread: import a module; '' if it worked, else why not (a broken install may raise anything)."""
+def _import_module(module: str) -> tuple[str, str] | None:
+    """On a thread: import a module; None if it worked, else (module, why not) (a broken install may raise
+    anything)."""
     try:
         importlib.import_module(module)
     except BaseException as exc:
-        return f"{module} ({type(exc).__name__}: {exc})"[:300]
-    return ""
+        return module, f"{type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found (not imported: that is done once, on a thread, at delivery)."""
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs_on_head(task: tasks.TaskType, module: str, why: str = "") -> str:
+    """The one line that says a task type's head side lacks a module, and how to install it."""
+    if isinstance(why, str) and why and not why.startswith(("ModuleNotFoundError", "ImportError")):
+        return f"the {task.name} task needs {module} on the head, and importing it failed: {why}"
+    hint = f"pip install 'dcf[{task.head_extra}]'" if task.head_extra else f"pip install {module}"
+    return f"the {task.name} task needs {module} on the head: {hint}"

@@ -19,7 +19,7 @@ import numpy as np
 
 from common import config, layout, protocol, security
 from common.arrays import from_bytes
-from common.errors import Conflict, DcfError, NotFound, UnknownProvider, ValidationError
+from common.errors import Conflict, DcfError, NotFound, ProtocolError, UnknownProvider, ValidationError
 from common.jobs import TERMINAL_NAMES, JobRecord, JobState
 from common.protocol import check_id
 from common.protocol.batch import JobSpec
@@ -65,6 +65,8 @@ class Head:
         self._heartbeat_acks = {sub: protocol.encode("heartbeat_ack", {"epoch": self.incarnation, "subscribed": sub})
                                 for sub in (False, True)}
         self._tasks: list[asyncio.Task[Any]] = []
+        #: job id -> when its last ``job.progress`` event from a provider's report went out (at most 4 a second)
+        self._progress_told: dict[str, float] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,13 +137,26 @@ class Head:
             self._straggler(action)
         elif isinstance(action, sm.ProviderLost):
             self._lost(action)
+        elif isinstance(action, sm.StopSubtasks):
+            self._stop_subtasks(action)
 
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]  # its row stays queued: the scheduler holds it (list_jobs)
         log.debug("job started with %d subtasks", len(job.subtasks), extra={"job_id": job_id})
-        self.events.emit("job.started", job_id=job_id, subtasks=len(job.subtasks))
+        self.events.emit("job.started", job_id=job_id, subtasks=len(job.subtasks), **job.progress().to_dict())
+
+    def _stop_subtasks(self, a: sm.StopSubtasks) -> None:
+        """``cancel`` to the provider (PROTOCOL.md 5.2): it drops what it queued of the job and stops what
+        runs at its next block; the subtasks stay assigned to it until it says so."""
+        fields: dict[str, Any] = {"job_id": a.job_id, "epoch": self.incarnation}
+        if a.subtask is not None:
+            fields["subtask"] = a.subtask
+        self.transport.publish(protocol.encode("cancel", fields, topic=a.provider_id.encode()))
+        log.debug("told to stop %s", "its subtasks" if a.subtask is None else f"subtask {a.subtask}",
+                  extra={"job_id": a.job_id, "provider_id": a.provider_id})
 
     def _closed(self, job: st.Job) -> None:
+        self._progress_told.pop(job.job_id, None)
         self.jobs.close(job, views.provider_names(self.state.providers))
         if job.finished_at:
             self.finished.append((job.task_type, job.state.value, job.finished_at - job.created_at))
@@ -154,10 +169,14 @@ class Head:
                          seconds=a.seconds, copied_to=a.copied_to)
 
     def _lost(self, a: sm.ProviderLost) -> None:
-        log.warning("provider lost; %d subtasks re-queued", a.requeued, extra={"provider_id": a.provider_id})
         prov = self.state.providers.get(a.provider_id)
-        self.events.emit("node.lost", provider_id=a.provider_id, name=prov.info.name if prov else "",
-                         requeued=a.requeued, reason=a.reason)
+        name = prov.info.name if prov else ""
+        if a.reason == sm.LEFT:  # a clean exit (unregister): news, not an alarm
+            log.info("provider left; %d subtasks re-queued", a.requeued, extra={"provider_id": a.provider_id})
+            self.events.emit("node.left", provider_id=a.provider_id, name=name, requeued=a.requeued)
+            return
+        log.warning("provider lost; %d subtasks re-queued", a.requeued, extra={"provider_id": a.provider_id})
+        self.events.emit("node.lost", provider_id=a.provider_id, name=name, requeued=a.requeued, reason=a.reason)
 
     def _dispatch(self, d: sm.Dispatch) -> None:
         job = self.state.jobs.get(d.job_id)
@@ -193,16 +212,18 @@ class Head:
             return self._register(msg, pid)
         if msg.type == "heartbeat":
             local = self._is_local(pid, msg.get("local_epoch"))
-            if any(isinstance(a, sm.RegisterAgain) for a in self.apply(sm.HeartbeatReceived(pid, local))):
+            held = msg["running"]  # cut at 64 entries by the reference provider: a full list may be partial
+            running = (frozenset(held) if len(held) < 64 and all(isinstance(h, str) for h in held) else None)
+            if any(isinstance(a, sm.RegisterAgain) for a in self.apply(sm.HeartbeatReceived(pid, local, running))):
                 return protocol.error_frames(UnknownProvider.code, "register again")
             # subscribed: whether the head sees this provider's SUB (a provider that is told "no" again and
             # again opens its SUB and PUSH connections anew: e.g. one refused while its key was not allowed)
             return self._heartbeat_acks[self.state.providers[pid].subscribed]
         if msg.type == "fetch":
             return self._fetch(pid, msg)
-        self.apply(sm.ProviderLeft(pid))
-        log.info("provider left", extra={"provider_id": pid})
-        self.events.emit("node.left", provider_id=pid)
+        if not any(isinstance(a, sm.ProviderLost) for a in self.apply(sm.ProviderLeft(pid))):
+            log.info("provider left", extra={"provider_id": pid})  # one the head had already let go
+            self.events.emit("node.left", provider_id=pid, name="", requeued=0)
         return protocol.encode("ok")
 
     def _register(self, msg: protocol.Message, pid: str) -> list[Any]:
@@ -266,6 +287,13 @@ class Head:
             log.warning("subtask failed on provider: %.300s", msg["error"], extra=ctx)
             self.apply(sm.SubtaskFailed(pid, *key, msg["error"][:500], msg["retryable"]))
             return
+        if msg.type == "progress":
+            self._on_progress(msg, pid, key)
+            return
+        if msg.type == "cancelled":
+            log.debug("subtask stopped on the provider", extra=ctx)
+            self.apply(sm.SubtaskCancelled(pid, *key))
+            return
         job = self.state.jobs.get(key[0])
         act = self.jobs.active.get(key[0])
         if job is None or act is None or not 0 <= key[1] < len(job.subtasks):
@@ -288,10 +316,24 @@ class Head:
             return
         now = time.time()
         actions = self.state.handle(sm.ResultReceived(pid, *key, elapsed=float(msg["elapsed_s"])), now)
+        self._run([a for a in actions if not isinstance(a, sm.MergeResult)])  # e.g. stop a beaten copy
         if not any(isinstance(a, sm.MergeResult) for a in actions):
             log.info("ignored late or duplicate result", extra=ctx)
             return
         self._merge(job, act, params, msg, now, ctx)
+
+    def _on_progress(self, msg: protocol.Message, pid: str, key: tuple[str, int, int, str]) -> None:
+        """How far a running subtask got (optional message): the job's progress and the provider's flops."""
+        done, total = msg["done"], msg["total"]
+        if total < 1 or done > total:
+            raise ProtocolError(f"progress: done {done} of total {total}: need 0 <= done <= total, total >= 1")
+        self.apply(sm.SubtaskProgress(pid, *key, done=done, total=total))
+        job = self.state.jobs.get(key[0])
+        now = time.monotonic()
+        if job is None or job.state is not st.JobState.RUNNING or now - self._progress_told.get(key[0], 0.0) < 0.25:
+            return
+        self._progress_told[key[0]] = now
+        self.events.emit("job.progress", job_id=key[0], **job.progress().to_dict(), provider_id=pid)
 
     def _merge(self, job: st.Job, act: Any, params: dict[str, Any], msg: protocol.Message, now: float,
                ctx: dict[str, Any]) -> None:
@@ -312,10 +354,9 @@ class Head:
         stats = msg["stats"]
         if isinstance(stats.get("nonfinite"), int):
             act.nonfinite += stats["nonfinite"]
-        done, total = job.progress()
-        if done < total:  # the last one is told by job.done
-            self.events.emit("job.progress", job_id=job.job_id, done=done, total=total,
-                             provider_id=ctx["provider_id"])
+        progress = job.progress()
+        if progress.done < progress.total:  # the last one is told by job.done
+            self.events.emit("job.progress", job_id=job.job_id, **progress.to_dict(), provider_id=ctx["provider_id"])
         self.apply(sm.ResultMerged(job.job_id))
 
     # ---- the facade the HTTP routers use --------------------------------------------------------
@@ -385,7 +426,7 @@ class Head:
         if job is not None and not job.state.terminal:
             raise Conflict(f"job {job_id} is {job.state.value}; cancel it first")
         record = self._record(job_id)
-        self.apply(sm.JobForgotten(job_id))
+        self.apply(sm.JobForgotten(job_id, deleted=True))
         self.events.forget_job(job_id)
         self._delete_files(job_id, record)
         self.store.delete(job_id)

@@ -39,7 +39,7 @@ from common.errors import Conflict, DcfError, NotFound
 from common.jobs import JobState
 from common.tasks import ProviderSpec, SubtaskPlan
 
-from .entities import Job, Provider, ProviderInfo, SubState, Subtask, service_seconds
+from .entities import Job, Provider, ProviderInfo, Stopping, SubState, Subtask, service_seconds
 from .stimuli import (
     DISCONNECTED,
     LEFT,
@@ -67,10 +67,13 @@ from .stimuli import (
     ResultMerged,
     ResultReceived,
     Stimulus,
+    StopSubtasks,
     Straggler,
     SubscriptionChanged,
     SubtaskAcked,
+    SubtaskCancelled,
     SubtaskFailed,
+    SubtaskProgress,
     SubtaskReport,
     Tick,
 )
@@ -117,6 +120,7 @@ class ClusterState:
         self.counters: dict[str, int] = {
             "subtasks_dispatched": 0, "subtasks_completed": 0, "subtasks_failed": 0,
             "subtasks_retried": 0, "subtasks_speculative": 0, "results_ignored": 0, "providers_lost": 0,
+            "subtasks_stopped": 0,  # stopped by their provider after a cancel (``cancelled``), not finished
         }
 
     # ---- the one entry -------------------------------------------------------------------
@@ -135,6 +139,7 @@ class ClusterState:
         if old is not None:
             prov.draining = old.draining
             prov.assigned = old.assigned
+            prov.stopping = old.stopping
             prov.subtasks_done = old.subtasks_done
             prov.flops_done = old.flops_done
             prov.last_result_at = old.last_result_at
@@ -147,7 +152,53 @@ class ClusterState:
             return [RegisterAgain(ev.provider_id)]
         prov.last_seen = now
         prov.local = ev.local
-        return []
+        return self._reconcile(prov, ev.running, now) if ev.running is not None and prov.stopping else []
+
+    def _reconcile(self, prov: Provider, running: frozenset[str], now: float) -> list[Action]:
+        """A heartbeat lists what the provider holds: a subtask it was told to stop and no longer lists has
+        stopped (a heartbeat sent before the cancel arrived does not count: only one a heartbeat interval
+        later); one it still lists is told again (the cancel may have been lost, PUB drops)."""
+        actions: list[Action] = []
+        wait = self.timing.heartbeat_interval
+        for key, stop in list(prov.stopping.items()):
+            if f"{key[0]}:{key[1]}" in running:
+                if now - stop.told >= wait:
+                    stop.told = now
+                    actions.append(StopSubtasks(prov.info.provider_id, key[0], key[1]))
+            elif now - stop.since >= wait:
+                self._stopped(prov, key)
+        return actions
+
+    def _stop(self, provider_id: str, job: Job, sub: Subtask, now: float) -> bool:
+        """Mark the provider's copy of ``sub`` as being stopped (it stays assigned until it stops); False if
+        the provider holds none."""
+        prov = self.providers.get(provider_id)
+        key = (job.job_id, sub.index)
+        if prov is None or key not in prov.assigned:
+            return False
+        if not prov.alive:
+            prov.assigned.discard(key)
+            return False
+        grace = max(self.timing.ack_timeout, self.timing.dead_after)
+        until = max(now + grace, sub.deadline if sub.state is SubState.RUNNING else 0.0)
+        prov.stopping[key] = Stopping(since=now, until=until, told=now)
+        return True
+
+    @staticmethod
+    def _stopped(prov: Provider, key: tuple[str, int]) -> bool:
+        """The provider no longer holds a subtask it was told to stop: it is free of it."""
+        if prov.stopping.pop(key, None) is None:
+            return False
+        prov.assigned.discard(key)
+        return True
+
+    def _report_stopped(self, ev: SubtaskReport) -> bool:
+        """Any word from a provider about a subtask it was told to stop (cancelled, a result, a failure)
+        means it no longer holds it."""
+        prov = self.providers.get(ev.provider_id)
+        if prov is None or not prov.stopping or ev.incarnation != self.incarnation:
+            return False
+        return self._stopped(prov, (ev.job_id, ev.subtask))
 
     def _on_subscription(self, ev: SubscriptionChanged, now: float) -> list[Action]:
         topic, subscribed = ev.topic, ev.subscribed
@@ -202,15 +253,18 @@ class ClusterState:
                 continue
             sub = job.subtasks[index]
             if sub.state is not SubState.DONE and sub.provider_id == provider_id:
-                self._requeue(sub)
+                self._requeue(job, sub)
                 requeued += 1
         prov.assigned.clear()
+        prov.stopping.clear()
         self.counters["providers_lost"] += 1
         return [ProviderLost(provider_id, requeued, reason)]
 
-    def _requeue(self, sub: Subtask) -> None:
+    def _requeue(self, job: Job, sub: Subtask) -> None:
         sub.state = SubState.PENDING
         sub.provider_id = None
+        sub.reported.clear()
+        job.partial.pop(sub.index, None)
         self.counters["subtasks_retried"] += 1
 
     # ---- jobs --------------------------------------------------------------------------
@@ -228,8 +282,8 @@ class ClusterState:
             raise NotFound(f"no job {ev.job_id}")
         if job.state.terminal:
             raise Conflict(f"job {ev.job_id} is already {job.state.value}")
-        self._finish(job, JobState.CANCELLED, now, "cancelled by user")
-        return [JobCancelled(job.job_id)]
+        stops = self._finish(job, JobState.CANCELLED, now, "cancelled by user")
+        return [*stops, JobCancelled(job.job_id)]
 
     def _on_fail_requested(self, ev: JobFailRequested, now: float) -> list[Action]:
         job = self.jobs.get(ev.job_id)
@@ -239,15 +293,26 @@ class ClusterState:
 
     def _on_forgotten(self, ev: JobForgotten, now: float) -> list[Action]:
         self.jobs.pop(ev.job_id, None)
-        return []
+        if not ev.deleted:
+            return []
+        # deleted: whoever still holds a subtask of it is told once more
+        return [StopSubtasks(pid, ev.job_id) for pid, prov in self.providers.items()
+                if prov.alive and any(key[0] == ev.job_id for key in prov.stopping)]
 
-    def _finish(self, job: Job, state: JobState, now: float, error: str | None = None) -> None:
+    def _finish(self, job: Job, state: JobState, now: float, error: str | None = None) -> list[Action]:
+        """The job ended: the providers holding its unfinished subtasks are told to stop them (they stay
+        assigned until they did: ``assigned`` tells the truth)."""
         job.state = state
         job.finished_at = now
         job.error = error
+        told: set[str] = set()
         for sub in job.subtasks:
-            if sub.provider_id and sub.provider_id in self.providers:
-                self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
+            if sub.state is SubState.DONE:
+                continue
+            for pid in dict.fromkeys(sub.tried):
+                if self._stop(pid, job, sub, now):
+                    told.add(pid)
+        return [StopSubtasks(pid, job.job_id) for pid in sorted(told)]
 
     # ---- subtask lifecycle ---------------------------------------------------------------
     def _live_subtask(self, ev: SubtaskReport) -> Subtask | None:
@@ -298,24 +363,32 @@ class ClusterState:
         prov = self.providers.get(provider_id)
         free_at = prov.last_result_at if prov is not None else 0.0  # before this result moves it
         self._finished_work(ev, now)
+        self._report_stopped(ev)
         sub = self._live_subtask(ev)
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
             return []
-        for pid in set(sub.tried):  # a speculative copy may be out on another provider
-            if pid in self.providers:
-                self.providers[pid].assigned.discard((job_id, index))
+        job = self.jobs[job_id]
+        stops: list[Action] = []
+        for pid in dict.fromkeys(sub.tried):  # a speculative copy may be out on another provider: stop it
+            if pid == provider_id:
+                if prov is not None:
+                    prov.assigned.discard((job_id, index))
+            elif self._stop(pid, job, sub, now):
+                stops.append(StopSubtasks(pid, job_id, index))
         sub.state = SubState.DONE
-        self.jobs[job_id].done_count += 1
+        job.done_count += 1
+        job.partial.pop(index, None)
         sub.done_by = provider_id
         if prov is not None:
             prov.subtasks_done += 1
-            prov.flops_done += sub.cost
+            prov.flops_done += sub.cost * (1.0 - sub.reported.get(provider_id, 0.0))  # the rest of it
             sent_at = sub.sent[attempt - 1] if attempt <= len(sub.sent) else sub.sent_at
             seconds = service_seconds(ev.elapsed, sent_at, free_at, now)
             prov.learn(self.jobs[job_id].task_type, sub.cost, seconds)  # the next split uses it
+        sub.reported.clear()
         self.counters["subtasks_completed"] += 1
-        return [MergeResult(provider_id, job_id, index, attempt)]
+        return [MergeResult(provider_id, job_id, index, attempt), *stops]
 
     def _on_merged(self, ev: ResultMerged, now: float) -> list[Action]:
         job = self.jobs.get(ev.job_id)
@@ -344,7 +417,7 @@ class ClusterState:
                 actions += self._add_subtasks(job, plans, now)
                 outstanding += len(plans)
         if outstanding == 0 and job.planner.finished:
-            self._finish(job, JobState.DONE, now)
+            actions += self._finish(job, JobState.DONE, now)
             actions.append(JobFinished(job.job_id))
         return actions
 
@@ -358,29 +431,66 @@ class ClusterState:
 
     def _on_failed(self, ev: SubtaskFailed, now: float) -> list[Action]:
         self._finished_work(ev, now)
+        self._report_stopped(ev)
         sub = self._live_subtask(ev)
         if (sub is None or sub.attempt != ev.attempt or sub.tried[ev.attempt - 1] != ev.provider_id
                 or sub.state is SubState.PENDING):
             return []
         self.counters["subtasks_failed"] += 1
         job = self.jobs[ev.job_id]
+        prov = self.providers.get(ev.provider_id)
+        if prov is not None:  # it is done with this one: not told to stop it below
+            prov.assigned.discard((ev.job_id, ev.subtask))
         where = f"on provider {ev.provider_id[:8]}: {ev.error}"
         if not ev.retryable:
             return self._fail(job, now, f"subtask {ev.subtask} failed {where}")
         return self._strike(job, sub, now, f"failed {where}") + self._schedule(now)
 
-    def _strike(self, job: Job, sub: Subtask, now: float, why: str) -> list[Action]:
+    def _strike(self, job: Job, sub: Subtask, now: float, why: str, still_running: bool = False) -> list[Action]:
         """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job
-        once it has struck out ``max_attempts`` times (so nothing is retried forever)."""
+        once it has struck out ``max_attempts`` times (so nothing is retried forever). ``still_running``
+        (a missed deadline): its provider is told to stop it, and holds it until it did."""
+        stops: list[Action] = []
+        if still_running and sub.provider_id and self._stop(sub.provider_id, job, sub, now):
+            stops.append(StopSubtasks(sub.provider_id, job.job_id, sub.index))
         self._release(job, sub)
         sub.strikes += 1
         if sub.strikes >= self.timing.max_attempts:
-            return self._fail(job, now, f"subtask {sub.index} gave up after {sub.strikes} tries; last: {why}")
-        return []
+            return stops + self._fail(job, now, f"subtask {sub.index} gave up after {sub.strikes} tries; last: {why}")
+        return stops
 
     def _fail(self, job: Job, now: float, error: str) -> list[Action]:
-        self._finish(job, JobState.FAILED, now, error)
-        return [JobFailed(job.job_id, error)]
+        stops = self._finish(job, JobState.FAILED, now, error)
+        return [*stops, JobFailed(job.job_id, error)]
+
+    def _on_progress(self, ev: SubtaskProgress, now: float) -> list[Action]:
+        """A running subtask's provider reports how far it got: its flops count as they are done (the
+        throughput moves during a long subtask) and the job's progress includes them."""
+        sub = self._live_subtask(ev)
+        prov = self.providers.get(ev.provider_id)
+        if (sub is None or prov is None or sub.tried[ev.attempt - 1] != ev.provider_id
+                or (ev.job_id, ev.subtask) not in prov.assigned or ev.total <= 0):
+            return []
+        fraction = min(1.0, max(0.0, ev.done / ev.total))
+        before = sub.reported.get(ev.provider_id, 0.0)
+        if fraction <= before:
+            return []
+        sub.reported[ev.provider_id] = fraction
+        prov.flops_done += sub.cost * (fraction - before)
+        job = self.jobs[ev.job_id]
+        units = job.planner.subtask_units(sub.params) * fraction
+        if units > job.partial.get(ev.subtask, 0.0):
+            job.partial[ev.subtask] = units
+        return []
+
+    def _on_cancelled(self, ev: SubtaskCancelled, now: float) -> list[Action]:
+        """A provider stopped a subtask it was told to stop: it is free of it. One it stopped unasked (a
+        subtask the head still wants) is a retryable failure."""
+        if self._report_stopped(ev):
+            self.counters["subtasks_stopped"] += 1
+            return []
+        return self._on_failed(SubtaskFailed(ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.incarnation,
+                                             "the provider stopped it", True), now)
 
     # ---- time ----------------------------------------------------------------------------
     def _on_reschedule(self, ev: Reschedule, now: float) -> list[Action]:
@@ -396,6 +506,9 @@ class ClusterState:
                 actions += self._lose(pid, SILENT)
             elif not prov.alive and now - prov.last_seen > self.timing.forget_after:
                 del self.providers[pid]  # bounded table; a late register brings it back
+            elif prov.stopping:  # a provider that ignores cancels is taken at its word after a bound
+                for key in [k for k, stop in prov.stopping.items() if now > stop.until]:
+                    self._stopped(prov, key)
         for job in self.jobs.values():
             if job.state is not JobState.RUNNING:
                 continue
@@ -405,7 +518,7 @@ class ClusterState:
                 if sub.state is SubState.SENT and now - sub.sent_at > self.timing.ack_timeout:
                     actions += self._strike(job, sub, now, "not acknowledged in time")
                 elif sub.state is SubState.RUNNING and now > sub.deadline:
-                    actions += self._strike(job, sub, now, "deadline passed")
+                    actions += self._strike(job, sub, now, "deadline passed", still_running=True)
                 elif sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at:
                     actions += self._guarded(job, now, partial(self._straggler, job, sub, now))
         return actions + self._schedule(now)
@@ -428,10 +541,11 @@ class ClusterState:
         return [Straggler(job.job_id, sub.index, slow, round(now - sub.acked_at, 3), copy_to), *actions]
 
     def _release(self, job: Job, sub: Subtask) -> None:
-        if sub.provider_id in self.providers:
-            self.providers[sub.provider_id].assigned.discard((job.job_id, sub.index))
+        prov = self.providers.get(sub.provider_id or "")
+        if prov is not None and (job.job_id, sub.index) not in prov.stopping:  # a stopping one holds it still
+            prov.assigned.discard((job.job_id, sub.index))
         if sub.state is not SubState.PENDING:
-            self._requeue(sub)
+            self._requeue(job, sub)
 
     # ---- scheduling ----------------------------------------------------------------------
     def eligible_providers(self, job: Job) -> tuple[list[ProviderSpec], str | None]:
@@ -535,6 +649,7 @@ class ClusterState:
         sub.tried.append(provider_id)
         sub.sent.append(now)
         prov = self.providers[provider_id]
+        prov.stopping.pop((job.job_id, sub.index), None)  # given to it again: it holds the new copy
         prov.assigned.add((job.job_id, sub.index), sub.cost / (prov.gflops(job.task_type) * 1e9))
         self.counters["subtasks_dispatched"] += 1
         return Dispatch(provider_id, job.job_id, sub.index, sub.attempt)
@@ -546,5 +661,5 @@ _HANDLERS: dict[type, str] = {
     JobAdded: "_on_job_added", CancelRequested: "_on_cancel",
     JobFailRequested: "_on_fail_requested", JobForgotten: "_on_forgotten", SubtaskAcked: "_on_acked",
     ResultReceived: "_on_result", ResultMerged: "_on_merged", SubtaskFailed: "_on_failed", Tick: "_on_tick",
-    Reschedule: "_on_reschedule",
+    Reschedule: "_on_reschedule", SubtaskProgress: "_on_progress", SubtaskCancelled: "_on_cancelled",
 }

@@ -23,6 +23,9 @@ class ProviderRegistered:
 class HeartbeatReceived:
     provider_id: str
     local: bool = False  # it proved it shares the head's state dir
+    #: the "job_id:subtask" entries it says it holds (queued or running); None: not known (a list that
+    #: may have been cut at its 64 entries, or not a list of strings)
+    running: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class JobFailRequested:
 @dataclass(frozen=True)
 class JobForgotten:
     job_id: str
+    deleted: bool = False  # by the user (DELETE): providers still stopping its subtasks are told again
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,19 @@ class SubtaskFailed(SubtaskReport):
 
 
 @dataclass(frozen=True)
+class SubtaskProgress(SubtaskReport):
+    """A provider says how far it got with a running subtask: ``done`` of ``total`` of its own units."""
+
+    done: int = 0
+    total: int = 1
+
+
+@dataclass(frozen=True)
+class SubtaskCancelled(SubtaskReport):
+    """A provider stopped (or dropped) a subtask without a result, as a ``cancel`` asked."""
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: timeouts, deadlines, stragglers, dead providers."""
 
@@ -129,7 +146,7 @@ class Reschedule:
 
 Stimulus = (ProviderRegistered | HeartbeatReceived | SubscriptionChanged | ProviderDisconnected | ProviderLeft
             | DrainRequested | JobAdded | CancelRequested | JobFailRequested | JobForgotten | SubtaskAcked
-            | ResultReceived | ResultMerged | SubtaskFailed | Tick | Reschedule)
+            | ResultReceived | ResultMerged | SubtaskFailed | SubtaskProgress | SubtaskCancelled | Tick | Reschedule)
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -195,6 +212,16 @@ class MergeResult:
 
 
 @dataclass(frozen=True)
+class StopSubtasks:
+    """Tell a provider to stop the job's subtasks it holds (``subtask``: only that one): the job ended, or
+    another copy of the subtask won. They stay in its assignments until it says they stopped."""
+
+    provider_id: str
+    job_id: str
+    subtask: int | None = None
+
+
+@dataclass(frozen=True)
 class RegisterAgain:
     """Tell this provider the head does not know it (a heartbeat from an unknown or dead id)."""
 
@@ -210,4 +237,4 @@ class PlannerEffects:
 
 
 Action = (Dispatch | JobStarted | JobFinished | JobFailed | JobCancelled | ProviderLost | Straggler | MergeResult
-          | RegisterAgain | PlannerEffects)
+          | RegisterAgain | PlannerEffects | StopSubtasks)

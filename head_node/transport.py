@@ -3,7 +3,7 @@
 Sockets (all bound by the head):
   ROUTER  registration_port  register / heartbeat / unregister / fetch; every request gets a reply
   XPUB    task_port          subtasks, topic = provider id; subscriptions mark providers ready
-  PULL    result_port        ack / result / failed from providers
+  PULL    result_port        ack / result / failed / progress / cancelled from providers
 
 Failure detection: the XPUB's unsubscribe of a provider's topic, which libzmq produces as soon as that
 provider's SUB connection ends (its process died: the kernel closed the socket; or the TCP connection
@@ -44,7 +44,7 @@ ROUTER_MAX_MESSAGE = 1 << 20
 #: with CURVE, at most this many provider ids bound to keys
 MAX_PROVIDER_KEYS = 10_000
 PROVIDER_TYPES = ("register", "heartbeat", "unregister", "fetch")
-RESULT_TYPES = ("ack", "result", "failed")
+RESULT_TYPES = ("ack", "result", "failed", "progress", "cancelled")
 
 
 class Handlers(Protocol):

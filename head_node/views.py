@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from common.jobs import ACTIVE_NAMES, JobRecord, Progress
+from common.jobs import ACTIVE_NAMES, JobRecord
 
 from .entities import Job, Provider
 
@@ -22,10 +22,9 @@ def provider_names(providers: Mapping[str, Provider]) -> dict[str, str]:
 
 
 def live_job_view(record: JobRecord, job: Job, names: Mapping[str, str]) -> dict[str, Any]:
-    """A job the scheduler holds: progress from its planner, shares from its subtasks."""
-    done, total = job.progress()
+    """A job the scheduler holds: progress from its planner (``Job.progress``), shares from its subtasks."""
     shares = {names.get(pid, pid): round(f, 4) for pid, f in job.shares().items()}
-    return record.view(progress=Progress(done, total), shares=shares, waiting=job.waiting)
+    return record.view(progress=job.progress(), shares=shares, waiting=job.waiting)
 
 
 def with_queue_state(view: dict[str, Any], queue_connected: bool) -> dict[str, Any]:

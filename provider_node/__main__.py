@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DcfError as exc:
         print(f"dcf-provider: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while it starts (torch import, benchmark): not registered yet
+        return 130
 
     # Two threads (sockets, compute) hand work to each other many times a second: switch the
     # GIL sooner than the default 5 ms so a hand-off never waits for a time slice.

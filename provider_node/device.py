@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 
 from common.errors import DeviceError
+from common.tasks.base import SubtaskCancelled
 
 from .blobs import BlobSource
 
@@ -66,6 +67,43 @@ class TaskDevice:
     def fetch(self, blob_id: str, key: str) -> np.ndarray:
         """A dataset blob, mapped or fetched once, cached by its content ``key``."""
         return self._blobs.fetch(blob_id, key)
+
+
+#: a running subtask reports its progress to the head at most this often
+REPORT_EVERY_S = 0.25
+
+
+class SubtaskDevice:
+    """The ``Device`` one subtask runs on: the provider's (kind, cache, datasets), plus ``checkpoint``, which
+    the task calls between blocks (``common.tasks.checkpoint``): it raises ``SubtaskCancelled`` once ``stop()``
+    says so (the head cancelled the job, the provider is shutting down), and hands ``report`` the progress
+    at most every REPORT_EVERY_S (never for a subtask shorter than that)."""
+
+    def __init__(self, base: TaskDevice, stop: Callable[[], bool],
+                 report: Callable[[int, int], None] | None = None, now: Callable[[], float] = time.monotonic) -> None:
+        self._base = base
+        self.kind = base.kind
+        self.cache = base.cache
+        self._stop = stop
+        self._report = report
+        self._now = now
+        self._last = now()
+
+    def torch_device(self) -> Any:
+        return self._base.torch_device()
+
+    def fetch(self, blob_id: str, key: str) -> np.ndarray:
+        return self._base.fetch(blob_id, key)
+
+    def checkpoint(self, done: int, total: int) -> None:
+        if self._stop():
+            raise SubtaskCancelled("stopped")
+        if self._report is None or done >= total:
+            return
+        now = self._now()
+        if now - self._last >= REPORT_EVERY_S:
+            self._last = now
+            self._report(done, total)
 
 
 def detect(requested: str = "auto") -> ComputeDevice:

@@ -1,13 +1,15 @@
 """The provider process: the I/O shell around its session with the head (``session.py``).
 
-Main thread: Lazy Pirate REQ (register, heartbeats), SUB (subtasks on this provider's
+Main thread: Lazy Pirate REQ (register, heartbeats), SUB (subtasks and cancels on this provider's
 topic), PUSH (acks); it feeds the session replies and deadlines and carries out what it
-decides. Compute thread: runs subtasks one at a time and PUSHes results on its own socket
-(ZeroMQ sockets are never shared between threads).
+decides. Compute thread: runs subtasks one at a time and PUSHes results (and the progress of a long
+one) on its own socket (ZeroMQ sockets are never shared between threads). A ``cancel`` drops the job's
+queued subtasks at once and stops its running one at its next block (``common.tasks.checkpoint``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -16,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +28,10 @@ import zmq
 from common import __version__, protocol, security, tasks
 from common.config import ProviderSettings
 from common.errors import DcfError, TaskError
+from common.tasks.base import SubtaskCancelled
 
 from .blobs import BlobCache, HeadBlobs
-from .device import ComputeDevice, TaskDevice, benchmark_gflops
+from .device import ComputeDevice, SubtaskDevice, TaskDevice, benchmark_gflops
 from .pirate import LazyPirate, zmtp_heartbeats
 from .session import (
     Command,
@@ -51,6 +55,21 @@ def runnable_task_types() -> list[str]:
     return [name for name in tasks.names() if tasks.get(name).available()]
 
 
+Key = tuple[str, int, str]  # (job id, subtask, head incarnation)
+
+
+@dataclass
+class Slot:
+    """One subtask this provider holds (queued or running)."""
+
+    msg: protocol.Message
+    cancelled: bool = False  # a cancel came: dropped if queued, stopped at its next block if running
+
+    @property
+    def key(self) -> Key:
+        return (self.msg["job_id"], self.msg["subtask"], self.msg["epoch"])
+
+
 @dataclass
 class MainSockets:
     """The socket thread's connections to the head."""
@@ -71,8 +90,9 @@ class ProviderNode:
         self.name = cfg.name or f"{socket.gethostname()}-{device.kind}-{os.getpid()}"
         self.gflops = gflops if gflops is not None else benchmark_gflops(device)
         self.ctx = zmq.Context()
-        self.work: queue.Queue[protocol.Message | None] = queue.Queue()
-        self.in_hand: set[tuple[str, int, str]] = set()  # (job, subtask, incarnation) queued or running
+        self.work: queue.Queue[Slot | None] = queue.Queue()
+        self.in_hand: dict[Key, Slot] = {}  # queued or running, not cancelled
+        self.running: Slot | None = None  # the compute thread's subtask
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.shared: SharedFiles | None = None  # the head's state dir, when this process shares it
@@ -126,7 +146,7 @@ class ProviderNode:
 
     def heartbeat_frames(self) -> list[Any]:
         with self.lock:
-            running = [f"{j}:{s}" for j, s, _ in sorted(self.in_hand)][:64]
+            running = [f"{j}:{s}" for j, s, _ in sorted(self.in_hand)][:64]  # cancelled ones are not held
         fields: dict[str, Any] = {"provider_id": self.provider_id, "running": running,
                                   "queued": self.work.qsize()}
         if self.shared is not None:
@@ -242,11 +262,15 @@ class ProviderNode:
         if frames[0].bytes != self.topic:
             return
         try:
-            msg = protocol.decode(frames[1:], expect=("subtask",))
+            msg = protocol.decode(frames[1:], expect=protocol.TASK_CHANNEL_TYPES)
         except DcfError as exc:
             log.warning("bad subtask message: %s", exc.message)
             return
-        key = (msg["job_id"], msg["subtask"], msg["epoch"])
+        if msg.type == "cancel":
+            self._on_cancel(msg, acks)
+            return
+        slot = Slot(msg)
+        key = slot.key
         try:
             tasks.get(msg["task_type"])
         except DcfError as exc:
@@ -257,18 +281,38 @@ class ProviderNode:
             if key in self.in_hand:  # re-sent because an ack was lost: the first copy is enough
                 _send_or_drop(acks, protocol.encode("ack", self._key_fields(msg)))
                 return
-            idle = not self.in_hand
-            self.in_hand.add(key)
+            idle = not self.in_hand and self.running is None
+            self.in_hand[key] = slot
         if idle and self._is_quick(msg):
             # A few milliseconds of work while the compute thread waits: run it here and save two
             # thread hand-offs (training steps). Heartbeats wait at most INLINE_SECONDS. Its result,
             # sent at once, is its ack (PROTOCOL.md 8.3): one message to the head, not two.
-            _send_or_drop(acks, self._execute(msg))
+            answer = self._execute(slot)
+            if answer is not None:
+                _send_or_drop(acks, answer)
             with self.lock:
-                self.in_hand.discard(key)
+                if self.in_hand.get(key) is slot:
+                    del self.in_hand[key]
             return
         _send_or_drop(acks, protocol.encode("ack", self._key_fields(msg)))
-        self.work.put(msg)
+        self.work.put(slot)
+
+    def _on_cancel(self, msg: protocol.Message, acks: zmq.Socket) -> None:
+        """The head cancelled a job (or one subtask of it: another copy won): queued subtasks of it are
+        dropped and answered ``cancelled`` now; the running one stops at its next block and the compute
+        thread answers. A re-sent copy that comes after this is a new subtask."""
+        job_id, only = msg["job_id"], msg.get("subtask")
+        with self.lock:
+            hit = [s for k, s in self.in_hand.items() if k[0] == job_id and (only is None or k[1] == only)]
+            for slot in hit:
+                slot.cancelled = True
+                del self.in_hand[slot.key]
+            queued = [s for s in hit if s is not self.running]
+        for slot in queued:
+            _send_or_drop(acks, protocol.encode("cancelled", self._key_fields(slot.msg)))
+        if hit:
+            log.info("cancelled by the head: %d queued subtasks dropped%s", len(queued),
+                     ", the running one stops" if len(queued) < len(hit) else "", extra={"job_id": job_id})
 
     def _is_quick(self, msg: protocol.Message) -> bool:
         if self.cfg.delay:  # a simulated slow device must not hold up heartbeats
@@ -293,42 +337,52 @@ class ProviderNode:
 
     # ---- compute thread -------------------------------------------------------------------
     def _compute_loop(self) -> None:
-        push, generation = self._push(), self.push_generation
+        out = ComputePush(self)
         try:
             while True:
-                msg = self.work.get()
-                if msg is None:
+                slot = self.work.get()
+                if slot is None:
                     return
-                frames = self._execute(msg)
-                while not self.stopping.is_set():
-                    if generation != self.push_generation:  # the main thread started its sockets over
-                        push.close(linger=0)
-                        push, generation = self._push(), self.push_generation
-                    try:  # never block for good: a PUSH whose connection was refused has nowhere to queue
-                        push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                        break
-                    except zmq.Again:
-                        time.sleep(0.05)
                 with self.lock:
-                    self.in_hand.discard((msg["job_id"], msg["subtask"], msg["epoch"]))
+                    if slot.cancelled:  # dropped by a cancel while queued (already answered)
+                        continue
+                    self.running = slot
+                frames = self._execute(slot, out.progress(slot))
+                with self.lock:
+                    self.running = None
+                    if self.in_hand.get(slot.key) is slot:
+                        del self.in_hand[slot.key]
+                if frames is not None:
+                    out.send(frames)
         finally:
-            push.close(linger=2000)
+            out.close()
             self.head_blobs.close_thread_socket()
 
-    def _execute(self, msg: protocol.Message) -> list[Any]:
+    def _execute(self, slot: Slot, report: Callable[[int, int], None] | None = None) -> list[Any] | None:
+        """Run one subtask: the frames of its ``result``, ``failed`` or (stopped by a cancel) ``cancelled``;
+        None when it was stopped because this provider is shutting down (its unregister re-queues it)."""
+        msg = slot.msg
         fields = self._key_fields(msg)
         ctx = {"job_id": msg["job_id"], "subtask": msg["subtask"], "attempt": msg["attempt"]}
         if self.cfg.delay:
             time.sleep(self.cfg.delay)
         t0 = time.perf_counter()
         shared = msg.get("shared")
+        device = SubtaskDevice(self.device, lambda: slot.cancelled or self.stopping.is_set(), report)
         try:
+            if slot.cancelled:
+                raise SubtaskCancelled("cancelled before it started")
             task = tasks.get(msg["task_type"])
             task.check_params(msg["params"])
             if shared is not None:
-                outputs = self._run_shared(task, msg, shared)
+                outputs = self._run_shared(task, msg, shared, device)
             else:
-                outputs = task.run(msg["params"], msg.arrays, self.device)
+                outputs = task.run(msg["params"], msg.arrays, device)
+        except SubtaskCancelled:
+            if not slot.cancelled:
+                return None
+            log.info("subtask stopped after %.3fs: its job was cancelled", time.perf_counter() - t0, extra=ctx)
+            return protocol.encode("cancelled", fields)
         except Exception as exc:
             retryable = not (isinstance(exc, DcfError) and exc.http_status < 500)
             log.error("subtask failed: %s: %s", type(exc).__name__, exc, extra=ctx)
@@ -343,7 +397,8 @@ class ProviderNode:
             return protocol.encode("result", {**fields, "elapsed_s": elapsed, "stats": stats, "in_place": True})
         return protocol.encode("result", {**fields, "elapsed_s": elapsed, "stats": stats}, outputs)
 
-    def _run_shared(self, task: tasks.TaskType, msg: protocol.Message, shared: dict[str, Any]) -> list[np.ndarray]:
+    def _run_shared(self, task: tasks.TaskType, msg: protocol.Message, shared: dict[str, Any],
+                    device: SubtaskDevice) -> list[np.ndarray]:
         files = self.shared
         if files is None or msg["epoch"] != files.incarnation:
             raise TaskError("subtask by reference, but this provider does not share the head's state dir")
@@ -354,7 +409,43 @@ class ProviderNode:
             raise TaskError(f"task type {task.name} has no subtasks by reference")
         arrays = task.subtask_inputs(msg["params"], files.inputs(blob_ids))
         outputs = files.outputs(msg["job_id"], names, msg["epoch"])
-        return task.run_into(msg["params"], arrays, outputs, self.device)
+        return task.run_into(msg["params"], arrays, outputs, device)
+
+
+class ComputePush:
+    """The compute thread's PUSH to the head: results (retried until a connection takes them) and progress
+    reports (dropped when none does: the next one says more)."""
+
+    def __init__(self, node: ProviderNode) -> None:
+        self.node = node
+        self.generation = node.push_generation
+        self.sock = node._push()
+
+    def _current(self) -> zmq.Socket:
+        if self.generation != self.node.push_generation:  # the main thread started its sockets over
+            self.sock.close(linger=0)
+            self.sock, self.generation = self.node._push(), self.node.push_generation
+        return self.sock
+
+    def send(self, frames: list[Any]) -> None:
+        while not self.node.stopping.is_set():
+            try:  # never block for good: a PUSH whose connection was refused has nowhere to queue
+                self._current().send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                time.sleep(0.05)
+
+    def progress(self, slot: Slot) -> Callable[[int, int], None]:
+        fields = self.node._key_fields(slot.msg)
+
+        def report(done: int, total: int) -> None:
+            with contextlib.suppress(zmq.Again):
+                self._current().send_multipart(protocol.encode("progress", {**fields, "done": done, "total": total}),
+                                               copy=False, flags=zmq.NOBLOCK)
+        return report
+
+    def close(self) -> None:
+        self.sock.close(linger=2000)
 
 
 def _send_or_drop(sock: zmq.Socket, frames: list[Any]) -> None:

@@ -94,12 +94,19 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     # head -> provider, XPUB -> SUB
     "subtask": {**_SUBTASK_KEY, "task_type": _f(str), "params": _f(dict), "shared": _f(dict, required=False),
                 "cost": _f(*_NUM, required=False)},
+    # stop a job's subtasks (all of them, or only ``subtask``): the job ended (PROTOCOL.md 5.2); optional
+    "cancel": {"job_id": _f(str), "epoch": _f(str), "subtask": _f(int, required=False)},
     # provider -> head, PUSH -> PULL
     "ack": {**_SUBTASK_KEY, "provider_id": _f(str)},
     "result": {**_SUBTASK_KEY, "provider_id": _f(str), "elapsed_s": _f(*_NUM), "stats": _f(dict),
                "in_place": _f(bool, required=False)},
     "failed": {**_SUBTASK_KEY, "provider_id": _f(str), "error": _f(str), "retryable": _f(bool)},
+    # optional: how far a long subtask has got (its own units, e.g. rows), and "stopped after a cancel"
+    "progress": {**_SUBTASK_KEY, "provider_id": _f(str), "done": _f(int), "total": _f(int)},
+    "cancelled": {**_SUBTASK_KEY, "provider_id": _f(str)},
 }
+#: what a provider receives on its SUB socket
+TASK_CHANNEL_TYPES = ("subtask", "cancel")
 
 
 @dataclass(frozen=True)

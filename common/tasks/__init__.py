@@ -21,15 +21,17 @@ if TYPE_CHECKING:  # the names, re-exported, for type checkers
     from .base import SaveFile as SaveFile
     from .base import SplitPlanner as SplitPlanner
     from .base import SplitTask as SplitTask
+    from .base import SubtaskCancelled as SubtaskCancelled
     from .base import SubtaskPlan as SubtaskPlan
     from .base import TaskType as TaskType
+    from .base import checkpoint as checkpoint
     from .registry import get as get
     from .registry import load_plugins as load_plugins
     from .registry import names as names
     from .registry import register as register
 
 _FROM_BASE = ("ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "ProviderSpec", "SaveFile",
-              "SplitPlanner", "SplitTask", "SubtaskPlan", "TaskType")
+              "SplitPlanner", "SplitTask", "SubtaskCancelled", "SubtaskPlan", "TaskType", "checkpoint")
 _FROM_REGISTRY = ("get", "load_plugins", "names", "register")
 __all__ = [*_FROM_BASE, *_FROM_REGISTRY]
 

@@ -32,7 +32,7 @@ from ..arrays import ArrayMeta
 from ..protocol import Field, check_fields
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
-           "SplitTask", "SubtaskPlan", "TaskType", "ProviderSpec"]
+           "SplitTask", "SubtaskCancelled", "SubtaskPlan", "TaskType", "ProviderSpec", "checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,21 @@ class Device(Protocol):
     def fetch(self, blob_id: str, key: str) -> np.ndarray:
         """A blob of the head's state dir (a dataset), mapped or fetched once, cached by ``key``."""
         ...
+
+
+class SubtaskCancelled(Exception):  # noqa: N818 (not an error: the head asked the provider to stop)
+    """Raised by ``checkpoint`` when the provider was told to stop the subtask (its job was cancelled)
+    or is shutting down; ``run`` lets it through, and the provider answers ``cancelled``."""
+
+
+def checkpoint(device: Device, done: int, total: int) -> None:
+    """Call between blocks of a long subtask (matmul: every block of rows; training: every step):
+    ``done`` of ``total`` units of this subtask are finished. The provider's device reports that to the
+    head (at most every 0.25 s: the job's progress and its throughput move during the subtask) and raises
+    ``SubtaskCancelled`` if it must stop here. A device without ``checkpoint`` (a test's) ignores it."""
+    hook = getattr(device, "checkpoint", None)
+    if hook is not None:
+        hook(done, total)
 
 
 @dataclass(frozen=True)
@@ -129,9 +144,18 @@ class Planner(ABC):
     def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
         """Fold one checked result in (once per subtask). Raise a DcfError to fail the job."""
 
+    #: the unit ``progress`` counts in: "rows", "steps" or "subtasks" (``common.jobs.PROGRESS_UNITS``)
+    progress_unit: str = "subtasks"
+
     @abstractmethod
     def progress(self) -> tuple[int, int]:
-        """(done, total) in the planner's own unit (subtasks, training steps...)."""
+        """(done, total) in the planner's own unit (``progress_unit``), counting merged results."""
+
+    def subtask_units(self, sub_params: Mapping[str, Any]) -> float:
+        """How many units of ``progress`` one subtask of these params is worth once merged: the head adds
+        that times the fraction a provider reports done of a running subtask. 0 (the default): a running
+        subtask adds nothing."""
+        return 0.0
 
     def effects(self) -> list[Effect]:
         """What the head should do for the planner now (taken: a second call returns [])."""
@@ -152,6 +176,8 @@ class TaskType(ABC):
     inputs: ClassVar[tuple[str, ...]]
     #: modules the head imports on a thread before it builds this task's first planner (slow imports)
     head_imports: ClassVar[tuple[str, ...]] = ()
+    #: the pip extra of dcf that installs them (a head without them says ``pip install 'dcf[<extra>]'``)
+    head_extra: ClassVar[str] = ""
     #: the schema of a subtask's params on the wire (common/tasks/wire.py); None: not checked
     params_schema: ClassVar[Mapping[str, Field] | None] = None
 
@@ -196,6 +222,13 @@ class TaskType(ABC):
 class SplitTask(TaskType):
     """A task type cut once into subtasks whose results are merged into the outputs."""
 
+    #: what its job's progress counts: "subtasks" (each worth 1), or e.g. "rows" (``units`` overridden)
+    progress_unit: ClassVar[str] = "subtasks"
+
+    def units(self, sub_params: Mapping[str, Any]) -> int:
+        """The units of ``progress_unit`` one subtask holds (a row-split task: its rows)."""
+        return 1
+
     @abstractmethod
     def split(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
               providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
@@ -239,13 +272,14 @@ class SplitPlanner(Planner):
         self.job = job
         self.total = 0
         self.merged = 0
+        self.progress_unit = task.progress_unit
 
     def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
         if self.finished:
             return []
         plans = self.task.split(self.job.params, self.job.inputs, providers)
         self.finished = True
-        self.total = len(plans)
+        self.total = sum(self.task.units(p.params) for p in plans)
         return plans
 
     def subtask_inputs(self, sub_params: Mapping[str, Any]) -> list[np.ndarray]:
@@ -257,7 +291,10 @@ class SplitPlanner(Planner):
     def merge(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
         if arrays:  # a co-located provider wrote its block in place (nothing to copy)
             self.task.merge(sub_params, arrays, self.job.results)
-        self.merged += 1
+        self.merged += self.task.units(sub_params)
 
     def progress(self) -> tuple[int, int]:
         return self.merged, self.total
+
+    def subtask_units(self, sub_params: Mapping[str, Any]) -> float:
+        return float(self.task.units(sub_params))

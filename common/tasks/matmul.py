@@ -10,9 +10,9 @@ import numpy as np
 
 from ..errors import ValidationError
 from . import wire
-from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan
+from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan, checkpoint
 from .registry import register
-from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks
+from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks, row_chunks
 
 __all__ = ["MEMORY_FRACTION", "MatMul", "proportional_rows"]
 
@@ -23,6 +23,10 @@ class MatMul(SplitTask):
     name = "matmul"
     inputs = ("a", "b")
     params_schema = wire.ROWS
+    progress_unit = "rows"
+
+    def units(self, sub_params: Mapping[str, Any]) -> int:
+        return int(sub_params["rows"])
 
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
         if set(inputs) != set(self.inputs):
@@ -75,8 +79,10 @@ class MatMul(SplitTask):
     def run(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
             device: Device) -> list[np.ndarray]:
         a, b = arrays
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
         if device.kind == "cpu":
-            return [np.matmul(a, b)]
+            _blocks(a, b, out, device)
+            return [out]
         import torch
 
         dev = device.torch_device()
@@ -84,7 +90,11 @@ class MatMul(SplitTask):
             warnings.simplefilter("ignore", UserWarning)
             ta = torch.from_numpy(a).to(dev)
             tb = torch.from_numpy(b).to(dev)
-        return [torch.matmul(ta, tb).cpu().numpy()]
+        rows = a.shape[0]
+        for r0, r1 in row_chunks(rows, 2.0 * a.shape[1] * b.shape[1]):
+            out[r0:r1] = torch.matmul(ta[r0:r1], tb).cpu().numpy()
+            checkpoint(device, r1, rows)
+        return [out]
 
     def run_into(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray],
                  outputs: Mapping[str, np.ndarray], device: Device) -> list[np.ndarray]:
@@ -92,8 +102,17 @@ class MatMul(SplitTask):
             return super().run_into(sub_params, arrays, outputs, device)
         r0, rows = sub_params["row0"], sub_params["rows"]
         block = outputs["c"][r0:r0 + rows]
-        np.matmul(arrays[0], arrays[1], out=block)  # BLAS writes into the shared result file
+        _blocks(arrays[0], arrays[1], block, device)  # BLAS writes into the shared result file
         return [block]
+
+
+def _blocks(a: np.ndarray, b: np.ndarray, out: np.ndarray, device: Device) -> None:
+    """``out = a @ b`` by blocks of rows; after each block, ``checkpoint`` (progress, and a cancel stops
+    it there: SubtaskCancelled)."""
+    rows = a.shape[0]
+    for r0, r1 in row_chunks(rows, 2.0 * a.shape[1] * b.shape[1]):
+        np.matmul(a[r0:r1], b, out=out[r0:r1])
+        checkpoint(device, r1, rows)
 
 
 register(MatMul())

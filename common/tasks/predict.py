@@ -23,6 +23,10 @@ class PredictTask(SplitTask):
     name = "predict"
     inputs = ("x", "weights")
     params_schema = wire.PREDICT
+    progress_unit = "rows"
+
+    def units(self, sub_params: Mapping[str, Any]) -> int:
+        return int(sub_params["rows"])
 
     def available(self) -> bool:
         return has_torch()

@@ -72,6 +72,19 @@ def row_blocks(count: int, providers: Sequence[ProviderSpec], bytes_per_row: int
     return blocks
 
 
+#: a long subtask computes its rows in blocks of about this many flops (at least MIN_BLOCK_ROWS rows), and
+#: between blocks reports its progress and looks whether it must stop (``base.checkpoint``)
+BLOCK_FLOPS = 2e9
+MIN_BLOCK_ROWS = 128
+
+
+def row_chunks(rows: int, flops_per_row: float) -> list[tuple[int, int]]:
+    """(start, stop) of the blocks ``rows`` rows are computed in: one block for a small subtask; blocks
+    of BLOCK_FLOPS (at least MIN_BLOCK_ROWS rows, enough for BLAS to run at full speed) otherwise."""
+    per = max(MIN_BLOCK_ROWS, int(BLOCK_FLOPS // max(flops_per_row, 1.0)))
+    return [(start, min(rows, start + per)) for start in range(0, rows, per)] or [(0, 0)]
+
+
 def fits_rows(provider: ProviderSpec, rows: int, bytes_per_row: int, fixed_bytes: int = 0) -> bool:
     return rows * bytes_per_row + fixed_bytes <= provider.memory_bytes * MEMORY_FRACTION
 

@@ -76,8 +76,13 @@ class ArrayInfo(TypedDict):
 
 @with_config(ConfigDict(extra="allow"))
 class Progress(TypedDict):
+    """How far a job has got: ``done`` of ``total`` ``unit``s (``rows`` for matmul and predict, rows of
+    running subtasks included as providers report them; ``steps`` for training; ``subtasks`` otherwise).
+    The same in the job list, the job view, the ``job.progress`` events and a finished job's record."""
+
     done: int
     total: int
+    unit: str
 
 
 class JobView(Reply):

@@ -131,7 +131,7 @@ def test_training_providers_join_and_leave(figures: Figures, rng: random.Random,
         c.save_model(job, tmp_path / "model.pt")
         diff = max_diff(tmp_path / "model.pt", ref)
         figures.job("ok" if diff < 1e-5 else "wrong")
-        assert view["state"] == "done" and view["progress"] == {"done": 44, "total": 44}
+        assert view["state"] == "done" and view["progress"] == {"done": 44, "total": 44, "unit": "steps"}
         assert diff < 1e-5, f"parameters differ from single-process training by {diff:.2e}"
         assert left_at < 44, "the provider left only after the job's last step"
         appears_once(c, [job])

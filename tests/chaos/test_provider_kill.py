@@ -87,6 +87,6 @@ def test_kill9_providers_during_sync_training(figures: Figures, rng: random.Rand
         c.save_model(job, tmp_path / "model.pt")
         diff = max_diff(tmp_path / "model.pt", ref)
         figures.job("ok" if diff < 1e-5 else "wrong")
-        assert view["state"] == "done" and view["progress"] == {"done": 22, "total": 22}
+        assert view["state"] == "done" and view["progress"] == {"done": 22, "total": 22, "unit": "steps"}
         assert diff < 1e-5, f"parameters differ from single-process training by {diff:.2e}"
         appears_once(c, [job])

@@ -31,7 +31,7 @@ def test_rows_are_shared_by_both_providers_and_placed_by_offset(client: Client) 
     b = np.eye(1000)  # C must equal A row for row: any misplaced block shows
     job = client.submit_matmul(a, b)
     view = client.wait(job, timeout=60)
-    assert view["progress"] == {"done": 2, "total": 2}
+    assert view["progress"] == {"done": 400, "total": 400, "unit": "rows"}
     assert set(view["shares"]) == {"local-0", "local-1"}
     assert abs(sum(view["shares"].values()) - 1.0) < 1e-6
     np.testing.assert_array_equal(client.result(job), a)

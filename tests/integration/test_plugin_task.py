@@ -50,7 +50,7 @@ def test_rowstats_matches_numpy(pclient: Client) -> None:
     job = pclient.submit("rowstats", {"x": blob["blob_id"]}, {"stats": ALL})
     view = pclient.wait(job, timeout=60)
     assert view["state"] == "done"
-    assert view["progress"] == {"done": 2, "total": 2}
+    assert view["progress"] == {"done": 2, "total": 2, "unit": "subtasks"}
     assert set(view["shares"]) == {"local-0", "local-1"}
     # co-located providers: run_into wrote into the head's output file, no array crossed a socket
     assert view["stats"]["bytes_out"] == 0 and view["stats"]["bytes_in"] == 0
@@ -109,7 +109,7 @@ def test_results_sent_over_the_network() -> None:
         x = np.random.default_rng(11).standard_normal((301, 9))
         job = c.submit("rowstats", {"x": c.upload(x)["blob_id"]}, {"stats": ALL})
         view = c.wait(job, timeout=60)
-        assert view["progress"] == {"done": 2, "total": 2}
+        assert view["progress"] == {"done": 2, "total": 2, "unit": "subtasks"}
         assert view["stats"]["bytes_out"] == x.nbytes and view["stats"]["bytes_in"] == 301 * 5 * 8
         np.testing.assert_allclose(c.result(job, name="stats"), reference(x), rtol=1e-12, atol=1e-12)
 

@@ -126,7 +126,7 @@ def test_metrics_stream_and_status(cluster2) -> None:
     training = view["stats"]["training"]
     assert [h["epoch"] for h in training["history"]] == [1, 2]
     assert {"test_loss", "test_accuracy", "train_loss"} <= set(training["history"][-1])
-    assert view["progress"] == {"done": 44, "total": 44}
+    assert view["progress"] == {"done": 44, "total": 44, "unit": "steps"}
     out = run_cli("--json", "status", job, url=cluster2.url)
     assert out.returncode == 0 and json.loads(out.stdout)["stats"]["training"]["history"]
 

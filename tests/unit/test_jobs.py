@@ -22,13 +22,17 @@ def test_message_round_trip_and_row() -> None:
 
 
 def test_one_view_for_stored_and_live_jobs() -> None:
-    stored = record(state=JobState.DONE, stats={"progress": {"done": 2, "total": 2}, "shares": {"p": 1.0}})
+    stored = record(state=JobState.DONE, stats={"progress": {"done": 2, "total": 2, "unit": "rows"},
+                                                "shares": {"p": 1.0}})
     view = stored.view()
     assert view["inputs"] == {"a": {"dtype": "float64", "shape": [2, 3]}}  # no blob id in a view
-    assert view["progress"] == {"done": 2, "total": 2} and view["shares"] == {"p": 1.0}
+    assert view["progress"] == {"done": 2, "total": 2, "unit": "rows"} and view["shares"] == {"p": 1.0}
     assert view["waiting"] is None
-    live = record(state=JobState.RUNNING).view(progress=Progress(1, 4), shares={}, waiting="w")
-    assert live["progress"] == {"done": 1, "total": 4} and live["waiting"] == "w"
+    live = record(state=JobState.RUNNING).view(progress=Progress(1, 4, "steps"), shares={}, waiting="w")
+    assert live["progress"] == {"done": 1, "total": 4, "unit": "steps"} and live["waiting"] == "w"
+    # a row stored before progress had a unit reads as subtasks
+    old = record(state=JobState.DONE, stats={"progress": {"done": 2, "total": 2}}).view()
+    assert old["progress"] == {"done": 2, "total": 2, "unit": "subtasks"}
     assert record().view()["waiting"] == "waiting for the head to schedule it"
     assert JobRecord.from_view(view).state is JobState.DONE
 

@@ -76,7 +76,10 @@ def heartbeat(cs: ClusterState, provider_id: str, now: float) -> bool:
 
 
 def cancel(cs: ClusterState, job_id: str, now: float) -> st.Job:
-    assert cs.handle(stimuli.CancelRequested(job_id), now) == [stimuli.JobCancelled(job_id)]
+    """Cancel: the providers holding its subtasks are told to stop them, then the job is closed."""
+    actions = cs.handle(stimuli.CancelRequested(job_id), now)
+    assert actions[-1] == stimuli.JobCancelled(job_id)
+    assert all(isinstance(a, stimuli.StopSubtasks) and a.job_id == job_id and a.subtask is None for a in actions[:-1])
     return cs.jobs[job_id]
 
 
@@ -338,7 +341,7 @@ def test_full_job_lifecycle(cs):
     assert all(not p.assigned for p in cs.providers.values())
     assert cs.counters["subtasks_completed"] == len(job.subtasks)
     view = view_of(job)
-    assert view["state"] == "done" and view["progress"] == {"done": 2, "total": 2}
+    assert view["state"] == "done" and view["progress"] == {"done": 90, "total": 90, "unit": "rows"}
 
 
 # ---- duplicates, late and foreign results -----------------------------------------------------------
@@ -424,8 +427,10 @@ def test_old_attempt_result_accepted_if_subtask_still_open(cs):
     assert dispatches(cs.handle(stimuli.Tick(), 11.0)) == [Dispatch(b.provider_id, job.job_id, 0, 2)]
     assert result(cs, a.provider_id, job.job_id, 0, 1, cs.incarnation, 11.5) is True
     assert cs.handle(stimuli.ResultMerged(job.job_id), 11.5) == [JobFinished(job.job_id)]
-    assert not cs.providers[b.provider_id].assigned
+    # b still computes its copy: it is told to stop that one subtask and holds it until it answers
+    assert cs.providers[b.provider_id].stopping.keys() == {(job.job_id, 0)}
     assert result(cs, b.provider_id, job.job_id, 0, 2, cs.incarnation, 12.0) is False
+    assert not cs.providers[b.provider_id].assigned and not cs.providers[b.provider_id].stopping
 
 
 # ---- acks and deadlines ----------------------------------------------------------------------------
@@ -650,10 +655,16 @@ def test_non_retryable_failure_fails_the_job(cs):
     cs.handle(stimuli.JobAdded(job), 0.0)
     sub = job.subtasks[0]
     actions = failed(cs, **_failed_args(sub, job, cs, retryable=False, error="bad input"))
-    assert len(actions) == 1 and isinstance(actions[0], JobFailed)
+    other = job.subtasks[1]
+    # the other provider is told to stop its subtask of the failed job; the one that failed holds nothing
+    assert actions[:-1] == [stimuli.StopSubtasks(owner(other), job.job_id)]
+    assert isinstance(actions[-1], JobFailed)
     assert job.state is JobState.FAILED
     assert job.error is not None and "bad input" in job.error and "subtask 0" in job.error
-    assert actions[0].error == job.error
+    assert actions[-1].error == job.error
+    assert not cs.providers[owner(sub)].assigned
+    assert cs.providers[owner(other)].assigned and owner(other) != owner(sub)
+    cs.handle(stimuli.SubtaskCancelled(owner(other), job.job_id, 1, 1, cs.incarnation), 1.5)
     assert all(not p.assigned for p in cs.providers.values())
     # results for the failed job are ignored
     other = job.subtasks[1]
@@ -786,8 +797,10 @@ def test_cancel_running_job(running):
     assert cancelled is job
     assert job.state is JobState.CANCELLED and job.finished_at == 2.0
     assert job.error == "cancelled by user"
+    # the provider still holds the subtask until it says it stopped: `assigned` is never a lie
+    assert len(cs.providers[p.provider_id].assigned) == 1
+    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 3.0) is False  # it did not stop: finished
     assert not cs.providers[p.provider_id].assigned
-    assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 3.0) is False
     assert cs.handle(stimuli.Tick(), 5.0) == []
     with pytest.raises(Conflict):
         cancel(cs, job.job_id, 3.0)
@@ -856,7 +869,7 @@ def test_provider_rows_and_job_view(cs):
     assert row["name"] == "alpha" and row["gflops"] == 12.35 and row["assigned"] == 1
     assert row["last_heartbeat_s"] == 2.0
     view = view_of(job, {p.provider_id: "alpha"})
-    assert view["state"] == "running" and view["progress"] == {"done": 0, "total": 1}
+    assert view["state"] == "running" and view["progress"] == {"done": 0, "total": 10, "unit": "rows"}
     assert view["inputs"]["a"] == {"dtype": "float64", "shape": [10, 8]}
     assert set(TERMINAL_NAMES) == {"done", "failed", "cancelled"}
     assert result(cs, p.provider_id, job.job_id, 0, 1, cs.incarnation, 1.0)
@@ -1050,3 +1063,175 @@ def test_a_stream_of_tiny_jobs_takes_turns_on_the_providers(cs, monkeypatch: pyt
     targets = [d.provider_id for _ in range(10)
                for d in dispatches(cs.handle(stimuli.JobAdded(make_job(m=4, k=4, n=4)), 0.0))]
     assert targets.count(fast.provider_id) == targets.count(slow.provider_id) == 5
+
+
+def owner(sub: st.Subtask) -> str:
+    """The provider a subtask is out on."""
+    assert sub.provider_id is not None
+    return sub.provider_id
+
+
+# ---- cancel reaches the providers; `assigned` tells the truth ---------------------------------------
+def _two_running(cs: ClusterState) -> tuple[ProviderInfo, ProviderInfo, st.Job]:
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    connect(cs, b)
+    job = make_job(m=100)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    for sub in job.subtasks:
+        cs.handle(stimuli.SubtaskAcked(owner(sub), job.job_id, sub.index, 1, cs.incarnation), 0.1)
+    assert {s.provider_id for s in job.subtasks} == {a.provider_id, b.provider_id}
+    return a, b, job
+
+
+def test_cancel_tells_each_provider_and_keeps_the_subtasks_assigned_until_they_stop(cs):
+    a, b, job = _two_running(cs)
+    actions = cs.handle(stimuli.CancelRequested(job.job_id), 1.0)
+    assert sorted(actions[:-1], key=lambda x: x.provider_id) == sorted(
+        [stimuli.StopSubtasks(a.provider_id, job.job_id), stimuli.StopSubtasks(b.provider_id, job.job_id)],
+        key=lambda x: x.provider_id)
+    rows_of = {r["provider_id"]: r["assigned"] for r in views.provider_rows(cs.providers, 1.0)}
+    assert rows_of == {a.provider_id: 1, b.provider_id: 1}  # still computing: not shown free
+    cs.handle(stimuli.JobForgotten(job.job_id), 1.1)  # its outcome stored: the scheduler lets it go
+    sub_a = next(s for s in job.subtasks if s.provider_id == a.provider_id)
+    assert cs.handle(stimuli.SubtaskCancelled(a.provider_id, job.job_id, sub_a.index, 1, cs.incarnation), 1.2) == []
+    assert not cs.providers[a.provider_id].assigned and cs.providers[b.provider_id].assigned
+    # a stale report (another head incarnation) frees nothing
+    sub_b = next(s for s in job.subtasks if s.provider_id == b.provider_id)
+    cs.handle(stimuli.SubtaskCancelled(b.provider_id, job.job_id, sub_b.index, 1, hexid()), 1.3)
+    assert cs.providers[b.provider_id].assigned
+
+
+def test_a_heartbeat_that_no_longer_lists_a_stopped_subtask_frees_it_and_one_that_does_tells_again(cs):
+    a, b, job = _two_running(cs)
+    cs.handle(stimuli.CancelRequested(job.job_id), 1.0)
+    sub_a = next(s for s in job.subtasks if s.provider_id == a.provider_id)
+    held = frozenset({f"{job.job_id}:{sub_a.index}"})
+    # a heartbeat sent before the cancel arrived proves nothing
+    assert cs.handle(stimuli.HeartbeatReceived(a.provider_id, running=frozenset()), 1.5) == []
+    assert cs.providers[a.provider_id].assigned
+    # still listed one interval later: the cancel was lost; it is sent again (that subtask only)
+    later = 1.0 + cs.timing.heartbeat_interval
+    assert cs.handle(stimuli.HeartbeatReceived(a.provider_id, running=held), later) == [
+        stimuli.StopSubtasks(a.provider_id, job.job_id, sub_a.index)]
+    # no longer listed: it stopped
+    assert cs.handle(stimuli.HeartbeatReceived(a.provider_id, running=frozenset()), later + 0.1) == []
+    assert not cs.providers[a.provider_id].assigned
+    # a heartbeat whose list may be cut (None) decides nothing
+    cs.handle(stimuli.HeartbeatReceived(b.provider_id, running=None), later + 0.1)
+    assert cs.providers[b.provider_id].assigned
+
+
+def test_a_provider_that_ignores_the_cancel_is_freed_after_a_bound(cs):
+    a, b, job = _two_running(cs)
+    cs.handle(stimuli.CancelRequested(job.job_id), 1.0)
+    stop = cs.providers[a.provider_id].stopping[next(iter(cs.providers[a.provider_id].stopping))]
+    assert stop.until >= 1.0 + max(cs.timing.ack_timeout, cs.timing.dead_after)
+    for t in (2.0, 4.0, 6.0, 8.0, 10.0, 12.0):  # heartbeats keep it alive; it says nothing of its subtasks
+        heartbeat(cs, a.provider_id, t)
+        heartbeat(cs, b.provider_id, t)
+        cs.handle(stimuli.Tick(), t)
+    assert cs.providers[a.provider_id].assigned
+    heartbeat(cs, a.provider_id, stop.until + 0.5)
+    heartbeat(cs, b.provider_id, stop.until + 0.5)
+    cs.handle(stimuli.Tick(), stop.until + 0.5)
+    assert not cs.providers[a.provider_id].assigned and not cs.providers[b.provider_id].assigned
+
+
+def test_delete_tells_the_providers_still_stopping_again_and_a_lost_provider_holds_nothing(cs):
+    a, b, job = _two_running(cs)
+    cs.handle(stimuli.CancelRequested(job.job_id), 1.0)
+    sub_a = next(s for s in job.subtasks if s.provider_id == a.provider_id)
+    cs.handle(stimuli.SubtaskCancelled(a.provider_id, job.job_id, sub_a.index, 1, cs.incarnation), 1.2)
+    assert cs.handle(stimuli.JobForgotten(job.job_id), 1.3) == []  # after close: nothing new to say
+    assert cs.handle(stimuli.JobForgotten(job.job_id, deleted=True), 2.0) == [
+        stimuli.StopSubtasks(b.provider_id, job.job_id)]
+    cs.handle(stimuli.ProviderLeft(b.provider_id), 3.0)
+    assert b.provider_id not in cs.providers
+
+
+def test_a_beaten_speculative_copy_is_stopped_and_a_missed_deadline_too(cs):
+    a, b = make_info(10.0), make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    sub = job.subtasks[0]
+    cs.handle(stimuli.SubtaskAcked(a.provider_id, job.job_id, 0, 1, cs.incarnation), 0.1)
+    connect(cs, b, 0.2)
+    # the deadline passes: a is told to stop it (it still computes) and b gets attempt 2
+    late = sub.deadline + 1
+    heartbeat(cs, a.provider_id, late)
+    heartbeat(cs, b.provider_id, late)
+    actions = cs.handle(stimuli.Tick(), late)
+    assert stimuli.StopSubtasks(a.provider_id, job.job_id, 0) in actions
+    assert Dispatch(b.provider_id, job.job_id, 0, 2) in actions
+    assert cs.providers[a.provider_id].assigned and cs.providers[a.provider_id].stopping
+    # a's late result still counts (attempt 1 was its own) and frees it; b is told to stop its copy
+    actions = cs.handle(stimuli.ResultReceived(a.provider_id, job.job_id, 0, 1, cs.incarnation), late + 1)
+    assert stimuli.StopSubtasks(b.provider_id, job.job_id, 0) in actions
+    assert not cs.providers[a.provider_id].assigned
+    assert cs.providers[b.provider_id].stopping.keys() == {(job.job_id, 0)}
+
+
+def test_given_again_to_the_provider_stopping_it_is_its_new_copy(cs):
+    a = make_info(10.0)
+    connect(cs, a)
+    job = make_job(m=10)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    sub = job.subtasks[0]
+    cs.handle(stimuli.SubtaskAcked(a.provider_id, job.job_id, 0, 1, cs.incarnation), 0.1)
+    late = sub.deadline + 1
+    heartbeat(cs, a.provider_id, late)
+    actions = cs.handle(stimuli.Tick(), late)  # the only provider: stopped and sent again
+    assert Dispatch(a.provider_id, job.job_id, 0, 2) in actions
+    assert not cs.providers[a.provider_id].stopping and len(cs.providers[a.provider_id].assigned) == 1
+    # the old copy's `cancelled` is not the new copy's end
+    cs.handle(stimuli.SubtaskCancelled(a.provider_id, job.job_id, 0, 1, cs.incarnation), late + 0.1)
+    assert len(cs.providers[a.provider_id].assigned) == 1 and sub.state is SubState.SENT
+
+
+def test_a_cancelled_subtask_of_a_running_job_is_a_retryable_failure(cs):
+    a, b, job = _two_running(cs)
+    sub = job.subtasks[0]
+    cs.handle(stimuli.SubtaskCancelled(owner(sub), job.job_id, 0, 1, cs.incarnation), 1.0)
+    assert sub.strikes == 1 and job.state is JobState.RUNNING
+
+
+# ---- progress of running subtasks: rows and flops as they are done -------------------------------
+def test_row_progress_counts_in_the_job_and_the_flops_once(cs):
+    a, b, job = _two_running(cs)
+    sub = job.subtasks[0]
+    pid = owner(sub)
+    prov = cs.providers[pid]
+    rows = sub.params["rows"]
+    assert job.progress().to_dict() == {"done": 0, "total": 100, "unit": "rows"}
+    cs.handle(stimuli.SubtaskProgress(pid, job.job_id, 0, 1, cs.incarnation, done=rows // 2, total=rows), 1.0)
+    assert prov.flops_done == pytest.approx(sub.cost * (rows // 2) / rows)
+    assert job.progress().done == rows // 2
+    # going backwards, over the total, another provider's or a stale report: ignored
+    cs.handle(stimuli.SubtaskProgress(pid, job.job_id, 0, 1, cs.incarnation, done=1, total=rows), 1.1)
+    other = next(p for p in cs.providers if p != pid)
+    cs.handle(stimuli.SubtaskProgress(other, job.job_id, 0, 1, cs.incarnation, done=rows, total=rows), 1.1)
+    cs.handle(stimuli.SubtaskProgress(pid, job.job_id, 0, 1, hexid(), done=rows, total=rows), 1.1)
+    assert job.progress().done == rows // 2 and cs.providers[other].flops_done == 0
+    assert result(cs, pid, job.job_id, 0, 1, cs.incarnation, 2.0)
+    assert prov.flops_done == pytest.approx(sub.cost)  # the rest at the result, never twice
+    job.planner.merge(sub.params, [], 2.0)  # what the head's I/O layer does before ResultMerged
+    cs.handle(stimuli.ResultMerged(job.job_id), 2.0)
+    assert job.progress().done == rows
+
+
+def test_row_progress_of_a_requeued_subtask_starts_over_and_a_cancelled_job_keeps_its_progress(cs):
+    a, b, job = _two_running(cs)
+    sub = job.subtasks[0]
+    rows = sub.params["rows"]
+    cs.handle(stimuli.SubtaskProgress(owner(sub), job.job_id, 0, 1, cs.incarnation, done=rows, total=rows),
+              1.0)
+    assert job.progress().done == rows
+    cs.handle(stimuli.ProviderLeft(owner(sub)), 1.5)  # its subtask goes back to pending
+    assert job.progress().done == 0
+    sub1 = job.subtasks[1]
+    cs.handle(stimuli.SubtaskProgress(owner(sub1), job.job_id, 1, 1, cs.incarnation, done=10,
+                                      total=sub1.params["rows"]), 2.0)
+    cancel(cs, job.job_id, 2.5)
+    assert job.progress().to_dict() == {"done": 10, "total": 100, "unit": "rows"}

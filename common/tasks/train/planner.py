@@ -74,7 +74,10 @@ def make_scheduler(optimizer: Any, p: Mapping[str, Any], total_steps: int) -> An
 
 
 class TrainPlanner(Planner):
-    """The planner of a ``train`` job: a parameter server."""
+    """The planner of a ``train`` job: a parameter server. Its progress counts optimizer steps (of
+    ``epochs x steps per epoch``); a running subtask adds none (``subtask_units`` 0)."""
+
+    progress_unit = "steps"
 
     def __init__(self, job: JobContext) -> None:
         import torch

@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import ValidationError
 from ...protocol import check_fields
 from .. import wire
-from ..base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, TaskType
+from ..base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, TaskType, checkpoint
 from ..registry import register
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
@@ -31,6 +31,7 @@ class TrainTask(TaskType):
     name = "train"
     inputs = ("x", "y", "x_test", "y_test")
     head_imports = ("torch",)
+    head_extra = "torch"
 
     def check_params(self, sub_params: Mapping[str, Any]) -> None:
         """The fields of every train subtask (PROTOCOL.md §10.1), then those of its kind."""
@@ -99,7 +100,8 @@ class TrainTask(TaskType):
             steps = idx.reshape(sub_params["local_steps"], -1)
             opt = torch.optim.SGD(net.parameters(), lr=sub_params["lr"])
             loss_sum, correct = 0.0, 0
-            for batch in steps:
+            for k, batch in enumerate(steps):
+                checkpoint(device, k, len(steps))  # a cancelled job stops between steps
                 x, y = ModelRunner.tensors(device, x_all[batch], y_all[batch])
                 flat.zero_grad()
                 out = net(x)
