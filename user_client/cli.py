@@ -307,13 +307,22 @@ class Bars:
     def bytes(self, name: str, total_hint: int = 0) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
             total = total or total_hint
-            kw: dict[str, Any] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}
+            kw: dict[str, Any] = {"unit": "B", "unit_scale": True}
             if name not in self.bars and total and done >= total:  # all at once (inline, small): no rate
                 kw["bar_format"] = NO_RATE
             bar = self._bar(name, total, **kw)
-            if bar is not None:
+            if bar is not None and not bar.disable:
                 bar.update(done - bar.n)
+                if total and done >= total:
+                    self.finish(name)
         return update
+
+    def finish(self, name: str) -> None:
+        """Close a bar as its work ends: tqdm's final rate is over the time until ``close``, so a bar left
+        open while the next step runs would end with a lower rate than it showed."""
+        bar = self.bars.get(name)
+        if bar is not None and not bar.disable:
+            bar.close()
 
     def _bar(self, name: str, total: int, **kw: Any) -> Any:
         if not self.enabled:
@@ -334,9 +343,13 @@ class Bars:
         bar = self._bar("compute", prog["total"], unit=f" {progress_unit(prog)}")
         if bar is None:
             return
+        if bar.disable:  # closed: the job ended
+            return
         bar.update(prog["done"] - bar.n)
         waiting = view.get("waiting") if view["state"] in ACTIVE_NAMES else None
         bar.set_postfix_str(waiting or view["state"], refresh=True)
+        if view["state"] in TERMINAL:
+            self.finish("compute")
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -411,13 +424,16 @@ def submit_matmul(args: argparse.Namespace) -> int:
 def _upload_and_submit(client: Client, a: np.ndarray, b: np.ndarray, nodes: int | None, bars: Bars) -> str:
     total = a.nbytes + b.nbytes
     up = bars.bytes("upload", total)
-    sent = [0]
+    up(0, total)  # the bar's clock starts now, not after the first chunk: its rate is the true average
 
-    def both(done: int, size: int) -> None:
-        up(sent[0] + done, total)
-    blob_a = client.upload(a, both)["blob_id"]
-    sent[0] = a.nbytes
-    blob_b = client.upload(b, both)["blob_id"]
+    def part(before: int, arr: np.ndarray) -> Callable[[int, int], None]:
+        """One operand's upload (its .npy header included) as its share of the operands' bytes: the bar
+        never passes its total (tqdm then drops the total from the bar)."""
+        def update(done: int, size: int) -> None:
+            up(before + (arr.nbytes * done // size if size else 0), total)
+        return update
+    blob_a = client.upload(a, part(0, a))["blob_id"]
+    blob_b = client.upload(b, part(a.nbytes, b))["blob_id"]
     return client.submit("matmul", {"a": blob_a, "b": blob_b}, nodes=nodes)
 
 
