@@ -94,7 +94,7 @@ def test_prometheus_metrics_parse_and_grow(cluster: LocalCluster, client: Client
     assert buckets[-1][0] == math.inf
 
 
-def test_prometheus_counts_failed_and_cancelled_jobs() -> None:
+def test_prometheus_counts_failed_jobs() -> None:
     # a finished job leaves the head's live state once its outcome is stored: the counts must not
     # come from there (dcf_jobs{state="failed"} stayed 0 after a failure)
     plugin = ["--plugins", "tests.plugins.buggy"]
