@@ -311,3 +311,48 @@ def test_a_job_is_spread_as_far_as_each_share_is_worth_it(mm, monkeypatch: pytes
     assert {p.provider_id for p in mm.split({}, metas(1000, 100, 500), ws)} == {w.provider_id for w in ws}
     assert len({p.provider_id for p in mm.split({}, metas(200, 100, 500), ws)}) == 1
     assert len({p.provider_id for p in mm.split({}, metas(500, 100, 500), ws)}) == 2
+
+
+# ---- blocks of rows: progress and cancel between them ----------------------------------------------
+class CheckpointDevice(CpuDevice):
+    """Records every checkpoint; raises SubtaskCancelled at the ``stop_at``-th one."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.stop_at = stop_at
+
+    def checkpoint(self, done: int, total: int) -> None:
+        self.calls.append((done, total))
+        if self.stop_at is not None and len(self.calls) >= self.stop_at:
+            raise tasks.SubtaskCancelled("stop")
+
+
+def test_a_long_subtask_runs_in_blocks_of_rows_with_a_checkpoint_after_each(mm, monkeypatch) -> None:
+    monkeypatch.setattr(rows, "BLOCK_FLOPS", 10 * 2.0 * 40 * 30)  # 10 rows of a (25 x 40) @ (40 x 30) a block
+    monkeypatch.setattr(rows, "MIN_BLOCK_ROWS", 8)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((25, 40)), rng.standard_normal((40, 30))
+    dev = CheckpointDevice()
+    (c,) = mm.run({"row0": 0, "rows": 25}, [a, b], dev)
+    np.testing.assert_allclose(c, a @ b)
+    assert dev.calls == [(10, 25), (20, 25), (25, 25)]
+    out = {"c": np.zeros((25, 30))}
+    mm.run_into({"row0": 0, "rows": 25}, [a, b], out, CheckpointDevice())
+    np.testing.assert_allclose(out["c"], a @ b)
+    stopped = CheckpointDevice(stop_at=1)
+    with pytest.raises(tasks.SubtaskCancelled):
+        mm.run({"row0": 0, "rows": 25}, [a, b], stopped)
+    assert stopped.calls == [(10, 25)]  # stopped after the first block, not at the end
+
+
+def test_row_chunks() -> None:
+    assert rows.row_chunks(0, 1.0) == [(0, 0)]
+    assert rows.row_chunks(100, 1.0) == [(0, 100)]  # a small subtask: one block
+    per = int(rows.BLOCK_FLOPS // 1e7)
+    chunks = rows.row_chunks(1000, 1e7)
+    assert chunks[0] == (0, max(rows.MIN_BLOCK_ROWS, per)) and chunks[-1][1] == 1000
+    assert all(b0 == a1 for (_, a1), (b0, _) in zip(chunks, chunks[1:], strict=False))
+
+
+def test_matmul_progress_counts_rows(mm) -> None:
+    assert mm.progress_unit == "rows" and mm.units({"row0": 5, "rows": 7}) == 7

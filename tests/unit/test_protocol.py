@@ -323,6 +323,7 @@ def test_missing_required_field():
     ("heartbeat", lambda: {"provider_id": hexid(), "running": [], "queued": 0}, "local_epoch", hexid(), 5),
     ("registered", lambda: {"provider_id": hexid(), "epoch": hexid(), "heartbeat_interval_s": 5.0},
      "state_dir", "/srv/dcf", None),
+    ("cancel", lambda: {"job_id": hexid(), "epoch": hexid()}, "subtask", 3, "3"),
 ])
 def test_optional_fields(mtype, fields, name, good, bad):
     """PROTOCOL.md §12: optional fields may be absent, but are type-checked when present."""
@@ -553,3 +554,22 @@ def test_check_id_rejects(value):
 def test_check_id_rejects_trailing_newline():
     with pytest.raises(ProtocolError):
         check_id(hexid() + "\n")
+
+
+# ---- cancel, progress, cancelled (PROTOCOL.md 5.2, 5.3, 6.1) ---------------------------------------
+def test_cancel_progress_and_cancelled_round_trip_on_their_sockets():
+    job, epoch = hexid(), hexid()
+    frames = encode("cancel", {"job_id": job, "epoch": epoch}, topic=b"t" * 32)
+    assert frames[0] == b"t" * 32 and len(frames) == 2  # a topic and a header, no arrays
+    msg = decode(frames[1:], expect=protocol.TASK_CHANNEL_TYPES)
+    assert msg.type == "cancel" and msg["job_id"] == job and msg.get("subtask") is None
+    key = {k: v for k, v in result_fields().items() if k in ("job_id", "subtask", "attempt", "epoch", "provider_id")}
+    progress = decode(encode("progress", {**key, "done": 128, "total": 3000}), expect=("progress",))
+    assert (progress["done"], progress["total"]) == (128, 3000)
+    assert decode(encode("cancelled", key), expect=("cancelled",)).fields == key
+    with pytest.raises(ProtocolError, match="missing field 'total'"):
+        decode([raw_header(type="progress", **key, done=1)])
+    with pytest.raises(ProtocolError, match="negative"):
+        decode([raw_header(type="progress", **key, done=-1, total=5)])
+    with pytest.raises(ProtocolError, match="not accepted"):  # a provider's SUB takes only these two
+        decode(encode("progress", {**key, "done": 1, "total": 2}), expect=protocol.TASK_CHANNEL_TYPES)

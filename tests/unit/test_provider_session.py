@@ -238,3 +238,31 @@ def test_refused_handshake_while_registered_reconnects_after_the_next_ack() -> N
     assert session.due(2.0) == [SendHeartbeat()]
     session.on_handshake_refused()
     assert session.on_reply(ack(), 2.5) == [Reconnect()]
+
+
+# ---- the device a subtask runs on: progress at most every 0.25 s, a stop between blocks ------------
+def test_subtask_device_reports_progress_sparingly_and_stops_when_told() -> None:
+    from common.tasks.base import SubtaskCancelled
+    from provider_node.device import REPORT_EVERY_S, SubtaskDevice
+
+    class Base:
+        kind = "cpu"
+        cache: dict = {}
+
+    clock = [0.0]
+    stop = [False]
+    sent: list[tuple[int, int]] = []
+    dev = SubtaskDevice(Base(), lambda: stop[0], lambda d, t: sent.append((d, t)),  # type: ignore[arg-type]
+                        now=lambda: clock[0])
+    dev.checkpoint(1, 10)
+    assert sent == []  # a subtask shorter than REPORT_EVERY_S reports nothing
+    clock[0] = REPORT_EVERY_S
+    dev.checkpoint(2, 10)
+    clock[0] += REPORT_EVERY_S / 2
+    dev.checkpoint(3, 10)
+    clock[0] += REPORT_EVERY_S
+    dev.checkpoint(10, 10)  # the end is told by the result
+    assert sent == [(2, 10)]
+    stop[0] = True
+    with pytest.raises(SubtaskCancelled):
+        dev.checkpoint(4, 10)
