@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client
@@ -328,6 +330,8 @@ class Metrics:
         self._accepted: OrderedDict[str, tuple[str, float]] = OrderedDict()
         #: (type, state) -> its counter and histogram children (labels() takes a lock each call)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._rendering = threading.Lock()
+        self._pinned: Reading | None = None
         self.registry.register(_SnapshotCollector(self))
 
     def on_event(self, event: Mapping[str, Any]) -> None:
@@ -370,9 +374,34 @@ class Metrics:
         if seconds is not None:
             children[1].observe(seconds)
 
-    def render(self) -> str:
-        """The Prometheus text format, version 0.0.4."""
-        return generate_latest(self.registry).decode("utf-8")
+    def reading(self) -> Reading:
+        """What the gauges show, read now (in the head's loop: the head's state is not thread-safe)."""
+        observer = self.observer
+        return Reading(self.read(), None if observer is None else observer.latest_gflops(),
+                       None if observer is None else observer.shares(),
+                       None if self.subscribers is None else self.subscribers(), dict(self.by_state))
+
+    def render(self, reading: Reading | None = None) -> str:
+        """The Prometheus text format, version 0.0.4, of ``reading`` (else of one taken now). With
+        a reading taken in the head's loop, this may run in a worker thread: formatting thousands
+        of samples (500 providers) takes tens of ms the loop need not wait for."""
+        with self._rendering:
+            self._pinned = reading or self.reading()
+            try:
+                return generate_latest(self.registry).decode("utf-8")
+            finally:
+                self._pinned = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One scrape's view of the head: its snapshot and the observer's numbers."""
+
+    snapshot: Mapping[str, Any]
+    gflops: float | None
+    shares: list[dict[str, Any]] | None
+    subscribers: int | None
+    by_state: dict[str, int]
 
 
 class _SnapshotCollector(Collector):
@@ -382,27 +411,28 @@ class _SnapshotCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        snapshot = m.read()
+        now = self.metrics._pinned or self.metrics.reading()
+        snapshot = now.snapshot
         yield from _head_metrics(snapshot)
         yield from _provider_metrics(snapshot)
-        if m.observer is not None:
+        if now.gflops is not None:
             yield GaugeMetricFamily("dcf_cluster_throughput_gflops", "Cluster throughput over the last sample, "
-                                    "GFLOP/s.", value=m.observer.latest_gflops())
+                                    "GFLOP/s.", value=now.gflops)
+        if now.shares is not None:
             done = CounterMetricFamily("dcf_provider_flops_done", "Floating-point operations the provider "
                                        "finished.", labels=["provider_id", "name"])
-            for share in m.observer.shares():
+            for share in now.shares:
                 done.add_metric([share["provider_id"], share["name"]], share["flops_done"])
             yield done
-        if m.subscribers is not None:
+        if now.subscribers is not None:
             yield GaugeMetricFamily("dcf_event_subscribers", "Open event streams (SSE clients of /v1/stream).",
-                                    value=m.subscribers())
+                                    value=now.subscribers)
         jobs = GaugeMetricFamily("dcf_jobs", "Jobs by state: live jobs, and jobs finished since the head "
                                  "started.", labels=["state"])
         counts = dict.fromkeys(JOB_STATES, 0)
         for job in snapshot.get("jobs", ()):
             counts[job["state"]] = counts.get(job["state"], 0) + 1
-        for state, n in m.by_state.items():
+        for state, n in now.by_state.items():
             counts[state] = counts.get(state, 0) + n
         for state, n in counts.items():
             jobs.add_metric([state], n)

@@ -141,6 +141,12 @@ def test_finished_jobs_are_counted_from_the_event_bus_and_looked_up() -> None:
     assert value(samples, "dcf_jobs", state="failed") == 1 and value(samples, "dcf_jobs", state="cancelled") == 1
     assert value(samples, "dcf_job_duration_seconds_sum", type="train", state="failed") == 4.0
     assert value(samples, "dcf_jobs_finished_total", type="unknown", state="cancelled") == 1
+    # a reading taken in the head's loop is what a worker thread renders, whatever happens after
+    reading = metrics.reading()
+    bus.emit("job.failed", job_id="j3", error="boom")
+    _, pinned = parse_prometheus(metrics.render(reading))
+    assert value(pinned, "dcf_jobs", state="failed") == 1
+    assert value(parse_prometheus(metrics.render())[1], "dcf_jobs", state="failed") == 2
     # every Metrics has its own registry: a second head in the process starts from zero
     _, other = parse_prometheus(Metrics(lambda: snap(1.0, [])).render())
     assert value(other, "dcf_jobs", state="failed") == 0
