@@ -492,6 +492,9 @@
   // relative times ("3.1 s ago", running durations) move even between snapshots
   setInterval(() => { if (state.snapshot) renderJobs(); }, 1000);
 
+  // read-only access for the browser console and the headless-browser test
+  window.dcfDashboard = { series: () => state.series, events: () => state.events.slice() };
+
   renderEvents();
   connect();
 })();

@@ -191,6 +191,34 @@ def test_a_dead_provider_shows_dead_and_events_stay_in_order(browser: Any) -> No
         assert console_errors(browser) == []
 
 
+def test_throughput_is_spread_over_the_time_the_work_took(browser: Any) -> None:
+    # the provider sleeps 2.5 s before each subtask: its flops all arrive at the end, and the
+    # chart must show them over the >= 2.5 s the subtask took (samples the page already had are
+    # amended), never as one spike of all the flops in one 1 s sample
+    n = 600
+    flops = 2.0 * n ** 3
+    with LocalCluster(1, heartbeat=0.5, threads=1, provider_args=["--delay", "2.5"]) as cl, Client(cl.url) as c:
+        browser.get(cl.url + "/")
+        wait_until(browser, lambda: js(browser, "return document.getElementById('conn').dataset.state") == "live",
+                   20, "the stream to connect")
+        time.sleep(1.5)  # a sample or two of the idle provider first
+        c.matmul(np.ones((n, n)), np.ones((n, n)), nodes=1)
+        pid = c.nodes()[0]["provider_id"]
+        values = wait_until(browser, lambda: js(browser, f"""
+            const col = window.dcfDashboard.series().providers["{pid}"];
+            const v = col ? col.values.filter((x) => x > 0) : [];
+            return v.length ? v : null;"""), 10, "the provider's throughput in the chart")
+        time.sleep(1.5)  # the samples after the result
+        values, work = js(browser, f"""
+            const S = window.dcfDashboard.series(), col = S.providers["{pid}"].values;
+            let work = 0;  // GFLOP: each sample's rate times its interval
+            for (let i = 1; i < S.t.length; i++) if (col[i] > 0) work += col[i] * (S.t[i] - S.t[i - 1]);
+            return [col.filter((x) => x > 0), work];""")
+        assert len(values) >= 2, values
+        assert max(values) <= flops / 2.5 / 1e9 * 1.001, values  # at most the work over the time it took
+        assert abs(work - flops / 1e9) / (flops / 1e9) < 0.01, (work, values)  # all of it, once
+
+
 def test_api_docs_render_from_the_head_alone(browser: Any) -> None:
     cl = LocalCluster(0, heartbeat=0.5)
     try:
