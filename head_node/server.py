@@ -212,8 +212,7 @@ class Head:
             return self._register(msg, pid)
         if msg.type == "heartbeat":
             local = self._is_local(pid, msg.get("local_epoch"))
-            held = msg["running"]  # cut at 64 entries by the reference provider: a full list may be partial
-            running = (frozenset(held) if len(held) < 64 and all(isinstance(h, str) for h in held) else None)
+            running = self._held(pid, msg["running"])
             if any(isinstance(a, sm.RegisterAgain) for a in self.apply(sm.HeartbeatReceived(pid, local, running))):
                 return protocol.error_frames(UnknownProvider.code, "register again")
             # subscribed: whether the head sees this provider's SUB (a provider that is told "no" again and
@@ -225,6 +224,14 @@ class Head:
             log.info("provider left", extra={"provider_id": pid})  # one the head had already let go
             self.events.emit("node.left", provider_id=pid, name="", requeued=0)
         return protocol.encode("ok")
+
+    def _held(self, pid: str, held: list[Any]) -> frozenset[str] | None:
+        """What a heartbeat says the provider holds, when the head needs it (it was told to stop subtasks):
+        None otherwise, or when the list may be cut (the reference sends at most 64) or is not strings."""
+        prov = self.state.providers.get(pid)
+        if prov is None or not prov.stopping or len(held) >= 64 or not all(isinstance(h, str) for h in held):
+            return None
+        return frozenset(held)
 
     def _register(self, msg: protocol.Message, pid: str) -> list[Any]:
         info = protocol.parse_register(msg)
