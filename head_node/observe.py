@@ -6,7 +6,8 @@ event dicts (``Event.to_dict()``), and keeps
 * a time series, one sample per call to ``sample``: cluster throughput in GFLOP/s and each
   provider's, from the increase of the flops each provider has finished since the last sample
   (``flops_done``: from the node rows when they carry it, else from the ``flops`` mapping the
-  caller reads off the head's state; a subtask's flops count when its result is accepted);
+  caller reads off the head's state; they count as providers report progress and results), an
+  increase spread over the time the provider was busy computing it (``sample``);
 * each provider's share of the work done so far (by flops, and its subtasks done);
 * training curves from ``job.metrics`` events (epoch, step, loss, accuracy, test_loss,
   test_accuracy, each optional; train_loss/train_accuracy stand for loss/accuracy; two events
@@ -301,7 +302,7 @@ COUNTER_HELP = {
 }
 #: the events that end a job, and the job's final state
 FINISH_KINDS = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"}
-#: job.accepted events remembered (task type, time) until the job ends, at most
+#: job.accepted events remembered (task type, time) until the job ends, at most (without a lookup)
 KEEP_ACCEPTED = 100_000
 #: what ``Metrics`` asks of a finished job: (task type, seconds from submission to end), or None
 JobLookup = Callable[[str], tuple[str, float | None] | None]
@@ -350,6 +351,8 @@ class Metrics:
         if not isinstance(job_id, str):
             return
         if kind == "job.accepted":
+            if self.lookup is not None:
+                return  # the head names the job's type and times when it ends
             self._accepted[job_id] = (str(data.get("type") or "unknown"), ts)
             if len(self._accepted) > KEEP_ACCEPTED:
                 self._accepted.popitem(last=False)
