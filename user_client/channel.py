@@ -45,6 +45,8 @@ class Channel:
         self.timeout = timeout
         self.headers = {"authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
+        #: whether a connection to the head was ever made (a head was there, even if it went since)
+        self.connected = False
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection, and whether it served a request before."""
@@ -69,6 +71,9 @@ class Channel:
             if conn.sock is not None:
                 conn.sock.settimeout(conn.timeout)
             try:
+                if conn.sock is None:
+                    conn.connect()
+                    self.connected = True
                 conn.request(method, target(self.prefix + path), body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()

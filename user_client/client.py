@@ -82,6 +82,9 @@ class Client:
         self.reconnect_wait = self.settings.reconnect_wait
         #: called as on_reconnect(message, seconds_left) before each reconnection attempt
         self.on_reconnect: Callable[[str, float], None] | None = None
+        #: whether the head answered a streamed transfer of this client (``channel.connected``: whether
+        #: it was ever connected to): a head never reached (a wrong URL) is not waited for
+        self.reached = False
         self.timeout = timeout
         self.channel = Channel(self.url, token, timeout)  # every request but streamed transfers
         self._http: httpx.Client | None = None  # streamed uploads and downloads, built on first use
@@ -150,7 +153,8 @@ class Client:
     def riding_out(self, call: Callable[[], T]) -> T:
         """``call()``, tried again with back-off while the head is unreachable (e.g. restarting), for
         up to ``reconnect_wait`` seconds from the first failure; only for requests that are safe to
-        repeat (reads)."""
+        repeat (reads). A head that never answered this client (a wrong URL, a head not started)
+        fails at once."""
         end: float | None = None
         delay = 0.25
         while True:
@@ -159,6 +163,8 @@ class Client:
             except QueueUnavailable:
                 raise
             except HeadUnreachable as exc:
+                if not (self.reached or self.channel.connected):
+                    raise
                 now = time.monotonic()
                 end = now + self.reconnect_wait if end is None else end
                 left = end - now
@@ -454,6 +460,7 @@ class Client:
         params = {"name": name} if name else None
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params=params, timeout=120) as resp:
+                self.reached = True
                 if resp.status_code >= 400:
                     resp.read()
                     self._raise_for(resp)
@@ -497,6 +504,7 @@ class Client:
         tmp = path.with_name(f".{path.name}.part")
         try:
             with self.http.stream("GET", f"/v1/jobs/{job_id}/result", params={"name": name}, timeout=300) as resp:
+                self.reached = True
                 if resp.status_code >= 400:
                     resp.read()
                     self._raise_for(resp)

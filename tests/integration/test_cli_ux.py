@@ -289,6 +289,7 @@ def test_status_wait_rides_out_a_head_restart(slow: LocalCluster) -> None:
         job = c.submit_matmul(np.eye(8), np.ones((8, 8)))
         waiting = popen("status", job, "--wait", "--reconnect-wait", "60", url=slow.url)
         wait_for(lambda: c.status(job)["state"] == "running", 20, "the job to start")
+        wait_for(lambda: connected(waiting.pid, slow.http_port), 30, "the waiting CLI to reach the head")
         slow.kill_head()
         time.sleep(0.5)  # the waiting CLI finds the head gone
         slow.start_head()
@@ -297,6 +298,20 @@ def test_status_wait_rides_out_a_head_restart(slow: LocalCluster) -> None:
         assert "reconnecting" in err and err.count("reconnecting") == 1, err
         assert "done" in out
         np.testing.assert_allclose(c.result(job), np.ones((8, 8)))
+
+
+def test_a_head_never_reached_is_not_waited_for() -> None:
+    r = dcf("status", "0123abcd", "--wait", "--reconnect-wait", "600", timeout=60)  # nothing at DEAD_URL
+    assert r.returncode == 3 and "reconnecting" not in r.stderr, r.stderr
+
+
+def connected(pid: int, port: int) -> bool:
+    """Whether the process has a connection to ``port`` open (it reached the head)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
 
 
 # ---- item 5: a port in use --------------------------------------------------------------------------
