@@ -63,7 +63,10 @@ class Client:
     the client option table (``common.config.CLIENT_OPTIONS``): ``url`` (DCF_HEAD_URL), ``token``
     (DCF_API_TOKEN), ``shared_files`` (DCF_SHARED_FILES; "auto": when this client runs on the head's
     machine and can use its state dir, arrays are exchanged as files there instead of over HTTP)
-    and ``queue_wait`` (DCF_QUEUE_WAIT). Bad values raise ConfigError."""
+    ``queue_wait`` (DCF_QUEUE_WAIT) and ``reconnect_wait`` (DCF_RECONNECT_WAIT: seconds ``watch``,
+    ``wait``, ``result`` and ``download`` keep reconnecting to a head that went away, e.g. while it
+    restarts; a head never reached fails at once). A ``url`` without a scheme (``HOST:PORT``) means
+    ``http://HOST:PORT``. Bad values raise ConfigError."""
 
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
                  shared_files: str | None = None, queue_wait: float | None = None, *,
