@@ -90,7 +90,8 @@ async def serve(cfg: config.HeadSettings) -> None:
         loop.call_soon_threadsafe(head.stopping.set)
         loop.call_soon_threadsafe(setattr, server, "should_exit", True)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (its terminal closed, e.g. under `dcf up`): a clean stop, not the default instant death
+    for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
         signal.signal(sig, stop)
     try:
         await server.serve(sockets=[sock])

@@ -352,7 +352,10 @@ def test_dcf_up_stops_its_head_and_providers_on(sig: signal.Signals, tmp_path: P
     try:
         children = _started(proc, "Ctrl-C")
         assert len(children) == 2  # head + 1 provider
-        proc.send_signal(sig)  # to dcf up alone, as `kill PID` or a closing terminal's hang-up
+        if sig == signal.SIGHUP:
+            os.killpg(proc.pid, sig)  # a closing terminal hangs up its whole process group
+        else:
+            proc.send_signal(sig)  # to dcf up alone, as `kill PID` does
         assert proc.wait(timeout=30) == 0
         _, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"still running after {sig.name}: {alive}"
