@@ -262,8 +262,12 @@ def _client(args: argparse.Namespace) -> Client:
             say(f"{message}; reconnecting for up to {left:.0f}s (--reconnect-wait; Ctrl-C gives up)")
             told.add("head")
 
+    def reconnected(away: float) -> None:
+        say(f"reconnected to the head after {away:.1f}s")
+
     client.on_queue_wait = waiting
     client.on_reconnect = reconnecting
+    client.on_reconnected = reconnected
     return client
 
 

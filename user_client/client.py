@@ -85,6 +85,8 @@ class Client:
         self.reconnect_wait = self.settings.reconnect_wait
         #: called as on_reconnect(message, seconds_left) before each reconnection attempt
         self.on_reconnect: Callable[[str, float], None] | None = None
+        #: called as on_reconnected(seconds_away) when the head answers again
+        self.on_reconnected: Callable[[float], None] | None = None
         #: whether the head answered a streamed transfer of this client (``channel.connected``: whether
         #: it was ever connected to): a head never reached (a wrong URL) is not waited for
         self.reached = False
@@ -158,25 +160,28 @@ class Client:
         up to ``reconnect_wait`` seconds from the first failure; only for requests that are safe to
         repeat (reads). A head that never answered this client (a wrong URL, a head not started)
         fails at once."""
-        end: float | None = None
+        lost: float | None = None  # when the head was first found gone
         delay = 0.25
         while True:
             try:
-                return call()
+                result = call()
             except QueueUnavailable:
                 raise
             except HeadUnreachable as exc:
                 if not (self.reached or self.channel.connected):
                     raise
-                now = time.monotonic()
-                end = now + self.reconnect_wait if end is None else end
-                left = end - now
+                lost = time.monotonic() if lost is None else lost
+                left = lost + self.reconnect_wait - time.monotonic()
                 if left <= 0:
                     raise
                 if self.on_reconnect is not None:
                     self.on_reconnect(exc.message, left)
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            else:
+                if lost is not None and self.on_reconnected is not None:
+                    self.on_reconnected(time.monotonic() - lost)
+                return result
 
     @staticmethod
     def _raise_for(resp: httpx.Response) -> None:

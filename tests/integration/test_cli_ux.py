@@ -296,6 +296,7 @@ def test_status_wait_rides_out_a_head_restart(slow: LocalCluster) -> None:
         out, err = waiting.communicate(timeout=90)
         assert waiting.returncode == 0, err
         assert "reconnecting" in err and err.count("reconnecting") == 1, err
+        assert "reconnected to the head" in err, err
         assert "done" in out
         np.testing.assert_allclose(c.result(job), np.ones((8, 8)))
 
