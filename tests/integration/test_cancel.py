@@ -44,36 +44,45 @@ def provider_log(cluster: LocalCluster, i: int) -> str:
     return (cluster.log_dir / f"provider-{i}.log").read_text(errors="replace")
 
 
-def stopped_in_log(cluster: LocalCluster, i: int) -> bool:
-    """The provider stopped its running subtask because of the cancel (not at its end)."""
-    return re.search(r"subtask stopped after [\d.]+s: its job was cancelled", provider_log(cluster, i)) is not None
+def in_log(cluster: LocalCluster, i: int, pattern: str) -> bool:
+    return re.search(pattern, provider_log(cluster, i), re.MULTILINE) is not None
 
 
-def test_cancel_stops_the_subtasks_on_both_providers_and_frees_them(cluster: LocalCluster) -> None:
+def test_cancel_drops_queued_subtasks_stops_running_ones_and_frees_the_providers(cluster: LocalCluster) -> None:
     rng = np.random.default_rng(0)
     a, b = rng.random((N, N)), rng.random((N, N))
     with Client(cluster.url) as c:
-        job = c.submit_matmul(a, b)
-        # both providers are computing their share (assigned 1 each) and one reported rows
-        wait_for(lambda: c.status(job)["progress"]["done"] > 0, 60, "rows reported while the subtasks run")
-        assert [n["assigned"] for n in c.nodes()] == [1, 1]
-        view = c.cancel(job)
-        assert view["state"] == "cancelled"
-        # the providers stop between row blocks and say so: nothing left assigned, and the head got no
-        # result for the job (a provider that ran its share to the end would send one, ignored)
+        inputs = {"a": c.upload(a)["blob_id"], "b": c.upload(b)["blob_id"]}
+        running = c.submit("matmul", inputs)
+        # both providers compute their share (one reported rows); a second job queues behind on both
+        wait_for(lambda: c.status(running)["progress"]["done"] > 0, 60, "rows reported while the subtasks run")
+        queued = c.submit("matmul", inputs)
+        wait_for(lambda: [n["assigned"] for n in c.nodes()] == [2, 2], 10, "the second job queued on both")
+
+        # the queued job's subtasks are dropped at once: each provider is left with the running one
+        assert c.cancel(queued)["state"] == "cancelled"
+        wait_for(lambda: [n["assigned"] for n in c.nodes()] == [1, 1], 10, "the queued subtasks dropped")
+        for i in range(2):
+            assert wait_for(partial(in_log, cluster, i, r"cancelled by the head: 1 queued subtasks dropped \["), 5,
+                            f"provider {i} to drop its queued subtask")
+        assert c.status(queued)["progress"] == {"done": 0, "total": N, "unit": "rows"}
+
+        # the running job's subtasks stop between row blocks and the providers say so: nothing left assigned,
+        # and the head got no result for it (a provider that ran its share to the end would send one, ignored)
+        assert c.cancel(running)["state"] == "cancelled"
         wait_for(lambda: all(n["assigned"] == 0 for n in c.nodes()), 15, "the providers to be free")
         for i in range(2):
-            assert wait_for(partial(stopped_in_log, cluster, i), 5, f"provider {i} to log the stop")
+            assert wait_for(partial(in_log, cluster, i, r"subtask stopped after [\d.]+s: its job was cancelled"), 5,
+                            f"provider {i} to stop its running subtask")
         counters = c._json("GET", "/v1/metrics")["counters"]
-        assert counters["subtasks_stopped"] == 2 and counters["results_ignored"] == 0
-        # a cancelled job keeps its real progress (what was done when it stopped), not 100%
-        stored = c.status(job)
-        assert stored["state"] == "cancelled" and 0 < stored["progress"]["done"] < N
-        assert stored["progress"]["total"] == N and stored["progress"]["unit"] == "rows"
+        assert counters["subtasks_stopped"] == 4 and counters["results_ignored"] == 0
+        # a cancelled job keeps its real progress (the rows done when it stopped), not 100%
+        stopped = c.status(running)["progress"]
+        assert 0 < stopped["done"] < N and stopped["total"] == N and stopped["unit"] == "rows"
         # the next job runs on free providers
         small = rng.random((200, 200))
         np.testing.assert_allclose(c.matmul(small, small, timeout=30), small @ small)
-        c.delete(job)  # a deleted job tells no provider anything new: they hold nothing of it
+        c.delete(queued)  # a deleted job tells no provider anything new: they hold nothing of it
         assert all(n["assigned"] == 0 for n in c.nodes())
 
 
