@@ -286,7 +286,8 @@ class Lifecycle:
         outcome = job.state.value
         log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
                  extra={"job_id": job.job_id})
-        self.events.emit(f"job.{outcome}", job_id=job.job_id, error=job.error, seconds=stats.get("compute_s"))
+        self.events.emit(f"job.{outcome}", job_id=job.job_id, error=job.error, seconds=stats.get("compute_s"),
+                         **stats["progress"])  # the job's progress as it ended (a cancelled one: not 100%)
         # only once the outcome is committed: the queue forgets the job, its waiters hear of it
         self.store.after_commit(lambda ok: self._closed(job.job_id, act.ack if act is not None else None, ok))
 

@@ -79,6 +79,8 @@ def test_cancel_drops_queued_subtasks_stops_running_ones_and_frees_the_providers
         # a cancelled job keeps its real progress (the rows done when it stopped), not 100%
         stopped = c.status(running)["progress"]
         assert 0 < stopped["done"] < N and stopped["total"] == N and stopped["unit"] == "rows"
+        end = next(e for e in c._json_list("GET", f"/v1/jobs/{running}/events") if e["kind"] == "job.cancelled")
+        assert {k: end[k] for k in stopped} == stopped  # the event says the same
         # the next job runs on free providers
         small = rng.random((200, 200))
         np.testing.assert_allclose(c.matmul(small, small, timeout=30), small @ small)
