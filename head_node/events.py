@@ -5,9 +5,10 @@ Kinds: node.registered, node.left, node.lost, node.draining, node.undrained, job
 job.started, job.progress, job.done, job.failed, job.cancelled, job.metrics, straggler,
 queue.lost, queue.restored.
 
-A job's events come in order, ``job.accepted`` first; ``job.started`` and ``job.progress`` carry the job's
-one progress (``done``, ``total``, ``unit``: ``Job.progress``), ``job.progress`` on each merged result and,
-while subtasks run, at most four a second from the providers' reports. ``node.left`` (a clean exit, with
+A job's events come in order, ``job.accepted`` first; ``job.started``, ``job.progress`` and the end events
+(``job.done``, ``job.failed``, ``job.cancelled``) carry the job's one progress (``done``, ``total``, ``unit``:
+``Job.progress``), ``job.progress`` on each merged result and, while subtasks run, at most four a second
+from the providers' reports. ``node.left`` (a clean exit, with
 ``requeued``) is not a ``node.lost``.
 """
 
