@@ -10,9 +10,9 @@ import numpy as np
 
 from ..errors import NotFound, ValidationError
 from . import wire
-from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan
+from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan, checkpoint
 from .registry import register
-from .rows import check_block, place_rows, provider_shares
+from .rows import check_block, place_rows, provider_shares, row_chunks
 from .train import models
 from .train.runner import ModelRunner, has_torch
 
@@ -85,9 +85,14 @@ class PredictTask(SplitTask):
             net = net.to(device.torch_device())
         x, weights = arrays
         models.load_flat(net, torch.from_numpy(np.array(weights, dtype=np.float32)).to(next(net.parameters()).device))
-        tx, _ = ModelRunner.tensors(device, np.asarray(x, dtype=np.float32))
-        with torch.no_grad():
-            return [net(tx).argmax(1).cpu().numpy().astype(np.int64)]
+        rows = len(x)
+        out = np.empty(rows, dtype=np.int64)
+        with torch.no_grad():  # by blocks of rows: progress, and a cancel stops it between blocks
+            for r0, r1 in row_chunks(rows, 2.0 * weights.size):
+                tx, _ = ModelRunner.tensors(device, np.asarray(x[r0:r1], dtype=np.float32))
+                out[r0:r1] = net(tx).argmax(1).cpu().numpy()
+                checkpoint(device, r1, rows)
+        return [out]
 
 
 register(PredictTask())

@@ -197,6 +197,29 @@ def test_predict_subtask(tmp_path: Path) -> None:
             task.check_result(plan.params, outputs, [pred.astype(np.int32)])
 
 
+def test_predict_runs_in_blocks_of_rows_with_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.tasks import rows
+    from common.tasks.train import models
+
+    net = models.build_model("mlp", [6], 3, {"hidden": [8]}, seed=1)
+    weights = models.flat_parameters(net).numpy()
+    x = np.random.default_rng(2).standard_normal((50, 6)).astype(np.float32)
+    monkeypatch.setattr(rows, "MIN_BLOCK_ROWS", 16)
+    monkeypatch.setattr(rows, "BLOCK_FLOPS", 1.0)  # blocks of MIN_BLOCK_ROWS rows
+    calls: list[tuple[int, int]] = []
+
+    class Counting(FakeDevice):
+        def checkpoint(self, done: int, total: int) -> None:
+            calls.append((done, total))
+
+    params = {"row0": 0, "rows": 50, "model": "mlp", "model_args": {"hidden": [8]}, "input_shape": [6],
+              "classes": 3}
+    (pred,) = PredictTask().run(params, [x, weights], Counting({}))
+    np.testing.assert_array_equal(pred, net(torch.from_numpy(x)).argmax(1).numpy())
+    assert calls == [(16, 50), (32, 50), (48, 50), (50, 50)]
+    assert PredictTask().units(params) == 50 and PredictTask.progress_unit == "rows"
+
+
 def test_malformed_subtask_params_are_refused_before_running() -> None:
     from common import tasks
     from common.errors import ProtocolError
