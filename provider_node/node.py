@@ -145,8 +145,9 @@ class ProviderNode:
             "version": __version__, "gflops": float(self.gflops)})
 
     def heartbeat_frames(self) -> list[Any]:
-        with self.lock:
-            running = [f"{j}:{s}" for j, s, _ in sorted(self.in_hand)][:64]  # cancelled ones are not held
+        with self.lock:  # a cancelled subtask still running (it stops at its next block) is still held
+            held = set(self.in_hand) | ({self.running.key} if self.running is not None else set())
+            running = sorted({f"{j}:{s}" for j, s, _ in held})[:64]
         fields: dict[str, Any] = {"provider_id": self.provider_id, "running": running,
                                   "queued": self.work.qsize()}
         if self.shared is not None:
