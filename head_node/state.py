@@ -478,7 +478,10 @@ class ClusterState:
         sub.reported[ev.provider_id] = fraction
         prov.flops_done += sub.cost * (fraction - before)
         job = self.jobs[ev.job_id]
-        units = job.planner.subtask_units(sub.params) * fraction
+        try:
+            units = float(job.planner.subtask_units(sub.params)) * fraction
+        except Exception:  # a plugin's bug there costs the running subtask's share of the progress only
+            units = 0.0
         if units > job.partial.get(ev.subtask, 0.0):
             job.partial[ev.subtask] = units
         return []
