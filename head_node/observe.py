@@ -296,6 +296,7 @@ COUNTER_HELP = {
     "subtasks_retried": "Subtasks taken back and queued again.",
     "results_ignored": "Late, duplicate or unknown results ignored.",
     "providers_lost": "Providers declared dead.",
+    "subtasks_stopped": "Subtasks a provider stopped before finishing, when told to (a cancelled or failed job).",
     "bytes_in": "Result bytes received from providers over sockets.",
     "bytes_out": "Operand bytes sent to providers over sockets.",
     "bad_messages": "Malformed messages dropped.",

@@ -192,15 +192,15 @@
     if (!addEvent(ev)) return;
     const job = ev.job_id ? state.jobs.get(ev.job_id) : null;
     if (job) {
-      if (ev.kind === "job.progress") {
-        job.progress = { done: ev.done, total: ev.total };
+      // job.started, job.progress and the end events carry the job's progress as the head counts it
+      // (done, total, unit): the one number `dcf status` and `dcf jobs` show too
+      if (typeof ev.done === "number" && typeof ev.total === "number") {
+        job.progress = { done: ev.done, total: ev.total, unit: ev.unit };
+      }
+      if (ev.kind === "job.progress" || ev.kind === "job.started") {
         job.state = "running";
-      } else if (ev.kind === "job.started") {
-        job.state = "running";
-        job.progress = { done: 0, total: ev.subtasks };
       } else if (ev.kind === "job.done" || ev.kind === "job.failed" || ev.kind === "job.cancelled") {
         job.state = ev.kind.slice(4);
-        if (ev.kind === "job.done" && job.progress) job.progress.done = job.progress.total;
         job.finished_at = ev.ts;
         if (ev.error) job.error = ev.error;
       }
@@ -349,7 +349,7 @@
         <td>${esc(j.type)}<div class="sub">${esc(shape)}</div></td>
         <td><span class="badge ${esc(j.state)}">${esc(j.state)}</span>${note}</td>
         <td><div class="bar-wrap"><div class="bar ${esc(j.state)}"><span style="width:${pct}%"></span></div>
-          <span class="pct">${p.done}/${p.total} · ${pct}%</span></div></td>
+          <span class="pct">${p.done}/${p.total}${p.unit ? " " + esc(p.unit) : ""} · ${pct}%</span></div></td>
         <td class="sub">${shares || "–"}</td>
         <td class="num">${time}</td>
       </tr>`;
@@ -463,8 +463,8 @@
   function describe(ev) {
     const job = ev.job_id ? "job " + ev.job_id.slice(0, 8) : "";
     switch (ev.kind) {
-      case "job.progress": return `${job}: ${ev.done}/${ev.total}`;
-      case "job.started": return `${job}: ${ev.subtasks} subtasks`;
+      case "job.progress": return `${job}: ${ev.done}/${ev.total} ${ev.unit || ""}`.trimEnd();
+      case "job.started": return `${job}: ${ev.subtasks} subtasks, ${ev.total} ${ev.unit || "subtasks"}`;
       case "job.done": return `${job}${ev.seconds != null ? " in " + dur(ev.seconds) : ""}`;
       case "job.failed": return `${job}: ${ev.error || ""}`;
       case "job.metrics": {

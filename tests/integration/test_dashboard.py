@@ -109,7 +109,7 @@ def test_dashboard_shows_nodes_and_job_progress(browser: Any, tmp_path: Path) ->
         wait_until(browser, job_state, 60, "the job to show done")
         states = [s for s, _ in seen]
         assert "running" in states and states.index("running") < states.index("done"), seen
-        done, total = seen[-1][1].split(" · ")[0].split("/")  # subtasks or rows, whichever the head counts
+        done, total = seen[-1][1].split(" · ")[0].split(" ")[0].split("/")  # "400/400 rows": the head's unit
         assert seen[-1][0] == "done" and seen[-1][1].endswith(" · 100%") and done == total, seen
         assert js(browser, f"""return document.querySelector('tr.job[data-job-id="{job}"] .bar > span')
                                .style.width""") == "100%"
