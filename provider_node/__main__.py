@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal: leave cleanly, as on Ctrl-C (not on Windows)
+        signal.signal(signal.SIGHUP, stop)
     node.run()
     log.info("provider stopped")
     return 0
