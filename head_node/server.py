@@ -304,8 +304,10 @@ class Head:
         job = self.state.jobs.get(key[0])
         act = self.jobs.active.get(key[0])
         if job is None or act is None or not 0 <= key[1] < len(job.subtasks):
-            self.state.counters["results_ignored"] += 1
+            # the state machine counts it ignored, and frees a provider told to stop it (a cancelled job's
+            # last block finished before the cancel arrived): `assigned` drops now, not at a later heartbeat
             log.info("ignored result for an unknown or finished job", extra=ctx)
+            self.apply(sm.ResultReceived(pid, *key, elapsed=0.0))
             return
         params = job.subtasks[key[1]].params
         try:

@@ -349,6 +349,7 @@ class Bars:
             return
         if bar.disable:  # closed: the job ended
             return
+        bar.unit = f" {progress_unit(prog)}"  # a queued job's view does not know it yet
         bar.update(prog["done"] - bar.n)
         waiting = view.get("waiting") if view["state"] in ACTIVE_NAMES else None
         bar.set_postfix_str(waiting or view["state"], refresh=True)

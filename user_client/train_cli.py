@@ -88,6 +88,7 @@ def _follow_training(client: Client, job: str, show: bool) -> dict[str, Any]:
 
                 bar = tqdm(desc="training", unit=f" {progress_unit(prog)}", file=sys.stderr, dynamic_ncols=True)
             if bar is not None:
+                bar.unit = f" {progress_unit(prog)}"  # a queued job's view does not know it yet
                 bar.total = prog["total"] or None
                 bar.update(prog["done"] - bar.n)
                 if last:

@@ -1102,6 +1102,19 @@ def test_cancel_tells_each_provider_and_keeps_the_subtasks_assigned_until_they_s
     assert cs.providers[b.provider_id].assigned
 
 
+def test_a_result_that_crossed_the_cancel_frees_its_provider_after_the_job_is_forgotten(cs):
+    """The provider finished its last block before the cancel arrived and sent the result: the job is gone
+    from the scheduler by then, and the result is ignored, but the provider is free of it at once."""
+    a, b, job = _two_running(cs)
+    cs.handle(stimuli.CancelRequested(job.job_id), 1.0)
+    cs.handle(stimuli.JobForgotten(job.job_id), 1.1)
+    sub_b = next(s for s in job.subtasks if s.provider_id == b.provider_id)
+    ignored = cs.counters["results_ignored"]
+    assert cs.handle(stimuli.ResultReceived(b.provider_id, job.job_id, sub_b.index, 1, cs.incarnation), 1.2) == []
+    assert not cs.providers[b.provider_id].assigned and cs.providers[a.provider_id].assigned
+    assert cs.counters["results_ignored"] == ignored + 1
+
+
 def test_a_heartbeat_that_no_longer_lists_a_stopped_subtask_frees_it_and_one_that_does_tells_again(cs):
     a, b, job = _two_running(cs)
     cs.handle(stimuli.CancelRequested(job.job_id), 1.0)

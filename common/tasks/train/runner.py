@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,8 +42,10 @@ class ModelRunner:
         import torch
 
         dev = device.torch_device() if device.kind != "cpu" else None
-        tx = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        ty = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)) if y is not None else None
+        with warnings.catch_warnings():  # the data is a read-only mapping, and training never writes to it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tx = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            ty = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)) if y is not None else None
         if dev is not None:
             tx = tx.to(dev)
             ty = ty.to(dev) if ty is not None else None
