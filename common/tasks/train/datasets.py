@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -81,19 +84,95 @@ def synthetic(seed: int, size: int, features: int, classes: int) -> Dataset:
     return Dataset("synthetic", x[:cut], y[:cut].astype(np.int64), x[cut:], y[cut:].astype(np.int64), classes)
 
 
-def from_npz(data: bytes, name: str = "npz") -> Dataset:
-    """A user's .npz: ``X`` and ``y``, optionally ``X_test`` and ``y_test`` (else a seeded 80/20 split)."""
+#: the most bytes the arrays of one .npz may hold once uncompressed (a zip bomb is refused
+#: before anything is inflated)
+MAX_NPZ_BYTES = 2 * 1024**3
+#: past this many uncompressed bytes, a .npz may inflate at most ``MAX_NPZ_RATIO`` times its
+#: compressed size (real features compress a few times; a zip bomb thousands of times)
+RATIO_FROM_BYTES = 64 * 1024**2
+MAX_NPZ_RATIO = 200
+#: the most arrays one .npz may hold
+MAX_NPZ_MEMBERS = 16
+
+
+def from_npz(data: bytes, name: str = "npz", max_bytes: int = MAX_NPZ_BYTES) -> Dataset:
+    """A user's .npz: ``X`` and ``y``, optionally ``X_test`` and ``y_test`` (else a seeded 80/20 split).
+
+    Every problem with the file (not a zip, a member too large, a damaged or pickled array, arrays
+    that do not fit together) is one ``ValidationError`` naming the file."""
+    arrays = _read_npz(data, name, max_bytes)
     try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-        arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:
-        raise ValidationError(f"{name}: not a readable .npz without pickles ({type(exc).__name__}: {exc})") from None
+        return _dataset(arrays, name)
+    except ValidationError as exc:  # named after the file, as every other problem with it
+        if exc.message.startswith(f"{name}:"):
+            raise
+        raise ValidationError(f"{name}: {exc.message}") from None
+    except Exception as exc:  # e.g. a 0-d X: one line, not a traceback
+        raise ValidationError(f"{name}: unusable arrays ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read_npz(data: bytes, name: str, max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays of a .npz, each member's declared size checked against ``max_bytes`` (all of them
+    together) before it is inflated, and read with numpy's .npy reader without pickles."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+            if len(infos) > MAX_NPZ_MEMBERS:
+                raise ValidationError(f"{name}: {len(infos)} arrays in the .npz; at most {MAX_NPZ_MEMBERS}")
+            declared = sum(i.file_size for i in infos)
+            packed = sum(i.compress_size for i in infos)
+            if declared > max_bytes:
+                raise ValidationError(f"{name}: the .npz inflates to {declared} bytes; the limit is {max_bytes}")
+            if declared > RATIO_FROM_BYTES and declared > MAX_NPZ_RATIO * packed:
+                raise ValidationError(f"{name}: the .npz inflates {declared // max(packed, 1)} times "
+                                      f"({packed} to {declared} bytes): refused as a zip bomb")
+            arrays: dict[str, np.ndarray] = {}
+            for info in infos:
+                key = info.filename.removesuffix(".npy")
+                with zf.open(info) as member:
+                    arrays[key] = _read_member(member, info.file_size, f"{name}: array {key!r}")
+            return arrays
+    except ValidationError:
+        raise
+    except Exception as exc:  # not a zip, a damaged member (CRC, truncated), a bad header
+        raise ValidationError(f"{name}: not a readable .npz without pickles "
+                              f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read_member(member: IO[bytes], size: int, what: str) -> np.ndarray:
+    """One .npy member: numpy's header reader, no object dtypes, the data exactly as long as the
+    header says (and no longer than the member declared), read into a buffer of that size."""
+    fmt = np.lib.format
+    version = fmt.read_magic(member)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(member)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = fmt.read_array_header_2_0(member)
+    else:
+        raise ValidationError(f"{what}: unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ValidationError(f"{what}: object arrays (pickles) are not accepted")
+    if any(d < 0 for d in shape):
+        raise ValidationError(f"{what}: negative shape {list(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > size:
+        raise ValidationError(f"{what}: its header declares {nbytes} bytes, the member holds at most {size}")
+    raw = member.read(nbytes)
+    if len(raw) != nbytes:
+        raise ValidationError(f"{what}: truncated ({len(raw)} of {nbytes} bytes)")
+    arr = np.frombuffer(raw, dtype=dtype)
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+
+
+def _dataset(arrays: dict[str, np.ndarray], name: str) -> Dataset:
     if "X" not in arrays or "y" not in arrays:
         raise ValidationError(f"{name}: the .npz must hold arrays 'X' and 'y' (has {sorted(arrays)})")
     x, y = arrays["X"], arrays["y"]
     if "X_test" in arrays and "y_test" in arrays:
         xte, yte = arrays["X_test"], arrays["y_test"]
     else:
+        if x.ndim == 0:
+            raise ValidationError(f"{name}: X must be an array of samples, got a scalar")
         order = np.random.default_rng(0).permutation(len(x))
         cut = max(1, int(len(x) * 0.8))
         x, y, xte, yte = x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
