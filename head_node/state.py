@@ -403,10 +403,12 @@ class ClusterState:
         if not job.planner.finished:
             providers, why = self.eligible_providers(job)
             job.waiting = why
-            if providers:
+            if providers or job.planner.waiting():  # a waiting planner is asked with none too: it may time out
                 try:
                     plans = job.planner.plan(providers[: job.nodes] if job.nodes else providers, outstanding, now)
                     effects = tuple(job.planner.effects())
+                    if not plans and providers:  # a planner waiting for something (a start barrier) says what
+                        job.waiting = job.planner.waiting()
                 except DcfError as exc:
                     return self._fail(job, now, exc.message)
                 except Exception as exc:  # a plugin's bug fails its job, not the scheduler
@@ -446,18 +448,16 @@ class ClusterState:
             return self._fail(job, now, f"subtask {ev.subtask} failed {where}")
         return self._strike(job, sub, now, f"failed {where}") + self._schedule(now)
 
-    def _strike(self, job: Job, sub: Subtask, now: float, why: str, still_running: bool = False) -> list[Action]:
+    def _strike(self, job: Job, sub: Subtask, now: float, why: str) -> list[Action]:
         """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job
-        once it has struck out ``max_attempts`` times (so nothing is retried forever). ``still_running``
-        (a missed deadline): its provider is told to stop it, and holds it until it did."""
-        stops: list[Action] = []
-        if still_running and sub.provider_id and self._stop(sub.provider_id, job, sub, now):
-            stops.append(StopSubtasks(sub.provider_id, job.job_id, sub.index))
+        once it has struck out ``max_attempts`` times (so nothing is retried forever). A copy that missed
+        its deadline is not told to stop: it may still finish first (its result is taken, PROTOCOL.md
+        10.2), and the one result accepted stops the copies still held."""
         self._release(job, sub)
         sub.strikes += 1
         if sub.strikes >= self.timing.max_attempts:
-            return stops + self._fail(job, now, f"subtask {sub.index} gave up after {sub.strikes} tries; last: {why}")
-        return stops
+            return self._fail(job, now, f"subtask {sub.index} gave up after {sub.strikes} tries; last: {why}")
+        return []
 
     def _fail(self, job: Job, now: float, error: str) -> list[Action]:
         stops = self._finish(job, JobState.FAILED, now, error)
@@ -521,7 +521,7 @@ class ClusterState:
                 if sub.state is SubState.SENT and now - sub.sent_at > self.timing.ack_timeout:
                     actions += self._strike(job, sub, now, "not acknowledged in time")
                 elif sub.state is SubState.RUNNING and now > sub.deadline:
-                    actions += self._strike(job, sub, now, "deadline passed", still_running=True)
+                    actions += self._strike(job, sub, now, "deadline passed")
                 elif sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at:
                     actions += self._guarded(job, now, partial(self._straggler, job, sub, now))
         return actions + self._schedule(now)

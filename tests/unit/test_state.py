@@ -1163,7 +1163,9 @@ def test_delete_tells_the_providers_still_stopping_again_and_a_lost_provider_hol
     assert b.provider_id not in cs.providers
 
 
-def test_a_beaten_speculative_copy_is_stopped_and_a_missed_deadline_too(cs):
+def test_a_missed_deadline_does_not_stop_the_late_copy_and_its_result_still_wins(cs):
+    """A provider slower than estimated may still be the one making progress: the deadline re-sends the
+    subtask elsewhere but does not stop it, and whichever result comes first is taken."""
     a, b = make_info(10.0), make_info(10.0)
     connect(cs, a)
     job = make_job(m=10)
@@ -1171,15 +1173,14 @@ def test_a_beaten_speculative_copy_is_stopped_and_a_missed_deadline_too(cs):
     sub = job.subtasks[0]
     cs.handle(stimuli.SubtaskAcked(a.provider_id, job.job_id, 0, 1, cs.incarnation), 0.1)
     connect(cs, b, 0.2)
-    # the deadline passes: a is told to stop it (it still computes) and b gets attempt 2
     late = sub.deadline + 1
     heartbeat(cs, a.provider_id, late)
     heartbeat(cs, b.provider_id, late)
     actions = cs.handle(stimuli.Tick(), late)
-    assert stimuli.StopSubtasks(a.provider_id, job.job_id, 0) in actions
+    assert not [x for x in actions if isinstance(x, stimuli.StopSubtasks)]
     assert Dispatch(b.provider_id, job.job_id, 0, 2) in actions
-    assert cs.providers[a.provider_id].assigned and cs.providers[a.provider_id].stopping
-    # a's late result still counts (attempt 1 was its own) and frees it; b is told to stop its copy
+    assert not cs.providers[a.provider_id].stopping
+    # a's late result still counts (attempt 1 was its own); b is told to stop its copy
     actions = cs.handle(stimuli.ResultReceived(a.provider_id, job.job_id, 0, 1, cs.incarnation), late + 1)
     assert stimuli.StopSubtasks(b.provider_id, job.job_id, 0) in actions
     assert not cs.providers[a.provider_id].assigned
