@@ -9,7 +9,8 @@ Exit codes: 0 ok (``dcf status``: the job is done, or still queued or running wi
 1 the job failed or was cancelled (``submit``, ``status`` with or without ``--wait``, ``result``);
 2 bad input or usage (also: a missing optional dependency, an ``-o`` that cannot be written);
 3 the head is unreachable (a wait keeps reconnecting for ``--reconnect-wait`` seconds first);
-130 interrupted (Ctrl-C; a job already accepted goes on); 141 stdout was closed (e.g. ``| head``).
+130 interrupted (Ctrl-C; a job already accepted goes on); 141 stdout was closed (e.g. ``| head``) before the
+answer, by a command with no other outcome (``dcf up``): an answer cut short keeps the command's own code.
 """
 
 from __future__ import annotations
@@ -204,12 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         code = _run(args)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
-        return code
-    except BrokenPipeError:  # stdout closed early (`dcf --json jobs | head -c1`): quietly, as `cat` does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # stdout closed early outside the answer (`dcf up | head -1`): quietly, as `cat` does
+        _stdout_to_devnull()
         return 141
+    try:
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        _stdout_to_devnull()
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -272,7 +275,17 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    print(json.dumps(obj, indent=2, default=str) if args.json else text)
+    """The command's answer on stdout. A reader that closed the pipe early (`dcf --json status J | head -c1`)
+    does not change the exit code: the rest of the answer goes nowhere, and the command ends as it would."""
+    try:
+        print(json.dumps(obj, indent=2, default=str) if args.json else text, flush=True)
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def _accepted(args: argparse.Namespace, job_id: str) -> None:

@@ -172,7 +172,7 @@ def test_closed_stdout_is_no_traceback(fast: LocalCluster, done_job: str) -> Non
         r = dcf("--json", "status", done_job, "--head", fast.url, stdout=write)
     finally:
         os.close(write)
-    assert r.returncode == 141, r.stderr
+    assert r.returncode == 0, r.stderr  # the job's code, whether or not the reader had gone: scriptable
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
 
 
