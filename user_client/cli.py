@@ -157,6 +157,11 @@ def _add_train(kinds: Subparsers, shared: argparse.ArgumentParser) -> None:
                    help="none, step (lr x gamma every --lr-step epochs) or cosine")
     t.add_argument("--sync", default=TRAIN["sync"], help="sync (default), async or local-sgd")
     t.add_argument("--nodes", type=int)
+    t.add_argument("--min-providers", type=int, default=TRAIN["min_providers"], metavar="K",
+                   help="start barrier: wait until K eligible providers are ready before the first step")
+    t.add_argument("--start-timeout", type=float, default=TRAIN["start_timeout"], metavar="S",
+                   help=f"fail the job if the barrier is not met within S seconds (default "
+                        f"{TRAIN['start_timeout']:g}, as torchrun's rendezvous; 0: wait forever)")
     t.add_argument("-o", "--output", default="model.pt", help="model file; its metadata goes beside it (.json)")
     t.add_argument("--no-wait", action="store_true")
 

@@ -532,7 +532,11 @@ class Client:
     # ---- training ---------------------------------------------------------------------------
     def submit_train(self, dataset: Any, nodes: int | None = None, **params: Any) -> str:
         """Upload a ``common.tasks.train.datasets.Dataset`` and start training on it; see common/tasks/train/
-        TRAIN_DEFAULTS for ``params`` (model, epochs, batch_size, optimizer, lr, sync, ...)."""
+        TRAIN_DEFAULTS for ``params`` (model, epochs, batch_size, optimizer, lr, sync, ...; ``min_providers=K``
+        and ``start_timeout=S``: the start barrier, docs/TRAINING.md)."""
+        need = params.get("min_providers", 1)
+        if nodes is not None and isinstance(need, int) and need > nodes:
+            raise ValidationError(f"min_providers {need} is more than nodes {nodes}: the job could never start")
         arrays = {"x": "x_train", "y": "y_train", "x_test": "x_test", "y_test": "y_test"}
         missing = [attr for attr in (*arrays.values(), "name") if not hasattr(dataset, attr)]
         if missing:

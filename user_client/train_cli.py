@@ -20,7 +20,8 @@ from .client import TERMINAL, Client
 from .paths import check_output
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-              "lr_step", "gamma", "seed", "sync", "max_staleness", "local_steps", "checkpoint_every")
+              "lr_step", "gamma", "seed", "sync", "max_staleness", "local_steps", "checkpoint_every",
+              "min_providers", "start_timeout")
 
 
 def _dataset(args: argparse.Namespace) -> Any:

@@ -161,6 +161,13 @@ class Planner(ABC):
         """What the head should do for the planner now (taken: a second call returns [])."""
         return []
 
+    def waiting(self) -> str | None:
+        """Why the last ``plan`` gave nothing though providers were ready, if it is waiting for something
+        (a start barrier: "waiting for 3 providers, 2 ready"); the head shows it as the job's ``waiting``.
+        None (the default): not waiting. While it waits, the head asks ``plan`` again at every tick, even with
+        no provider ready; to give up waiting (a timeout), ``plan`` raises a DcfError and the job fails."""
+        return None
+
     def summary(self) -> dict[str, Any]:
         """Entries for the job's stats (shown by `dcf status` and the API)."""
         return {}

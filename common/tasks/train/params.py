@@ -11,9 +11,9 @@ import numpy as np
 from ...arrays import ArrayMeta
 from ...errors import NotFound, ValidationError
 from . import models
-from .defaults import OPTIMIZERS, SCHEDULES, STRATEGIES, TRAIN_DEFAULTS
+from .defaults import MAX_MIN_PROVIDERS, OPTIMIZERS, SCHEDULES, STRATEGIES, TRAIN_DEFAULTS
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "STRATEGIES", "TRAIN_DEFAULTS", "train_params"]
+__all__ = ["MAX_MIN_PROVIDERS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES", "TRAIN_DEFAULTS", "train_params"]
 
 
 def train_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,12 +35,18 @@ def train_params(params: Mapping[str, Any]) -> dict[str, Any]:
     _int(p, "checkpoint_every", 1, 10**9)
     _int(p, "lr_step", 1, 100_000)
     _int(p, "classes", 0, 10_000)
-    for key in ("lr", "momentum", "weight_decay", "gamma"):
+    _int(p, "min_providers", 1, MAX_MIN_PROVIDERS,
+         f"min_providers must be an integer in 1..{MAX_MIN_PROVIDERS} (the most providers a job may use), "
+         f"got {p['min_providers']!r}")
+    for key in ("lr", "momentum", "weight_decay", "gamma", "start_timeout"):
         v = p[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValidationError(f"{key} must be a finite non-negative number, got {v!r}")
     if p["lr"] <= 0:
         raise ValidationError("lr must be positive")
+    if p["start_timeout"] > 10**9:
+        raise ValidationError(f"start_timeout must be at most 1e9 seconds (0: wait forever), "
+                              f"got {p['start_timeout']!r}")
     if not isinstance(p["model_args"], dict):
         raise ValidationError("model_args must be an object")
     return p

@@ -12,6 +12,8 @@ to their measured speed. Strategies:
   local-sgd  each round, every provider runs ``local_steps`` plain SGD steps on its share of
              that many global batches from the same parameters; the head averages the
              resulting parameters weighted by samples.
+A start barrier holds the first round until ``min_providers`` eligible providers are ready (the job's
+``waiting`` says "waiting for 3 providers, 2 ready"); it fails the job after ``start_timeout`` seconds.
 After each epoch an eval round scores the test split. Checkpoints (model, optimizer, scheduler,
 position) are asked of the head (a ``SaveFile`` effect it writes atomically) every
 ``checkpoint_every`` steps and at each epoch's end; a restarted head builds the planner anew and it
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ValidationError
+from ...errors import ValidationError, WaitTimeout
 from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile, SubtaskPlan
 from ..rows import provider_shares
 from . import models
@@ -109,6 +111,11 @@ class TrainPlanner(Planner):
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
         self._async_out: dict[int, tuple[str, int]] = {}  # async: shard -> (provider, batch number)
         self._next_shard = 0
+        # the start barrier: nothing is planned until ``min_providers`` are ready (counted from this
+        # planner's first plan: a restarted head waits for them again)
+        self.barrier_met = self.p["min_providers"] <= 1
+        self._barrier_since: float | None = None
+        self._waiting: str | None = None
 
     def _reset_position(self) -> None:
         self.epoch = 0
@@ -118,7 +125,7 @@ class TrainPlanner(Planner):
         self.history: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
         self.samples_done = 0
-        self.started: float | None = None  # the first plan's `now`
+        self.started: float | None = None  # the `now` training started (the start barrier met)
         self.finished = False
         self.checkpoint_due = False
         self.pending: list[Effect] = []
@@ -152,6 +159,8 @@ class TrainPlanner(Planner):
 
     # ---- planner interface ------------------------------------------------------------------
     def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
+        if not self._barrier(len(providers), now):
+            return []
         if self.started is None:
             self.started = now
         if self.p["sync"] == "async":
@@ -171,6 +180,28 @@ class TrainPlanner(Planner):
         if self.p["sync"] == "local-sgd":
             return self._local_round(providers)
         return self._grad_round(providers)
+
+    def waiting(self) -> str | None:
+        return self._waiting
+
+    def _barrier(self, ready: int, now: float) -> bool:
+        """The start barrier: True once ``min_providers`` eligible providers were ready together (then
+        training goes on with whoever is there). Until then the job waits and says so; after
+        ``start_timeout`` seconds (0: never) of waiting it fails (WaitTimeout: the head fails the job)."""
+        if self.barrier_met:
+            return True
+        need, timeout = self.p["min_providers"], self.p["start_timeout"]
+        if ready >= need:
+            self.barrier_met, self._waiting = True, None
+            log.info("start barrier met: %d providers ready", ready, extra={"job_id": self.job_id})
+            return True
+        if self._barrier_since is None:
+            self._barrier_since = now
+        if timeout and now - self._barrier_since >= timeout:
+            raise WaitTimeout(f"start barrier: needed {need} providers within {timeout:g} s, "
+                              f"{ready} {'was' if ready == 1 else 'were'} ready")
+        self._waiting = f"waiting for {need} providers, {ready} ready"
+        return False
 
     def subtask_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
         # a re-sent async subtask whose version was dropped gets today's parameters; its result is
