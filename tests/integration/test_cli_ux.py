@@ -270,6 +270,25 @@ def test_status_of_a_running_job_is_0_and_of_a_cancelled_one_1(slow: LocalCluste
         assert r.returncode == 1 and "cancelled" in r.stdout, r.stderr
 
 
+def test_dcf_cancel_by_prefix_reaches_the_providers_and_dcf_nodes_frees_them(slow: LocalCluster) -> None:
+    r = dcf("--json", "submit", "matmul", "--size", "400", "--no-wait", "--head", slow.url)
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)["job_id"]
+
+    def assigned() -> int:
+        out = dcf("--json", "nodes", "--head", slow.url)
+        return sum(n["assigned"] for n in json.loads(out.stdout))
+    wait_for(lambda: assigned() > 0, 30, "the job's subtasks on the providers")
+    r = dcf("cancel", job[:8], "--head", slow.url)
+    assert r.returncode == 0 and f"{job} cancelled" in r.stdout, (r.stdout, r.stderr)
+    logs = [slow.log_dir / f"provider-{i}.log" for i in range(2)]
+    wait_for(lambda: any(job in p.read_text() and "cancelled by the head" in p.read_text() for p in logs), 30,
+             "a provider to hear the cancel")
+    wait_for(lambda: assigned() == 0, 30, "dcf nodes to show the providers free")
+    r = dcf("status", job[:8], "--head", slow.url)
+    assert r.returncode == 1 and "cancelled" in r.stdout
+
+
 def test_ctrl_c_while_waiting_leaves_the_job_running(slow: LocalCluster) -> None:
     proc = popen("submit", "matmul", "--size", "16", url=slow.url)
     assert proc.stderr is not None
