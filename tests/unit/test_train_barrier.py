@@ -134,3 +134,13 @@ def test_the_timeout_fires_when_every_provider_is_gone_too(tmp_path: Path) -> No
     cs.handle(stimuli.Tick(), 31.0)
     assert job.state is JobState.FAILED
     assert job.error == "start barrier: needed 2 providers within 30 s, 0 were ready"
+
+
+def test_the_client_refuses_a_barrier_above_nodes_before_it_uploads() -> None:
+    from user_client import Client
+
+    class Nothing:  # not even a dataset: the check comes first, and no request is made (no head there)
+        pass
+
+    with Client("http://127.0.0.1:9") as c, pytest.raises(ValidationError, match="min_providers 3 is more than nodes"):
+        c.submit_train(Nothing(), nodes=2, min_providers=3)
