@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -225,6 +226,15 @@ def test_training_status_and_wall_time(fast: LocalCluster, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.strip().startswith("training:"))
     assert "epoch 2/2" in line and "step " in line and "loss " in line and "s elapsed" in line, line
+    # the text says the wall time, and the planner's training time only as such
+    t0 = time.monotonic()
+    r = dcf("submit", "train", "--dataset", "synthetic", "--synthetic-size", "400", "--model", "logreg",
+            "--epochs", "1", "-o", str(model), "--head", fast.url, timeout=240)
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    said = re.search(r"done in ([0-9.]+) s \(upload to model saved; training itself ([0-9.]+) s\)", r.stdout)
+    assert said, r.stdout
+    assert float(said[2]) <= float(said[1]) <= wall + 0.05, r.stdout
 
 
 # ---- item 10: no bogus download rate for a result read from the shared state dir ------------------
