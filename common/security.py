@@ -241,3 +241,50 @@ def copy_for_provider(key_dir: Path, name: str, dest: Path) -> list[Path]:
                 target.chmod(0o600)  # an existing file keeps its mode through copyfile
             out.append(target)
     return out
+
+
+# ---- the head's files: owner only ---------------------------------------------------------------
+#: the mode of every file the head creates (blobs, results, the job database, keys), from its umask
+OWNER_ONLY_UMASK = 0o077
+
+
+def owner_only_files() -> None:
+    """Every file and folder this process creates from now on is its owner's only (0600 / 0700):
+    the head sets it first thing, so no blob, result or database file is ever world-readable.
+    A client or provider on the head's machine must run as the same user (it does: it maps the
+    head's files)."""
+    if os.name == "posix":
+        os.umask(OWNER_ONLY_UMASK)
+
+
+def private_dir(path: Path) -> None:
+    """``path`` exists and is its owner's only (0700), also where an older run created it 0755;
+    left alone where this user does not own it (an operator's choice)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name != "posix":
+        return
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        path.chmod(0o700)
+
+
+#: the placeholder secrets of .env.example: a deployment that kept one is refused
+PLACEHOLDER_SECRETS = frozenset({"change-me-api-token", "change-me-rabbitmq-password"})
+
+
+def refuse_placeholders(api_token: str | None, amqp_url: str | None) -> None:
+    """ConfigError when the API token or the RabbitMQ password is still a placeholder of
+    .env.example (compose's ``${VAR:?}`` only checks that a value is set)."""
+    from urllib.parse import unquote, urlsplit
+
+    if api_token and (api_token in PLACEHOLDER_SECRETS or api_token.startswith("change-me")):
+        raise ConfigError("the API token is the placeholder of .env.example: set DCF_API_TOKEN in .env "
+                          "to a secret of your own (e.g. `openssl rand -hex 24`)")
+    if amqp_url:
+        try:
+            password = urlsplit(amqp_url).password
+        except ValueError:
+            return  # the queue's own check names a malformed URL
+        if password and (unquote(password) in PLACEHOLDER_SECRETS or unquote(password).startswith("change-me")):
+            raise ConfigError("the RabbitMQ password in --amqp-url is the placeholder of .env.example: set "
+                              "DCF_RABBITMQ_PASS in .env to a secret of your own (e.g. `openssl rand -hex 24`)")

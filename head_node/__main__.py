@@ -19,9 +19,11 @@ log = logging.getLogger("dcf.head")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    security.owner_only_files()  # blobs, results, the job database: 0600, folders 0700
     try:
         cfg = config.head_settings(argv)  # checked: types, ranges, distinct ports
         setup_logging(cfg.log_level, cfg.log_json)
+        security.refuse_placeholders(cfg.api_token, cfg.amqp_url)  # .env.example's are no secrets
         tasks.load_plugins(cfg.plugins)
         security.server_keys(cfg)  # key files readable and well-formed before anything starts
     except ConfigError as exc:
@@ -66,6 +68,7 @@ async def serve(cfg: config.HeadSettings) -> None:
 
     from .api import create_app
     from .http.fast import FastFront
+    from .http.guard import guarded_protocol, max_connections
     from .server import Head
 
     sock = http_socket(cfg.host, cfg.http_port)
@@ -81,8 +84,12 @@ async def serve(cfg: config.HeadSettings) -> None:
         def capture_signals(self) -> Iterator[None]:  # the head handles signals itself
             yield
 
+    # guarded: a connection that sends no complete request head in 10 s is closed (slow loris), and
+    # open connections stay below the file limit (head_node/http/guard.py)
     server = Server(uvicorn.Config(FastFront(create_app(head), head), host=cfg.host, port=cfg.http_port,
                                    log_level="warning", access_log=False, lifespan="off",
+                                   http=guarded_protocol(), timeout_keep_alive=5,
+                                   limit_concurrency=max_connections(), h11_max_incomplete_event_size=16 * 1024,
                                    timeout_graceful_shutdown=2))  # open SSE streams must not hold a stop
     loop = asyncio.get_running_loop()
 

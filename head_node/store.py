@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import msgpack
 import numpy as np
 
-from common import layout
+from common import layout, security
 from common.arrays import ArrayMeta
 from common.errors import NotFound, TooLarge, ValidationError
 from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
@@ -108,8 +108,8 @@ class BlobStore:
         self.blob_dir = root / "blobs"
         self.job_dir = root / "jobs"
         self.incoming_dir = root / "incoming"
-        for d in (self.blob_dir, self.job_dir, self.incoming_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.blob_dir, self.job_dir, self.incoming_dir):
+            security.private_dir(d)  # 0700: operands and results are the users' data
         for stale in self.incoming_dir.iterdir():  # left by clients that died mid-write
             stale.unlink(missing_ok=True)
         self.metas: dict[str, ArrayMeta] = {}
@@ -135,6 +135,9 @@ class BlobStore:
             raise ValidationError("incoming upload is not a regular file")
         try:
             with open(path, "rb") as f:
+                if os.name == "posix":  # written with the client's umask: the head's blobs are owner-only
+                    with contextlib.suppress(PermissionError):  # another user's file keeps its mode
+                        os.fchmod(f.fileno(), 0o600)
                 parsed = parse_npy_header(f.read(MAX_NPY_HEADER + 16))
                 if parsed is None:
                     raise ValidationError("truncated .npy header")

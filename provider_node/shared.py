@@ -30,8 +30,10 @@ class SharedFiles:
         root = Path(state_dir)
         if layout.read_marker(root) != incarnation or not os.access(root / "jobs", os.W_OK):
             return None
-        try:
-            layout.locality_proof_path(root, provider_id).write_text(incarnation)
+        try:  # owner-only, as every file in the head's state dir
+            fd = os.open(layout.locality_proof_path(root, provider_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(incarnation)
         except OSError:
             return None
         return cls(root, incarnation)

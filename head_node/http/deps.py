@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -56,8 +57,41 @@ def require_bearer(token: str | None, authorization: str, client: str, query_tok
         return
     if query_token is not None and hmac.compare_digest(f"Bearer {query_token}".encode(), expected):
         return
-    log.warning("rejected request without a valid token from %s", client)
+    REJECTIONS.warn(client)
     raise Unauthorized("missing or wrong bearer token")
+
+
+class RejectionLog:
+    """The wrong-token warning, at most one line per source per ``every`` s: a flood of bad requests
+    (20,000 in a red-team run) is one line now and then, with the count of those it left out."""
+
+    def __init__(self, every: float = 10.0, sources: int = 1024) -> None:
+        self.every = every
+        self.sources = sources  # remembered sources at most (spoofed ones cannot grow it unbounded)
+        #: source -> (when its last line went out, rejections since that were not logged)
+        self.seen: dict[str, tuple[float, int]] = {}
+
+    def warn(self, client: str) -> bool:
+        """Log the rejection of a request from ``client`` unless one was logged < ``every`` s ago
+        (then count it); True if a line went out."""
+        now = time.monotonic()
+        last = self.seen.get(client)
+        if last is not None and now - last[0] < self.every:
+            self.seen[client] = (last[0], last[1] + 1)
+            return False
+        if last is None and len(self.seen) >= self.sources:
+            self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.every}
+            if len(self.seen) >= self.sources:
+                self.seen.clear()
+        suppressed = last[1] if last is not None else 0
+        self.seen[client] = (now, 0)
+        log.warning("rejected request without a valid token from %s%s", client,
+                    f" ({suppressed} more since the last line, not logged)" if suppressed else "")
+        return True
+
+
+#: the one rejection log of this process
+REJECTIONS = RejectionLog()
 
 
 #: declares the bearer token in /openapi.json (the "Authorize" button of /docs); the check itself

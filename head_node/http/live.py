@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from common.errors import DcfError
+
 from ..observe import Observer, head_metrics, sampler
 from .facade import HeadApi
 
@@ -18,6 +20,17 @@ RECENT_JOBS = 20
 RECENT_EVENTS = 50
 #: how often an idle event stream checks that the head is not stopping
 EXIT_CHECK_S = 0.25
+#: the most event streams open at once (each builds a snapshot every period: 100 of them at 0.2 s
+#: took /v1/health to 5 s); one more is a 503
+MAX_STREAMS = 32
+#: the shortest period a stream gets (a shorter one asked for is raised to this)
+MIN_PERIOD_S = 0.5
+
+
+class TooManyStreams(DcfError):
+    """All ``MAX_STREAMS`` event streams are taken: 503, try again later."""
+
+    http_status = 503
 
 
 class Live:
@@ -29,6 +42,14 @@ class Live:
         self.observer = Observer()
         self.metrics = head_metrics(head, self.observer)
         self.task: asyncio.Task[None] | None = None
+        #: the event streams now open (one token each)
+        self.streams: set[object] = set()
+
+    def admit(self) -> None:
+        """Raise ``TooManyStreams`` when ``MAX_STREAMS`` streams are open (checked again as a
+        stream starts: requests of the same moment cannot overshoot it)."""
+        if len(self.streams) >= MAX_STREAMS:
+            raise TooManyStreams(f"{MAX_STREAMS} event streams are open already; try again later")
 
     def exiting(self) -> bool:
         """True once the head is stopping (set on SIGINT/SIGTERM). uvicorn waits for every open
@@ -57,8 +78,15 @@ class Live:
 
 async def event_stream(live: Live, period: float, disconnected: Callable[[], Awaitable[bool]]
                        ) -> AsyncIterator[str]:
-    """SSE text: a full ``snapshot`` first, then every ``period`` s one with what is new, and an
-    ``event`` for each head event as it happens; until the client has gone or the head stops."""
+    """SSE text: a full ``snapshot`` first, then every ``period`` s (at least ``MIN_PERIOD_S``) one
+    with what is new, and an ``event`` for each head event as it happens; until the client has gone
+    or the head stops. Past ``MAX_STREAMS`` open streams, one ``busy`` message and the end."""
+    period = max(period, MIN_PERIOD_S)
+    if len(live.streams) >= MAX_STREAMS:
+        yield "retry: 10000\n" + sse("busy", {"message": f"{MAX_STREAMS} event streams are open already"})
+        return
+    token = object()
+    live.streams.add(token)
     events = live.head.events
     queue = events.subscribe()
     try:
@@ -88,6 +116,7 @@ async def event_stream(live: Live, period: float, disconnected: Callable[[], Awa
                 yield sse("event", event.to_dict(), event.seq)
     finally:
         events.unsubscribe(queue)
+        live.streams.discard(token)
 
 
 def sse(name: str, data: Any, ident: int | None = None) -> str:

@@ -80,10 +80,15 @@ async def metrics_csv(live: LiveDep) -> Response:
                     headers={"Content-Disposition": 'attachment; filename="dcf-metrics.csv"'})
 
 
-@streams.get("/v1/stream", response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@streams.get("/v1/stream", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, **documented(503)})
 async def stream(request: Request, live: LiveDep,
-                 period: Annotated[float, Query(ge=0.2, le=60.0)] = 1.0) -> StreamingResponse:
+                 period: Annotated[float, Query(ge=0.2, le=60.0, description="seconds between snapshots; "
+                                                "at least 0.5 (a shorter one is raised to it)")] = 1.0
+                 ) -> StreamingResponse:
     """Server-Sent Events: ``snapshot`` (first in full, then every ``period`` s with what is
-    new), and ``event`` for each head event as it happens."""
+    new), and ``event`` for each head event as it happens. At most 32 streams are open at once:
+    503 past that."""
+    live.admit()
     return StreamingResponse(event_stream(live, period, request.is_disconnected), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
