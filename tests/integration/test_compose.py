@@ -603,8 +603,8 @@ def _key_files(root: Path, env: Mapping[str, str]) -> dict[str, str]:
 
 
 def test_head_and_provider_run_as_their_containers_would(amqp_url: str, tmp_path: Path) -> None:
-    example = example_env()
-    token = example["DCF_API_TOKEN"]
+    # a real secret: the head refuses .env.example's placeholder token (as compose users must set their own)
+    token = secrets.token_hex(16)
     # the keys service's command, its volumes under tmp_path
     keys = compose()["services"]["keys"]
     keys_argv = [_under(tmp_path, arg) for arg in keys["entrypoint"] + keys["command"]]
@@ -619,7 +619,8 @@ def test_head_and_provider_run_as_their_containers_would(amqp_url: str, tmp_path
     # machine: the RabbitMQ of the tests (compose's credentials are placeholders), a state dir
     # and ports of our own, loopback instead of every interface.
     head_env = _process_env(container_env("head"), DCF_AMQP_URL=amqp_url, DCF_STATE_DIR=str(tmp_path / "state"),
-                            DCF_HTTP_PORT=str(http), DCF_HOST="127.0.0.1", DCF_HEARTBEAT_INTERVAL="0.5", **ports,
+                            DCF_HTTP_PORT=str(http), DCF_HOST="127.0.0.1", DCF_HEARTBEAT_INTERVAL="0.5",
+                            DCF_API_TOKEN=token, **ports,
                             **_key_files(tmp_path, container_env("head")))
     head_argv = _command("dcf-head") + dcf_services()["head"][0][1:]
     url = f"http://127.0.0.1:{http}"
