@@ -14,6 +14,7 @@ pytest.importorskip("sklearn")
 
 from common.errors import ValidationError  # noqa: E402
 from common.tasks.train import datasets  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
 from user_client import Client  # noqa: E402
 from user_client.local import LocalCluster  # noqa: E402
 
@@ -47,9 +48,13 @@ def test_a_train_job_on_a_head_without_torch_is_one_clear_error(tmp_path: Path) 
             c.submit_train(datasets.digits(0), epochs=1, model="mlp", batch_size=32)
         assert err.value.message == "the train task needs torch on the head: pip install 'dcf[torch]'"
         assert c.jobs() == []  # refused, not accepted and failed later
+        cli = run_cli("submit", "train", "--dataset", "digits", "--epochs", "1", "-o", str(tmp_path / "m.pt"),
+                      url=cl.url)
+        assert cli.returncode == 2, cli.stderr  # the CLI: the same one line, exit 2
+        assert cli.stderr.strip() == "dcf: error: the train task needs torch on the head: pip install 'dcf[torch]'"
         log = (cl.log_dir / "head.log").read_text(errors="replace")
     warned = [line for line in log.splitlines() if "needs torch" in line and "WARNING" in line]
-    assert len(warned) == 1 and "pip install 'dcf[torch]'" in warned[0]  # the operator hears of it once
+    assert len(warned) == 2 and "pip install 'dcf[torch]'" in warned[0]  # the operator hears of it once
     assert "Traceback" not in log
 
 

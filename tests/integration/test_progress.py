@@ -4,6 +4,7 @@ matmul's rows move while its subtasks run; a cancelled job keeps its real progre
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from common.tasks.train import datasets  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
 from user_client import Client  # noqa: E402
 from user_client.local import LocalCluster  # noqa: E402
 
@@ -71,6 +73,16 @@ def test_a_cancelled_training_keeps_its_progress(client: Client) -> None:
     assert 5 <= done < total and view["progress"] == {"done": done, "total": total, "unit": "steps"}
     time.sleep(0.5)  # stored once the outcome is committed: the same then
     assert client.status(job)["progress"] == view["progress"] == listed(client, job)["progress"]
+    # and the CLI shows that one number: `dcf jobs` and `dcf status`, text and JSON
+    url = client.url
+    shown = f"{done}/{total}"
+    row = next(line for line in run_cli("jobs", url=url).stdout.splitlines() if line.startswith(job))
+    assert shown in row.split(), row
+    status = run_cli("status", job, url=url)
+    assert status.returncode == 1 and f"{shown} steps" in status.stdout, status.stdout
+    listed_json = next(j for j in json.loads(run_cli("--json", "jobs", url=url).stdout) if j["job_id"] == job)
+    assert listed_json["progress"] == json.loads(run_cli("--json", "status", job, url=url).stdout)["progress"] \
+        == view["progress"]
 
 
 def test_matmul_rows_move_while_the_subtasks_run(client: Client) -> None:
