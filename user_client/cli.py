@@ -293,16 +293,14 @@ def _stdout_to_devnull() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _accepted(args: argparse.Namespace, job_id: str) -> None:
-    """The job id, as soon as the head accepted the job (stderr: stdout is for the final answer)."""
-    if not args.json:
-        say(f"job {job_id} accepted")
-
-
 @contextmanager
-def following(job_id: str) -> Iterator[None]:
-    """Ctrl-C while following an accepted job detaches from it (exit 130): the job goes on."""
+def following(job_id: str, *, announce: bool = False) -> Iterator[None]:
+    """Ctrl-C while following an accepted job detaches from it (exit 130): the job goes on.
+    ``announce`` says "job J accepted" on stderr (stdout is for the final answer) once Ctrl-C already
+    detaches: whoever reads that line and interrupts gets "job J goes on", never a bare "interrupted"."""
     try:
+        if announce:
+            say(f"job {job_id} accepted")
         yield
     except KeyboardInterrupt as exc:
         if isinstance(exc, Stopped):
@@ -428,12 +426,11 @@ def submit_matmul(args: argparse.Namespace) -> int:
                 bars.close()
                 _emit(args, {"job_id": job_id, "state": JobState.QUEUED.value}, job_id)
                 return 0
-            _accepted(args, job_id)
-            view = _follow(client, job_id, bars)
-            if view["state"] != JobState.DONE:
-                bars.close()
-                raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}")
-            with following(job_id):
+            with following(job_id, announce=not args.json):
+                view = _follow(client, job_id, bars)
+                if view["state"] != JobState.DONE:
+                    bars.close()
+                    raise TaskError(f"job {job_id} {view['state']}: {view.get('error') or ''}")
                 c = client.result(job_id, out=args.output, progress=bars.bytes("download"))
         finally:
             bars.close()

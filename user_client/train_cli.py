@@ -38,7 +38,7 @@ def _dataset(args: argparse.Namespace) -> Any:
 
 
 def submit_train(args: argparse.Namespace, client: Client, emit: Callable[..., None]) -> int:
-    from .cli import following, say
+    from .cli import following
 
     try:
         model_args = json.loads(args.model_args)
@@ -55,9 +55,7 @@ def submit_train(args: argparse.Namespace, client: Client, emit: Callable[..., N
         if args.no_wait:
             emit(args, {"job_id": job, "state": JobState.QUEUED.value}, job)
             return 0
-        if not args.json:
-            say(f"job {job} accepted")
-        with following(job):
+        with following(job, announce=not args.json):
             view = _follow_training(client, job, show=not args.json and sys.stderr.isatty())
             if view["state"] != JobState.DONE:
                 raise TaskError(f"job {job} {view['state']}: {view.get('error') or ''}")
@@ -108,15 +106,13 @@ def _follow_training(client: Client, job: str, show: bool) -> dict[str, Any]:
 
 
 def submit_predict(args: argparse.Namespace, client: Client, emit: Callable[..., None]) -> int:
-    from .cli import following, say
+    from .cli import following
 
     check_output(args.output)
     x = load_npy_any(args.data)
     with client:
         job = client.submit_predict(args.model, x, nodes=args.nodes)
-        if not args.json:
-            say(f"job {job} accepted")
-        with following(job):
+        with following(job, announce=not args.json):
             client.wait(job)
             preds = np.array(client.result(job))
     save_npy(args.output, preds)

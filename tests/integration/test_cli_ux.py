@@ -330,6 +330,24 @@ def test_status_wait_rides_out_a_head_restart(slow: LocalCluster) -> None:
         np.testing.assert_allclose(c.result(job), np.ones((8, 8)))
 
 
+def test_a_waiting_submit_rides_out_a_head_restart(slow: LocalCluster) -> None:
+    with Client(slow.url) as c:
+        before = {j["job_id"] for j in c.jobs(limit=10_000)}
+        proc = popen("--json", "submit", "matmul", "--size", "16", "--seed", "3", "--check", "--reconnect-wait", "60",
+                     url=slow.url)
+        wait_for(lambda: any(j["state"] == "running" and j["job_id"] not in before for j in c.jobs()), 20,
+                 "the submitted job to start")
+        wait_for(lambda: connected(proc.pid, slow.http_port), 30, "the waiting CLI to reach the head")
+        slow.kill_head()
+        time.sleep(0.5)  # the waiting CLI finds the head gone
+        slow.start_head()
+        out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert err.count("reconnecting") == 1 and "reconnected to the head" in err, err
+    report = json.loads(out)
+    assert report["state"] == "done" and report["check"] is True, report
+
+
 def test_a_head_never_reached_is_not_waited_for() -> None:
     r = dcf("status", "0123abcd", "--wait", "--reconnect-wait", "600", timeout=60)  # nothing at DEAD_URL
     assert r.returncode == 3 and "reconnecting" not in r.stderr, r.stderr
