@@ -160,6 +160,8 @@ HEAD_OPTIONS = [
     Option("min_deadline", float, 60.0, "minimum seconds a subtask may run before it is given to another "
            "provider", _positive, "> 0"),
     Option("max_attempts", int, 5, "attempts per subtask before its job fails", _positive, ">= 1"),
+    _port_opt("rendezvous_port", 5558, "TCP port of the training rendezvous: the torch.distributed TCPStore the "
+              "head starts for `--sync allreduce` jobs (providers connect to it, then to each other)"),
     Option("max_upload_bytes", int, 8 * 1024**3, "largest accepted upload (bytes)", _positive, "> 0"),
     Option("fsync", _bool, False, "also survive power loss: fsync operands before accepting a job, results, "
            "checkpoints and models before reporting them, and every job-store commit (off: files and commits "
@@ -318,13 +320,15 @@ class HeadSettings(Settings):
     max_upload_bytes: int
     fsync: bool
     api_token: str = field(repr=False)
+    rendezvous_port: int
     curve_secret_key: str
     curve_allow: str
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len({self.http_port, self.registration_port, self.task_port, self.result_port}) != 4:
-            raise ConfigError("the HTTP, registration, task and result ports must all differ")
+        ports = (self.http_port, self.registration_port, self.task_port, self.result_port, self.rendezvous_port)
+        if len(set(ports)) != len(ports):
+            raise ConfigError("the HTTP, registration, task, result and rendezvous ports must all differ")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,12 @@ class SubState(str, enum.Enum):
     SENT = "sent"  # published, not yet acknowledged
     RUNNING = "running"  # acknowledged by the provider
     DONE = "done"
+    ABANDONED = "abandoned"  # a member of a collective group that lost a member: stopped, never merged
+
+    @property
+    def settled(self) -> bool:
+        """Done or abandoned: no longer out, and never out again."""
+        return self in (SubState.DONE, SubState.ABANDONED)
 
 
 class Assignments:
@@ -171,6 +177,7 @@ class Subtask:
     straggling: bool = False
     #: provider id -> the fraction of this subtask it reported done (its flops are counted as it goes)
     reported: dict[str, float] = field(default_factory=dict)
+    group: str | None = None  # members of one collective (``SubtaskPlan.group``): they live and die together
 
 
 @dataclass
@@ -191,7 +198,7 @@ class Job:
     waiting: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
-    done_count: int = 0  # subtasks DONE (a subtask never leaves DONE)
+    done_count: int = 0  # subtasks settled: DONE or ABANDONED (neither is ever left)
     #: subtask index -> units of progress its providers reported of it while it runs (not yet merged)
     partial: dict[int, float] = field(default_factory=dict)
 

@@ -30,6 +30,7 @@ from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
 from .entities import Job
 from .events import EventBus
 from .jobqueue import Ack, JobQueue
+from .rendezvous import Rendezvous
 from .stimuli import Action, JobAdded, JobForgotten
 from .store import BlobStore, JobStore, replace_file
 
@@ -80,6 +81,7 @@ class Lifecycle:
         self.waiters: dict[str, asyncio.Event] = {}
 
     # ---- accept ---------------------------------------------------------------------------
+        self.rendezvous = Rendezvous(cfg.host, cfg.rendezvous_port)  # started by the first job that needs it
     async def submit(self, spec: JobSpec) -> str:
         """Validate a job, persist it, publish it durably; only then return its id."""
         return (await self.submit_many([spec]))[0]
@@ -234,7 +236,7 @@ class Lifecycle:
             results = self.blobs.create_outputs(record.job_id, outputs, self.incarnation)
         ctx = JobContext(job_id=record.job_id, params=record.params, inputs=metas, outputs=outputs,
                          operands=operands, blob_ids=blob_ids, results=results,
-                         job_dir=layout.job_dir(self.root, record.job_id))
+                         job_dir=layout.job_dir(self.root, record.job_id), options=self._services(task))
         job = Job(record.job_id, task.name, record.params, metas, outputs, record.nodes,
                   created_at=record.created_at, planner=task.planner(ctx))
         return job, ActiveJob(record, operands, results, ack, inline_outputs=inline_outputs)
@@ -278,6 +280,10 @@ class Lifecycle:
         if job.started_at and job.finished_at:
             stats["compute_s"] = round(job.finished_at - job.started_at, 4)
         job.stats = stats
+    def _services(self, task: tasks.TaskType) -> dict[str, Any]:
+        """What the head runs for the task's jobs (``TaskType.head_services``), started on first use."""
+        return {"rendezvous": self.rendezvous.options()} if "rendezvous" in task.head_services else {}
+
         inline: dict[str, bytes] = {}
         if job.state is JobState.DONE and act is not None:
             inline = self._keep_outputs(job, act, stats)

@@ -50,6 +50,7 @@ ALERTS: dict[str, tuple[str, str]] = {
     "node.lost": ("node lost", "error"),
     "job.failed": ("job failed", "error"),
     "straggler": ("straggler", "warning"),
+    "job.regroup": ("training group re-formed", "warning"),
     "queue.lost": ("job queue unreachable", "error"),
     "queue.restored": ("job queue back", "info"),
 }
@@ -281,7 +282,7 @@ def _alert(event: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]
         parts = [f"provider {who}" if who else "", f"job {job}" if job else ""]
         if "subtask" in event:
             parts.append(f"subtask {event['subtask']}")
-        detail = event.get("message") or event.get("reason")
+        detail = event.get("message") or event.get("reason") or event.get("why")
         message = ", ".join(p for p in parts if p) + (f": {detail}" if detail else " is running slow")
     extra = {k: v for k, v in event.items() if k not in ("seq", "ts", "kind")}
     return {"seq": event.get("seq", 0), "ts": event.get("ts"), "kind": kind, "level": level, "title": title,
@@ -297,6 +298,7 @@ COUNTER_HELP = {
     "results_ignored": "Late, duplicate or unknown results ignored.",
     "providers_lost": "Providers declared dead.",
     "subtasks_stopped": "Subtasks a provider stopped before finishing, when told to (a cancelled or failed job).",
+    "groups_abandoned": "Collective subtask groups (allreduce rounds) abandoned because a member was lost or failed.",
     "bytes_in": "Result bytes received from providers over sockets.",
     "bytes_out": "Operand bytes sent to providers over sockets.",
     "bad_messages": "Malformed messages dropped.",

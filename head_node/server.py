@@ -139,6 +139,8 @@ class Head:
             self._lost(action)
         elif isinstance(action, sm.StopSubtasks):
             self._stop_subtasks(action)
+        elif isinstance(action, sm.GroupAbandoned):
+            self._group_abandoned(action)
 
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]  # its row stays queued: the scheduler holds it (list_jobs)
@@ -167,6 +169,11 @@ class Head:
                     extra={"job_id": a.job_id, "subtask": a.subtask, "provider_id": a.provider_id})
         self.events.emit("straggler", job_id=a.job_id, subtask=a.subtask, provider_id=a.provider_id,
                          seconds=a.seconds, copied_to=a.copied_to)
+
+    def _group_abandoned(self, a: sm.GroupAbandoned) -> None:
+        log.warning("collective group %s abandoned: %s; its work is planned again", a.group, a.why,
+                    extra={"job_id": a.job_id})
+        self.events.emit("job.regroup", job_id=a.job_id, group=a.group, why=a.why)
 
     def _lost(self, a: sm.ProviderLost) -> None:
         prov = self.state.providers.get(a.provider_id)

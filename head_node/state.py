@@ -15,7 +15,10 @@ Reliability rules held here:
   * a subtask sent but not acknowledged within ``ack_timeout`` is sent again;
   * a subtask not finished by its deadline, or whose provider died, goes to another;
   * a result is accepted once per subtask, only for an attempt that was issued in this
-    head incarnation (run); later or duplicate results are ignored (idempotent).
+    head incarnation (run); later or duplicate results are ignored (idempotent);
+  * the members of a collective group (``SubtaskPlan.group``: one torch.distributed process group) are
+    never moved or copied: when one is lost, fails or misses its ack or deadline, every member is
+    stopped and settled as ABANDONED, and the planner plans that work again (``Planner.abandoned``).
 
 Speed learning: each accepted result of a big enough subtask refines its provider's throughput
 for that task type (the registered benchmark is the prior), and later splits, provider choices
@@ -48,6 +51,7 @@ from .stimuli import (
     CancelRequested,
     Dispatch,
     DrainRequested,
+    GroupAbandoned,
     HeartbeatReceived,
     JobAdded,
     JobCancelled,
@@ -121,6 +125,7 @@ class ClusterState:
             "subtasks_dispatched": 0, "subtasks_completed": 0, "subtasks_failed": 0,
             "subtasks_retried": 0, "subtasks_speculative": 0, "results_ignored": 0, "providers_lost": 0,
             "subtasks_stopped": 0,  # stopped by their provider after a cancel (``cancelled``), not finished
+            "groups_abandoned": 0,  # collective groups that lost a member (their work is planned again)
         }
 
     # ---- the one entry -------------------------------------------------------------------
@@ -238,27 +243,36 @@ class ClusterState:
         prov = self.providers.get(provider_id)
         if prov is None:
             return []
-        actions = self._lose(provider_id, LEFT) if prov.alive else []
+        actions = self._lose(provider_id, LEFT, now) if prov.alive else []
         del self.providers[provider_id]
         return actions + self._schedule(now)
 
-    def _lose(self, provider_id: str, reason: str) -> list[Action]:
+    def _lose(self, provider_id: str, reason: str, now: float) -> list[Action]:
         prov = self.providers[provider_id]
         prov.alive = False
         prov.disconnected_at = None
         requeued = 0
+        broken: list[tuple[Job, str]] = []  # collective groups it was a member of
         for job_id, index in sorted(prov.assigned):
             job = self.jobs.get(job_id)
             if job is None or job.state is not JobState.RUNNING:
                 continue
             sub = job.subtasks[index]
-            if sub.state is not SubState.DONE and sub.provider_id == provider_id:
+            if sub.state.settled or sub.provider_id != provider_id:
+                continue
+            if sub.group is not None:
+                broken.append((job, sub.group))
+            else:
                 self._requeue(job, sub)
-                requeued += 1
+            requeued += 1
         prov.assigned.clear()
         prov.stopping.clear()
         self.counters["providers_lost"] += 1
-        return [ProviderLost(provider_id, requeued, reason)]
+        actions: list[Action] = [ProviderLost(provider_id, requeued, reason)]
+        for job, group in broken:
+            if job.state is JobState.RUNNING:
+                actions += self._abandon(job, group, now, f"provider {provider_id[:8]} lost ({reason})")
+        return actions
 
     def _requeue(self, job: Job, sub: Subtask) -> None:
         sub.state = SubState.PENDING
@@ -307,7 +321,7 @@ class ClusterState:
         job.error = error
         told: set[str] = set()
         for sub in job.subtasks:
-            if sub.state is SubState.DONE:
+            if sub.state.settled:
                 continue
             for pid in dict.fromkeys(sub.tried):
                 if self._stop(pid, job, sub, now):
@@ -323,7 +337,7 @@ class ClusterState:
         if job is None or job.state is not JobState.RUNNING or not 0 <= ev.subtask < len(job.subtasks):
             return None
         sub = job.subtasks[ev.subtask]
-        if sub.state is SubState.DONE or not 1 <= ev.attempt <= sub.attempt:
+        if sub.state.settled or not 1 <= ev.attempt <= sub.attempt:
             return None
         return sub
 
@@ -426,7 +440,7 @@ class ClusterState:
     def _add_subtasks(self, job: Job, plans: Sequence[SubtaskPlan], now: float) -> list[Action]:
         actions: list[Action] = []
         for p in plans:
-            sub = Subtask(len(job.subtasks), p.params, p.cost)
+            sub = Subtask(len(job.subtasks), p.params, p.cost, group=p.group)
             job.subtasks.append(sub)
             actions.append(self._send(job, sub, p.provider_id, now))
         return actions
@@ -452,12 +466,39 @@ class ClusterState:
         """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job
         once it has struck out ``max_attempts`` times (so nothing is retried forever). A copy that missed
         its deadline is not told to stop: it may still finish first (its result is taken, PROTOCOL.md
-        10.2), and the one result accepted stops the copies still held."""
+        10.2), and the one result accepted stops the copies still held. A member of a collective group is
+        not taken back alone: its group is abandoned (the planner counts and bounds those)."""
+        if sub.group is not None:
+            return self._abandon(job, sub.group, now, f"subtask {sub.index} {why}")
         self._release(job, sub)
         sub.strikes += 1
         if sub.strikes >= self.timing.max_attempts:
             return self._fail(job, now, f"subtask {sub.index} gave up after {sub.strikes} tries; last: {why}")
         return []
+
+    def _abandon(self, job: Job, group: str, now: float, why: str) -> list[Action]:
+        """A member of collective ``group`` is gone or failed: the others cannot finish without it. Every
+        member still out is told to stop (it stays assigned until it did) and settles as ABANDONED, never
+        merged; the planner hears why and plans the work again."""
+        actions: list[Action] = []
+        for member in job.subtasks:
+            if member.group != group or member.state.settled:
+                continue
+            for pid in dict.fromkeys(member.tried):
+                if self._stop(pid, job, member, now):
+                    actions.append(StopSubtasks(pid, job.job_id, member.index))
+            member.state = SubState.ABANDONED
+            member.provider_id = None
+            member.reported.clear()
+            job.partial.pop(member.index, None)
+            job.done_count += 1
+        self.counters["groups_abandoned"] += 1
+        actions.append(GroupAbandoned(job.job_id, group, why))
+        return actions + self._guarded(job, now, partial(self._regroup, job, group, why, now))
+
+    def _regroup(self, job: Job, group: str, why: str, now: float) -> list[Action]:
+        job.planner.abandoned(group, why, now)
+        return self._advance(job, now)
 
     def _fail(self, job: Job, now: float, error: str) -> list[Action]:
         stops = self._finish(job, JobState.FAILED, now, error)
@@ -504,9 +545,9 @@ class ClusterState:
         for pid, prov in list(self.providers.items()):
             gone = prov.disconnected_at
             if prov.alive and gone is not None and now - gone >= self.timing.disconnect_grace:
-                actions += self._lose(pid, DISCONNECTED)
+                actions += self._lose(pid, DISCONNECTED, now)
             elif prov.alive and now - prov.last_seen > self.timing.dead_after:
-                actions += self._lose(pid, SILENT)
+                actions += self._lose(pid, SILENT, now)
             elif not prov.alive and now - prov.last_seen > self.timing.forget_after:
                 del self.providers[pid]  # bounded table; a late register brings it back
             elif prov.stopping:  # a provider that ignores cancels is taken at its word after a bound
@@ -522,7 +563,8 @@ class ClusterState:
                     actions += self._strike(job, sub, now, "not acknowledged in time")
                 elif sub.state is SubState.RUNNING and now > sub.deadline:
                     actions += self._strike(job, sub, now, "deadline passed")
-                elif sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at:
+                elif (sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at
+                      and sub.group is None):  # a collective's member has no stand-in
                     actions += self._guarded(job, now, partial(self._straggler, job, sub, now))
         return actions + self._schedule(now)
 

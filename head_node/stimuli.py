@@ -183,6 +183,15 @@ class Straggler:
     copied_to: str | None  # the provider running a speculative copy, if one was free
 
 
+@dataclass(frozen=True)
+class GroupAbandoned:
+    """A collective subtask group lost a member: its other members were told to stop, the planner plans again."""
+
+    job_id: str
+    group: str
+    why: str
+
+
 #: why a provider was lost (``ProviderLost.reason``)
 SILENT = "silent"  # no heartbeat for MISSED_HEARTBEATS intervals (hung, cut off, or dead without a disconnect)
 DISCONNECTED = "disconnected"  # its task connection closed and did not come back within the grace
@@ -237,4 +246,4 @@ class PlannerEffects:
 
 
 Action = (Dispatch | JobStarted | JobFinished | JobFailed | JobCancelled | ProviderLost | Straggler | MergeResult
-          | RegisterAgain | PlannerEffects | StopSubtasks)
+          | RegisterAgain | PlannerEffects | StopSubtasks | GroupAbandoned)

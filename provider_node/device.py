@@ -54,9 +54,10 @@ class ComputeDevice:
 class TaskDevice:
     """The ``common.tasks.Device`` a provider runs subtasks on."""
 
-    def __init__(self, hardware: ComputeDevice, blobs: BlobSource) -> None:
+    def __init__(self, hardware: ComputeDevice, blobs: BlobSource, head_host: str = "127.0.0.1") -> None:
         self.hardware = hardware
         self.kind = hardware.kind
+        self.head_host = head_host
         #: per-process cache for task types (built models), bounded by its users
         self.cache: MutableMapping[Any, Any] = {}
         self._blobs = blobs
@@ -84,6 +85,7 @@ class SubtaskDevice:
         self._base = base
         self.kind = base.kind
         self.cache = base.cache
+        self.head_host = base.head_host
         self._stop = stop
         self._report = report
         self._now = now

@@ -98,7 +98,7 @@ class ProviderNode:
         self.shared: SharedFiles | None = None  # the head's state dir, when this process shares it
         self.head_blobs = HeadBlobs(self._blob_socket, lambda: self.session.provider_id)
         self.blobs = BlobCache(self.head_blobs)
-        self.device = TaskDevice(device, self.blobs)
+        self.device = TaskDevice(device, self.blobs, self.cfg.head)
         self.push_generation = 0  # bumped when the compute thread's PUSH must be opened again
 
     @property

@@ -57,6 +57,7 @@ class LocalCluster:
         self.log_dir = Path(log_dir) if log_dir else self.state_dir / "logs"
         self.http_port = http_port or free_port()
         self.ports = {"registration": free_port(), "task": free_port(), "result": free_port()}
+        self.rendezvous_port = free_port()  # the head's only: the training rendezvous (allreduce)
         self.amqp_url = amqp_url
         self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // max(1, providers))
         #: seconds between heartbeats (default: the head option table's)
@@ -92,7 +93,8 @@ class LocalCluster:
 
     def start_head(self, timeout: float = 30.0) -> None:
         args = ["-m", "head_node", "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                "--state-dir", str(self.state_dir), *self.port_args(), *self.head_args]
+                "--state-dir", str(self.state_dir), *self.port_args(), "--rendezvous-port",
+                str(self.rendezvous_port), *self.head_args]
         if self.amqp_url:
             args += ["--amqp-url", self.amqp_url]
         if self.key_dir is not None:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from ..arrays import ArrayMeta
+from ..errors import TaskError
 from ..protocol import Field, check_fields
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
@@ -51,6 +52,10 @@ class SubtaskPlan:
     provider_id: str
     params: dict[str, Any]
     cost: float  # floating-point operations, for deadlines and load balancing
+    #: subtasks with the same ``group`` run together, one per provider, as the members of one collective (a
+    #: torch.distributed process group): none is moved to another provider or copied, and when one is lost,
+    #: fails or misses its deadline the head stops them all and tells the planner (``Planner.abandoned``)
+    group: str | None = None
 
 
 class Device(Protocol):
@@ -59,6 +64,9 @@ class Device(Protocol):
     kind: str  # "cpu", "cuda" or "mps"
     #: per-process cache for task types (built models), bounded by its users
     cache: MutableMapping[Any, Any]
+    #: the host name or address this provider reaches the head at (services the head runs, such as the
+    #: training rendezvous, listen there)
+    head_host: str
 
     def torch_device(self) -> Any: ...
 
@@ -168,6 +176,12 @@ class Planner(ABC):
         no provider ready; to give up waiting (a timeout), ``plan`` raises a DcfError and the job fails."""
         return None
 
+    def abandoned(self, group: str, why: str, now: float) -> None:
+        """A member of subtask ``group`` (``SubtaskPlan.group``) was lost, failed or missed its deadline: the
+        head has stopped every member and will merge none of their results; the planner plans the work again
+        (``plan`` is asked next). Raise a DcfError to fail the job instead. The default fails it."""
+        raise TaskError(f"subtask group {group} abandoned: {why}")
+
     def summary(self) -> dict[str, Any]:
         """Entries for the job's stats (shown by `dcf status` and the API)."""
         return {}
@@ -185,6 +199,10 @@ class TaskType(ABC):
     head_imports: ClassVar[tuple[str, ...]] = ()
     #: the pip extra of dcf that installs them (a head without them says ``pip install 'dcf[<extra>]'``)
     head_extra: ClassVar[str] = ""
+    #: services the head runs for this task's jobs, started when its first job is built; what each gives
+    #: lands in ``JobContext.options`` under its name ("rendezvous": the torch.distributed TCPStore that
+    #: collective groups meet at, ``{"port": int, "secret": str}``)
+    head_services: ClassVar[tuple[str, ...]] = ()
     #: the schema of a subtask's params on the wire (common/tasks/wire.py); None: not checked
     params_schema: ClassVar[Mapping[str, Field] | None] = None
 

@@ -24,11 +24,21 @@ PREDICT = {**ROWS, **MODEL}
 
 #: train §10.1: the fields of every train subtask, then those of each kind
 TRAIN_DATA = {"x": _ID, "y": _ID, "key": Field((str,), max_len=128)}
-TRAIN = {"kind": Field((str,), choices=frozenset({"grad", "eval", "local"})), "job_id": _ID,
+TRAIN = {"kind": Field((str,), choices=frozenset({"grad", "eval", "local", "allreduce"})), "job_id": _ID,
          "round": _INT, "shard": _INT, "version": _INT, **MODEL, "n_params": _INT,
          "data": Field((dict,), fields=TRAIN_DATA)}
 TRAIN_KIND: Mapping[str, Mapping[str, Field]] = {
     "grad": {"batch": Field((int,), required=False)},  # async rounds name their batch
     "local": {"local_steps": _INT, "lr": Field((int, float))},
     "eval": ROWS,
+    "allreduce": {
+        "rank": _INT, "world": _INT, "steps": _INT, "batch_size": _INT, "step": _INT,
+        "lrs": Field((list,), items=(int, float), max_len=100_000),
+        "state": Field((str,), choices=frozenset({"sent", "kept"})),
+        "optimizer": Field((dict,), fields={"name": Field((str,), choices=frozenset({"sgd", "adam", "adadelta"})),
+                                            "momentum": Field((int, float)), "weight_decay": Field((int, float))}),
+        "group": Field((dict,), fields={"port": _INT, "prefix": Field((str,), max_len=64),
+                                        "backend": Field((str,), choices=frozenset({"gloo", "nccl"})),
+                                        "timeout": Field((int, float))}),
+    },
 }

@@ -34,6 +34,7 @@ def train_params(params: Mapping[str, Any]) -> dict[str, Any]:
     _int(p, "local_steps", 1, 10_000)
     _int(p, "checkpoint_every", 1, 10**9)
     _int(p, "lr_step", 1, 100_000)
+    _int(p, "round_steps", 1, 100_000)
     _int(p, "classes", 0, 10_000)
     _int(p, "min_providers", 1, MAX_MIN_PROVIDERS,
          f"min_providers must be an integer in 1..{MAX_MIN_PROVIDERS} (the most providers a job may use), "
@@ -44,6 +45,9 @@ def train_params(params: Mapping[str, Any]) -> dict[str, Any]:
             raise ValidationError(f"{key} must be a finite non-negative number, got {v!r}")
     if p["lr"] <= 0:
         raise ValidationError("lr must be positive")
+    timeout = p["collective_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86_400:
+        raise ValidationError(f"collective_timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if p["start_timeout"] > 10**9:
         raise ValidationError(f"start_timeout must be at most 1e9 seconds (0: wait forever), "
                               f"got {p['start_timeout']!r}")

@@ -12,6 +12,12 @@ to their measured speed. Strategies:
   local-sgd  each round, every provider runs ``local_steps`` plain SGD steps on its share of
              that many global batches from the same parameters; the head averages the
              resulting parameters weighted by samples.
+  allreduce  the providers train as one torch.distributed process group (collective.py), in rounds
+             of ``round_steps`` steps: each step they all-reduce their shards' summed gradients and
+             take the same optimizer step, without the head. The head assigns ranks, serves the
+             rendezvous, and keeps the parameters and optimizer state rank 0 returns after each round
+             (checkpoints, evaluation). A round whose group loses a member is abandoned on every member
+             (``abandoned``) and run again, from the last round's state, by whoever is left.
 A start barrier holds the first round until ``min_providers`` eligible providers are ready (the job's
 ``waiting`` says "waiting for 3 providers, 2 ready"); it fails the job after ``start_timeout`` seconds.
 After each epoch an eval round scores the test split. Checkpoints (model, optimizer, scheduler,
@@ -24,26 +30,38 @@ Like every planner it does no I/O after it is built and reads no clock: ``now`` 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ...errors import ValidationError, WaitTimeout
+from ...errors import TaskError, ValidationError, WaitTimeout
 from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile, SubtaskPlan
-from ..rows import provider_shares
+from ..rows import proportional_rows, provider_shares
 from . import models
 from .datasets import content_hash
+from .optim import export_state, import_state, make_optimizer
 from .params import train_params
 from .task import TrainTask
 
 log = logging.getLogger("dcf.head.training")
 
 CHECKPOINT = "checkpoint.pt"
+#: allreduce: rounds abandoned one after another (no round finished between them) before the job fails
+MAX_ABANDONED_ROUNDS = 8
+#: allreduce: seconds to wait after a round was abandoned before the group is formed again (the head learns
+#: meanwhile which member is gone, and the survivors leave the broken group)
+REGROUP_SETTLE_S = 1.0
+#: allreduce: weight of the newest measurement in a member's samples-per-second average
+RATE_WEIGHT = 0.5
+_EMPTY = np.zeros(0, dtype=np.float32)
+_EMPTY.flags.writeable = False
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,16 +70,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     order = np.random.default_rng([seed, epoch]).permutation(n)
     order.flags.writeable = False
     return order
-
-
-def make_optimizer(name: str, params: Any, p: Mapping[str, Any]) -> Any:
-    import torch
-
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    if name == "adam":
-        return torch.optim.Adam(params, lr=p["lr"], weight_decay=p["weight_decay"])
-    return torch.optim.Adadelta(params, lr=p["lr"], weight_decay=p["weight_decay"])
 
 
 def make_scheduler(optimizer: Any, p: Mapping[str, Any], total_steps: int) -> Any:
@@ -111,6 +119,17 @@ class TrainPlanner(Planner):
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
         self._async_out: dict[int, tuple[str, int]] = {}  # async: shard -> (provider, batch number)
         self._next_shard = 0
+        # allreduce: the training group (provider ids in rank order), its generation (bumped whenever the
+        # group is formed anew), the members holding the state of the current version, measured speeds
+        self.rendezvous: Mapping[str, Any] | None = job.options.get("rendezvous")
+        self._members: tuple[str, ...] = ()
+        self._generation = 0
+        self._warm: frozenset[str] = frozenset()
+        self._rates: dict[str, float] = {}
+        self._round_inputs: tuple[np.ndarray, list[np.ndarray]] | None = None
+        self._abandoned_in_a_row = 0
+        self._regroup_after: float | None = None
+        self.regroups = 0
         # the start barrier: nothing is planned until ``min_providers`` are ready (counted from this
         # planner's first plan: a restarted head waits for them again)
         self.barrier_met = self.p["min_providers"] <= 1
@@ -179,6 +198,8 @@ class TrainPlanner(Planner):
             return []
         if self.p["sync"] == "local-sgd":
             return self._local_round(providers)
+        if self.p["sync"] == "allreduce":
+            return self._allreduce_round(providers, now)
         return self._grad_round(providers)
 
     def waiting(self) -> str | None:
@@ -206,6 +227,8 @@ class TrainPlanner(Planner):
     def subtask_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
         # a re-sent async subtask whose version was dropped gets today's parameters; its result is
         # then judged by the old version (too stale: the batch runs again)
+        if sub["kind"] == "allreduce":
+            return self._allreduce_inputs(sub)
         params = self.params.get(sub["version"], self.params[self.version])
         if sub["kind"] == "eval":
             return [params]
@@ -215,7 +238,7 @@ class TrainPlanner(Planner):
         TrainTask.check_result(sub_params, arrays)
 
     def merge(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
-        loss_sum, n, correct = (float(v) for v in arrays[-1])
+        loss_sum = float(arrays[-1][0])
         if not math.isfinite(loss_sum):
             raise ValidationError(f"non-finite loss at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}: "
                                   "lower the learning rate or check the data")
@@ -301,6 +324,9 @@ class TrainPlanner(Planner):
                 total += part[0]
             self._apply_gradient((total / self.p["batch_size"]).astype(np.float32))
             self._after_steps(1, loss_sum / n, correct / n, n, now)
+        elif rnd["kind"] == "allreduce":
+            self._finish_allreduce(parts, now)
+            self._after_steps(rnd["steps"], loss_sum / n, correct / n, n, now)
         else:  # local-sgd: average the providers' parameters, weighted by their samples
             weights = np.array([float(p[-1][1]) for p in parts])
             avg = sum(w * p[0].astype(np.float64) for w, p in zip(weights, parts, strict=True)) / weights.sum()
@@ -357,6 +383,129 @@ class TrainPlanner(Planner):
         self.checkpoint_due = True
         if self.epoch >= self.p["epochs"]:
             self.finished = True
+
+    # ---- allreduce --------------------------------------------------------------------------------
+    def _allreduce_round(self, providers: Sequence[ProviderSpec], now: float) -> list[SubtaskPlan]:
+        """One round: ``round_steps`` global batches (never past the epoch), each split over the group by
+        measured speed; the members run them together (collective.py) and rank 0 sends the state back."""
+        if self.rendezvous is None:
+            raise ValidationError("allreduce needs the head's training rendezvous, and this head gave none")
+        if self._regroup_after is not None:
+            if now < self._regroup_after:
+                self._waiting = "re-forming the training group (a member was lost or failed)"
+                return []
+            self._regroup_after = None
+        self._waiting = None
+        if not providers:  # asked while waiting, and nobody is ready
+            return []
+        b = self.p["batch_size"]
+        k = min(self.p["round_steps"], self.steps_per_epoch - self.step_in_epoch, self.total_steps - self.global_step)
+        members = self._membership(providers)
+        known = [self._rates.get(w.provider_id) for w in members]
+        weights = [r for r in known if r] if all(known) else [w.gflops for w in members]
+        counts = proportional_rows(b, weights)
+        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
+        batches = order[self.step_in_epoch * b:(self.step_in_epoch + k) * b].reshape(k, b)
+        rid = self._new_round("allreduce", len(members))
+        assert self.round is not None  # set by _new_round above
+        group = f"g{self._generation}.r{rid}"
+        self.round.update(steps=k, group=group)
+        self._round_inputs = (self.flat.parameters_numpy(), export_state(self.optimizer, self.p["optimizer"],
+                                                                          self.p["momentum"]))
+        lrs = self._lr_plan(k)
+        shared = {"world": len(members), "steps": k, "batch_size": b, "step": self.global_step, "lrs": lrs,
+                  "optimizer": {"name": self.p["optimizer"], "momentum": self.p["momentum"],
+                                "weight_decay": self.p["weight_decay"]},
+                  "group": {"port": int(self.rendezvous["port"]), "prefix": self._prefix(),
+                            "backend": "nccl" if all(w.device_kind == "cuda" for w in members) else "gloo",
+                            "timeout": float(self.p["collective_timeout"])}}
+        plans, start = [], 0
+        for rank, (w, n) in enumerate(zip(members, counts, strict=True)):
+            self.idx[rank] = np.ascontiguousarray(batches[:, start:start + n]).reshape(-1)
+            start += n
+            sub = {**self._base("allreduce", rid, rank, "train"), **shared, "rank": rank,
+                   "state": "kept" if w.provider_id in self._warm else "sent"}
+            plans.append(SubtaskPlan(w.provider_id, sub, self._flops(n * k, 3), group=group))
+        return plans
+
+    def _membership(self, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
+        """The group, in rank order: the same as last round while the same providers are ready (ranks keep,
+        the formed process group is reused); anyone new or gone forms a new generation."""
+        ready = {w.provider_id: w for w in list(providers)[: self.p["batch_size"]]}
+        if not self._members or set(self._members) != set(ready):
+            self._generation += 1
+            self._members = tuple(ready)
+            self._warm = frozenset()
+        return [ready[pid] for pid in self._members]
+
+    def _prefix(self) -> str:
+        """The group's keys in the rendezvous: only the head and this generation's members know them."""
+        assert self.rendezvous is not None
+        seed = f"{self.rendezvous['secret']}:{self.job_id}:{self._generation}"
+        return hashlib.sha256(seed.encode()).hexdigest()[:32]
+
+    def _lr_plan(self, steps: int) -> list[float]:
+        """The learning rate of each of the next ``steps`` steps (the schedule is not moved on by this)."""
+        groups = self.optimizer.param_groups
+        if self.scheduler is None or self.p["schedule"] != "cosine":
+            return [float(groups[0]["lr"])] * steps
+        saved, lr0 = self.scheduler.state_dict(), [g["lr"] for g in groups]
+        lrs = []
+        for _ in range(steps):
+            lrs.append(float(groups[0]["lr"]))
+            self._scheduler_step()
+        self.scheduler.load_state_dict(saved)
+        for g, lr in zip(groups, lr0, strict=True):
+            g["lr"] = lr
+        return lrs
+
+    def _scheduler_step(self) -> None:
+        with warnings.catch_warnings():  # the head's optimizer never steps in allreduce: the members' do
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+
+    def _allreduce_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
+        assert self._round_inputs is not None  # planned with its round
+        params, state = self._round_inputs
+        if sub["state"] == "kept":  # it holds them: only its sample indices travel
+            return [_EMPTY, self.idx[sub["shard"]], *[_EMPTY for _ in state]]
+        return [params, self.idx[sub["shard"]], *state]
+
+    def _finish_allreduce(self, parts: Sequence[Sequence[np.ndarray]], now: float) -> None:
+        """Rank 0's parameters and optimizer state become the head's; every member's speed is learned."""
+        rank0 = parts[0]
+        assert self.round is not None
+        steps = self.round["steps"]
+        self.flat.load(rank0[0])
+        import_state(self.optimizer, self.p["optimizer"], self.p["momentum"], list(rank0[1:-1]),
+                     self.global_step + steps)
+        if self.scheduler is not None and self.p["schedule"] == "cosine":
+            for _ in range(steps):
+                self._scheduler_step()
+        self._new_version()
+        for pid, part in zip(self._members, parts, strict=True):
+            samples, busy = float(part[-1][1]), float(part[-1][3])
+            if samples > 0 and busy > 0:
+                rate = samples / busy
+                old = self._rates.get(pid)
+                self._rates[pid] = rate if old is None else RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
+        self._warm = frozenset(self._members)
+        self._abandoned_in_a_row = 0
+        self._round_inputs = None
+
+    def abandoned(self, group: str, why: str, now: float) -> None:
+        if self.round is None or self.round.get("group") != group:
+            return
+        self.round = None
+        self.idx.clear()
+        self._round_inputs = None
+        self._members, self._warm = (), frozenset()
+        self.regroups += 1
+        self._abandoned_in_a_row += 1
+        if self._abandoned_in_a_row > MAX_ABANDONED_ROUNDS:
+            raise TaskError(f"allreduce: {self._abandoned_in_a_row} rounds in a row were abandoned; last: {why}")
+        self._regroup_after = now + REGROUP_SETTLE_S
+        log.warning("allreduce round abandoned (%s); the group is formed again", why, extra={"job_id": self.job_id})
 
     # ---- async (bounded staleness) -----------------------------------------------------------
     def _plan_async(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
@@ -455,6 +604,8 @@ class TrainPlanner(Planner):
         return {"training": {
             "epoch": self.epoch, "step": self.global_step, "total_steps": self.total_steps,
             "last": self.last, "history": self.history, "stale_dropped": self.stale_dropped,
+            **({"group": {"generation": self._generation, "world": len(self._members), "regroups": self.regroups}}
+               if self.p["sync"] == "allreduce" else {}),
             "step_ms_median": round(1000 * times[len(times) // 2], 3) if times else None,
             "test_accuracy": final.get("test_accuracy"), "test_loss": final.get("test_loss")}}
 

@@ -5,6 +5,9 @@ Provider side of ``train``, one subtask kind per round kind:
   grad   params vector + sample indices -> [sum of per-sample gradients (float32), [loss_sum, n, correct]]
   eval   params vector + index range of the test split -> [[loss_sum, n, correct]]
   local  params vector + K batches of indices -> [params after K local SGD steps, [loss_sum, n, correct]]
+  allreduce  params vector, this rank's indices of K batches, optimizer state vectors (empty when ``kept``)
+         -> rank 0: [params, *optimizer state, [loss_sum, n, correct, seconds]]; other ranks: [metrics]
+         (the members run the K steps together as one process group: collective.py)
 Datasets are not sent with subtasks: they are blobs the provider maps (co-located) or fetches once
 and keeps by content hash. Models come from models.py (this package) by name.
 """
@@ -21,6 +24,7 @@ from ...protocol import check_fields
 from .. import wire
 from ..base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, TaskType, checkpoint
 from ..registry import register
+from .optim import state_keys
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
 
@@ -30,8 +34,9 @@ class TrainTask(TaskType):
 
     name = "train"
     inputs = ("x", "y", "x_test", "y_test")
-    head_imports = ("torch",)
+    head_imports = ("torch", "torch.distributed")  # slow (seconds): on a thread, not the head's event loop
     head_extra = "torch"
+    head_services = ("rendezvous",)  # allreduce groups meet at the head's TCPStore
 
     def check_params(self, sub_params: Mapping[str, Any]) -> None:
         """The fields of every train subtask (PROTOCOL.md §10.1), then those of its kind."""
@@ -63,6 +68,9 @@ class TrainTask(TaskType):
     @staticmethod
     def check_result(sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
         kind = sub_params["kind"]
+        if kind == "allreduce":
+            check_allreduce_result(sub_params, arrays)
+            return
         want = 1 if kind == "eval" else 2
         if len(arrays) != want or arrays[-1].shape != (3,) or arrays[-1].dtype != np.float64:
             raise ValidationError(f"train {kind} result must be {want} arrays ending with [loss, n, correct]")
@@ -73,6 +81,10 @@ class TrainTask(TaskType):
         import torch
         import torch.nn.functional as F
 
+        if sub_params["kind"] == "allreduce":
+            from .collective import run_round
+
+            return run_round(sub_params, arrays, device)
         flat = ModelRunner.model(sub_params, device)
         flat.load(arrays[0])
         net = flat.model
@@ -112,6 +124,18 @@ class TrainTask(TaskType):
                 correct += int((out.argmax(1) == y).sum())
             return [flat.parameters_numpy(), metrics_array(loss_sum, idx.size, correct)]
         raise ValidationError(f"unknown train subtask kind {kind!r}")
+
+
+def check_allreduce_result(sub: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    """Rank 0: [parameters, *optimizer state, metrics]; any other rank: [metrics]; metrics are 4 float64."""
+    opt = sub["optimizer"]
+    vectors = 1 + len(state_keys(opt["name"], opt["momentum"])) if sub["rank"] == 0 else 0
+    if len(arrays) != vectors + 1 or arrays[-1].shape != (4,) or arrays[-1].dtype != np.float64:
+        raise ValidationError(f"train allreduce result of rank {sub['rank']} must be {vectors + 1} arrays ending "
+                              "with [loss, n, correct, seconds]")
+    for vec in arrays[:-1]:
+        if vec.dtype != np.float32 or vec.shape != (sub["n_params"],):
+            raise ValidationError(f"train allreduce vectors must be float32 of {sub['n_params']} values")
 
 
 register(TrainTask())
