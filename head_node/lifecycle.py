@@ -350,7 +350,8 @@ def _import_module(module: str) -> tuple[str, str] | None:
     """On a thread: import a module; None if it worked, else (module, why not) (a broken install may raise
     anything)."""
     try:
-        importlib.import_module(module)
+        with _IMPORTING:  # one at a time: torch and torch.distributed imported at once on two threads abort
+            importlib.import_module(module)
     except BaseException as exc:
         return module, f"{type(exc).__name__}: {exc}"[:300]
     return None
@@ -372,3 +373,7 @@ def needs_on_head(task: tasks.TaskType, module: str, why: str = "") -> str:
         return f"the {task.name} task needs {module} on the head, and importing it failed: {why}"
     hint = f"pip install 'dcf[{task.head_extra}]'" if task.head_extra else f"pip install {module}"
     return f"the {task.name} task needs {module} on the head: {hint}"
+#: held while a task type's head-side module is imported (on a thread)
+_IMPORTING = threading.Lock()
+
+

@@ -150,12 +150,15 @@ def _add_train(kinds: Subparsers, shared: argparse.ArgumentParser) -> None:
     t.add_argument("--synthetic-classes", type=int, default=4)
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--momentum", float),
                        ("--weight-decay", float), ("--lr-step", int), ("--gamma", float), ("--seed", int),
-                       ("--max-staleness", int), ("--local-steps", int), ("--checkpoint-every", int)):
+                       ("--max-staleness", int), ("--local-steps", int), ("--checkpoint-every", int),
+                       ("--round-steps", int), ("--collective-timeout", float)):
         t.add_argument(flag, type=kind, default=TRAIN[flag[2:].replace("-", "_")])
     t.add_argument("--optimizer", default=TRAIN["optimizer"], help="sgd, adam or adadelta")
     t.add_argument("--schedule", default=TRAIN["schedule"],
                    help="none, step (lr x gamma every --lr-step epochs) or cosine")
-    t.add_argument("--sync", default=TRAIN["sync"], help="sync (default), async or local-sgd")
+    t.add_argument("--sync", default=TRAIN["sync"],
+                   help="sync (default: a parameter server), async, local-sgd or allreduce (the providers train as "
+                        "one torch.distributed group, in rounds of --round-steps steps)")
     t.add_argument("--nodes", type=int)
     t.add_argument("--min-providers", type=int, default=TRAIN["min_providers"], metavar="K",
                    help="start barrier: wait until K eligible providers are ready before the first step")

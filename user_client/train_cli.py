@@ -21,7 +21,7 @@ from .paths import check_output
 
 TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
               "lr_step", "gamma", "seed", "sync", "max_staleness", "local_steps", "checkpoint_every",
-              "min_providers", "start_timeout")
+              "min_providers", "start_timeout", "round_steps", "collective_timeout")
 
 
 def _dataset(args: argparse.Namespace) -> Any:

@@ -75,8 +75,8 @@ def stops(actions: list) -> set[tuple[str, int | None]]:
 def test_a_lost_member_stops_the_others_and_the_planner_plans_again(cs) -> None:
     job, planner, pids = start(cs, 3)
     for sub in job.subtasks:
-        cs.handle(stimuli.SubtaskAcked(sub.provider_id, job.job_id, sub.index, 1, cs.incarnation), 1.1)
-    assert result(cs, job.subtasks[0].provider_id, job.job_id, 0, 1, cs.incarnation, 1.2)  # one member finished
+        cs.handle(stimuli.SubtaskAcked(sub.tried[0], job.job_id, sub.index, 1, cs.incarnation), 1.1)
+    assert result(cs, job.subtasks[0].tried[0], job.job_id, 0, 1, cs.incarnation, 1.2)  # one member finished
     running, dead = job.subtasks[1].provider_id, job.subtasks[2].provider_id
     actions = cs.handle(stimuli.ProviderLeft(dead or ""), 2.0)
     # the running member (not the dead one, nor the one that finished) is told to stop its copy
@@ -93,7 +93,7 @@ def test_a_lost_member_stops_the_others_and_the_planner_plans_again(cs) -> None:
 
 def test_a_late_result_of_an_abandoned_member_is_ignored(cs) -> None:
     job, planner, _ = start(cs, 2)
-    p0 = job.subtasks[0].provider_id
+    p0 = job.subtasks[0].tried[0]
     failed(cs, p0, job.job_id, 0, 1, cs.incarnation, "RuntimeError: Connection closed by peer", True, 2.0)
     assert job.subtasks[1].state is SubState.ABANDONED
     assert not result(cs, job.subtasks[1].tried[0], job.job_id, 1, 1, cs.incarnation, 2.1)
@@ -102,7 +102,7 @@ def test_a_late_result_of_an_abandoned_member_is_ignored(cs) -> None:
 
 def test_a_member_that_misses_its_ack_abandons_the_group_without_a_copy(cs) -> None:
     job, planner, _ = start(cs, 2)
-    cs.handle(stimuli.SubtaskAcked(job.subtasks[0].provider_id, job.job_id, 0, 1, cs.incarnation), 1.1)
+    cs.handle(stimuli.SubtaskAcked(job.subtasks[0].tried[0], job.job_id, 0, 1, cs.incarnation), 1.1)
     for pid in list(cs.providers):
         cs.handle(stimuli.HeartbeatReceived(pid), 1.0 + cs.timing.ack_timeout)
     actions = cs.handle(stimuli.Tick(), 1.5 + cs.timing.ack_timeout)

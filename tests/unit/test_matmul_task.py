@@ -24,6 +24,7 @@ GiB = 1024**3
 
 class CpuDevice:
     kind = "cpu"
+    head_host = "127.0.0.1"
 
     def torch_device(self):  # pragma: no cover - never called on cpu
         raise AssertionError("the cpu path must not use torch")

@@ -247,6 +247,7 @@ def test_subtask_device_reports_progress_sparingly_and_stops_when_told() -> None
 
     class Base:
         kind = "cpu"
+        head_host = "127.0.0.1"
         cache: dict = {}
 
     clock = [0.0]

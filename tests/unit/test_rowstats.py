@@ -19,6 +19,7 @@ ALL = list(STATS)
 
 class CpuDevice:
     kind = "cpu"
+    head_host = "127.0.0.1"
 
     def torch_device(self):  # pragma: no cover - never called on cpu
         raise AssertionError("the cpu path must not use torch")

@@ -37,6 +37,7 @@ class FakeDevice:
     """A CPU device whose blobs are in-memory arrays (what fetch would return)."""
 
     kind = "cpu"
+    head_host = "127.0.0.1"
 
     def __init__(self, blobs: dict[str, np.ndarray]) -> None:
         self.blobs = blobs
