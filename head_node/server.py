@@ -321,6 +321,8 @@ class Head:
             if msg.get("in_place"):
                 if (key[1], key[2]) not in act.by_reference or msg.arrays:
                     raise ValidationError("in-place result for a subtask that was not sent by reference")
+                if job.planner.checks_in_place:  # it reads the block from the output file
+                    job.planner.check_result(params, [])
             else:
                 job.planner.check_result(params, msg.arrays)
         except ValidationError as exc:

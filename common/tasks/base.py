@@ -134,6 +134,9 @@ class Planner(ABC):
     #: provider builds a subtask's inputs with ``SplitTask.subtask_inputs``, so only a split task's
     #: planner (``SplitPlanner``) may say True
     shares_files: bool = False
+    #: a result a co-located provider wrote in place (no arrays) is checked too: ``check_result(params, [])``,
+    #: and the planner reads the block from ``JobContext.results`` (matmul: Freivalds' check)
+    checks_in_place: bool = False
 
     @abstractmethod
     def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,11 +11,12 @@ import numpy as np
 
 from ..errors import ValidationError
 from . import wire
-from .base import ArrayMeta, Device, ProviderSpec, SplitTask, SubtaskPlan, checkpoint
+from .base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, SplitPlanner, SplitTask, SubtaskPlan, checkpoint
 from .registry import register
 from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks, row_chunks
+from .verify import Freivalds
 
-__all__ = ["MEMORY_FRACTION", "MatMul", "proportional_rows"]
+__all__ = ["MEMORY_FRACTION", "MatMul", "MatMulPlanner", "proportional_rows"]
 
 DTYPES = ("float32", "float64")
 
@@ -27,6 +29,9 @@ class MatMul(SplitTask):
 
     def units(self, sub_params: Mapping[str, Any]) -> int:
         return int(sub_params["rows"])
+
+    def planner(self, job: JobContext) -> Planner:
+        return MatMulPlanner(self, job)
 
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
         if set(inputs) != set(self.inputs):
@@ -104,6 +109,49 @@ class MatMul(SplitTask):
         block = outputs["c"][r0:r0 + rows]
         _blocks(arrays[0], arrays[1], block, device)  # BLAS writes into the shared result file
         return [block]
+
+
+#: where each job's Freivalds vector r comes from. r must be unknown to every provider (one that knew it could
+#: return a wrong block that passes): the generator is seeded from the OS (``secrets``) once per head process,
+#: never from a job's id or params, which providers see or could guess, and nothing of it is stored or sent.
+#: Every job draws its own r from it (a planner rebuilt after a restart draws another); one generator, not one
+#: per job, because seeding one costs ~15 us, a quarter of what checking a tiny job costs
+_SECRET = np.random.default_rng(secrets.randbits(128))
+
+
+class MatMulPlanner(SplitPlanner):
+    """The single-round planner, and Freivalds' check of every block before it is accepted
+    (common/tasks/verify.py): a provider is not trusted to return the right numbers."""
+
+    #: the head calls ``check_result(sub_params, [])`` for a block a co-located provider wrote in place
+    checks_in_place = True
+
+    def __init__(self, task: SplitTask, job: JobContext) -> None:
+        super().__init__(task, job)
+        self._freivalds: Freivalds | None = None
+        self.rejected = 0  # blocks refused by the check
+        self._unverified: dict[int, int] = {}  # row0 -> rows of that block the check could not verify
+
+    def check_result(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
+        r0, rows = int(sub_params["row0"]), int(sub_params["rows"])
+        if arrays:  # over the network: count, dtype and shape first
+            super().check_result(sub_params, arrays)
+            block = arrays[0]
+        else:  # written in place into the job's output file by a co-located provider
+            block = self.job.results["c"][r0:r0 + rows]
+        if self._freivalds is None:  # B r once per job, at its first result
+            self._freivalds = Freivalds.of(self.job.operands["b"], _SECRET)
+        found = self._freivalds.check(self.job.operands["a"][r0:r0 + rows], block)
+        if not found.ok:
+            self.rejected += 1
+            raise ValidationError(f"matmul result rows {r0}..{r0 + rows - 1}"
+                                  f"{' (written in place)' if not arrays else ''} failed Freivalds' check: "
+                                  f"{found.describe(r0)}")
+        self._unverified[r0] = found.unverified
+
+    def summary(self) -> dict[str, Any]:
+        return {"verify": {"method": "freivalds", "blocks_rejected": self.rejected,
+                           "rows_unverified": sum(self._unverified.values())}}
 
 
 def _blocks(a: np.ndarray, b: np.ndarray, out: np.ndarray, device: Device) -> None:
