@@ -166,6 +166,9 @@ HEAD_OPTIONS = [
     Option("fsync", _bool, False, "also survive power loss: fsync operands before accepting a job, results, "
            "checkpoints and models before reporting them, and every job-store commit (off: files and commits "
            "reach the OS before any acknowledgement, which survives any crash of the head process)"),
+    Option("accept_empty_store", _bool, False, "start although the job store lost the jobs this state dir held "
+           "(`jobs.sqlite3` emptied, deleted, replaced or unreadable and moved aside): they are forgotten; without "
+           "it the head refuses to start, saying why"),
     Option("api_token", str, "", "bearer token the REST API requires (empty: none)"),
     CURVE_SECRET_KEY,
     Option("curve_allow", str, "", "head: directory of allowed provider public keys (`*.key`), re-read when "
@@ -317,10 +320,11 @@ class HeadSettings(Settings):
     ack_timeout: float
     min_deadline: float
     max_attempts: int
+    rendezvous_port: int
     max_upload_bytes: int
     fsync: bool
+    accept_empty_store: bool
     api_token: str = field(repr=False)
-    rendezvous_port: int
     curve_secret_key: str
     curve_allow: str
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from common import config, security, tasks
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, zmq.ZMQError) as exc:  # e.g. a port in use: one line, exit 1
         log.error("cannot start: %s", exc)
         return 1
+    except ConfigError as exc:  # e.g. a job store that lost its jobs, or unreadable: one line, exit 2
+        log.error("cannot start: %s", exc.message)
+        print(f"dcf-head: {exc.message}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -70,8 +75,14 @@ async def serve(cfg: config.HeadSettings) -> None:
     from .http.fast import FastFront
     from .http.guard import guarded_protocol, max_connections
     from .server import Head
+    from .store import check_state_dir
 
     sock = http_socket(cfg.host, cfg.http_port)
+    try:  # before the head opens its state dir: a job store that lost its jobs is refused (ConfigError)
+        check_state_dir(Path(cfg.state_dir), cfg.accept_empty_store)
+    except BaseException:
+        sock.close()
+        raise
     head = Head(cfg)
     try:
         await head.start()

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 
 from common import config, layout, tasks
 from common.arrays import from_bytes
-from common.errors import DcfError, HeadUnreachable, ValidationError
+from common.errors import Conflict, DcfError, HeadUnreachable, ValidationError
 from common.jobs import JobRecord, JobState
 from common.protocol.batch import MAX_INLINE_BYTES, JobSpec
 from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
@@ -35,6 +36,8 @@ from .stimuli import Action, JobAdded, JobForgotten
 from .store import BlobStore, JobStore, replace_file
 
 log = logging.getLogger("dcf.head")
+#: the longest a retried submission waits for the first one with its idempotency key to be accepted
+REPLAY_WAIT_S = 30.0
 
 
 @dataclass
@@ -79,9 +82,9 @@ class Lifecycle:
         #: module -> its import on a thread (slow imports of a task type's head side, e.g. torch)
         self.imports: dict[str, asyncio.Future[tuple[str, str] | None]] = {}
         self.waiters: dict[str, asyncio.Event] = {}
+        self.rendezvous = Rendezvous(cfg.host, cfg.rendezvous_port)  # started by the first job that needs it
 
     # ---- accept ---------------------------------------------------------------------------
-        self.rendezvous = Rendezvous(cfg.host, cfg.rendezvous_port)  # started by the first job that needs it
     async def submit(self, spec: JobSpec) -> str:
         """Validate a job, persist it, publish it durably; only then return its id."""
         return (await self.submit_many([spec]))[0]
@@ -89,17 +92,24 @@ class Lifecycle:
     async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
         """Validate every job, persist them, publish them durably; only then return their ids. All or
         nothing: one bad spec, or a queue that does not confirm them all, and none is accepted."""
+        replayed = await self._replayed(specs)  # idempotency keys: a retry is its first job, not a new one
         records = []
         for i, spec in enumerate(specs):
+            if i in replayed:
+                continue
             try:
                 records.append(self.make_record(spec))
             except DcfError as exc:
                 if len(specs) > 1:
                     exc.args = (f"jobs[{i}]: {exc.message}",)
                 raise
+        if not records:
+            return [replayed[i] for i in range(len(specs))]
         messages = [r.message() for r in records]
         ids = [r.job_id for r in records]
-        self.store.insert_many(messages, accepted=False)
+        self.store.insert_many(messages, accepted=False,
+                               keys=[(s.idempotency_key, s.fingerprint()) if s.idempotency_key else None
+                                     for i, s in enumerate(specs) if i not in replayed])
         # the broker may deliver a message before it confirms it: such a delivery waits here
         self.parked.update(dict.fromkeys(ids))
         try:
@@ -116,7 +126,37 @@ class Lifecycle:
             early = self.parked.pop(job_id, None)
             if early is not None:
                 self.deliver(*early)
+        if replayed:
+            fresh = iter(ids)
+            return [replayed[i] if i in replayed else next(fresh) for i in range(len(specs))]
         return ids
+
+    async def _replayed(self, specs: Sequence[JobSpec]) -> dict[int, str]:
+        """Index -> job id of the specs whose idempotency key a stored job was submitted with (a
+        retry after a lost reply). A key whose submission is still being accepted is waited for: it
+        is then that job, or free again if it was refused. The same key with another spec: 422."""
+        keys = {s.idempotency_key: i for i, s in enumerate(specs) if s.idempotency_key}
+        if not keys:
+            return {}
+        deadline = time.monotonic() + REPLAY_WAIT_S
+        while True:
+            found = self.store.by_idempotency_key(list(keys))
+            if all(accepted for _, _, accepted in found.values()):
+                break
+            if time.monotonic() > deadline:
+                raise Conflict("a submission with the same idempotency key is still being accepted; try again")
+            await asyncio.sleep(0.02)
+        replayed: dict[int, str] = {}
+        for key, (job_id, fingerprint, _) in found.items():
+            i = keys[key]
+            if fingerprint != specs[i].fingerprint():
+                where = f"jobs[{i}]: " if len(specs) > 1 else ""
+                raise ValidationError(f"{where}idempotency key {key!r} was used for another submission (job "
+                                      f"{job_id}); use a new key for a new job")
+            log.info("submission retried with its idempotency key: the job it made is the answer",
+                     extra={"job_id": job_id})
+            replayed[i] = job_id
+        return replayed
 
     def _unpublish(self, ids: list[str]) -> None:
         """Not accepted: no row is left, and a tombstone drops a message the broker got after all (a
@@ -241,6 +281,10 @@ class Lifecycle:
                   created_at=record.created_at, planner=task.planner(ctx))
         return job, ActiveJob(record, operands, results, ack, inline_outputs=inline_outputs)
 
+    def _services(self, task: tasks.TaskType) -> dict[str, Any]:
+        """What the head runs for the task's jobs (``TaskType.head_services``), started on first use."""
+        return {"rendezvous": self.rendezvous.options()} if "rendezvous" in task.head_services else {}
+
     def _refuse(self, job_id: str, error: str, ack: Ack) -> None:
         """A delivered job that cannot run fails visibly; its message is acked (never retried)."""
         log.error("job cannot run: %s", error, extra={"job_id": job_id})
@@ -280,10 +324,6 @@ class Lifecycle:
         if job.started_at and job.finished_at:
             stats["compute_s"] = round(job.finished_at - job.started_at, 4)
         job.stats = stats
-    def _services(self, task: tasks.TaskType) -> dict[str, Any]:
-        """What the head runs for the task's jobs (``TaskType.head_services``), started on first use."""
-        return {"rendezvous": self.rendezvous.options()} if "rendezvous" in task.head_services else {}
-
         inline: dict[str, bytes] = {}
         if job.state is JobState.DONE and act is not None:
             inline = self._keep_outputs(job, act, stats)
@@ -346,6 +386,10 @@ def validate(task: tasks.TaskType, params: dict[str, Any], metas: dict[str, Arra
         raise ValidationError(f"task type {task.name} rejected the job: {type(exc).__name__}: {exc}") from None
 
 
+#: held while a task type's head-side module is imported (on a thread)
+_IMPORTING = threading.Lock()
+
+
 def _import_module(module: str) -> tuple[str, str] | None:
     """On a thread: import a module; None if it worked, else (module, why not) (a broken install may raise
     anything)."""
@@ -373,7 +417,3 @@ def needs_on_head(task: tasks.TaskType, module: str, why: str = "") -> str:
         return f"the {task.name} task needs {module} on the head, and importing it failed: {why}"
     hint = f"pip install 'dcf[{task.head_extra}]'" if task.head_extra else f"pip install {module}"
     return f"the {task.name} task needs {module} on the head: {hint}"
-#: held while a task type's head-side module is imported (on a thread)
-_IMPORTING = threading.Lock()
-
-

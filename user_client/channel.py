@@ -15,6 +15,7 @@ import select
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common.errors import HeadUnreachable
@@ -23,7 +24,8 @@ from common.errors import HeadUnreachable
 #: ones after 5 s (uvicorn's keep-alive timeout)
 MAX_IDLE_S = 2.0
 #: a kept-alive connection the head closed meanwhile fails with one of these before any reply: a
-#: GET is then sent again on a new connection; anything else is reported, never sent twice
+#: GET (or a submission with an Idempotency-Key header) is then sent again on a new connection; anything else
+#: is reported, never sent twice
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
@@ -60,9 +62,11 @@ class Channel:
         return conn, False
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
-                timeout: float | None = None) -> Reply:
-        """One request; HeadUnreachable when the head cannot be reached."""
-        headers = dict(self.headers)
+                timeout: float | None = None, headers: Mapping[str, str] | None = None) -> Reply:
+        """One request; HeadUnreachable when the head cannot be reached. One with an ``Idempotency-Key``
+        header may be sent twice, so a stale kept-alive connection re-sends it as it does a GET."""
+        headers = {**self.headers, **(headers or {})}
+        resend = method == "GET" or "idempotency-key" in headers
         if content_type:
             headers["content-type"] = content_type
         for attempt in range(2):
@@ -79,7 +83,7 @@ class Channel:
                 data = resp.read()
             except STALE as exc:
                 self.close()
-                if reused and method == "GET" and attempt == 0:
+                if reused and resend and attempt == 0:
                     continue
                 raise HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: {exc}") from None
             except (OSError, http.client.HTTPException) as exc:

@@ -17,6 +17,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,7 @@ from common.errors import (
     DcfError,
     HeadUnreachable,
     HttpError,
+    InternalError,
     ProtocolError,
     QueueUnavailable,
     TaskError,
@@ -123,14 +125,16 @@ class Client:
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, json_body: Any = None, params: Mapping[str, Any] | None = None,
-                 timeout: float | None = None, body: bytes | None = None, content_type: str | None = None) -> Reply:
-        """One request (a GET is sent again once if a kept-alive connection went stale); raises the
-        error the head answered with."""
+                 timeout: float | None = None, body: bytes | None = None, content_type: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> Reply:
+        """One request (a GET, or one with an idempotency key, is sent again once if a kept-alive
+        connection went stale); raises the error the head answered with."""
         if params:
             path += "?" + urllib.parse.urlencode(params)
         if json_body is not None:
             body, content_type = json.dumps(json_body).encode(), "application/json"
-        reply = self.channel.request(method, path, body, content_type, timeout)
+        extra: dict[str, Any] = {"headers": headers} if headers else {}
+        reply = self.channel.request(method, path, body, content_type, timeout, **extra)
         raise_for_status(reply.status, reply.body)
         return reply
 
@@ -266,21 +270,48 @@ class Client:
     def submit(self, task_type: str, inputs: dict[str, str], params: dict[str, Any] | None = None,
                nodes: int | None = None) -> str:
         """Submit a job; its id once the head accepted it durably. While the head's job queue is
-        unreachable (503 queue_unavailable) it retries with backoff for ``queue_wait`` seconds."""
+        unreachable (503 queue_unavailable) it retries with backoff for ``queue_wait`` seconds; while
+        the head is (its reply lost, the head restarting), for ``reconnect_wait`` seconds: every try
+        carries the same idempotency key, so a retry returns the job the first try made, never a second."""
         body = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
-        end = time.monotonic() + self.queue_wait
-        delay = 0.5
+        key = {"idempotency-key": new_idempotency_key()}
+        return self._submitting(lambda: str(_field(self._json("POST", "/v1/jobs", json_body=body, headers=key),
+                                                   "job_id")))
+
+    def _submitting(self, call: Callable[[], T]) -> T:
+        """``call()``, a submission whose jobs carry idempotency keys, tried again while the head's job
+        queue is unreachable (nothing was recorded; up to ``queue_wait`` seconds) and while the head is
+        (it may have accepted the jobs and lost the reply: the same keys then answer with the same jobs;
+        up to ``reconnect_wait`` seconds, as ``riding_out``; a head never reached fails at once)."""
+        queue_end = time.monotonic() + self.queue_wait
+        lost: float | None = None  # when the head was first found gone
+        delay, reconnect_delay = 0.5, 0.25
         while True:
             try:
-                return str(_field(self._json("POST", "/v1/jobs", json_body=body), "job_id"))
+                result = call()
             except QueueUnavailable as exc:  # not accepted: nothing was recorded, trying again is safe
-                left = end - time.monotonic()
+                left = queue_end - time.monotonic()
                 if left <= 0:
                     raise
                 if self.on_queue_wait is not None:
                     self.on_queue_wait(exc.message, left)
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 5.0)
+            except HeadUnreachable as exc:  # maybe accepted, its reply lost: the keys make a retry safe
+                if not (self.reached or self.channel.connected):
+                    raise
+                lost = time.monotonic() if lost is None else lost
+                left = lost + self.reconnect_wait - time.monotonic()
+                if left <= 0:
+                    raise
+                if self.on_reconnect is not None:
+                    self.on_reconnect(exc.message, left)
+                time.sleep(min(reconnect_delay, left))
+                reconnect_delay = min(reconnect_delay * 2, RECONNECT_MAX_DELAY)
+            else:
+                if lost is not None and self.on_reconnected is not None:
+                    self.on_reconnected(time.monotonic() - lost)
+                return result
 
     def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
                       progress: Progress | None = None) -> str:
@@ -319,21 +350,25 @@ class Client:
         from common.protocol import batch
 
         wait = batch.MAX_WAIT_S if timeout is None else min(timeout, batch.MAX_WAIT_S)
-        spec = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
-        outcome = self._batch("/v1/jobs/batch", batch.encode_batch_request([self._inline(spec)], wait))[0]
+        spec = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes,
+                "idempotency_key": new_idempotency_key()}
+        body = batch.encode_batch_request([self._inline(spec)], wait)
+        outcome = self._submitting(lambda: self._batch("/v1/jobs/batch", body, timeout=wait + 30))[0]
         return self.gather([outcome["job_id"]], timeout, first=[outcome])[0]
 
     def submit_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[str]:
         """Submit jobs ``{"type", "inputs": {name: array | blob id}, "params", "nodes"}``, 1000 to a
         request; small arrays go inline, larger ones are uploaded first. Each request is accepted
-        whole or not at all (ValidationError naming ``jobs[i]``); their ids, in order."""
+        whole or not at all (ValidationError naming ``jobs[i]``); their ids, in order. Each job gets
+        an idempotency key (or keeps its ``"idempotency_key"``), so a retried request makes no second jobs."""
         from common.protocol import batch
 
         ids: list[str] = []
-        specs = [self._inline(j) for j in jobs]
+        specs = [{**self._inline(j), "idempotency_key": j.get("idempotency_key") or new_idempotency_key()}
+                 for j in jobs]  # a retry of a request whose reply was lost makes no second jobs
         for start in range(0, len(specs), BATCH_JOBS):
             body = batch.encode_batch_request(specs[start:start + BATCH_JOBS])
-            ids += [o["job_id"] for o in self._batch("/v1/jobs/batch", body)]
+            ids += [o["job_id"] for o in self._submitting(partial(self._batch, "/v1/jobs/batch", body))]
         return ids
 
     def submit_async(self, task_type: str, inputs: dict[str, Any], params: dict[str, Any] | None = None,
@@ -497,9 +532,11 @@ class Client:
             with open(path, "rb") as f:
                 if parse_npy_header(f.read(4096)) is None:
                     return None
-            return np.load(path, mmap_mode="c", allow_pickle=False)
+            arr = np.load(path, mmap_mode="c", allow_pickle=False)
         except (OSError, ValueError, DcfError):
             return None
+        _verify_shared(path, f"result {path.stem} of job {job_id}")
+        return arr
 
     def download(self, job_id: str, name: str, path: str | os.PathLike[str]) -> Path:
         """Save one output file of a finished job (e.g. model.pt, model.json) to ``path``, riding out
@@ -615,6 +652,11 @@ class Client:
         self._request("DELETE", f"/v1/jobs/{job_id}")
 
 
+def new_idempotency_key() -> str:
+    """A fresh idempotency key for one submission (32 hex digits: docs/PROTOCOL.md §14.1)."""
+    return uuid.uuid4().hex
+
+
 def raise_for_status(status: int, body: bytes) -> None:
     """The error a reply of ``status`` >= 400 carries (its JSON ``error``), rebuilt and raised."""
     if status < 400:
@@ -635,6 +677,28 @@ def _settings(given: dict[str, Any], base: ClientSettings | None) -> ClientSetti
     if base is None:
         return ClientSettings.from_values(given)
     return dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def _verify_shared(path: Path, what: str) -> None:
+    """A result file read from the head's state dir has the SHA-256 the head recorded beside it (in
+    ``.<file name>.sha256``, head_node/store.py) when it published it; InternalError if not, as over
+    HTTP. The file is hashed through a mapping (no copy: ~76 ms for 128 MiB); no digest file (a result
+    stored before checksums existed): taken as it is."""
+    import hashlib
+    import mmap
+
+    try:
+        text = path.with_name(f".{path.name}.sha256").read_text()
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    algo, _, expected = text.strip().partition(" ")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        actual = hashlib.sha256(mapped).hexdigest()
+    if algo != "sha256" or actual != expected:
+        raise InternalError(f"{what} is corrupt: checksum mismatch (sha256 {actual[:16]}..., stored "
+                            f"{expected[:16] or 'unreadable'}...); its bytes are not used")
 
 
 def _write_npy(path: Path, header: bytes, arr: np.ndarray, progress: Progress | None) -> None:

@@ -5,7 +5,8 @@ small results in one reply, as msgpack with arrays as raw bytes (no base64, no p
     POST /v1/jobs/gather  {"v": 1, "job_ids": [id, ...], "wait": s, "forget": bool}
     reply to both         {"v": 1, "jobs": [outcome, ...]}         (in request order)
 
-    spec     {"type": str, "inputs": {name: blob id | array}, "params": map, "nodes": int | nil}
+    spec     {"type": str, "inputs": {name: blob id | array}, "params": map, "nodes": int | nil,
+              "idempotency_key": str}                                 (params, nodes, key: optional)
     array    {"dtype": "float64", "shape": [r, c], "data": bin}      (C order, little-endian)
     outcome  {"job_id", "state", "error": str | nil[, "results": {name: array}][, "outputs": [name]]}
 
@@ -16,8 +17,10 @@ whole or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,10 @@ MAX_PARAMS_DEPTH = 32
 MAX_PARAMS_BYTES = 64 * 1024
 _MAX_NDIM = 8
 _NAME_CHARS = 64
+#: an idempotency key (the ``Idempotency-Key`` header of POST /v1/jobs, a batch spec's
+#: ``idempotency_key``): 1 to 128 ASCII letters, digits and ``. _ : -`` (a UUID fits)
+MAX_IDEMPOTENCY_KEY = 128
+IDEMPOTENCY_KEY_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_IDEMPOTENCY_KEY}}}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,28 @@ class JobSpec:
     inline: dict[str, np.ndarray]
     params: dict[str, Any]
     nodes: int | None
+    #: the client's key for this submission: a retry with the same key is the same job, not a new one
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """What a retry under the same idempotency key must repeat: the task type, params, nodes and
+        inputs (blob ids; inline arrays' dtype, shape and bytes), as a SHA-256 hex digest."""
+        h = hashlib.sha256(json.dumps([self.type, self.params, self.nodes, sorted(self.blobs.items())],
+                                      sort_keys=True, separators=(",", ":")).encode())
+        for name in sorted(self.inline):
+            arr = self.inline[name]
+            h.update(f"|{name}|{arr.dtype.str}|{list(arr.shape)}|".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def check_idempotency_key(what: str, key: Any) -> str:
+    """An idempotency key as sent, checked (ValidationError naming ``what`` and the rule)."""
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        shown = repr(key)[:40] if isinstance(key, str) else type(key).__name__
+        raise ValidationError(f"{what}: an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} ASCII letters, digits "
+                              f"and . _ : - (got {shown})")
+    return key
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,12 @@ def decode_batch_request(body: bytes) -> BatchRequest:
     naming the job (``jobs[i]``) and the limit."""
     doc = _unpack(body, "batch request")
     specs = [decode_spec(f"jobs[{i}]", spec) for i, spec in enumerate(_list(doc, "jobs", "batch request"))]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.idempotency_key is not None:
+            first = seen.setdefault(spec.idempotency_key, i)
+            if first != i:
+                raise ValidationError(f"jobs[{i}]: idempotency key {spec.idempotency_key!r} is also jobs[{first}]'s")
     return BatchRequest(specs, _wait(doc, "batch request"))
 
 
@@ -153,7 +188,7 @@ def decode_gather_request(body: bytes) -> GatherRequest:
 def decode_spec(what: str, spec: Any) -> JobSpec:
     if not isinstance(spec, dict):
         raise ProtocolError(f"{what} must be a map")
-    unknown = set(spec) - {"type", "inputs", "params", "nodes"}
+    unknown = set(spec) - {"type", "inputs", "params", "nodes", "idempotency_key"}
     if unknown:
         raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
     task_type, inputs = spec.get("type"), spec.get("inputs", {})
@@ -175,7 +210,10 @@ def decode_spec(what: str, spec: Any) -> JobSpec:
             inline[name] = unpack_array(f"{what}.inputs.{name}", value)
     if sum(a.nbytes for a in inline.values()) > MAX_INLINE_BYTES:
         raise TooLarge(f"{what}: its inline inputs exceed {MAX_INLINE_BYTES} bytes in all; upload the larger ones")
-    return JobSpec(task_type, blobs, inline, check_params(what, params), nodes)
+    key = spec.get("idempotency_key")
+    if key is not None:
+        key = check_idempotency_key(what, key)
+    return JobSpec(task_type, blobs, inline, check_params(what, params), nodes, key)
 
 
 def check_params(what: str, params: Any) -> dict[str, Any]:
@@ -207,9 +245,11 @@ def json_depth(value: Any) -> int:
 
 
 def encode_batch_request(jobs: Sequence[Mapping[str, Any]], wait: float = 0.0) -> bytes:
-    """A client's batch body; each job ``{"type", "inputs": {name: blob id | ndarray}, "params", "nodes"}``."""
+    """A client's batch body; each job ``{"type", "inputs": {name: blob id | ndarray}, "params", "nodes"}``,
+    and ``"idempotency_key"`` if it has one."""
     packed = [{"type": j["type"], "params": j.get("params") or {}, "nodes": j.get("nodes"),
-               "inputs": {n: v if isinstance(v, str) else pack_array(v) for n, v in (j.get("inputs") or {}).items()}}
+               "inputs": {n: v if isinstance(v, str) else pack_array(v) for n, v in (j.get("inputs") or {}).items()},
+               **({"idempotency_key": j["idempotency_key"]} if j.get("idempotency_key") else {})}
               for j in jobs]
     return _pack({"v": BATCH_VERSION, "jobs": packed, "wait": wait})
 

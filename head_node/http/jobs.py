@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from common.errors import InternalError
 from common.jobs import STATE_NAMES
 from common.npyfmt import npy_header
 from common.protocol import batch
@@ -40,10 +42,16 @@ BATCH_REPLY: dict[int | str, dict[str, Any]] = {
     200: {"content": {MSGPACK: {}}, "description": "the jobs' outcomes (docs/PROTOCOL.md §14)"}}
 
 
-@router.post("", status_code=201, response_model=JobView, responses=documented(400, 404, 503))
-async def submit(spec: JobSpec, head: HeadDep) -> dict[str, Any]:
+@router.post("", status_code=201, response_model=JobView, responses=documented(400, 404, 409, 503))
+async def submit(spec: JobSpec, head: HeadDep,
+                 idempotency_key: Annotated[str | None, Header(
+                     description="the client's key for this submission (1-128 of A-Z a-z 0-9 . _ : -): a "
+                                 "retry with the same key returns the job the first try made, never a second "
+                                 "one (docs/PROTOCOL.md §14.1)")] = None) -> dict[str, Any]:
     """Submit a job; it is accepted (durable) when this returns."""
-    job_id = await head.submit(batch.JobSpec(spec.type, spec.inputs, {}, spec.params, spec.nodes))
+    if idempotency_key is not None:  # a bad one: 422, logged by the error handler
+        batch.check_idempotency_key("Idempotency-Key header", idempotency_key)
+    job_id = await head.submit(batch.JobSpec(spec.type, spec.inputs, {}, spec.params, spec.nodes, idempotency_key))
     return head.job_view(job_id)
 
 
@@ -104,11 +112,15 @@ async def delete(job_id: JobId, head: HeadDep) -> None:
             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                  "format": "binary"}}},
                              "description": "the output as a .npy file, or a named output file"},
-                       **documented(404, 409)})
+                       **documented(404, 409, 500)})
 async def result(job_id: JobId, head: HeadDep,
                  name: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     found = head.result_file(job_id, name)
     if isinstance(found, Path):
+        # never wrong bytes: a file whose checksum does not match is a 500 naming it (hashed on a thread,
+        # and only when this head has not checked the file since it changed or since it started)
+        what = f"result {found.stem if found.suffix == '.npy' else found.name} of job {job_id}"
+        await asyncio.to_thread(head.blobs.verify, found, what, InternalError)
         return BigFileResponse(found, media_type="application/octet-stream", filename=f"{job_id}-{found.name}")
     body = npy_header(found) + found.tobytes()  # a small output kept in the job's row
     return Response(body, media_type="application/octet-stream",
