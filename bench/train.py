@@ -66,8 +66,11 @@ def main() -> None:
     ap.add_argument("--anchors", type=Path, help="the anchors folder (c_ddp_digits.py), for DDP and 1 process")
     ap.add_argument("--target", type=float, default=0.95, help="accuracy for time-to-accuracy")
     ap.add_argument("--repeats", type=int, default=3, help="dcf sync, allreduce and DDP runs, interleaved (medians)")
-    ap.add_argument("--round-steps", type=int, default=22, help="allreduce: steps per round (22: one epoch)")
+    ap.add_argument("--round-steps", type=int, default=11, help="allreduce: steps per round (11: half an epoch; a "
+                    "round that starts an epoch is not timed, as the eval round before it is not a step)")
     args = ap.parse_args()
+    if args.anchors:
+        args.anchors = args.anchors.resolve()  # the anchor runs with its folder as the working directory
     ds = datasets.digits(0)
     rows = []
     syncs, allreduces, ddps = [], [], []
