@@ -346,8 +346,8 @@ def test_head_service() -> None:
     assert env["DCF_HOST"] == "0.0.0.0"
     assert env["DCF_API_TOKEN"] == example["DCF_API_TOKEN"]
     assert "${DCF_API_TOKEN:?" in environment(raw)["DCF_API_TOKEN"]
-    assert set(map(str, svc["expose"])) >= {"5555-5557", "8080"}
-    assert {_target(p) for p in svc["ports"]} == {5555, 5556, 5557, 8080}
+    assert set(map(str, svc["expose"])) >= {"5555-5558", "8080"}
+    assert {_target(p) for p in svc["ports"]} == {5555, 5556, 5557, 5558, 8080}
     test = svc["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"] and "/v1/health" in test[3] and "8080" in test[3]
 
