@@ -164,27 +164,16 @@ class Client:
         up to ``reconnect_wait`` seconds from the first failure; only for requests that are safe to
         repeat (reads). A head that never answered this client (a wrong URL, a head not started)
         fails at once."""
-        lost: float | None = None  # when the head was first found gone
-        delay = 0.25
+        away = _Reconnecting(self)
         while True:
             try:
                 result = call()
             except QueueUnavailable:
                 raise
             except HeadUnreachable as exc:
-                if not (self.reached or self.channel.connected):
-                    raise
-                lost = time.monotonic() if lost is None else lost
-                left = lost + self.reconnect_wait - time.monotonic()
-                if left <= 0:
-                    raise
-                if self.on_reconnect is not None:
-                    self.on_reconnect(exc.message, left)
-                time.sleep(min(delay, left))
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                away.pause(exc)
             else:
-                if lost is not None and self.on_reconnected is not None:
-                    self.on_reconnected(time.monotonic() - lost)
+                away.back()
                 return result
 
     @staticmethod
@@ -284,8 +273,8 @@ class Client:
         (it may have accepted the jobs and lost the reply: the same keys then answer with the same jobs;
         up to ``reconnect_wait`` seconds, as ``riding_out``; a head never reached fails at once)."""
         queue_end = time.monotonic() + self.queue_wait
-        lost: float | None = None  # when the head was first found gone
-        delay, reconnect_delay = 0.5, 0.25
+        away = _Reconnecting(self)
+        delay = 0.5
         while True:
             try:
                 result = call()
@@ -298,19 +287,9 @@ class Client:
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 5.0)
             except HeadUnreachable as exc:  # maybe accepted, its reply lost: the keys make a retry safe
-                if not (self.reached or self.channel.connected):
-                    raise
-                lost = time.monotonic() if lost is None else lost
-                left = lost + self.reconnect_wait - time.monotonic()
-                if left <= 0:
-                    raise
-                if self.on_reconnect is not None:
-                    self.on_reconnect(exc.message, left)
-                time.sleep(min(reconnect_delay, left))
-                reconnect_delay = min(reconnect_delay * 2, RECONNECT_MAX_DELAY)
+                away.pause(exc)
             else:
-                if lost is not None and self.on_reconnected is not None:
-                    self.on_reconnected(time.monotonic() - lost)
+                away.back()
                 return result
 
     def submit_matmul(self, a: np.ndarray, b: np.ndarray, nodes: int | None = None,
@@ -725,3 +704,32 @@ def _content_length(resp: httpx.Response) -> int:
         return int(resp.headers.get("content-length", 0))
     except ValueError:
         return 0  # only the progress bar's total
+
+
+class _Reconnecting:
+    """Back-off while the head is unreachable, for up to the client's ``reconnect_wait`` seconds from the first
+    failure; a head that never answered this client (a wrong URL, a head not started) fails at once."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.lost: float | None = None  # when the head was first found gone
+        self.delay = 0.25
+
+    def pause(self, exc: HeadUnreachable) -> None:
+        """Wait before the next try, or raise ``exc`` when there is none."""
+        c = self.client
+        if not (c.reached or c.channel.connected):
+            raise exc
+        self.lost = time.monotonic() if self.lost is None else self.lost
+        left = self.lost + c.reconnect_wait - time.monotonic()
+        if left <= 0:
+            raise exc
+        if c.on_reconnect is not None:
+            c.on_reconnect(exc.message, left)
+        time.sleep(min(self.delay, left))
+        self.delay = min(self.delay * 2, RECONNECT_MAX_DELAY)
+
+    def back(self) -> None:
+        """The try worked: say so if the head had been away."""
+        if self.lost is not None and self.client.on_reconnected is not None:
+            self.client.on_reconnected(time.monotonic() - self.lost)
