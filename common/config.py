@@ -188,6 +188,9 @@ PROVIDER_OPTIONS = [
     CURVE_SECRET_KEY,
     Option("curve_server_key", str, "", "provider: the head's CURVE public key file (`head.key`); required "
            "with --curve-secret-key"),
+    Option("data", str, "", "datasets this provider holds on its own disk, `NAME=PATH.npz[,NAME=PATH.npz...]` (`X`, "
+           "`y`, optionally `X_test`, `y_test`): train jobs with `--dataset provider:NAME` use them where they are, "
+           "and no sample leaves this machine"),
     Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask", _non_negative, ">= 0"),
 ]
 
@@ -358,6 +361,7 @@ class ProviderSettings(Settings):
     shared_files: str
     curve_secret_key: str
     curve_server_key: str
+    data: str
     delay: float
 
 

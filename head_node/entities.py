@@ -142,7 +142,8 @@ class Provider:
 
     def spec(self, task_type: str) -> ProviderSpec:
         info = self.info
-        return ProviderSpec(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes)
+        return ProviderSpec(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes,
+                            info.datasets)
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
         """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``
@@ -178,6 +179,7 @@ class Subtask:
     #: provider id -> the fraction of this subtask it reported done (its flops are counted as it goes)
     reported: dict[str, float] = field(default_factory=dict)
     group: str | None = None  # members of one collective (``SubtaskPlan.group``): they live and die together
+    unfit_since: float | None = None  # pending, and no ready provider could take it, since then
 
 
 @dataclass

@@ -187,10 +187,11 @@ class Lifecycle:
             log.warning("refused a %s job: %s", task.name, why)
             raise ValidationError(why)
         names = {**spec.blobs, **spec.inline}
-        missing = [n for n in task.inputs if n not in names]
-        extra = [n for n in names if n not in task.inputs]
+        needed = task.needed_inputs(spec.params)
+        missing = [n for n in needed if n not in names]
+        extra = [n for n in names if n not in needed]
         if missing or extra:
-            raise ValidationError(f"{task.name} takes inputs {list(task.inputs)}; missing {missing}, "
+            raise ValidationError(f"{task.name} takes inputs {list(needed)}; missing {missing}, "
                                   f"unexpected {extra}")
         metas = {name: self.blobs.meta(blob_id) for name, blob_id in spec.blobs.items()}
         metas.update({name: ArrayMeta.of(arr) for name, arr in spec.inline.items()})

@@ -676,8 +676,10 @@ class ClusterState:
         for sub in pending:
             fit = [w for w in providers if task.fits(w, sub.params, job.inputs)]
             if not fit:
-                job.waiting = why or "waiting for a provider with enough memory for a subtask"
+                sub.unfit_since = now if sub.unfit_since is None else sub.unfit_since
+                job.waiting = why or job.planner.stalled(sub.params, now - sub.unfit_since)  # may fail the job
                 continue
+            sub.unfit_since = None
             fresh = [w for w in fit if w.provider_id not in sub.tried[-1:]] or fit
             best = min(fresh, key=lambda w: (self.providers[w.provider_id].load()
                                              + sub.cost / (w.gflops * 1e9)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +54,12 @@ class ComputeDevice:
 class TaskDevice:
     """The ``common.tasks.Device`` a provider runs subtasks on."""
 
-    def __init__(self, hardware: ComputeDevice, blobs: BlobSource, head_host: str = "127.0.0.1") -> None:
+    def __init__(self, hardware: ComputeDevice, blobs: BlobSource, head_host: str = "127.0.0.1",
+                 local: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         self.hardware = hardware
         self.kind = hardware.kind
         self.head_host = head_host
+        self._local = dict(local or {})
         #: per-process cache for task types (built models), bounded by its users
         self.cache: MutableMapping[Any, Any] = {}
         self._blobs = blobs
@@ -68,6 +70,10 @@ class TaskDevice:
     def fetch(self, blob_id: str, key: str) -> np.ndarray:
         """A dataset blob, mapped or fetched once, cached by its content ``key``."""
         return self._blobs.fetch(blob_id, key)
+
+    def local(self, key: str) -> Mapping[str, np.ndarray]:
+        """A dataset of ``--data``, by content key."""
+        return self._local[key]
 
 
 #: a running subtask reports its progress to the head at most this often
@@ -96,6 +102,9 @@ class SubtaskDevice:
 
     def fetch(self, blob_id: str, key: str) -> np.ndarray:
         return self._base.fetch(blob_id, key)
+
+    def local(self, key: str) -> Mapping[str, np.ndarray]:
+        return self._base.local(key)
 
     def checkpoint(self, done: int, total: int) -> None:
         if self._stop():

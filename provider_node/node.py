@@ -30,6 +30,7 @@ from common.config import ProviderSettings
 from common.errors import DcfError, TaskError
 from common.tasks.base import SubtaskCancelled
 
+from . import local_data
 from .blobs import BlobCache, HeadBlobs
 from .device import ComputeDevice, SubtaskDevice, TaskDevice, benchmark_gflops
 from .pirate import LazyPirate, zmtp_heartbeats
@@ -98,7 +99,8 @@ class ProviderNode:
         self.shared: SharedFiles | None = None  # the head's state dir, when this process shares it
         self.head_blobs = HeadBlobs(self._blob_socket, lambda: self.session.provider_id)
         self.blobs = BlobCache(self.head_blobs)
-        self.device = TaskDevice(device, self.blobs, self.cfg.head)
+        self.local_data = local_data.load(cfg.data)  # checked before the provider registers: a bad file stops it
+        self.device = TaskDevice(device, self.blobs, self.cfg.head, {k: h.arrays for k, h in self.local_data.items()})
         self.push_generation = 0  # bumped when the compute thread's PUSH must be opened again
 
     @property
@@ -142,7 +144,7 @@ class ProviderNode:
             "os": f"{platform.system()} {platform.release()}", "device_kind": hardware.kind,
             "device_name": hardware.name, "memory_bytes": hardware.available_memory(),
             "cores": os.cpu_count() or 1, "task_types": runnable_task_types(), "dtypes": list(hardware.dtypes),
-            "version": __version__, "gflops": float(self.gflops)})
+            "version": __version__, "gflops": float(self.gflops), "datasets": local_data.wire(self.local_data)})
 
     def heartbeat_frames(self) -> list[Any]:
         with self.lock:  # a cancelled subtask still running (it stops at its next block) is still held

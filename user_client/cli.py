@@ -143,7 +143,9 @@ def _add_train(kinds: Subparsers, shared: argparse.ArgumentParser) -> None:
     t = kinds.add_parser("train", help="data-parallel training of a registry model", parents=[shared])
     t.add_argument("--model", default=TRAIN["model"], help="logreg, mlp, cnn or a plugin model")
     t.add_argument("--model-args", default="{}", help="model arguments as JSON, e.g. '{\"hidden\": [64]}'")
-    t.add_argument("--dataset", default="digits", help="digits (needs scikit-learn) or synthetic")
+    t.add_argument("--dataset", default="digits",
+                   help="digits (needs scikit-learn), synthetic, or provider:NAME (data the providers hold: "
+                        "dcf-provider --data NAME=PATH.npz; nothing is uploaded)")
     t.add_argument("--dataset-file", help="a .npz with X, y (and optionally X_test, y_test)")
     t.add_argument("--synthetic-size", type=int, default=2000)
     t.add_argument("--synthetic-features", type=int, default=20)

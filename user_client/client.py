@@ -547,12 +547,18 @@ class Client:
 
     # ---- training ---------------------------------------------------------------------------
     def submit_train(self, dataset: Any, nodes: int | None = None, **params: Any) -> str:
-        """Upload a ``common.tasks.train.datasets.Dataset`` and start training on it; see common/tasks/train/
+        """Upload a ``common.tasks.train.datasets.Dataset`` (or name ``"provider:NAME"``, data the providers hold:
+        nothing is uploaded) and start training on it; see common/tasks/train/
         TRAIN_DEFAULTS for ``params`` (model, epochs, batch_size, optimizer, lr, sync, ...; ``min_providers=K``
         and ``start_timeout=S``: the start barrier, docs/TRAINING.md)."""
         need = params.get("min_providers", 1)
         if nodes is not None and isinstance(need, int) and need > nodes:
             raise ValidationError(f"min_providers {need} is more than nodes {nodes}: the job could never start")
+        if isinstance(dataset, str):  # "provider:NAME": the providers' own data, nothing to upload
+            if not dataset.startswith("provider:"):
+                raise ValidationError(f"dataset {dataset!r}: a Dataset, or 'provider:NAME' for data the providers "
+                                      "hold (dcf-provider --data NAME=PATH.npz)")
+            return self.submit("train", {}, {"dataset": dataset, **params}, nodes=nodes)
         arrays = {"x": "x_train", "y": "y_train", "x_test": "x_test", "y_test": "y_test"}
         missing = [attr for attr in (*arrays.values(), "name") if not hasattr(dataset, attr)]
         if missing:

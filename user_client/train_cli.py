@@ -25,6 +25,8 @@ TRAIN_KEYS = ("model", "epochs", "batch_size", "optimizer", "lr", "momentum", "w
 
 
 def _dataset(args: argparse.Namespace) -> Any:
+    if args.dataset.startswith("provider:") and not args.dataset_file:
+        return args.dataset  # the providers' own data (dcf-provider --data NAME=PATH.npz): nothing to upload
     from common.tasks.train import datasets
 
     if args.dataset_file:

@@ -78,6 +78,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "device_kind": _f(str), "device_name": _f(str), "memory_bytes": _f(int),
         "cores": _f(int), "task_types": _f(list), "dtypes": _f(list),
         "version": _f(str), "gflops": _f(*_NUM),
+        "datasets": _f(list, required=False),  # the provider's local datasets (PROTOCOL.md 5.1): LOCAL_DATA
     },
     "heartbeat": {"provider_id": _f(str), "running": _f(list), "queued": _f(int),
                   "local_epoch": _f(str, required=False)},
@@ -315,6 +316,27 @@ REGISTER_TEXT_CHARS = {"name": 64, "host": 128, "os": 64, "device_name": 128, "v
 
 
 @dataclass(frozen=True)
+class LocalData:
+    """One dataset a provider holds on its own disk (``--data NAME=PATH``): what it tells the head of it at
+    registration. Its samples never leave the provider; ``key`` names its content (equal keys, equal data)."""
+
+    name: str
+    key: str  # 32 hex digits: common/tasks/train/datasets.py content_hash of x, y, x_test, y_test
+    samples: int  # training samples
+    test_samples: int
+    shape: tuple[int, ...]  # the feature shape of one sample
+    labels: tuple[int, int]  # the smallest and largest label (train and test)
+
+
+#: the fields of one entry of ``register.datasets``
+LOCAL_DATA = {"name": Field((str,), max_len=64), "key": Field((str,), max_len=32), "samples": Field((int,)),
+              "test_samples": Field((int,)), "shape": Field((list,), items=(int,), max_len=8),
+              "labels": Field((list,), items=(int,), max_len=2)}
+#: the most datasets one provider may report
+MAX_LOCAL_DATASETS = 16
+
+
+@dataclass(frozen=True)
 class ProviderHello:
     """A checked ``register``: the provider as the head knows it (texts cut to their limits)."""
 
@@ -330,6 +352,7 @@ class ProviderHello:
     dtypes: frozenset[str]
     version: str
     gflops: float
+    datasets: tuple[LocalData, ...] = ()
 
 
 def parse_register(msg: Message) -> ProviderHello:
@@ -349,7 +372,23 @@ def parse_register(msg: Message) -> ProviderHello:
         provider_id=pid, name=text["name"] or pid[:8], host=text["host"], os=text["os"],
         device_kind=fields["device_kind"], device_name=text["device_name"], memory_bytes=fields["memory_bytes"],
         cores=fields["cores"], task_types=_strings(fields, "task_types"), dtypes=_strings(fields, "dtypes"),
-        version=text["version"], gflops=gflops)
+        version=text["version"], gflops=gflops, datasets=_local_data(fields.get("datasets", [])))
+
+
+def _local_data(entries: Any) -> tuple[LocalData, ...]:
+    if len(entries) > MAX_LOCAL_DATASETS:
+        raise ProtocolError(f"register: at most {MAX_LOCAL_DATASETS} datasets")
+    out = []
+    for i, entry in enumerate(entries):
+        f = check_fields(f"register: datasets[{i}]", entry, LOCAL_DATA)
+        if not ID_RE.fullmatch(f["key"]) or len(f["labels"]) != 2 or not f["name"] or f["samples"] < 1:
+            raise ProtocolError(f"register: datasets[{i}] needs a name, a 32-hex key, samples >= 1 and "
+                                "labels [smallest, largest]")
+        out.append(LocalData(f["name"], f["key"], f["samples"], f["test_samples"], tuple(f["shape"]),
+                             (f["labels"][0], f["labels"][1])))
+    if len({d.name for d in out}) != len(out):
+        raise ProtocolError("register: two datasets with the same name")
+    return tuple(out)
 
 
 def _strings(fields: Mapping[str, Any], name: str) -> frozenset[str]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..arrays import ArrayMeta
 from ..errors import TaskError
-from ..protocol import Field, check_fields
+from ..protocol import Field, LocalData, check_fields
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
            "SplitTask", "SubtaskCancelled", "SubtaskPlan", "TaskType", "ProviderSpec", "checkpoint"]
@@ -45,6 +45,7 @@ class ProviderSpec:
     memory_bytes: int
     device_kind: str
     dtypes: frozenset[str]
+    datasets: tuple[LocalData, ...] = ()  # the datasets it holds on its own disk (``--data``)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class Device(Protocol):
 
     def fetch(self, blob_id: str, key: str) -> np.ndarray:
         """A blob of the head's state dir (a dataset), mapped or fetched once, cached by ``key``."""
+        ...
+
+    def local(self, key: str) -> Mapping[str, np.ndarray]:
+        """A dataset this provider holds on its own disk (``--data``), by content key: ``x``, ``y``,
+        ``x_test``, ``y_test``. KeyError if it holds none with that key."""
         ...
 
 
@@ -172,6 +178,12 @@ class Planner(ABC):
         """What the head should do for the planner now (taken: a second call returns [])."""
         return []
 
+    def stalled(self, sub_params: Mapping[str, Any], waited: float) -> str:
+        """A planned subtask, taken back (its provider lost, a strike), has waited ``waited`` seconds for a ready
+        provider it fits (``TaskType.fits``): why, shown as the job's ``waiting``; raise a DcfError to fail the
+        job instead (a bound on that wait)."""
+        return "waiting for a provider with enough memory for a subtask"
+
     def waiting(self) -> str | None:
         """Why the last ``plan`` gave nothing though providers were ready, if it is waiting for something
         (a start barrier: "waiting for 3 providers, 2 ready"); the head shows it as the job's ``waiting``.
@@ -208,6 +220,11 @@ class TaskType(ABC):
     head_services: ClassVar[tuple[str, ...]] = ()
     #: the schema of a subtask's params on the wire (common/tasks/wire.py); None: not checked
     params_schema: ClassVar[Mapping[str, Field] | None] = None
+
+    def needed_inputs(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The inputs a job with these params must give: ``inputs`` (the default), or fewer (a train job on
+        the providers' own data gives none)."""
+        return self.inputs
 
     @abstractmethod
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:

@@ -23,7 +23,11 @@ MODEL = {"model": Field((str,), max_len=64), "model_args": Field((dict,)),
 PREDICT = {**ROWS, **MODEL}
 
 #: train §10.1: the fields of every train subtask, then those of each kind
-TRAIN_DATA = {"x": _ID, "y": _ID, "key": Field((str,), max_len=128)}
+#: the data: two blobs of the head's state dir (x, y, key), or a provider's own dataset (local: its content key,
+#: split: "train" or "test"; ``--dataset provider:NAME``)
+TRAIN_DATA = {"x": Field((str,), is_id=True, required=False), "y": Field((str,), is_id=True, required=False),
+              "key": Field((str,), max_len=128, required=False), "local": Field((str,), is_id=True, required=False),
+              "split": Field((str,), choices=frozenset({"train", "test"}), required=False)}
 TRAIN = {"kind": Field((str,), choices=frozenset({"grad", "eval", "local", "allreduce"})), "job_id": _ID,
          "round": _INT, "shard": _INT, "version": _INT, **MODEL, "n_params": _INT,
          "data": Field((dict,), fields=TRAIN_DATA)}

@@ -26,6 +26,9 @@ class CpuDevice:
     kind = "cpu"
     head_host = "127.0.0.1"
 
+    def local(self, key: str) -> dict:
+        raise KeyError(key)  # holds no dataset of its own
+
     def torch_device(self):  # pragma: no cover - never called on cpu
         raise AssertionError("the cpu path must not use torch")
 

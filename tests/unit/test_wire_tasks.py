@@ -39,6 +39,9 @@ class FakeDevice:
     kind = "cpu"
     head_host = "127.0.0.1"
 
+    def local(self, key: str) -> dict:
+        raise KeyError(key)  # holds no dataset of its own
+
     def __init__(self, blobs: dict[str, np.ndarray]) -> None:
         self.blobs = blobs
         self.cache: MutableMapping[Any, Any] = {}

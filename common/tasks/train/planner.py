@@ -48,6 +48,7 @@ from . import models
 from .datasets import content_hash
 from .optim import export_state, import_state, make_optimizer
 from .params import train_params
+from .shards import Shards, provider_dataset
 from .task import TrainTask
 
 log = logging.getLogger("dcf.head.training")
@@ -93,27 +94,23 @@ class TrainPlanner(Planner):
         import torch
 
         torch.set_num_threads(1)  # the optimizer step is small; keep the cores for the providers
-        data = job.operands
         self.job_id = job.job_id
         self.p = train_params(job.params)
         self.blob_ids = dict(job.blob_ids)
         self.job_dir = job.job_dir
-        self.n_train = int(data["x"].shape[0])
-        self.n_test = int(data["x_test"].shape[0])
-        self.input_shape = [int(d) for d in data["x"].shape[1:]]
-        self.data_key = content_hash([data[n] for n in ("x", "y", "x_test", "y_test")])
-        self.classes = self._classes(data)
-        self.model = self._model(data)
-        self.n_params = models.n_parameters(self.model)
-        self.steps_per_epoch = self.n_train // self.p["batch_size"]
-        self.total_steps = self.p["epochs"] * self.steps_per_epoch
-        # parameters and gradients are views into flat buffers: a step copies the gradient in once
-        self.flat = models.FlatView(self.model)
-        self.optimizer = make_optimizer(self.p["optimizer"], self.model.parameters(), self.p)
-        self.scheduler = make_scheduler(self.optimizer, self.p, self.total_steps)
+        self.steps_per_epoch = self.total_steps = 0  # known once built (provider data: at the first plan)
+        self.built = False
         self._reset_position()
-        self._restore()
-        self.params = {self.version: self.flat.parameters_numpy()}
+        self._saved = self._load_checkpoint()  # a restarted head resumes from it
+        # --dataset provider:NAME: the data stays on the providers; the shards are fixed at the first plan
+        # (or by the checkpoint), and the model is built then
+        self.local_name = provider_dataset(self.p)
+        self.shards: Shards | None = None
+        if self.local_name is None:
+            self._build_on_blobs(job.operands)
+        elif self._saved is not None and "shards" in self._saved:
+            self.shards = Shards.from_record(self.local_name, json.loads(self._saved["shards"]))
+        self._shard_wait_since: float | None = None
         self.round: dict[str, Any] | None = None
         self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
@@ -152,15 +149,47 @@ class TrainPlanner(Planner):
         self.step_seconds: list[float] = []  # time between optimizer steps (eval rounds excluded)
         self._last_step_at: float | None = None
 
-    def _classes(self, data: Mapping[str, np.ndarray]) -> int:
-        top = int(max(data["y"].max(), data["y_test"].max()))
-        low = int(min(data["y"].min(), data["y_test"].min()))
+    def _build_on_blobs(self, data: Mapping[str, np.ndarray]) -> None:
+        labels = (int(min(data["y"].min(), data["y_test"].min())), int(max(data["y"].max(), data["y_test"].max())))
+        self._build(int(data["x"].shape[0]), int(data["x_test"].shape[0]), [int(d) for d in data["x"].shape[1:]],
+                    content_hash([data[n] for n in ("x", "y", "x_test", "y_test")]), labels,
+                    np.array(data["x"][:2], dtype=np.float32))
+
+    def _build_on_shards(self, shards: Shards) -> None:
+        """The model of a job on the providers' data, once its shards are known (checked on zeros: no sample
+        of the data is here)."""
+        if self.p["batch_size"] > shards.samples:
+            raise ValidationError(f"batch size {self.p['batch_size']} is larger than dataset provider:{shards.name} "
+                                  f"({shards.samples} samples in {len(shards.shards)} shards)")
+        self.shards = shards
+        self._build(shards.samples, shards.test_samples, shards.shape, shards.key, shards.labels,
+                    np.zeros((min(2, shards.samples), *shards.shape), dtype=np.float32))
+
+    def _build(self, n_train: int, n_test: int, shape: list[int], key: str, labels: tuple[int, int],
+               sample: np.ndarray) -> None:
+        self.n_train, self.n_test, self.input_shape, self.data_key = n_train, n_test, shape, key
+        self.classes = self._classes(*labels)
+        self.model = self._model(sample)
+        self.n_params = models.n_parameters(self.model)
+        self.steps_per_epoch = self.n_train // self.p["batch_size"]
+        self.total_steps = self.p["epochs"] * self.steps_per_epoch
+        # parameters and gradients are views into flat buffers: a step copies the gradient in once
+        self.flat = models.FlatView(self.model)
+        self.optimizer = make_optimizer(self.p["optimizer"], self.model.parameters(), self.p)
+        self.scheduler = make_scheduler(self.optimizer, self.p, self.total_steps)
+        if self._saved is not None:
+            self._restore(self._saved)
+            self._saved = None
+        self.params = {self.version: self.flat.parameters_numpy()}
+        self.built = True
+
+    def _classes(self, low: int, top: int) -> int:
         classes = int(self.p["classes"] or top + 1)
         if low < 0 or top >= classes:
             raise ValidationError(f"labels out of range: they span {low}..{top}, the model has {classes} classes")
         return classes
 
-    def _model(self, data: Mapping[str, np.ndarray]) -> Any:
+    def _model(self, sample: np.ndarray) -> Any:
         """The job's model, built from its seed and checked against two samples of the data."""
         import torch
 
@@ -168,17 +197,21 @@ class TrainPlanner(Planner):
                                    seed=self.p["seed"])
         try:
             with torch.no_grad():
-                out = model(torch.from_numpy(np.array(data["x"][:2], dtype=np.float32)))
+                out = model(torch.from_numpy(sample))
         except Exception as exc:
             raise ValidationError(f"the data (samples of shape {self.input_shape}) does not fit model "
                                   f"{self.p['model']}: {exc}") from None
-        if tuple(out.shape) != (min(2, self.n_train), self.classes):
+        if tuple(out.shape) != (len(sample), self.classes):
             raise ValidationError(f"model {self.p['model']} gives outputs of shape {list(out.shape)}")
         return model
 
     # ---- planner interface ------------------------------------------------------------------
     def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
+        if self.local_name is not None:  # only the providers holding the dataset take part (and count)
+            providers = [w for w in providers if any(d.name == self.local_name for d in w.datasets)]
         if not self._barrier(len(providers), now):
+            return []
+        if self.local_name is not None and not self._shards_ready(providers, now):
             return []
         if self.started is None:
             self.started = now
@@ -204,6 +237,47 @@ class TrainPlanner(Planner):
 
     def waiting(self) -> str | None:
         return self._waiting
+
+    def stalled(self, sub_params: Mapping[str, Any], waited: float) -> str:
+        """A subtask on a provider's own shard whose provider was lost waits for a provider holding that shard
+        (its data exists nowhere else), for at most ``start_timeout`` seconds (0: forever)."""
+        key = sub_params.get("data", {}).get("local")
+        if key is None or self.shards is None:
+            return super().stalled(sub_params, waited)
+        shard = next((d for d in self.shards.shards if d.key == key), None)
+        why = (f"waiting for shard {key[:8]} of dataset {self.shards.name}"
+               f"{f' ({shard.samples} samples)' if shard else ''}: no provider holding it is ready, and its data "
+               "exists nowhere else")
+        timeout = self.p["start_timeout"]
+        if timeout and waited >= timeout:
+            raise WaitTimeout(f"{why}; gave up after {timeout:g} s (--start-timeout)")
+        return why
+
+    def _shards_ready(self, providers: Sequence[ProviderSpec], now: float) -> bool:
+        """Provider data: the shards known (the model built at the first call) and each held by a ready
+        provider. Otherwise the job waits and says for which shard; after ``start_timeout`` seconds (0: never)
+        of waiting it fails: a shard's data exists nowhere else, so it never trains on less."""
+        assert self.local_name is not None
+        why: str | None = f"waiting for a provider holding dataset {self.local_name}"
+        if self.shards is None:
+            found = Shards.found(self.local_name, providers)
+            if found is not None:
+                self._build_on_shards(found)
+        elif not self.built:  # resumed: the shards the checkpoint recorded
+            self._build_on_shards(self.shards)
+        if self.shards is not None:
+            why = self.shards.missing(providers)
+        if why is None:
+            self._shard_wait_since = self._waiting = None
+            return True
+        if self._shard_wait_since is None:
+            self._shard_wait_since = now
+        timeout = self.p["start_timeout"]
+        if timeout and now - self._shard_wait_since >= timeout:
+            raise WaitTimeout(f"{why}; gave up after {timeout:g} s (--start-timeout)")
+        self._waiting = why
+        return False
+
 
     def _barrier(self, ready: int, now: float) -> bool:
         """The start barrier: True once ``min_providers`` eligible providers were ready together (then
@@ -253,12 +327,16 @@ class TrainPlanner(Planner):
     def _shards(self, providers: Sequence[ProviderSpec], count: int) -> list[tuple[ProviderSpec, int]]:
         return provider_shares(count, providers)
 
-    def _base(self, kind: str, round_id: int, shard: int, data: str) -> dict[str, Any]:
-        xs, ys = ("x", "y") if data == "train" else ("x_test", "y_test")
+    def _base(self, kind: str, round_id: int, shard: int, data: str, local: str | None = None) -> dict[str, Any]:
+        """A subtask's common params; ``local``: the key of the provider's own dataset it works on."""
+        if local is not None:
+            ref = {"local": local, "split": data}
+        else:
+            xs, ys = ("x", "y") if data == "train" else ("x_test", "y_test")
+            ref = {"x": self.blob_ids[xs], "y": self.blob_ids[ys], "key": f"{self.data_key}-{data}"}
         return {"kind": kind, "job_id": self.job_id, "round": round_id, "shard": shard, "version": self.version,
                 "model": self.p["model"], "model_args": self.p["model_args"], "input_shape": self.input_shape,
-                "classes": self.classes, "n_params": self.n_params,
-                "data": {"x": self.blob_ids[xs], "y": self.blob_ids[ys], "key": f"{self.data_key}-{data}"}}
+                "classes": self.classes, "n_params": self.n_params, "data": ref}
 
     def _new_round(self, kind: str, expect: int) -> int:
         round_id = (self.round["id"] + 1) if self.round else self.global_step * 10 + 1
@@ -270,6 +348,8 @@ class TrainPlanner(Planner):
         b = self.p["batch_size"]
         order = epoch_order(self.p["seed"], self.epoch, self.n_train)
         batch = order[self.step_in_epoch * b:(self.step_in_epoch + 1) * b]
+        if self.shards is not None:
+            return self._shard_grad_round(self.shards, batch, providers)
         shards = self._shards(providers, b)
         rid = self._new_round("grad", len(shards))
         plans, start = [], 0
@@ -296,7 +376,34 @@ class TrainPlanner(Planner):
         self.round["local_steps"] = k_steps
         return plans
 
+    def _shard_grad_round(self, shards: Shards, batch: np.ndarray,
+                          providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
+        """Each shard's part of the batch, to a ready provider holding it (``_shards_ready`` made sure of one);
+        the gradients are summed in shard order."""
+        parts = shards.split(batch)
+        holders = shards.holders(providers)
+        rid = self._new_round("grad", len(parts))
+        plans = []
+        for j, local in parts:
+            self.idx[j] = local
+            w = holders[j][0]
+            plans.append(SubtaskPlan(w.provider_id, self._base("grad", rid, j, "train", shards.shards[j].key),
+                                     self._flops(len(local), 3)))
+        return plans
+
+    def _shard_eval_round(self, shards: Shards, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
+        """Each shard's test split, on a provider holding it."""
+        holders = shards.holders(providers)
+        tested = [j for j, d in enumerate(shards.shards) if d.test_samples]
+        rid = self._new_round("eval", len(tested))
+        return [SubtaskPlan(holders[j][0].provider_id,
+                            {**self._base("eval", rid, j, "test", shards.shards[j].key), "row0": 0,
+                             "rows": shards.shards[j].test_samples}, self._flops(shards.shards[j].test_samples, 1))
+                for j in tested]
+
     def _eval_round(self, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
+        if self.shards is not None:
+            return self._shard_eval_round(self.shards, providers)
         shards = self._shards(providers, self.n_test)
         rid = self._new_round("eval", len(shards))
         plans, start = [], 0
@@ -565,6 +672,8 @@ class TrainPlanner(Planner):
                  "version": self.version, "samples_done": self.samples_done,
                  "history": json.dumps(self.history), "last": json.dumps(self.last),
                  "torch_rng": torch.get_rng_state()}
+        if self.shards is not None:  # a resumed job trains on the same shards
+            state["shards"] = json.dumps(self.shards.record())
         return SaveFile(CHECKPOINT, _torch_bytes(state))
 
     def _checkpoint_if_due(self) -> None:
@@ -573,14 +682,20 @@ class TrainPlanner(Planner):
             self.pending.append(self._checkpoint())
             self.checkpoint_due = False
 
-    def _restore(self) -> None:
-        """Built by the head after a restart: resume from the job's last checkpoint, if any."""
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        """Read when the planner is built (after a head restart): the job's last checkpoint, if any."""
         import torch
 
         path = self.job_dir / CHECKPOINT
         if not path.exists():
-            return
-        state = torch.load(path, weights_only=True)
+            return None
+        state: dict[str, Any] = torch.load(path, weights_only=True)
+        return state
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """Resume from the job's last checkpoint (read when the planner was built)."""
+        import torch
+
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import ValidationError
 from ..base import Device
 from . import models
 
@@ -34,7 +35,14 @@ class ModelRunner:
 
     @staticmethod
     def data(device: Device, data: Mapping[str, str], name: str) -> np.ndarray:
-        """A dataset array: mapped from the head's state dir or fetched once, then cached by content."""
+        """A dataset array (``name``: x or y): one of this provider's own datasets (``local``), or mapped from
+        the head's state dir or fetched once, then cached by content."""
+        if "local" in data:
+            try:
+                held = device.local(data["local"])
+            except KeyError:
+                raise ValidationError(f"this provider holds no dataset with key {data['local']}") from None
+            return held[name if data.get("split") != "test" else f"{name}_test"]
         return device.fetch(data[name], f"{data['key']}:{name}")
 
     @staticmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ValidationError
+from ...errors import ProtocolError, ValidationError
 from ...protocol import check_fields
 from .. import wire
 from ..base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, TaskType, checkpoint
@@ -27,6 +27,7 @@ from ..registry import register
 from .optim import state_keys
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
+from .shards import check_name, provider_dataset
 
 
 class TrainTask(TaskType):
@@ -42,11 +43,27 @@ class TrainTask(TaskType):
         """The fields of every train subtask (PROTOCOL.md §10.1), then those of its kind."""
         check_fields("train subtask params", sub_params, wire.TRAIN)
         check_fields(f"train {sub_params['kind']} subtask params", sub_params, wire.TRAIN_KIND[sub_params["kind"]])
+        data = sub_params["data"]
+        if not ({"x", "y", "key"} <= set(data) or {"local", "split"} <= set(data)):
+            raise ProtocolError("train subtask params: data needs x, y and key, or local and split")
+
+    def needed_inputs(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        return () if provider_dataset(params) is not None else self.inputs
 
     def available(self) -> bool:
         return has_torch()
 
     def validate(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> dict[str, ArrayMeta]:
+        local = provider_dataset(params)
+        if local is not None:  # the data stays on the providers: checked when the job starts
+            p = train_params(params)
+            check_name(local)
+            if inputs:
+                raise ValidationError(f"a train job on dataset provider:{local} takes no inputs")
+            if p["sync"] != "sync":
+                raise ValidationError(f"dataset provider:{local} trains with --sync sync (the parameter server); "
+                                      f"{p['sync']} is not supported on the providers' own data yet")
+            return {}
         if set(inputs) != set(self.inputs):
             raise ValidationError(f"train needs inputs {list(self.inputs)}")
         p = train_params(params)
@@ -58,7 +75,14 @@ class TrainTask(TaskType):
 
     def eligible(self, provider: ProviderSpec, params: Mapping[str, Any],
                  inputs: Mapping[str, ArrayMeta]) -> str | None:
-        return None  # float32 everywhere, gradients come back as CPU float32
+        # float32 everywhere, gradients come back as CPU float32; on the providers' own data, the planner picks
+        # the providers holding it (and says what it waits for when none does: a start timeout applies)
+        return None
+
+    def fits(self, provider: ProviderSpec, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
+        """A subtask on a provider's own data goes only to a provider holding that data (a replica)."""
+        local = sub_params.get("data", {}).get("local")
+        return local is None or any(d.key == local for d in provider.datasets)
 
     def planner(self, job: JobContext) -> Planner:
         from .planner import TrainPlanner  # torch: imported on the head only when a train job runs
