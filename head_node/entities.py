@@ -101,6 +101,19 @@ class Stopping:
     told: float  # when the cancel was last sent (a heartbeat that still lists it sends it again)
 
 
+@dataclass(frozen=True)
+class Lag:
+    """A straggler of a provider that has finished nothing since: which (job id, subtask index), when it
+    had it (its ack), when it was flagged, and what it costs (to learn the provider's speed from, if it
+    turns out stuck)."""
+
+    key: tuple[str, int]
+    since: float
+    flagged: float
+    cost: float
+    task_type: str
+
+
 @dataclass
 class Provider:
     info: ProviderInfo
@@ -124,10 +137,37 @@ class Provider:
     last_result_at: float = 0.0
     #: the task type whose throughput was learned last (what the provider table shows)
     last_learned: str | None = None
+    #: when the head last heard from it on the result channel (an ack, result, failure, progress or
+    #: cancelled of this head's run): a missed ack counts against the channel only if nothing came since
+    last_report_at: float = 0.0
+    #: acks missed in a row with nothing heard on the result channel meanwhile (reset by any report)
+    missed_acks: int = 0
+    #: its result channel looks black-holed (``Timing.unhealthy_after`` missed acks): no new work until
+    #: ``retry_at``, then one subtask on probation; any report from it makes it healthy again
+    unhealthy: bool = False
+    probation: bool = False  # tried again after being unhealthy: one subtask at a time until it reports
+    retry_at: float = 0.0
+    retry_wait: float = 0.0  # the last wait before a probation (doubles each time it fails again)
+    #: the next heartbeat reply asks it to open its task and result connections anew (``reconnect``)
+    reconnect_due: bool = False
+    #: its wait is over: 1, asked to reconnect once more (so the probe goes over fresh connections);
+    #: 2, that reply went out; its next heartbeat (it reconnected before sending it) starts the probation
+    probe_stage: int = 0
+    #: its oldest straggler while it finishes nothing (cleared by a result, failure or cancelled)
+    lag: Lag | None = None
+    #: when it became stuck: a straggler and nothing finished for twice as long as it took to flag it (at
+    #: least ``Timing.stuck_min``), while its heartbeats say it still holds work. No new work until it
+    #: finishes something or says it holds nothing
+    stuck_since: float | None = None
+    #: subtasks waiting in its local queue, as its last heartbeat said
+    queued: int = 0
+    #: entries of its last heartbeat's ``running`` (queued or running), where the head read it; None: not read
+    held: int | None = None
 
     @property
     def ready(self) -> bool:
-        return self.alive and self.subscribed and not self.draining
+        return (self.alive and self.subscribed and not self.draining and not self.unhealthy
+                and self.stuck_since is None)
 
     @property
     def state(self) -> str:
@@ -135,6 +175,10 @@ class Provider:
             return "dead"
         if self.draining:
             return "draining"
+        if self.unhealthy:
+            return "unhealthy"
+        if self.stuck_since is not None:
+            return "stuck"
         return "ready" if self.subscribed else "connecting"
 
     def gflops(self, task_type: str) -> float:
@@ -176,6 +220,9 @@ class Subtask:
     acked_at: float = 0.0
     straggle_at: float = 0.0  # running past this, it is a straggler: flagged once, copied elsewhere
     straggling: bool = False
+    #: the provider it straggled on: while the current attempt is still that one (no idle provider took a
+    #: copy when it was flagged), a copy is tried again on every tick
+    straggled_on: str | None = None
     #: provider id -> the fraction of this subtask it reported done (its flops are counted as it goes)
     reported: dict[str, float] = field(default_factory=dict)
     group: str | None = None  # members of one collective (``SubtaskPlan.group``): they live and die together
@@ -194,8 +241,11 @@ class Job:
     planner: Planner  # built by the head when the job is delivered (TaskType.planner)
     state: JobState = JobState.QUEUED
     subtasks: list[Subtask] = field(default_factory=list)
-    started_at: float | None = None
-    finished_at: float | None = None
+    started_at: float | None = None  # wall clock (shown to users, stored in its row)
+    finished_at: float | None = None  # wall clock
+    #: the same two moments on the state machine's (monotonic) clock: durations, and what planners get
+    started_t: float | None = None
+    finished_t: float | None = None
     error: str | None = None
     waiting: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)

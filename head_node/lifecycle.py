@@ -322,8 +322,8 @@ class Lifecycle:
                  "shares": {names.get(p, p): round(f, 4) for p, f in job.shares().items()}}
         if act is not None:
             stats.update(act.live_stats())
-        if job.started_at and job.finished_at:
-            stats["compute_s"] = round(job.finished_at - job.started_at, 4)
+        if job.started_t is not None and job.finished_t is not None:  # the monotonic clock: a step moves neither
+            stats["compute_s"] = round(job.finished_t - job.started_t, 4)
         job.stats = stats
         inline: dict[str, bytes] = {}
         if job.state is JobState.DONE and act is not None:
@@ -352,7 +352,7 @@ class Lifecycle:
         """Files the planner writes at the end, and the outputs: committed files, or (small ones) the
         bytes to store in the job's row, returned."""
         try:
-            files = job.planner.finish(job.finished_at or 0.0)
+            files = job.planner.finish(job.finished_t or 0.0)  # the clock the planner's other times are on
             for f in files:
                 self.save(job.job_id, f)
             if files:

@@ -48,6 +48,9 @@ prometheus_client.disable_created_metrics()
 #: event kinds that raise an alert, and the alert's title and level
 ALERTS: dict[str, tuple[str, str]] = {
     "node.lost": ("node lost", "error"),
+    "node.unhealthy": ("node unhealthy", "error"),
+    "node.stuck": ("node stuck", "warning"),
+    "node.healthy": ("node healthy again", "info"),
     "job.failed": ("job failed", "error"),
     "straggler": ("straggler", "warning"),
     "job.regroup": ("training group re-formed", "warning"),
@@ -55,7 +58,7 @@ ALERTS: dict[str, tuple[str, str]] = {
     "queue.restored": ("job queue back", "info"),
 }
 METRIC_FIELDS = ("epoch", "step", "loss", "accuracy", "test_loss", "test_accuracy")
-PROVIDER_STATES = ("ready", "connecting", "draining", "dead")
+PROVIDER_STATES = ("ready", "connecting", "draining", "unhealthy", "stuck", "dead")
 JOB_STATES = STATE_NAMES
 #: bucket bounds (seconds) of the job duration histogram
 #: how far back a provider's work is spread at most (seconds)
@@ -272,6 +275,14 @@ def _alert(event: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]
     job = (event.get("job_id") or "")[:8]
     if kind == "node.lost":
         message = f"provider {who} stopped sending heartbeats; {event.get('requeued', 0)} subtasks re-queued"
+    elif kind == "node.unhealthy":
+        message = (f"provider {who}: {event.get('missed_acks', 0)} acks missed in a row, nothing heard on its result "
+                   f"connection; no new work, asked to reconnect, tried again in {event.get('retry_in_s', 0):.0f} s")
+    elif kind == "node.stuck":
+        message = (f"provider {who}: a subtask held {event.get('seconds', 0):.1f} s and nothing finished "
+                   f"({event.get('queued', 0)} queued); no new work until it finishes something")
+    elif kind == "node.healthy":
+        message = f"provider {who} is given work again (was {event.get('was', 'unhealthy')})"
     elif kind == "job.failed":
         message = f"job {job}: {event.get('error') or 'failed'}"
     elif kind == "queue.lost":
@@ -297,6 +308,8 @@ COUNTER_HELP = {
     "subtasks_retried": "Subtasks taken back and queued again.",
     "results_ignored": "Late, duplicate or unknown results ignored.",
     "providers_lost": "Providers declared dead.",
+    "providers_unhealthy": "Providers marked unhealthy (acks missed in a row, nothing heard on the result channel).",
+    "providers_stuck": "Providers marked stuck (a straggler held, nothing finished, heartbeats going on).",
     "subtasks_stopped": "Subtasks a provider stopped before finishing, when told to (a cancelled or failed job).",
     "groups_abandoned": "Collective subtask groups (allreduce rounds) abandoned because a member was lost or failed.",
     "bytes_in": "Result bytes received from providers over sockets.",

@@ -57,12 +57,17 @@ class Head:
         self.transport = Transport(cfg, self.keys, known=lambda pid: pid in self.state.providers)
         self.zap: Any = None
         self.stopping = asyncio.Event()
-        self.started_at = time.time()
+        self.started_at = time.time()  # shown; the uptime is counted on the monotonic clock
+        self._started_t = time.monotonic()
         self.counters = {"bytes_out": 0, "bytes_in": 0}
         #: (task type, final state, seconds from creation to end) of recently finished jobs
         self.finished: deque[tuple[str, str, float]] = deque(maxlen=10_000)
         #: the two replies a heartbeat can get, encoded once (500 providers at 1 s: 500 a second)
         self._heartbeat_acks = {sub: protocol.encode("heartbeat_ack", {"epoch": self.incarnation, "subscribed": sub})
+                                for sub in (False, True)}
+        #: the same, asking the provider to open its task and result connections anew (sm.AskReconnect)
+        self._reconnect_acks = {sub: protocol.encode("heartbeat_ack", {"epoch": self.incarnation, "subscribed": sub,
+                                                                       "reconnect": True})
                                 for sub in (False, True)}
         self._tasks: list[asyncio.Task[Any]] = []
         #: job id -> when its last ``job.progress`` event from a provider's report went out (at most 4 a second)
@@ -112,8 +117,9 @@ class Head:
 
     # ---- the one way state changes ------------------------------------------------------------
     def apply(self, stimulus: sm.Stimulus) -> list[sm.Action]:
-        """Hand one stimulus to the state machine, carry out its actions; return them."""
-        actions = self.state.handle(stimulus, time.time())
+        """Hand one stimulus to the state machine, carry out its actions; return them. Its clock is the
+        monotonic one (every timer); the wall clock only stamps what users see (PROTOCOL.md 8.6)."""
+        actions = self.state.handle(stimulus, time.monotonic(), time.time())
         self._run(actions)
         return actions
 
@@ -141,6 +147,8 @@ class Head:
             self._stop_subtasks(action)
         elif isinstance(action, sm.GroupAbandoned):
             self._group_abandoned(action)
+        elif isinstance(action, sm.ProviderUnhealthy | sm.ProviderStuck | sm.ProviderHealthy):
+            self._health(action)
 
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]  # its row stays queued: the scheduler holds it (list_jobs)
@@ -174,6 +182,26 @@ class Head:
         log.warning("collective group %s abandoned: %s; its work is planned again", a.group, a.why,
                     extra={"job_id": a.job_id})
         self.events.emit("job.regroup", job_id=a.job_id, group=a.group, why=a.why)
+
+    def _health(self, a: sm.ProviderUnhealthy | sm.ProviderStuck | sm.ProviderHealthy) -> None:
+        """A provider given no new work (its results do not come, or its compute is stuck), or given work
+        again: logged and an event (``node.unhealthy``, ``node.stuck``, ``node.healthy``)."""
+        prov = self.state.providers.get(a.provider_id)
+        name = prov.info.name if prov else ""
+        extra = {"provider_id": a.provider_id}
+        if isinstance(a, sm.ProviderUnhealthy):
+            log.warning("provider unhealthy: %d acks missed in a row and nothing heard on the result channel; "
+                        "no new work for %.0fs, asked to reconnect", a.missed_acks, a.retry_in, extra=extra)
+            self.events.emit("node.unhealthy", provider_id=a.provider_id, name=name, reason="acks_missing",
+                             missed_acks=a.missed_acks, retry_in_s=round(a.retry_in, 3))
+        elif isinstance(a, sm.ProviderStuck):
+            log.warning("provider stuck: a straggler held %.1fs and nothing finished, %d queued behind it; "
+                        "no new work until it finishes something", a.seconds, a.queued, extra=extra)
+            self.events.emit("node.stuck", provider_id=a.provider_id, name=name, seconds=a.seconds,
+                             queued=a.queued)
+        else:
+            log.info("provider no longer %s: it gets work again", a.was, extra=extra)
+            self.events.emit("node.healthy", provider_id=a.provider_id, name=name, was=a.was)
 
     def _lost(self, a: sm.ProviderLost) -> None:
         prov = self.state.providers.get(a.provider_id)
@@ -220,11 +248,17 @@ class Head:
         if msg.type == "heartbeat":
             local = self._is_local(pid, msg.get("local_epoch"))
             running = self._held(pid, msg["running"])
-            if any(isinstance(a, sm.RegisterAgain) for a in self.apply(sm.HeartbeatReceived(pid, local, running))):
+            actions = self.apply(sm.HeartbeatReceived(pid, local, running, max(0, msg["queued"])))
+            if any(isinstance(a, sm.RegisterAgain) for a in actions):
                 return protocol.error_frames(UnknownProvider.code, "register again")
             # subscribed: whether the head sees this provider's SUB (a provider that is told "no" again and
-            # again opens its SUB and PUSH connections anew: e.g. one refused while its key was not allowed)
-            return self._heartbeat_acks[self.state.providers[pid].subscribed]
+            # again opens its SUB and PUSH connections anew: e.g. one refused while its key was not allowed);
+            # reconnect: its acks stopped coming (its result connection may be black-holed): open them anew now
+            subscribed = self.state.providers[pid].subscribed
+            if any(isinstance(a, sm.AskReconnect) for a in actions):
+                log.info("asking the provider to open its task and result connections anew", extra={"provider_id": pid})
+                return self._reconnect_acks[subscribed]
+            return self._heartbeat_acks[subscribed]
         if msg.type == "fetch":
             return self._fetch(pid, msg)
         if not any(isinstance(a, sm.ProviderLost) for a in self.apply(sm.ProviderLeft(pid))):
@@ -233,10 +267,12 @@ class Head:
         return protocol.encode("ok")
 
     def _held(self, pid: str, held: list[Any]) -> frozenset[str] | None:
-        """What a heartbeat says the provider holds, when the head needs it (it was told to stop subtasks):
-        None otherwise, or when the list may be cut (the reference sends at most 64) or is not strings."""
+        """What a heartbeat says the provider holds, when the head needs it (it was told to stop subtasks, or
+        it has a straggler: is it still busy?): None otherwise, or when the list may be cut (the reference
+        sends at most 64) or is not strings."""
         prov = self.state.providers.get(pid)
-        if prov is None or not prov.stopping or len(held) >= 64 or not all(isinstance(h, str) for h in held):
+        if (prov is None or not (prov.stopping or prov.lag is not None or prov.stuck_since is not None)
+                or len(held) >= 64 or not all(isinstance(h, str) for h in held)):
             return None
         return frozenset(held)
 
@@ -332,8 +368,8 @@ class Head:
         except Exception as exc:  # a task type's bug in check_result fails its job
             self.apply(sm.JobFailRequested(job.job_id, _bug(job, "could not check a result", exc)))
             return
-        now = time.time()
-        actions = self.state.handle(sm.ResultReceived(pid, *key, elapsed=float(msg["elapsed_s"])), now)
+        now = time.monotonic()  # the state machine's clock, and the planner's
+        actions = self.state.handle(sm.ResultReceived(pid, *key, elapsed=float(msg["elapsed_s"])), now, time.time())
         self._run([a for a in actions if not isinstance(a, sm.MergeResult)])  # e.g. stop a beaten copy
         if not any(isinstance(a, sm.MergeResult) for a in actions):
             log.info("ignored late or duplicate result", extra=ctx)
@@ -527,24 +563,24 @@ class Head:
         return self.node_view(provider_id)
 
     def nodes(self) -> list[dict[str, Any]]:
-        return views.provider_rows(self.state.providers, time.time())
+        return views.provider_rows(self.state.providers, time.monotonic())
 
     def node_view(self, provider_id: str) -> dict[str, Any]:
         prov = self.state.providers.get(provider_id)
         if prov is None:
             raise NotFound(f"no provider {provider_id}")
-        return views.provider_row(prov, time.time())
+        return views.provider_row(prov, time.monotonic())
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the dashboard and /metrics show, in one read-only dict."""
-        now = time.time()
+        now, clock = time.time(), time.monotonic()  # shown, and what the state machine's times are on
         names = views.provider_names(self.state.providers)
         live = [self._live_view(j, names) for j in self.state.jobs.values()
                 if not j.state.terminal]
         return {
-            "time": now, "epoch": self.incarnation, "uptime_s": now - self.started_at, "queue": self.queue.name,
+            "time": now, "epoch": self.incarnation, "uptime_s": clock - self._started_t, "queue": self.queue.name,
             "queue_connected": self.queue.is_connected,
-            "nodes": views.provider_rows(self.state.providers, now), "jobs": live,
+            "nodes": views.provider_rows(self.state.providers, clock), "jobs": live,
             "counters": {**self.state.counters, **self.counters, "bad_messages": self.transport.bad_messages,
                          **({"curve_refused": self.zap.denied} if self.zap is not None else {})},
             "finished": list(self.finished),

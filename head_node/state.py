@@ -1,5 +1,10 @@
 """The head's state machine: providers, jobs, subtasks. No I/O, no clock, no threads.
 
+Time comes in with each stimulus: ``now`` on a monotonic clock (every timer: heartbeats, the disconnect
+grace, ack timeouts, deadlines, stragglers, learned speeds; a step of the wall clock moves none of them),
+and ``wall``, the wall clock at the same moment, only stamped on what users see (a job's ``started_at`` and
+``finished_at``).
+
 Every change goes through ``ClusterState.handle(stimulus, now)``, which returns the actions
 (head_node/stimuli.py) for the I/O layer to carry out: send a subtask, merge a result, finish or
 fail a job, write what a planner asked for. It never names a task type: every job is driven by its
@@ -12,7 +17,14 @@ Reliability rules held here:
     heartbeat intervals (hung, cut off), or when its task connection closed (``ProviderDisconnected``:
     the process died, the link broke) and it did not subscribe again within ``disconnect_grace``
     (a reconnect, or a provider reopening its sockets, does);
-  * a subtask sent but not acknowledged within ``ack_timeout`` is sent again;
+  * a subtask sent but not acknowledged within ``ack_timeout`` is sent again; a provider that misses
+    ``unhealthy_after`` acks in a row with nothing heard from it on the result channel (its results
+    cannot reach the head while its heartbeats can) is *unhealthy*: no new work, its next heartbeat reply
+    asks it to open its connections anew, and after a wait (doubling) it gets one subtask on probation;
+    any report from it on the result channel makes it healthy again;
+  * a provider with a straggler that has finished nothing since (its compute looks stuck while its
+    heartbeats go on) is *stuck*: no new work, its subtasks are copied to idle providers, its speed is
+    learned from how long the straggler has run, until it finishes something or says it holds nothing;
   * a subtask not finished by its deadline, or whose provider died, goes to another;
   * a result is accepted once per subtask, only for an attempt that was issued in this
     head incarnation (run); later or duplicate results are ignored (idempotent);
@@ -42,12 +54,13 @@ from common.errors import Conflict, DcfError, NotFound
 from common.jobs import JobState
 from common.tasks import ProviderSpec, SubtaskPlan
 
-from .entities import Job, Provider, ProviderInfo, Stopping, SubState, Subtask, service_seconds
+from .entities import Job, Lag, Provider, ProviderInfo, Stopping, SubState, Subtask, service_seconds
 from .stimuli import (
     DISCONNECTED,
     LEFT,
     SILENT,
     Action,
+    AskReconnect,
     CancelRequested,
     Dispatch,
     DrainRequested,
@@ -63,9 +76,12 @@ from .stimuli import (
     MergeResult,
     PlannerEffects,
     ProviderDisconnected,
+    ProviderHealthy,
     ProviderLeft,
     ProviderLost,
     ProviderRegistered,
+    ProviderStuck,
+    ProviderUnhealthy,
     RegisterAgain,
     Reschedule,
     ResultMerged,
@@ -103,6 +119,9 @@ class Timing:
     straggler_min: float = 2.0  # ...and at least this many seconds: a straggler
     forget_after: float = 600.0  # a provider dead this long leaves the provider table
     disconnect_grace: float = config.DISCONNECT_GRACE  # task connection closed this long: lost
+    unhealthy_after: int = 2  # acks missed in a row, nothing heard on the result channel: unhealthy
+    retry_max: float = 120.0  # the longest wait of an unhealthy provider before its probation
+    stuck_min: float = 5.0  # a straggler's provider finished nothing this long (at least): stuck
 
     @property
     def dead_after(self) -> float:
@@ -121,17 +140,23 @@ class ClusterState:
         self.providers: dict[str, Provider] = {}
         self.jobs: dict[str, Job] = {}
         self.subscribed_topics: set[str] = set()
+        self._wall = 0.0  # the wall clock of the stimulus being handled (``handle``)
         self.counters: dict[str, int] = {
             "subtasks_dispatched": 0, "subtasks_completed": 0, "subtasks_failed": 0,
             "subtasks_retried": 0, "subtasks_speculative": 0, "results_ignored": 0, "providers_lost": 0,
             "subtasks_stopped": 0,  # stopped by their provider after a cancel (``cancelled``), not finished
             "groups_abandoned": 0,  # collective groups that lost a member (their work is planned again)
+            "providers_unhealthy": 0,  # marked unhealthy: acks missed in a row, result channel silent
+            "providers_stuck": 0,  # marked stuck: a straggler, nothing finished since
         }
 
     # ---- the one entry -------------------------------------------------------------------
-    def handle(self, stimulus: Stimulus, now: float) -> list[Action]:
-        """Apply one stimulus at time ``now``; return what the I/O layer must do. Requests that
-        cannot be granted (cancel a finished job, drain an unknown provider) raise a DcfError."""
+    def handle(self, stimulus: Stimulus, now: float, wall: float | None = None) -> list[Action]:
+        """Apply one stimulus at time ``now`` (a monotonic clock: every timer runs on it); ``wall`` is the
+        wall clock at that moment (default ``now``), only stamped on a job's ``started_at`` and
+        ``finished_at``. Return what the I/O layer must do. Requests that cannot be granted (cancel a
+        finished job, drain an unknown provider) raise a DcfError."""
+        self._wall = now if wall is None else wall
         handler: Callable[[Any, float], list[Action]] = getattr(self, _HANDLERS[type(stimulus)])
         return handler(stimulus, now)
 
@@ -148,6 +173,10 @@ class ClusterState:
             prov.subtasks_done = old.subtasks_done
             prov.flops_done = old.flops_done
             prov.last_result_at = old.last_result_at
+            if old.alive:  # registering says nothing of its result channel or its compute
+                for name in ("last_report_at", "missed_acks", "unhealthy", "probation", "retry_at", "retry_wait",
+                             "reconnect_due", "probe_stage", "lag", "stuck_since", "queued", "held"):
+                    setattr(prov, name, getattr(old, name))
         self.providers[info.provider_id] = prov
         return self._schedule(now)
 
@@ -157,7 +186,22 @@ class ClusterState:
             return [RegisterAgain(ev.provider_id)]
         prov.last_seen = now
         prov.local = ev.local
-        return self._reconcile(prov, ev.running, now) if ev.running is not None and prov.stopping else []
+        actions: list[Action] = []
+        if ev.queued is not None:
+            prov.queued = ev.queued
+        prov.held = None if ev.running is None else len(ev.running)
+        if prov.unhealthy and prov.probe_stage == 2:  # it opened its connections anew after our last reply
+            prov.unhealthy, prov.probation, prov.probe_stage = False, True, 0
+        if prov.reconnect_due:
+            prov.reconnect_due = False
+            actions.append(AskReconnect(prov.info.provider_id))
+            if prov.probe_stage == 1:
+                prov.probe_stage = 2
+        if ev.running is not None and prov.stopping:
+            actions += self._reconcile(prov, ev.running, now)
+        if prov.stuck_since is not None and ev.running is not None and not ev.running and ev.queued == 0:
+            actions += self._unstuck(prov)  # it says it holds nothing: whatever it ran has ended
+        return actions
 
     def _reconcile(self, prov: Provider, running: frozenset[str], now: float) -> list[Action]:
         """A heartbeat lists what the provider holds: a subtask it was told to stop and no longer lists has
@@ -196,6 +240,48 @@ class ClusterState:
             return False
         prov.assigned.discard(key)
         return True
+
+    def _heard(self, ev: SubtaskReport, now: float, finished: bool = False) -> list[Action]:
+        """Word from a provider on the result channel (of this head's run): the channel works, so an
+        unhealthy provider is healthy again; ``finished``: it finished (or stopped) a subtask, so its
+        compute is not stuck."""
+        prov = self.providers.get(ev.provider_id)
+        if prov is None or not prov.alive or ev.incarnation != self.incarnation:
+            return []
+        prov.last_report_at = now
+        prov.missed_acks = 0
+        actions: list[Action] = []
+        if prov.unhealthy or prov.probation:
+            prov.unhealthy = prov.probation = prov.reconnect_due = False
+            prov.retry_wait, prov.probe_stage = 0.0, 0
+            actions.append(ProviderHealthy(ev.provider_id, "unhealthy"))
+        if finished:
+            prov.lag = None
+            if prov.stuck_since is not None:
+                actions += self._unstuck(prov)
+        return actions
+
+    @staticmethod
+    def _unstuck(prov: Provider) -> list[Action]:
+        prov.stuck_since = None
+        prov.lag = None
+        return [ProviderHealthy(prov.info.provider_id, "stuck")]
+
+    def _check_stuck(self, prov: Provider, now: float) -> list[Action]:
+        """A provider with a straggler that has finished nothing for twice as long as it took to flag it
+        (at least ``stuck_min``), and whose last heartbeat says it still holds work, is stuck: it gets no
+        new work, what it holds is copied to idle providers, and it is taken to be no faster than the
+        straggler's cost over the time it has held it."""
+        lag = prov.lag
+        if lag is None or prov.stuck_since is not None or prov.last_result_at > lag.since:
+            return []
+        waited = now - lag.since
+        if waited < max(self.timing.stuck_min, 2 * (lag.flagged - lag.since)) or not (prov.held or prov.queued):
+            return []
+        prov.stuck_since = now
+        self.counters["providers_stuck"] += 1
+        prov.learn(lag.task_type, lag.cost, waited)
+        return [ProviderStuck(prov.info.provider_id, round(waited, 3), prov.queued)]
 
     def _report_stopped(self, ev: SubtaskReport) -> bool:
         """Any word from a provider about a subtask it was told to stop (cancelled, a result, a failure)
@@ -317,7 +403,8 @@ class ClusterState:
         """The job ended: the providers holding its unfinished subtasks are told to stop them (they stay
         assigned until they did: ``assigned`` tells the truth)."""
         job.state = state
-        job.finished_at = now
+        job.finished_at = self._wall
+        job.finished_t = now
         job.error = error
         told: set[str] = set()
         for sub in job.subtasks:
@@ -342,9 +429,10 @@ class ClusterState:
         return sub
 
     def _on_acked(self, ev: SubtaskAcked, now: float) -> list[Action]:
+        heard = self._heard(ev, now)
         sub = self._live_subtask(ev)
         if sub is None or sub.provider_id != ev.provider_id or sub.attempt != ev.attempt:
-            return []
+            return heard
         if sub.state is SubState.SENT:
             sub.state = SubState.RUNNING
             prov = self.providers.get(ev.provider_id)
@@ -353,7 +441,7 @@ class ClusterState:
             sub.deadline = now + max(self.timing.min_deadline, self.timing.deadline_factor * load)
             sub.acked_at = now
             sub.straggle_at = now + max(self.timing.straggler_min, self.timing.straggler_factor * load)
-        return []
+        return heard
 
     def _finished_work(self, ev: SubtaskReport, now: float) -> None:
         """The provider says it is done with an attempt it was really sent (this incarnation), whether or
@@ -376,12 +464,13 @@ class ClusterState:
         provider_id, job_id, index, attempt = ev.provider_id, ev.job_id, ev.subtask, ev.attempt
         prov = self.providers.get(provider_id)
         free_at = prov.last_result_at if prov is not None else 0.0  # before this result moves it
+        heard = self._heard(ev, now, finished=True)
         self._finished_work(ev, now)
         self._report_stopped(ev)
         sub = self._live_subtask(ev)
         if sub is None or sub.tried[attempt - 1] != provider_id:
             self.counters["results_ignored"] += 1
-            return []
+            return heard
         job = self.jobs[job_id]
         stops: list[Action] = []
         for pid in dict.fromkeys(sub.tried):  # a speculative copy may be out on another provider: stop it
@@ -402,7 +491,7 @@ class ClusterState:
             prov.learn(self.jobs[job_id].task_type, sub.cost, seconds)  # the next split uses it
         sub.reported.clear()
         self.counters["subtasks_completed"] += 1
-        return [MergeResult(provider_id, job_id, index, attempt), *stops]
+        return [MergeResult(provider_id, job_id, index, attempt), *stops, *heard]
 
     def _on_merged(self, ev: ResultMerged, now: float) -> list[Action]:
         job = self.jobs.get(ev.job_id)
@@ -446,12 +535,13 @@ class ClusterState:
         return actions
 
     def _on_failed(self, ev: SubtaskFailed, now: float) -> list[Action]:
+        heard = self._heard(ev, now, finished=True)
         self._finished_work(ev, now)
         self._report_stopped(ev)
         sub = self._live_subtask(ev)
         if (sub is None or sub.attempt != ev.attempt or sub.tried[ev.attempt - 1] != ev.provider_id
                 or sub.state is SubState.PENDING):
-            return []
+            return heard
         self.counters["subtasks_failed"] += 1
         job = self.jobs[ev.job_id]
         prov = self.providers.get(ev.provider_id)
@@ -459,8 +549,8 @@ class ClusterState:
             prov.assigned.discard((ev.job_id, ev.subtask))
         where = f"on provider {ev.provider_id[:8]}: {ev.error}"
         if not ev.retryable:
-            return self._fail(job, now, f"subtask {ev.subtask} failed {where}")
-        return self._strike(job, sub, now, f"failed {where}") + self._schedule(now)
+            return heard + self._fail(job, now, f"subtask {ev.subtask} failed {where}")
+        return heard + self._strike(job, sub, now, f"failed {where}") + self._schedule(now)
 
     def _strike(self, job: Job, sub: Subtask, now: float, why: str) -> list[Action]:
         """Take a subtask back after a failure, a missed ack or a missed deadline; fail the job
@@ -507,15 +597,16 @@ class ClusterState:
     def _on_progress(self, ev: SubtaskProgress, now: float) -> list[Action]:
         """A running subtask's provider reports how far it got: its flops count as they are done (the
         throughput moves during a long subtask) and the job's progress includes them."""
+        heard = self._heard(ev, now)
         sub = self._live_subtask(ev)
         prov = self.providers.get(ev.provider_id)
         if (sub is None or prov is None or sub.tried[ev.attempt - 1] != ev.provider_id
                 or (ev.job_id, ev.subtask) not in prov.assigned or ev.total <= 0):
-            return []
+            return heard
         fraction = min(1.0, max(0.0, ev.done / ev.total))
         before = sub.reported.get(ev.provider_id, 0.0)
         if fraction <= before:
-            return []
+            return heard
         sub.reported[ev.provider_id] = fraction
         prov.flops_done += sub.cost * (fraction - before)
         job = self.jobs[ev.job_id]
@@ -525,16 +616,20 @@ class ClusterState:
             units = 0.0
         if units > job.partial.get(ev.subtask, 0.0):
             job.partial[ev.subtask] = units
-        return []
+        return heard
 
     def _on_cancelled(self, ev: SubtaskCancelled, now: float) -> list[Action]:
         """A provider stopped a subtask it was told to stop: it is free of it. One it stopped unasked (a
-        subtask the head still wants) is a retryable failure."""
+        subtask the head still wants) is a retryable failure. Only the straggler itself stopping shows that
+        its compute moves: a queued subtask is dropped by the provider's socket thread, stuck compute or not."""
+        prov = self.providers.get(ev.provider_id)
+        lag = prov.lag if prov is not None else None
+        heard = self._heard(ev, now, finished=lag is not None and lag.key == (ev.job_id, ev.subtask))
         if self._report_stopped(ev):
             self.counters["subtasks_stopped"] += 1
-            return []
-        return self._on_failed(SubtaskFailed(ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.incarnation,
-                                             "the provider stopped it", True), now)
+            return heard
+        return heard + self._on_failed(SubtaskFailed(ev.provider_id, ev.job_id, ev.subtask, ev.attempt,
+                                                     ev.incarnation, "the provider stopped it", True), now)
 
     # ---- time ----------------------------------------------------------------------------
     def _on_reschedule(self, ev: Reschedule, now: float) -> list[Action]:
@@ -553,6 +648,12 @@ class ClusterState:
             elif prov.stopping:  # a provider that ignores cancels is taken at its word after a bound
                 for key in [k for k, stop in prov.stopping.items() if now > stop.until]:
                     self._stopped(prov, key)
+            if prov.alive and prov.unhealthy and now >= prov.retry_at and prov.probe_stage == 0:
+                # its wait is over: once it has opened its connections anew, one subtask shows whether its
+                # results come (the probation starts at its heartbeat after that reply, _on_heartbeat)
+                prov.reconnect_due, prov.probe_stage = True, 1
+            if prov.alive and prov.lag is not None:
+                actions += self._check_stuck(prov, now)
         for job in self.jobs.values():
             if job.state is not JobState.RUNNING:
                 continue
@@ -560,30 +661,76 @@ class ClusterState:
                 if job.state is not JobState.RUNNING:
                     break
                 if sub.state is SubState.SENT and now - sub.sent_at > self.timing.ack_timeout:
+                    actions += self._missed_ack(job, sub, now)
                     actions += self._strike(job, sub, now, "not acknowledged in time")
                 elif sub.state is SubState.RUNNING and now > sub.deadline:
                     actions += self._strike(job, sub, now, "deadline passed")
-                elif (sub.state is SubState.RUNNING and not sub.straggling and now > sub.straggle_at
-                      and sub.group is None):  # a collective's member has no stand-in
+                elif sub.state is not SubState.RUNNING or sub.group is not None:
+                    continue  # a collective's member has no stand-in
+                elif not sub.straggling and (now > sub.straggle_at or self._held_up(sub.provider_id)):
                     actions += self._guarded(job, now, partial(self._straggler, job, sub, now))
+                elif sub.straggling and sub.provider_id == sub.straggled_on:  # no copy yet: try again
+                    actions += self._guarded(job, now, partial(self._copy, job, sub, now))
         return actions + self._schedule(now)
+
+    def _held_up(self, provider_id: str | None) -> bool:
+        """Its results are not coming (unhealthy) or its compute is stuck: what it holds needs a copy now."""
+        prov = self.providers.get(provider_id or "")
+        return prov is not None and (prov.unhealthy or prov.stuck_since is not None)
+
+    def _missed_ack(self, job: Job, sub: Subtask, now: float) -> list[Action]:
+        """A subtask was not acknowledged in time. Counted against its provider's result channel only if
+        nothing at all came from it there since it was sent (an ack lost on the task channel, the PUB
+        dropping past its high-water mark, is not the result channel's fault); ``unhealthy_after`` in a row
+        (one on probation) make it unhealthy."""
+        prov = self.providers.get(sub.provider_id or "")
+        if prov is None or not prov.alive or prov.last_report_at > sub.sent_at:
+            return []
+        prov.missed_acks += 1
+        if prov.unhealthy or (prov.missed_acks < self.timing.unhealthy_after and not prov.probation):
+            return []
+        prov.unhealthy, prov.probation, prov.reconnect_due, prov.probe_stage = True, False, True, 0
+        prov.retry_wait = min(self.timing.retry_max, 2 * prov.retry_wait if prov.retry_wait
+                              else max(self.timing.ack_timeout, self.timing.dead_after))
+        prov.retry_at = now + prov.retry_wait
+        self.counters["providers_unhealthy"] += 1
+        actions: list[Action] = [ProviderUnhealthy(prov.info.provider_id, prov.missed_acks, prov.retry_wait)]
+        pid = prov.info.provider_id
+        for job_id, index in sorted(prov.assigned):  # what else was sent to it will not be acked either
+            other = self.jobs.get(job_id)
+            if other is None or other.state is not JobState.RUNNING or (job_id, index) in prov.stopping:
+                continue
+            o = other.subtasks[index]
+            if o is not sub and o.state is SubState.SENT and o.provider_id == pid and o.group is None:
+                self._release(other, o)  # no strike: the channel, not the subtask, is at fault
+        return actions
 
     def _straggler(self, job: Job, sub: Subtask, now: float) -> list[Action]:
         """Flag a straggler once and run a speculative copy on an idle provider, if there is one;
         the first result of either attempt is taken, the other is ignored."""
         sub.straggling = True
         slow = sub.provider_id or ""
+        sub.straggled_on = slow
+        prov = self.providers.get(slow)
+        if (prov is not None and prov.alive and prov.lag is None and now > sub.straggle_at
+                and not sub.reported.get(slow) and prov.last_result_at <= sub.acked_at):
+            # no progress reported of it and nothing finished since it had it: it may be stuck (_check_stuck)
+            prov.lag = Lag((job.job_id, sub.index), sub.acked_at, now, sub.cost, job.task_type)
+        copy = self._copy(job, sub, now)
+        copy_to = next((a.provider_id for a in copy if isinstance(a, Dispatch)), None)
+        return [Straggler(job.job_id, sub.index, slow, round(now - sub.acked_at, 3), copy_to), *copy]
+
+    def _copy(self, job: Job, sub: Subtask, now: float) -> list[Action]:
+        """A speculative copy of a straggler on an idle provider (the fastest), if there is one."""
+        slow = sub.provider_id or ""
         providers, _ = self.eligible_providers(job)
         task = tasks.get(job.task_type)
         idle = [w for w in providers if w.provider_id != slow and not self.providers[w.provider_id].assigned
                 and task.fits(w, sub.params, job.inputs)]
-        actions: list[Action] = []
-        copy_to = None
-        if idle:
-            copy_to = max(idle, key=lambda w: w.gflops).provider_id
-            self.counters["subtasks_speculative"] += 1
-            actions.append(self._send(job, sub, copy_to, now))
-        return [Straggler(job.job_id, sub.index, slow, round(now - sub.acked_at, 3), copy_to), *actions]
+        if not idle:
+            return []
+        self.counters["subtasks_speculative"] += 1
+        return [self._send(job, sub, max(idle, key=lambda w: w.gflops).provider_id, now)]
 
     def _release(self, job: Job, sub: Subtask) -> None:
         prov = self.providers.get(sub.provider_id or "")
@@ -599,7 +746,11 @@ class ClusterState:
         reasons: list[str] = []
         for prov in self.providers.values():
             if not prov.ready:
+                if prov.alive and prov.subscribed and not prov.draining:  # unhealthy or stuck
+                    reasons.append(f"{prov.info.name} is {prov.state}")
                 continue
+            if prov.probation and len(prov.assigned) > len(prov.stopping):  # tried again after being unhealthy:
+                continue  # one subtask at a time (not counting those it was told to stop)
             if job.task_type not in prov.info.task_types:
                 reasons.append(f"{prov.info.name} lacks task type {job.task_type}")
                 continue
@@ -655,7 +806,8 @@ class ClusterState:
         if not providers:
             return []
         job.state = JobState.RUNNING
-        job.started_at = now
+        job.started_at = self._wall
+        job.started_t = now
         actions = self._advance(job, now)
         if job.state is JobState.FAILED:
             return actions
@@ -692,6 +844,7 @@ class ClusterState:
         sub.state = SubState.SENT
         sub.attempt += 1
         sub.provider_id = provider_id
+        sub.straggled_on = None  # a new attempt: no copy of the old one is owed
         sub.sent_at = now
         sub.tried.append(provider_id)
         sub.sent.append(now)

@@ -26,6 +26,8 @@ class HeartbeatReceived:
     #: the "job_id:subtask" entries it says it holds (queued or running); None: not known (a list that
     #: may have been cut at its 64 entries, or not a list of strings)
     running: frozenset[str] | None = None
+    #: subtasks waiting in its local queue (``heartbeat.queued``); None: not said
+    queued: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,42 @@ class StopSubtasks:
 
 
 @dataclass(frozen=True)
+class ProviderUnhealthy:
+    """Acks from this provider went missing ``missed_acks`` times in a row with nothing heard from it on the
+    result channel: it gets no new work for ``retry_in`` seconds (then one subtask on probation), and its
+    next heartbeat reply asks it to open its connections anew (``AskReconnect``)."""
+
+    provider_id: str
+    missed_acks: int
+    retry_in: float
+
+
+@dataclass(frozen=True)
+class ProviderStuck:
+    """This provider has held a straggler for ``seconds`` and finished nothing meanwhile, while its heartbeats
+    say it still holds work (``queued`` waiting): it gets no new work until it finishes something."""
+
+    provider_id: str
+    seconds: float
+    queued: int
+
+
+@dataclass(frozen=True)
+class ProviderHealthy:
+    """A provider marked ``was`` (``"unhealthy"`` or ``"stuck"``) is given work again."""
+
+    provider_id: str
+    was: str
+
+
+@dataclass(frozen=True)
+class AskReconnect:
+    """Answer this provider's heartbeat with ``reconnect: true``: it opens its SUB and PUSH anew."""
+
+    provider_id: str
+
+
+@dataclass(frozen=True)
 class RegisterAgain:
     """Tell this provider the head does not know it (a heartbeat from an unknown or dead id)."""
 
@@ -246,4 +284,5 @@ class PlannerEffects:
 
 
 Action = (Dispatch | JobStarted | JobFinished | JobFailed | JobCancelled | ProviderLost | Straggler | MergeResult
-          | RegisterAgain | PlannerEffects | StopSubtasks | GroupAbandoned)
+          | RegisterAgain | PlannerEffects | StopSubtasks | GroupAbandoned | ProviderUnhealthy | ProviderStuck
+          | ProviderHealthy | AskReconnect)

@@ -71,7 +71,7 @@ class WaitToRegister:
 @dataclass(frozen=True)
 class Reconnect:
     """Close the SUB and PUSH connections and open them anew (libzmq does not retry a refused
-    CURVE handshake; the head may not see our subscription)."""
+    CURVE handshake; the head may not see our subscription, or asked for it with ``reconnect``)."""
 
 
 Command = SendRegister | SendHeartbeat | RenewIdentity | Registered | WaitToRegister | Reconnect
@@ -163,6 +163,8 @@ class Session:
         self.unsubscribed_acks = 0 if subscribed else self.unsubscribed_acks + 1
         if self.unsubscribed_acks >= RESUBSCRIBE_AFTER:
             self.unsubscribed_acks = 0
+            self.reopen_connections = True
+        if msg.get("reconnect"):  # the head stopped hearing our acks: our result connection may be black-holed
             self.reopen_connections = True
 
     def _on_error(self, code: str, message: str, now: float) -> list[Command]:

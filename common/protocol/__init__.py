@@ -88,7 +88,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     # head -> provider, ROUTER -> REQ
     "registered": {"provider_id": _f(str), "epoch": _f(str), "heartbeat_interval_s": _f(*_NUM),
                    "state_dir": _f(str, required=False)},
-    "heartbeat_ack": {"epoch": _f(str), "subscribed": _f(bool, required=False)},
+    # reconnect: the head asks the provider to open its SUB and PUSH anew (its acks stopped coming, 5.1)
+    "heartbeat_ack": {"epoch": _f(str), "subscribed": _f(bool, required=False),
+                      "reconnect": _f(bool, required=False)},
     "ok": {},
     "blob": {"blob_id": _f(str)},
     "error": {"code": _f(str), "message": _f(str)},

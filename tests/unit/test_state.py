@@ -711,8 +711,9 @@ def test_failed_from_provider_not_sent_that_attempt_is_ignored(running):
 
 
 def test_missed_acks_count_towards_max_attempts():
-    """A subtask that is never acknowledged is not retried forever."""
-    cs = ClusterState(hexid(), Timing(max_attempts=3))
+    """A subtask that is never acknowledged is not retried forever (the provider is not marked unhealthy
+    here: that rule, which also bounds the retries, has tests of its own in test_clock.py)."""
+    cs = ClusterState(hexid(), Timing(max_attempts=3, unhealthy_after=99))
     p = make_info()
     connect(cs, p)
     job = make_job(m=10)
@@ -1249,3 +1250,243 @@ def test_row_progress_of_a_requeued_subtask_starts_over_and_a_cancelled_job_keep
                                       total=sub1.params["rows"]), 2.0)
     cancel(cs, job.job_id, 2.5)
     assert job.progress().to_dict() == {"done": 10, "total": 100, "unit": "rows"}
+
+
+# ---- a result channel that black-holes acks (issue 14 B4), compute that is stuck (B5) ----------------
+def beat(cs: ClusterState, info: ProviderInfo, now: float, running: frozenset[str] | None = None,
+         queued: int | None = None) -> list:
+    return cs.handle(stimuli.HeartbeatReceived(info.provider_id, running=running, queued=queued), now)
+
+
+def ack_all(cs: ClusterState, job: st.Job, info: ProviderInfo, now: float) -> None:
+    for sub in job.subtasks:
+        if sub.provider_id == info.provider_id and sub.state is SubState.SENT:
+            cs.handle(stimuli.SubtaskAcked(info.provider_id, job.job_id, sub.index, sub.attempt, cs.incarnation), now)
+
+
+def two_providers(timing: Timing | None = None) -> tuple[ClusterState, ProviderInfo, ProviderInfo]:
+    cs = ClusterState(hexid(), timing or Timing(heartbeat_interval=1.0, ack_timeout=2.0))
+    good, bad = make_info(10.0, name="good"), make_info(10.0, name="bad")
+    connect(cs, good)
+    connect(cs, bad)
+    return cs, good, bad
+
+
+def test_acks_missing_twice_in_a_row_make_a_provider_unhealthy_and_it_is_asked_to_reconnect():
+    cs, good, bad = two_providers()
+    now, marked = 0.0, []
+    for n in range(2):  # two jobs: each time bad's share is never acknowledged (its PUSH is black-holed)
+        job = make_job(m=20)
+        cs.handle(stimuli.JobAdded(job), now)
+        assert {s.provider_id for s in job.subtasks} == {good.provider_id, bad.provider_id}
+        ack_all(cs, job, good, now)
+        for t in (now + 1.0, now + 2.5):
+            beat(cs, good, t)
+            beat(cs, bad, t)
+            actions = cs.handle(stimuli.Tick(), t)
+            marked += [a for a in actions if isinstance(a, stimuli.ProviderUnhealthy)]
+        assert cs.providers[bad.provider_id].missed_acks == n + 1
+        assert all(s.provider_id == good.provider_id for s in job.subtasks if s.state is not SubState.DONE)
+        finish_all(cs, job, now + 2.6)
+        now += 3.0
+    assert marked == [stimuli.ProviderUnhealthy(bad.provider_id, 2, cs.timing.dead_after)]
+    prov = cs.providers[bad.provider_id]
+    assert prov.state == "unhealthy" and not prov.ready and prov.alive
+    assert views.provider_row(prov, now)["state"] == "unhealthy"
+    # its next heartbeat reply asks it to open its connections anew, once
+    assert beat(cs, bad, now) == [stimuli.AskReconnect(bad.provider_id)]
+    assert beat(cs, bad, now + 0.5) == []
+    # meanwhile every new job goes to the healthy provider alone
+    job = make_job(m=20)
+    cs.handle(stimuli.JobAdded(job), now + 0.5)
+    assert {s.provider_id for s in job.subtasks} == {good.provider_id}
+    assert cs.counters["providers_unhealthy"] == 1
+
+
+def unhealthy(timing: Timing | None = None) -> tuple[ClusterState, ProviderInfo, ProviderInfo, float]:
+    """``bad`` has just been marked unhealthy (two jobs' shares unacknowledged); the time it happened."""
+    cs, good, bad = two_providers(timing)
+    now = 0.0
+    for _ in range(2):
+        job = make_job(m=20)
+        cs.handle(stimuli.JobAdded(job), now)
+        ack_all(cs, job, good, now)
+        beat(cs, good, now + 2.5)
+        beat(cs, bad, now + 2.5)
+        cs.handle(stimuli.Tick(), now + 2.5)
+        finish_all(cs, job, now + 2.6)
+        now += 3.0
+    assert cs.providers[bad.provider_id].unhealthy
+    return cs, good, bad, now - 3.0 + 2.5
+
+
+def test_an_unhealthy_provider_is_tried_again_with_one_subtask_and_a_report_makes_it_healthy():
+    cs, good, bad, t0 = unhealthy()
+    prov = cs.providers[bad.provider_id]
+    wait = prov.retry_wait
+    assert beat(cs, bad, t0 + 0.5) == [stimuli.AskReconnect(bad.provider_id)]  # when it was marked
+    beat(cs, good, t0 + wait)
+    beat(cs, bad, t0 + wait)
+    cs.handle(stimuli.Tick(), t0 + wait + 0.01)
+    assert not prov.ready  # its wait is over: it is asked to reconnect once more, then probed
+    assert beat(cs, bad, t0 + wait + 0.01) == [stimuli.AskReconnect(bad.provider_id)]
+    assert not prov.ready
+    beat(cs, bad, t0 + wait + 0.015)  # sent after it opened its connections anew
+    assert prov.probation and prov.ready and prov.state == "ready"
+    job = make_job(m=30)
+    cs.handle(stimuli.JobAdded(job), t0 + wait + 0.02)
+    on_bad = [s for s in job.subtasks if s.provider_id == bad.provider_id]
+    assert len(on_bad) == 1  # a split takes it, but it is a probe: nothing more until it reports
+    actions = cs.handle(stimuli.SubtaskAcked(bad.provider_id, job.job_id, on_bad[0].index, 1, cs.incarnation),
+                        t0 + wait + 0.1)
+    assert actions == [stimuli.ProviderHealthy(bad.provider_id, "unhealthy")]
+    assert prov.state == "ready" and not prov.probation and prov.missed_acks == 0 and prov.retry_wait == 0.0
+
+
+def test_a_probe_that_is_not_acknowledged_makes_it_unhealthy_again_for_twice_as_long():
+    cs, good, bad, t0 = unhealthy()
+    prov = cs.providers[bad.provider_id]
+    first = prov.retry_wait
+    t = t0 + first + 0.01
+    beat(cs, good, t)
+    beat(cs, bad, t)
+    cs.handle(stimuli.Tick(), t)
+    beat(cs, bad, t)
+    beat(cs, bad, t)
+    assert prov.probation
+    job = make_job(m=30)
+    cs.handle(stimuli.JobAdded(job), t)
+    ack_all(cs, job, good, t)
+    beat(cs, good, t + 2.5)
+    beat(cs, bad, t + 2.5)
+    actions = cs.handle(stimuli.Tick(), t + 2.5)
+    assert stimuli.ProviderUnhealthy(bad.provider_id, 3, 2 * first) in actions
+    assert prov.unhealthy and prov.retry_at == pytest.approx(t + 2.5 + 2 * first) and prov.reconnect_due
+    assert all(s.provider_id == good.provider_id for s in job.subtasks)  # its share re-sent to good
+
+
+def test_a_late_report_makes_an_unhealthy_provider_healthy_at_once():
+    cs, good, bad, t0 = unhealthy()
+    old = next(j for j in cs.jobs.values())
+    sub = next(s for s in old.subtasks if bad.provider_id in s.tried)
+    # its result channel works again: a late result of an earlier attempt (ignored: the job is done) says so
+    actions = cs.handle(stimuli.ResultReceived(bad.provider_id, old.job_id, sub.index, 1, cs.incarnation), t0 + 1)
+    assert stimuli.ProviderHealthy(bad.provider_id, "unhealthy") in actions
+    assert cs.providers[bad.provider_id].ready
+
+
+def test_a_lost_ack_with_other_reports_meanwhile_does_not_count_against_the_result_channel():
+    cs, good, bad = two_providers()
+    now = 0.0
+    for _ in range(3):
+        job = make_job(m=20)
+        cs.handle(stimuli.JobAdded(job), now)
+        ack_all(cs, job, good, now)
+        sub = next(s for s in job.subtasks if s.provider_id == bad.provider_id)
+        # bad's ack of this one is lost (the PUB dropped it), but it reports progress of other work meanwhile
+        cs.handle(stimuli.SubtaskProgress(bad.provider_id, hexid(), 0, 1, cs.incarnation, 1, 2), now + 1.0)
+        beat(cs, good, now + 2.5)
+        beat(cs, bad, now + 2.5)
+        actions = cs.handle(stimuli.Tick(), now + 2.5)
+        assert not any(isinstance(a, stimuli.ProviderUnhealthy) for a in actions)
+        assert sub.strikes == 1
+        finish_all(cs, job, now + 2.6)
+        now += 3.0
+    assert cs.providers[bad.provider_id].ready
+
+
+def stuck_provider() -> tuple[ClusterState, ProviderInfo, ProviderInfo, st.Job, st.Subtask]:
+    """good finishes its share of a measurable job at once; bad acknowledges its share and then computes
+    nothing (its compute thread hangs) while its heartbeats go on, listing that subtask."""
+    cs, good, bad = two_providers(Timing(heartbeat_interval=1.0))
+    job = make_job(m=BIG, k=BIG, n=BIG)
+    cs.handle(stimuli.JobAdded(job), 0.0)
+    for info in (good, bad):
+        ack_all(cs, job, info, 0.0)
+    assert finish(cs, job, good, 0.1, elapsed=0.1)
+    sub = next(s for s in job.subtasks if s.state is not SubState.DONE)
+    return cs, good, bad, job, sub
+
+
+def test_a_provider_with_a_straggler_and_nothing_finished_is_stuck_and_gets_no_new_work():
+    cs, good, bad, job, sub = stuck_provider()
+    held = frozenset({f"{job.job_id}:{sub.index}"})
+    t, stuck = 0.5, []
+    while t <= 8.0:
+        beat(cs, good, t)
+        beat(cs, bad, t, running=held, queued=0)
+        actions = cs.handle(stimuli.Tick(), t)
+        stuck += [(t, a) for a in actions if isinstance(a, stimuli.ProviderStuck)]
+        if t == 2.5:  # flagged a straggler (ack + 2 s) and copied to good at once (it is idle)
+            assert [a.copied_to for a in actions if isinstance(a, stimuli.Straggler)] == [good.provider_id]
+        t += 0.5
+    # flagged at 2.5 s (ack + 2 s): stuck once it has held it twice that long, and at least stuck_min
+    assert [s for s, _ in stuck] == [5.0]
+    assert stuck[0][1] == stimuli.ProviderStuck(bad.provider_id, 5.0, 0)
+    prov = cs.providers[bad.provider_id]
+    assert prov.state == "stuck" and not prov.ready
+    # what it is taken to be: no faster than 1e9 FLOP in 5 s, folded into its estimate
+    assert speed(cs, bad) == pytest.approx(0.5 * 10.0 + 0.5 * 1e9 / 5.0 / 1e9)
+    nxt = make_job(m=20)
+    cs.handle(stimuli.JobAdded(nxt), 8.0)
+    assert {s.provider_id for s in nxt.subtasks} == {good.provider_id}
+    assert cs.counters["providers_stuck"] == 1
+
+
+def test_a_stuck_provider_is_given_work_again_when_it_finishes_or_says_it_holds_nothing():
+    cs, good, bad, job, sub = stuck_provider()
+    held = frozenset({f"{job.job_id}:{sub.index}"})
+    for t in (0.5, 1.0, 2.5, 3.0, 4.0, 5.0, 5.5):
+        beat(cs, good, t)
+        beat(cs, bad, t, running=held, queued=1)
+        cs.handle(stimuli.Tick(), t)
+    assert cs.providers[bad.provider_id].state == "stuck"
+    assert beat(cs, bad, 6.0, running=frozenset(), queued=0) == [stimuli.ProviderHealthy(bad.provider_id, "stuck")]
+    assert cs.providers[bad.provider_id].ready
+    # or by finishing something: stuck again, then its late result
+    cs2, good2, bad2, job2, sub2 = stuck_provider()
+    for t in (0.5, 2.5, 5.5):
+        beat(cs2, bad2, t, running=frozenset({f"{job2.job_id}:{sub2.index}"}), queued=0)
+        beat(cs2, good2, t)
+        cs2.handle(stimuli.Tick(), t)
+    assert cs2.providers[bad2.provider_id].state == "stuck"
+    actions = cs2.handle(stimuli.ResultReceived(bad2.provider_id, job2.job_id, sub2.index, 1, cs2.incarnation, 5.0),
+                         6.0)
+    assert stimuli.ProviderHealthy(bad2.provider_id, "stuck") in actions
+    assert cs2.providers[bad2.provider_id].ready
+
+
+def test_a_provider_that_reports_progress_or_says_it_holds_nothing_is_not_stuck():
+    cs, good, bad, job, sub = stuck_provider()
+    for t in (0.5, 2.5, 5.5, 8.0):  # heartbeats that list nothing: the head's picture is stale, not stuck
+        beat(cs, good, t)
+        beat(cs, bad, t, running=frozenset(), queued=0)
+        assert not any(isinstance(a, stimuli.ProviderStuck) for a in cs.handle(stimuli.Tick(), t))
+    cs, good, bad, job, sub = stuck_provider()
+    held = frozenset({f"{job.job_id}:{sub.index}"})
+    cs.handle(stimuli.SubtaskProgress(bad.provider_id, job.job_id, sub.index, 1, cs.incarnation, 10, 100), 1.0)
+    for t in (0.5, 2.5, 5.5, 8.0):  # slow but moving: a straggler (copied), not stuck
+        beat(cs, good, t)
+        beat(cs, bad, t, running=held, queued=0)
+        assert not any(isinstance(a, stimuli.ProviderStuck) for a in cs.handle(stimuli.Tick(), t))
+    assert cs.providers[bad.provider_id].ready
+
+
+def test_a_straggler_not_copied_for_want_of_an_idle_provider_is_copied_once_one_is_idle():
+    cs, good, bad, job, sub = stuck_provider()
+    other = make_job(m=20, created_at=1.0)  # keeps good busy past the straggler's flag
+    beat(cs, good, 0.5)
+    beat(cs, bad, 0.5)
+    cs.handle(stimuli.DrainRequested(bad.provider_id), 0.5)
+    cs.handle(stimuli.JobAdded(other), 0.5)
+    ack_all(cs, other, good, 0.5)
+    beat(cs, good, 2.5)
+    beat(cs, bad, 2.5)
+    flagged = cs.handle(stimuli.Tick(), 2.5)
+    assert [a.copied_to for a in flagged if isinstance(a, stimuli.Straggler)] == [None]
+    finish_all(cs, other, 3.0)
+    beat(cs, good, 3.0)
+    beat(cs, bad, 3.0)
+    actions = cs.handle(stimuli.Tick(), 3.25)
+    assert dispatches(actions) == [Dispatch(good.provider_id, job.job_id, sub.index, 2)]
+    assert not any(isinstance(a, stimuli.Straggler) for a in actions)  # flagged once, copied later
