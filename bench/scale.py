@@ -584,7 +584,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> Result:
         head = subprocess.Popen(
             [sys.executable, "-m", "head_node", "--host", HOST, "--http-port", str(http_port), "--state-dir",
              str(state), "--registration-port", str(reg), "--task-port", str(task), "--result-port", str(result),
-             "--heartbeat-interval", str(args.heartbeat)],
+             "--heartbeat-interval", str(args.heartbeat), "--insecure"],  # loopback; simulated providers: no keys
             stdout=log, stderr=log, env=clean_env(), cwd=ROOT, start_new_session=True)
         hp = head
         with Client(f"http://{HOST}:{http_port}", timeout=60) as client:

@@ -53,6 +53,39 @@ def zmtp_heartbeat_ms(heartbeat_interval: float) -> tuple[int, int]:
     return max(100, timeout // MISSED_HEARTBEATS), timeout
 
 
+#: the file in a head's state dir holding its API token (created on first start; owner-only)
+API_TOKEN_FILE: Final = "api-token"
+#: the folder in a head's state dir holding its CURVE keys (``dcf keys generate``'s layout)
+KEY_DIR: Final = "keys"
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_api_token(state_dir: str | os.PathLike[str]) -> str:
+    """The API token in ``state_dir``'s token file ("" when there is none, or it cannot be read: the
+    head's files are its user's only, so only that user's clients find it)."""
+    try:
+        with open(os.path.join(state_dir, API_TOKEN_FILE), encoding="ascii") as f:
+            return f.read(4096).strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -140,7 +173,9 @@ COMMON_OPTIONS = [
 
 CURVE_SECRET_KEY = Option(
     "curve_secret_key", str, "", "this program's CURVE secret key file (`NAME.key_secret` from `dcf keys "
-    "generate`); with it, all ZeroMQ traffic is encrypted and authenticated (empty: CURVE off)")
+    "generate` or `dcf keys add-provider`); with it, all ZeroMQ traffic is encrypted and authenticated (empty: "
+    "a provider has CURVE off; a head uses the key pair in STATE_DIR/keys, created on its first start, unless "
+    "--insecure)")
 
 SHARED_FILES = Option(
     "shared_files", str, "auto", "auto: on the head's machine, exchange arrays as files in the head's state dir "
@@ -169,10 +204,14 @@ HEAD_OPTIONS = [
     Option("accept_empty_store", _bool, False, "start although the job store lost the jobs this state dir held "
            "(`jobs.sqlite3` emptied, deleted, replaced or unreadable and moved aside): they are forgotten; without "
            "it the head refuses to start, saying why"),
-    Option("api_token", str, "", "bearer token the REST API requires (empty: none)"),
+    Option("api_token", str, "", "bearer token the REST API requires (empty: the one in STATE_DIR/api-token, "
+           "created on the head's first start, unless --insecure)"),
     CURVE_SECRET_KEY,
     Option("curve_allow", str, "", "head: directory of allowed provider public keys (`*.key`), re-read when "
-           "it changes; required with --curve-secret-key"),
+           "it changes; required with --curve-secret-key (empty: STATE_DIR/keys/allowed, unless --insecure)"),
+    Option("insecure", _bool, False, "run without what was not given explicitly: no API token and no CURVE "
+           "unless --api-token or --curve-* are set (a warning at start); without it, a head creates both in "
+           "its state dir on first start and requires them"),
 ]
 
 PROVIDER_OPTIONS = [
@@ -204,6 +243,9 @@ CLIENT_OPTIONS = [
            "follow-up, a result download) keeps reconnecting, with back-off, while the head is unreachable "
            "(e.g. restarting); 0: fail at once", _non_negative, ">= 0"),
     SHARED_FILES,
+    Option("state_dir", str, "./dcf-state", "the head's state dir, for a client on the head's machine: with no "
+           "token given and a loopback head URL, the token is read from STATE_DIR/api-token (the same variable "
+           "as the head's --state-dir)", flag_name="--head-state-dir"),
 ]
 
 
@@ -271,6 +313,12 @@ class Settings:
                 object.__setattr__(self, opt.name, float(getattr(self, opt.name)))
 
     @classmethod
+    def _complete(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Values resolved from flags, environment and defaults, completed from this machine where a
+        settings class does (the client's token)."""
+        return values
+
+    @classmethod
     def defaults(cls: type[S]) -> S:
         return cls(**{opt.name: opt.default for opt in cls.OPTIONS})
 
@@ -280,12 +328,12 @@ class Settings:
         unknown = set(given) - {opt.name for opt in cls.OPTIONS}
         if unknown:
             raise ConfigError(f"{cls.__name__} has no option {', '.join(sorted(unknown))}")
-        return cls(**resolve_values(given, cls.OPTIONS, env, given_as_flags=False))
+        return cls(**cls._complete(resolve_values(given, cls.OPTIONS, env, given_as_flags=False)))
 
     @classmethod
     def from_namespace(cls: type[S], ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> S:
         """From parsed flags (other attributes of ``ns``, e.g. a subcommand's, are ignored)."""
-        return cls(**resolve_values(vars(ns), cls.OPTIONS, env))
+        return cls(**cls._complete(resolve_values(vars(ns), cls.OPTIONS, env)))
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
@@ -330,6 +378,7 @@ class HeadSettings(Settings):
     api_token: str = field(repr=False)
     curve_secret_key: str
     curve_allow: str
+    insecure: bool
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -378,6 +427,15 @@ class ClientSettings(Settings):
     queue_wait: float
     reconnect_wait: float
     shared_files: str
+    state_dir: str
+
+    @classmethod
+    def _complete(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """No token given (flag, DCF_API_TOKEN, argument) and a head on this machine: the token its
+        state dir holds (``local_api_token``), as a local ``dcf status`` needs nothing more."""
+        if not values["api_token"] and is_loopback_url(values["head_url"]):
+            values["api_token"] = local_api_token(values["state_dir"])
+        return values
 
 
 SETTINGS: Final = (HeadSettings, ProviderSettings, ClientSettings)

@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -241,6 +241,78 @@ def copy_for_provider(key_dir: Path, name: str, dest: Path) -> list[Path]:
                 target.chmod(0o600)  # an existing file keeps its mode through copyfile
             out.append(target)
     return out
+
+
+# ---- secure by default: what a head started without keys or token creates ------------------------
+@dataclass(frozen=True)
+class Defaults:
+    """What ``secure_defaults`` found or created in a head's state dir (None: given explicitly, or
+    ``--insecure``)."""
+
+    token_file: Path | None
+    token_created: bool
+    key_dir: Path | None
+    keys_created: bool
+    api_token: str = field(repr=False, default="")  # the token file's ("" without one); never logged
+
+
+def ensure_api_token(path: Path) -> tuple[str, bool]:
+    """The API token in ``path``, created (random, 256 bits, owner-only 0600) when there is none;
+    (token, created?). An empty, malformed or unreadable file is a ConfigError naming it."""
+    import secrets
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            st = path.stat()
+            if os.name == "posix" and st.st_uid == os.getuid() and st.st_mode & 0o077:
+                path.chmod(0o600)  # a copy made readable to others: its owner's only again
+            token = path.read_text(encoding="ascii", errors="replace").strip()
+        else:
+            token = secrets.token_urlsafe(32)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(token + "\n")
+            return token, True
+    except OSError as exc:
+        raise ConfigError(f"cannot create or read the API token file {path}: {exc.strerror or exc}") from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(f"{path}: not an API token (16 or more printable characters, no spaces); delete it "
+                          "and the head creates a new one, or give --api-token")
+    return token, False
+
+
+def secure_defaults(state_dir: Path, *, token: bool, curve: bool) -> Defaults:
+    """Secure by default: the API token file (``token``) and the CURVE key pair with an (empty)
+    allow-list (``curve``) in ``state_dir``, created on first start and reused afterwards."""
+    from .config import API_TOKEN_FILE, KEY_DIR
+
+    private_dir(state_dir)
+    token_file = key_dir = None
+    token_created = keys_created = False
+    api_token = ""
+    if token:
+        token_file = state_dir / API_TOKEN_FILE
+        api_token, token_created = ensure_api_token(token_file)
+    if curve:
+        key_dir = state_dir / KEY_DIR
+        with _writing_keys(key_dir):
+            private_dir(key_dir)
+            _, keys_created = generate_head(key_dir)
+            private_dir(key_dir / "allowed")
+    return Defaults(token_file, token_created, key_dir, keys_created, api_token)
+
+
+def add_provider(key_dir: Path, name: str, out: Path) -> tuple[list[Path], bool]:
+    """``dcf keys add-provider``: provider ``name``'s key pair made in the head's ``key_dir`` (its
+    public key on the allow-list, ``key_dir/allowed``) and what its machine needs copied into ``out``;
+    (copied files, created?). A head that has no key pair there yet is a ConfigError."""
+    if not (key_dir / "head.key").is_file() or not (key_dir / "head.key_secret").is_file():
+        raise ConfigError(f"no head key pair in {key_dir}: start the head once (it creates it in STATE_DIR/keys), "
+                          "or give the key directory with --dir")
+    _, created = generate_provider(key_dir, name)
+    return copy_for_provider(key_dir, name, out), created
 
 
 # ---- the head's files: owner only ---------------------------------------------------------------

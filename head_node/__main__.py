@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -58,6 +59,69 @@ def http_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def secure_by_default(cfg: config.HeadSettings) -> tuple[config.HeadSettings, security.Defaults | None]:
+    """The settings the head runs with: an API token and CURVE keys not given explicitly are those of
+    its state dir (``STATE_DIR/api-token``, ``STATE_DIR/keys``), created on the first start and reused
+    afterwards; with ``--insecure``, none (None: nothing taken from the state dir)."""
+    if cfg.insecure:
+        return cfg, None
+    curve_given = bool(cfg.curve_secret_key or cfg.curve_allow)
+    if cfg.api_token and curve_given:
+        return cfg, None
+    defaults = security.secure_defaults(Path(cfg.state_dir), token=not cfg.api_token, curve=not curve_given)
+    changes: dict[str, Any] = {}
+    if defaults.token_file is not None:
+        changes["api_token"] = defaults.api_token
+    if defaults.key_dir is not None:
+        changes["curve_secret_key"] = str(defaults.key_dir / "head.key_secret")
+        changes["curve_allow"] = str(defaults.key_dir / "allowed")
+    return dataclasses.replace(cfg, **changes), defaults
+
+
+def announce_security(cfg: config.HeadSettings, defaults: security.Defaults | None) -> None:
+    """One block at start-up: where the token and keys the head took from its state dir are and how to
+    hand them to clients and providers, or a warning for what ``--insecure`` leaves open. The token
+    itself is never written (only its file)."""
+    where = "all interfaces" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    if defaults is None:
+        if not cfg.insecure:
+            return
+        open_ = [*([] if cfg.api_token else [f"the REST API (port {cfg.http_port}) answers anyone, no token"]),
+                 *([] if cfg.curve_secret_key else [f"ZeroMQ (ports {cfg.registration_port}, {cfg.task_port}, "
+                                                    f"{cfg.result_port}) "
+                                                    "has no CURVE: any peer can register as a provider, read "
+                                                    "operands and send results"])]
+        if open_:
+            log.warning("--insecure: %s, listening on %s. Use it on a trusted network or 127.0.0.1 only; "
+                        "without --insecure the head creates a token and CURVE keys in its state dir",
+                        "; ".join(open_), where)
+        return
+    state = Path(cfg.state_dir).resolve()
+    lines = ["secure by default (docs/DEPLOYMENT.md, 'Secure by default'):"]
+    if defaults.token_file is not None:
+        tf = defaults.token_file.resolve()
+        lines += [
+            f"  API token:  {tf} ({'created now' if defaults.token_created else 'kept'}; owner-only), required on "
+            "every route but /v1/health",
+            f"    on this machine, `dcf` reads it by itself (head URL on 127.0.0.1/localhost; DCF_STATE_DIR={state} "
+            "or run it where ./dcf-state is this state dir)",
+            f"    elsewhere: export DCF_API_TOKEN=\"$(cat {tf})\"; dashboard: http://HOST:{cfg.http_port}/?token=TOKEN "
+            "once",
+        ]
+    if defaults.key_dir is not None:
+        kd = defaults.key_dir.resolve()
+        lines += [
+            f"  CURVE keys: {kd}/head.key_secret ({'created now' if defaults.keys_created else 'kept'}), providers "
+            f"allowed: the public keys in {kd}/allowed/",
+            f"    enrol a provider: dcf keys add-provider NAME --head-state-dir {state}   (writes NAME-keys/: "
+            "copy it to the provider's machine), then there:",
+            "    dcf-provider --head THIS_HOST --curve-server-key NAME-keys/head.key --curve-secret-key "
+            "NAME-keys/NAME.key_secret",
+        ]
+    lines.append("  opt out (trusted network only): --insecure")
+    log.info("%s", "\n".join(lines))
+
+
 def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
     """uvloop where it is installed (faster HTTP bodies), asyncio elsewhere (e.g. Windows)."""
     try:
@@ -83,12 +147,18 @@ async def serve(cfg: config.HeadSettings) -> None:
     except BaseException:
         sock.close()
         raise
+    try:  # secure by default: the token and CURVE keys not given are the state dir's (created on first start)
+        cfg, defaults = secure_by_default(cfg)
+    except BaseException:
+        sock.close()
+        raise
     head = Head(cfg)
     try:
         await head.start()
     except BaseException:
         sock.close()
         raise
+    announce_security(cfg, defaults)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

@@ -33,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .node import ProviderNode
 
         node = ProviderNode(cfg, detect(cfg.device))
+        if not cfg.curve_secret_key:  # a head secure by default never answers it: say why up front
+            log.info("CURVE off (no --curve-secret-key): only a head run with --insecure takes this provider; "
+                     "for a head with keys, run `dcf keys add-provider NAME` on its machine and pass "
+                     "--curve-server-key and --curve-secret-key (docs/DEPLOYMENT.md, 'Secure by default')")
     except DcfError as exc:
         print(f"dcf-provider: {exc.message}", file=sys.stderr)
         return 2

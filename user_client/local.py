@@ -2,6 +2,13 @@
 
 Used by ``dcf up``, ``dcf demo``, the tests and the benchmarks. No Docker, no
 RabbitMQ needed (the head's embedded store); pass ``amqp_url`` to use RabbitMQ.
+
+Every port is bound to 127.0.0.1 only, and the head runs with ``--insecure`` (no API token, no
+CURVE, unless ``head_args`` give a token or ``curve`` asks for keys): nothing off this machine can
+reach it, the one-command ``dcf up``/``dcf demo`` flow needs no token, and the suite stays fast.
+``secure=True`` runs the head as an operator's would, with no security flags: it creates its token
+and CURVE keys in the state dir, the cluster's providers get key pairs on its allow-list and its
+own client reads the token there.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from common import layout, security
+from common import config, layout, security
 from common.config import HeadSettings
 from common.errors import ConfigError, DcfError, HeadUnreachable, WaitTimeout
 
@@ -50,7 +57,7 @@ class LocalCluster:
                  amqp_url: str = "", threads: int | None = None, heartbeat: float | None = None,
                  head_args: list[str] | None = None, provider_args: list[str] | None = None,
                  log_dir: str | None = None, quiet: bool = True, env: dict[str, str] | None = None,
-                 curve: bool = False) -> None:
+                 curve: bool = False, secure: bool = False) -> None:
         self.n_providers = providers
         self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix="dcf-")
         self.state_dir = Path(state_dir or self._tmp.name)  # type: ignore[union-attr]
@@ -69,12 +76,19 @@ class LocalCluster:
         self.head: subprocess.Popen[bytes] | None = None
         self.providers: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
+        #: the head's own secure default (no security flags: token and keys created in its state dir)
+        self.secure = secure
         #: CURVE: keys in STATE_DIR/keys, one key pair per provider, each on the head's allow-list
-        self.key_dir: Path | None = self.state_dir / "keys" if curve else None
+        self.key_dir: Path | None = self.state_dir / config.KEY_DIR if curve or secure else None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def api_token(self) -> str:
+        """The token the head created in its state dir (``secure``), else ""."""
+        return config.local_api_token(self.state_dir) if self.secure else ""
 
     def port_args(self) -> list[str]:
         return ["--registration-port", str(self.ports["registration"]), "--task-port", str(self.ports["task"]),
@@ -97,7 +111,9 @@ class LocalCluster:
                 str(self.rendezvous_port), *self.head_args]
         if self.amqp_url:
             args += ["--amqp-url", self.amqp_url]
-        if self.key_dir is not None:
+        if not self.secure:  # loopback only (--host 127.0.0.1 above): see the module's docstring
+            args.append("--insecure")
+        if self.key_dir is not None and not self.secure:
             security.generate_head(self.key_dir)
             (self.key_dir / "allowed").mkdir(exist_ok=True)
             args += ["--curve-secret-key", str(self.key_dir / "head.key_secret"),
@@ -142,7 +158,7 @@ class LocalCluster:
 
     def _wait(self, probe: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
         end = time.monotonic() + timeout
-        with Client(self.url, timeout=5, reconnect_wait=0) as client:
+        with Client(self.url, token=self.api_token or None, timeout=5, reconnect_wait=0) as client:
             while time.monotonic() < end:
                 if proc is not None and proc.poll() is not None:
                     raise DcfError(f"{what}: it exited with code {proc.returncode} (logs in {self.log_dir})")

@@ -1,6 +1,7 @@
 """The routers' dependencies: the head, the live feed, and the one bearer-token check.
 
-With ``--api-token`` set, every route needs ``Authorization: Bearer TOKEN`` except
+With a token (``--api-token``, or by default the one ``dcf-head`` creates in STATE_DIR/api-token
+on its first start; none only with ``--insecure``), every route needs ``Authorization: Bearer TOKEN`` except
 ``/v1/health``, the dashboard page ``/`` and its ``/static`` files, which hold no data. The
 event stream ``/v1/stream`` also takes the token as ``?token=`` (a browser's EventSource cannot
 send headers). Tokens are compared in constant time.
