@@ -187,7 +187,7 @@ class Provider:
     def spec(self, task_type: str) -> ProviderSpec:
         info = self.info
         return ProviderSpec(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes,
-                            info.datasets)
+                            info.datasets, info.collectives)
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
         """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``

@@ -56,6 +56,21 @@ def runnable_task_types() -> list[str]:
     return [name for name in tasks.names() if tasks.get(name).available()]
 
 
+def collectives(device_kind: str) -> list[str]:
+    """The torch.distributed backends this provider can join a training group with (``register.collectives``):
+    none without torch or its distributed package (some builds lack it), gloo, and NCCL on CUDA."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return []
+    if not dist.is_available():
+        return []
+    out = ["gloo"] if dist.is_gloo_available() else []
+    if device_kind == "cuda" and dist.is_nccl_available():
+        out.append("nccl")
+    return out
+
+
 Key = tuple[str, int, str]  # (job id, subtask, head incarnation)
 
 
@@ -144,7 +159,8 @@ class ProviderNode:
             "os": f"{platform.system()} {platform.release()}", "device_kind": hardware.kind,
             "device_name": hardware.name, "memory_bytes": hardware.available_memory(),
             "cores": os.cpu_count() or 1, "task_types": runnable_task_types(), "dtypes": list(hardware.dtypes),
-            "version": __version__, "gflops": float(self.gflops), "datasets": local_data.wire(self.local_data)})
+            "version": __version__, "gflops": float(self.gflops), "datasets": local_data.wire(self.local_data),
+            "collectives": collectives(hardware.kind)})
 
     def heartbeat_frames(self) -> list[Any]:
         with self.lock:  # a cancelled subtask still running (it stops at its next block) is still held

@@ -79,6 +79,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "cores": _f(int), "task_types": _f(list), "dtypes": _f(list),
         "version": _f(str), "gflops": _f(*_NUM),
         "datasets": _f(list, required=False),  # the provider's local datasets (PROTOCOL.md 5.1): LOCAL_DATA
+        "collectives": _f(list, required=False),  # torch.distributed backends it can join a group with
     },
     "heartbeat": {"provider_id": _f(str), "running": _f(list), "queued": _f(int),
                   "local_epoch": _f(str, required=False)},
@@ -355,6 +356,7 @@ class ProviderHello:
     version: str
     gflops: float
     datasets: tuple[LocalData, ...] = ()
+    collectives: frozenset[str] = frozenset()  # "gloo", "nccl": the process groups it can join (allreduce)
 
 
 def parse_register(msg: Message) -> ProviderHello:
@@ -374,7 +376,8 @@ def parse_register(msg: Message) -> ProviderHello:
         provider_id=pid, name=text["name"] or pid[:8], host=text["host"], os=text["os"],
         device_kind=fields["device_kind"], device_name=text["device_name"], memory_bytes=fields["memory_bytes"],
         cores=fields["cores"], task_types=_strings(fields, "task_types"), dtypes=_strings(fields, "dtypes"),
-        version=text["version"], gflops=gflops, datasets=_local_data(fields.get("datasets", [])))
+        version=text["version"], gflops=gflops, datasets=_local_data(fields.get("datasets", [])),
+        collectives=_strings(fields, "collectives") if "collectives" in fields else frozenset())
 
 
 def _local_data(entries: Any) -> tuple[LocalData, ...]:

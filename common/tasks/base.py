@@ -46,6 +46,7 @@ class ProviderSpec:
     device_kind: str
     dtypes: frozenset[str]
     datasets: tuple[LocalData, ...] = ()  # the datasets it holds on its own disk (``--data``)
+    collectives: frozenset[str] = frozenset()  # torch.distributed backends it can join a process group with
 
 
 @dataclass(frozen=True)

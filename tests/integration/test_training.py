@@ -184,6 +184,9 @@ def test_bad_training_parameters_are_refused(cluster2, params, error, match) -> 
     (datasets.Dataset("odd", np.ones((100, 7), np.float32), np.zeros(100, np.int64), np.ones((10, 7), np.float32),
                       np.zeros(10, np.int64), 2), {"model": "cnn"}, "does not fit|square"),
     (DIGITS, {"lr": 1e30, "momentum": 0.0}, "non-finite loss"),
+    # a 300-byte request must not cost GBs (issue 14 A5): refused before anything is allocated
+    (DIGITS, {"model": "mlp", "model_args": {"hidden": [8192, 8192]}}, "67,731,466 parameters"),
+    (DIGITS, {"model": "mlp", "model_args": {"hidden": [65536] * 3}}, "at most 50,000,000"),
 ])
 def test_bad_jobs_fail_with_a_message(cluster2, dataset, params, match) -> None:
     with Client(cluster2.url) as c:

@@ -19,6 +19,9 @@ import numpy as np
 from ...errors import NotFound, ValidationError
 
 Builder = Callable[..., Any]
+#: the most parameters a job's model may have (float32: 200 MB of parameters, as much again per gradient
+#: and optimizer state, on the head and on every provider): a few bytes of ``model_args`` must not cost GBs
+MAX_PARAMETERS = 50_000_000
 _MODELS: dict[str, Builder] = {}
 
 
@@ -40,8 +43,17 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, args: dic
     _load_entry_points()
     if name not in _MODELS:
         raise NotFound(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
+    with torch.device("meta"):  # sized first, with no memory behind it: a huge model is refused, not allocated
+        size = n_parameters(_build(name, input_shape, n_classes, args))
+    if size > MAX_PARAMETERS:
+        raise ValidationError(f"model {name} with arguments {args or {}} has {size:,} parameters; a job's model may "
+                              f"have at most {MAX_PARAMETERS:,}")
     if seed is not None:
         torch.manual_seed(seed)
+    return _build(name, input_shape, n_classes, args)
+
+
+def _build(name: str, input_shape: Sequence[int], n_classes: int, args: dict[str, Any] | None) -> Any:
     try:
         return _MODELS[name](tuple(input_shape), n_classes, **(args or {}))
     except TypeError as exc:

@@ -503,8 +503,14 @@ class TrainPlanner(Planner):
                 return []
             self._regroup_after = None
         self._waiting = None
-        if not providers:  # asked while waiting, and nobody is ready
+        able = list(providers) if providers and _backend(providers) == "nccl" else \
+            [w for w in providers if "gloo" in w.collectives]  # who can join this group
+        if not able:  # asked while waiting, and nobody is ready (or can join a group)
+            if providers:
+                self._waiting = ("waiting for a provider that can join an allreduce group: torch.distributed is "
+                                 f"unavailable on {', '.join(w.provider_id[:8] for w in providers)}")
             return []
+        providers = able
         b = self.p["batch_size"]
         k = min(self.p["round_steps"], self.steps_per_epoch - self.step_in_epoch, self.total_steps - self.global_step)
         members = self._membership(providers)
@@ -524,7 +530,7 @@ class TrainPlanner(Planner):
                   "optimizer": {"name": self.p["optimizer"], "momentum": self.p["momentum"],
                                 "weight_decay": self.p["weight_decay"]},
                   "group": {"port": int(self.rendezvous["port"]), "prefix": self._prefix(),
-                            "backend": "nccl" if all(w.device_kind == "cuda" for w in members) else "gloo",
+                            "backend": _backend(members),
                             "timeout": float(self.p["collective_timeout"])}}
         plans, start = [], 0
         for rank, (w, n) in enumerate(zip(members, counts, strict=True)):
@@ -738,6 +744,13 @@ class TrainPlanner(Planner):
                             "stale_gradients_dropped": self.stale_dropped}}
         return [SaveFile("model.pt", _torch_bytes(self.model.state_dict())),
                 SaveFile("model.json", json.dumps(meta, indent=2).encode())]
+
+
+def _backend(members: Sequence[ProviderSpec]) -> str:
+    """NCCL when every member is CUDA and has it, else gloo (mixed devices meet on the CPU)."""
+    if all(w.device_kind == "cuda" and "nccl" in w.collectives for w in members):
+        return "nccl"
+    return "gloo"
 
 
 def _torch_bytes(obj: Any) -> bytes:
