@@ -290,7 +290,10 @@
     // connected: providers the head hears from and gives work (ready, or draining what it has)
     const connected = rows.filter((n) => CONNECTED.has(n.state)).length;
     const dead = rows.filter((n) => n.state === "dead").length;
-    $("nodes-count").textContent = rows.length ? connected + " connected" + (dead ? " · " + dead + " dead" : "") : "";
+    // connected but given no work: acks missed (unhealthy) or compute hung (stuck)
+    const sick = rows.filter((n) => n.state === "unhealthy" || n.state === "stuck").length;
+    $("nodes-count").textContent = rows.length ? connected + " connected" + (sick ? " · " + sick + " unhealthy" : "")
+      + (dead ? " · " + dead + " dead" : "") : "";
     $("nodes").tBodies[0].innerHTML = rows.map((n) => {
       const draining = n.state === "draining";
       const action = draining ? "undrain" : "drain";

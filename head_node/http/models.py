@@ -151,7 +151,8 @@ class NodeView(Reply):
     task_types: list[str]
     dtypes: list[str]
     version: str
-    state: str = Field(description="ready, connecting, draining or dead")
+    state: str = Field(description="ready, connecting, draining, unhealthy (acks missed: no new work, told to "
+                             "reconnect), stuck (compute hung: no new work) or dead")
     shares_state_dir: bool
     assigned: int = Field(description="subtasks assigned and not finished")
     subtasks_done: int
