@@ -4,6 +4,7 @@ kept across rounds, a new generation after an abandoned round."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.unit.test_train_barrier import data
 torch = pytest.importorskip("torch")
 
 
-def planner(tmp_path: Path):  # type: ignore[no-untyped-def]
+def planner(tmp_path: Path) -> Any:
     from common.tasks import JobContext
     from common.tasks.train.planner import TrainPlanner
 
