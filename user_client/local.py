@@ -44,12 +44,24 @@ def check_port_free(port: int, host: str = "127.0.0.1", what: str = "HTTP") -> N
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 now: all held open at once while they are picked (one at a
+    time, the OS may hand the same port out twice, and a head refuses equal ports)."""
+    socks: list[socket.socket] = []
     try:
-        with socket.socket() as s:
+        for _ in range(count):
+            s = socket.socket()
+            socks.append(s)
             s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+        return [int(s.getsockname()[1]) for s in socks]
     except OSError as exc:
         raise DcfError(f"no free port on 127.0.0.1: {exc}") from None
+    finally:
+        for s in socks:
+            s.close()
 
 
 class LocalCluster:
@@ -62,9 +74,10 @@ class LocalCluster:
         self._tmp = None if state_dir else tempfile.TemporaryDirectory(prefix="dcf-")
         self.state_dir = Path(state_dir or self._tmp.name)  # type: ignore[union-attr]
         self.log_dir = Path(log_dir) if log_dir else self.state_dir / "logs"
-        self.http_port = http_port or free_port()
-        self.ports = {"registration": free_port(), "task": free_port(), "result": free_port()}
-        self.rendezvous_port = free_port()  # the head's only: the training rendezvous (allreduce)
+        ports = free_ports(5)
+        self.http_port = http_port or ports[0]
+        self.ports = {"registration": ports[1], "task": ports[2], "result": ports[3]}
+        self.rendezvous_port = ports[4]  # the head's only: the training rendezvous (allreduce)
         self.amqp_url = amqp_url
         self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // max(1, providers))
         #: seconds between heartbeats (default: the head option table's)
