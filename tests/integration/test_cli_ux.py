@@ -318,11 +318,7 @@ def test_status_wait_rides_out_a_head_restart(slow: LocalCluster) -> None:
         job = c.submit_matmul(np.eye(8), np.ones((8, 8)))
         waiting = popen("status", job, "--wait", "--reconnect-wait", "60", url=slow.url)
         wait_for(lambda: c.status(job)["state"] == "running", 20, "the job to start")
-        wait_for(lambda: connected(waiting.pid, slow.http_port), 30, "the waiting CLI to reach the head")
-        slow.kill_head()
-        time.sleep(0.5)  # the waiting CLI finds the head gone
-        slow.start_head()
-        out, err = waiting.communicate(timeout=90)
+        out, err = restart_head_under(waiting, slow)
         assert waiting.returncode == 0, err
         assert "reconnecting" in err and err.count("reconnecting") == 1, err
         assert "reconnected to the head" in err, err
@@ -337,11 +333,7 @@ def test_a_waiting_submit_rides_out_a_head_restart(slow: LocalCluster) -> None:
                      url=slow.url)
         wait_for(lambda: any(j["state"] == "running" and j["job_id"] not in before for j in c.jobs()), 20,
                  "the submitted job to start")
-        wait_for(lambda: connected(proc.pid, slow.http_port), 30, "the waiting CLI to reach the head")
-        slow.kill_head()
-        time.sleep(0.5)  # the waiting CLI finds the head gone
-        slow.start_head()
-        out, err = proc.communicate(timeout=90)
+        out, err = restart_head_under(proc, slow)
     assert proc.returncode == 0, err
     assert err.count("reconnecting") == 1 and "reconnected to the head" in err, err
     report = json.loads(out)
@@ -351,6 +343,15 @@ def test_a_waiting_submit_rides_out_a_head_restart(slow: LocalCluster) -> None:
 def test_a_head_never_reached_is_not_waited_for() -> None:
     r = dcf("status", "0123abcd", "--wait", "--reconnect-wait", "600", timeout=60)  # nothing at DEAD_URL
     assert r.returncode == 3 and "reconnecting" not in r.stderr, r.stderr
+
+
+def restart_head_under(proc: subprocess.Popen[str], cluster: LocalCluster) -> tuple[str, str]:
+    """Once the waiting CLI ``proc`` has reached the head, kill the head and start it again; the CLI's output."""
+    wait_for(lambda: connected(proc.pid, cluster.http_port), 30, "the waiting CLI to reach the head")
+    cluster.kill_head()
+    time.sleep(0.5)  # the waiting CLI finds the head gone
+    cluster.start_head()
+    return proc.communicate(timeout=90)
 
 
 def connected(pid: int, port: int) -> bool:
