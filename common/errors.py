@@ -106,6 +106,22 @@ class TooLarge(ValidationError):
     http_status = 413
 
 
+class WrongResult(ValidationError):
+    """A provider's result is the right shape but the wrong numbers: it failed the head's check of its values
+    (Freivalds' for matmul). The provider that sent it is quarantined."""
+
+    code = "wrong_result"
+
+
+class NoSpace(DcfError):
+    """The head's state dir has no room for what a request or a job needs (an upload, a job's output files,
+    the job store's commit): that one request or job fails with this error, the head goes on. Freeing space
+    (deleting finished jobs) makes new ones fit again."""
+
+    code = "no_space"
+    http_status = 507
+
+
 class NotFound(DcfError):
     code = "not_found"
     http_status = 404

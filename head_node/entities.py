@@ -24,6 +24,10 @@ MEASURABLE_FLOPS = 2e8
 SPEED_WEIGHT = 0.5
 #: bounds of a believable throughput (a bogus elapsed_s must not break the splits)
 MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e7
+#: how far a provider's own claim of speed (its benchmark) is believed before a measurement: at most this many
+#: times the fastest other provider's known speed (``ClusterState._claim_caps``); a first measurement this many
+#: times below the claim replaces it instead of being averaged with it
+CLAIM_TRUST = 4.0
 
 def service_seconds(reported: float, sent_at: float, free_at: float, now: float) -> float:
     """Seconds one subtask cost its provider, as the head saw it: from ``sent_at`` (when the head
@@ -159,6 +163,11 @@ class Provider:
     #: least ``Timing.stuck_min``), while its heartbeats say it still holds work. No new work until it
     #: finishes something or says it holds nothing
     stuck_since: float | None = None
+    #: why it is quarantined (it sent a wrong result: ``ClusterState.quarantine``); None: trusted. No work, its
+    #: results ignored, until an operator clears it
+    quarantined: str | None = None
+    #: the CURVE public key it registered with ("" without CURVE)
+    key: str = ""
     #: subtasks waiting in its local queue, as its last heartbeat said
     queued: int = 0
     #: entries of its last heartbeat's ``running`` (queued or running), where the head read it; None: not read
@@ -167,12 +176,14 @@ class Provider:
     @property
     def ready(self) -> bool:
         return (self.alive and self.subscribed and not self.draining and not self.unhealthy
-                and self.stuck_since is None)
+                and self.stuck_since is None and self.quarantined is None)
 
     @property
     def state(self) -> str:
         if not self.alive:
             return "dead"
+        if self.quarantined is not None:
+            return "quarantined"
         if self.draining:
             return "draining"
         if self.unhealthy:
@@ -184,9 +195,15 @@ class Provider:
     def gflops(self, task_type: str) -> float:
         return self.speed.get(task_type, self.info.gflops)
 
-    def spec(self, task_type: str) -> ProviderSpec:
+    def measured(self, task_type: str) -> bool:
+        """Whether its speed for this task type was learned (not only its own claim)."""
+        return task_type in self.speed
+
+    def spec(self, task_type: str, cap: float | None = None) -> ProviderSpec:
+        """What a planner sees of it; ``cap``: the most its speed may count for (an unmeasured claim)."""
         info = self.info
-        return ProviderSpec(info.provider_id, self.gflops(task_type), info.memory_bytes, info.device_kind, info.dtypes,
+        speed = self.gflops(task_type) if cap is None else min(cap, self.gflops(task_type))
+        return ProviderSpec(info.provider_id, speed, info.memory_bytes, info.device_kind, info.dtypes,
                             info.datasets, info.collectives)
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
@@ -195,7 +212,10 @@ class Provider:
         if flops < MEASURABLE_FLOPS or elapsed <= 0:
             return
         measured = min(MAX_GFLOPS, max(MIN_GFLOPS, flops / elapsed / 1e9))
-        self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured
+        if task_type not in self.speed and measured * CLAIM_TRUST < self.info.gflops:  # its claim: not believed
+            self.speed[task_type] = measured
+        else:
+            self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured
         self.last_learned = task_type
 
     def load(self) -> float:

@@ -51,6 +51,8 @@ ALERTS: dict[str, tuple[str, str]] = {
     "node.unhealthy": ("node unhealthy", "error"),
     "node.stuck": ("node stuck", "warning"),
     "node.healthy": ("node healthy again", "info"),
+    "node.quarantined": ("node quarantined", "error"),
+    "node.cleared": ("node cleared of quarantine", "info"),
     "job.failed": ("job failed", "error"),
     "straggler": ("straggler", "warning"),
     "job.regroup": ("training group re-formed", "warning"),
@@ -58,7 +60,7 @@ ALERTS: dict[str, tuple[str, str]] = {
     "queue.restored": ("job queue back", "info"),
 }
 METRIC_FIELDS = ("epoch", "step", "loss", "accuracy", "test_loss", "test_accuracy")
-PROVIDER_STATES = ("ready", "connecting", "draining", "unhealthy", "stuck", "dead")
+PROVIDER_STATES = ("ready", "connecting", "draining", "unhealthy", "stuck", "quarantined", "dead")
 JOB_STATES = STATE_NAMES
 #: bucket bounds (seconds) of the job duration histogram
 #: how far back a provider's work is spread at most (seconds)
@@ -281,6 +283,9 @@ def _alert(event: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]
     elif kind == "node.stuck":
         message = (f"provider {who}: a subtask held {event.get('seconds', 0):.1f} s and nothing finished "
                    f"({event.get('queued', 0)} queued); no new work until it finishes something")
+    elif kind == "node.quarantined":
+        message = (f"provider {who} sent a wrong result ({event.get('reason', '')}); no work until an operator "
+                   f"clears it, {event.get('taken_back', 0)} subtasks taken back")
     elif kind == "node.healthy":
         message = f"provider {who} is given work again (was {event.get('was', 'unhealthy')})"
     elif kind == "job.failed":
@@ -310,6 +315,8 @@ COUNTER_HELP = {
     "providers_lost": "Providers declared dead.",
     "providers_unhealthy": "Providers marked unhealthy (acks missed in a row, nothing heard on the result channel).",
     "providers_stuck": "Providers marked stuck (a straggler held, nothing finished, heartbeats going on).",
+    "providers_quarantined": "Providers quarantined for sending a wrong result (no work until cleared).",
+    "results_wrong": "Results that failed the check of their values (Freivalds' for matmul).",
     "subtasks_stopped": "Subtasks a provider stopped before finishing, when told to (a cancelled or failed job).",
     "groups_abandoned": "Collective subtask groups (allreduce rounds) abandoned because a member was lost or failed.",
     "bytes_in": "Result bytes received from providers over sockets.",

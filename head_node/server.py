@@ -19,14 +19,14 @@ import numpy as np
 
 from common import config, layout, protocol, security
 from common.arrays import from_bytes
-from common.errors import Conflict, DcfError, NotFound, ProtocolError, UnknownProvider, ValidationError
+from common.errors import Conflict, DcfError, NotFound, ProtocolError, UnknownProvider, ValidationError, WrongResult
 from common.jobs import TERMINAL_NAMES, JobRecord, JobState
 from common.protocol import check_id
 from common.protocol.batch import JobSpec
 
+from . import quarantine, views
 from . import state as st
 from . import stimuli as sm
-from . import views
 from .events import EventBus
 from .jobqueue import AmqpQueue, EmbeddedQueue, JobQueue
 from .lifecycle import Lifecycle
@@ -43,6 +43,7 @@ class Head:
         self.root.mkdir(parents=True, exist_ok=True)
         self.incarnation = uuid.uuid4().hex  # this head process's run id: results of earlier runs are stale
         self.state = st.ClusterState(self.incarnation, st.Timing.of(cfg))
+        self.state.quarantine.update(quarantine.load(self.root))
         self.blobs = BlobStore(self.root)
         self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
         self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, queue_name=cfg.amqp_queue) if cfg.amqp_url
@@ -149,6 +150,8 @@ class Head:
             self._group_abandoned(action)
         elif isinstance(action, sm.ProviderUnhealthy | sm.ProviderStuck | sm.ProviderHealthy):
             self._health(action)
+        elif isinstance(action, sm.ProviderQuarantined):
+            self._quarantined(action)
 
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]  # its row stays queued: the scheduler holds it (list_jobs)
@@ -202,6 +205,20 @@ class Head:
         else:
             log.info("provider no longer %s: it gets work again", a.was, extra=extra)
             self.events.emit("node.healthy", provider_id=a.provider_id, name=name, was=a.was)
+
+    def _quarantined(self, a: sm.ProviderQuarantined) -> None:
+        prov = self.state.providers.get(a.provider_id)
+        log.error("provider quarantined: %s; %d subtasks taken back; it gets no work until `dcf clear %s`",
+                  a.reason, a.taken_back, a.provider_id[:8], extra={"provider_id": a.provider_id, "job_id": a.job_id})
+        self.events.emit("node.quarantined", provider_id=a.provider_id, name=prov.info.name if prov else "",
+                         job_id=a.job_id, subtask=a.subtask, reason=a.reason, taken_back=a.taken_back)
+        self._save_quarantine()
+
+    def _save_quarantine(self) -> None:
+        try:
+            quarantine.save(self.root, self.state.quarantine, self.cfg.fsync)
+        except OSError as exc:  # the live list holds; a restart would forget this entry
+            log.error("could not store the quarantine list: %s", exc)
 
     def _lost(self, a: sm.ProviderLost) -> None:
         prov = self.state.providers.get(a.provider_id)
@@ -278,7 +295,7 @@ class Head:
 
     def _register(self, msg: protocol.Message, pid: str) -> list[Any]:
         info = protocol.parse_register(msg)
-        self.apply(sm.ProviderRegistered(info))
+        self.apply(sm.ProviderRegistered(info, self.transport.provider_keys.get(pid, "")))
         log.info("provider registered: %s (%s, %s, %.1f GFLOP/s)", info.name, info.device_kind,
                  info.device_name, info.gflops, extra={"provider_id": pid})
         self.events.emit("node.registered", provider_id=pid, name=info.name, device=info.device_kind,
@@ -289,13 +306,28 @@ class Head:
 
     def _fetch(self, pid: str, msg: protocol.Message) -> list[Any]:
         """A registered provider asks for a dataset blob it has not cached (claim-check over REQ-REP)."""
-        if pid not in self.state.providers:
+        prov = self.state.providers.get(pid)
+        if prov is None:
             return protocol.error_frames(UnknownProvider.code, "register again")
+        if not self._holds_blob(prov, msg["blob_id"]):  # knowing a blob's id is not enough to read it
+            log.warning("fetch refused: no subtask it holds needs blob %.40s", msg["blob_id"],
+                        extra={"provider_id": pid})
+            return protocol.error_frames(NotFound.code, f"no blob {msg['blob_id']} for this provider")
         arr = self.blobs.open(msg["blob_id"])  # NotFound / ProtocolError become an error reply
         reply = protocol.blob_reply(msg["blob_id"], arr, msg.get("max_bytes"))
         if len(reply) > 1:  # the blob went (not a too_large error)
             self.counters["bytes_out"] += arr.nbytes
         return reply
+
+    def _holds_blob(self, prov: st.Provider, blob_id: object) -> bool:
+        """Whether a subtask assigned to this provider belongs to a job with this blob among its inputs."""
+        if prov.quarantined is not None:
+            return False
+        for job_id in {job_id for job_id, _ in prov.assigned}:
+            act = self.jobs.active.get(job_id)
+            if act is not None and blob_id in act.record.blob_ids().values():
+                return True
+        return False
 
     def _is_local(self, pid: str, claimed_epoch: object) -> bool:
         """A provider shares the state dir if it says so and wrote its proof file there."""
@@ -361,6 +393,10 @@ class Head:
                     job.planner.check_result(params, [])
             else:
                 job.planner.check_result(params, msg.arrays)
+        except WrongResult as exc:  # the right shape, the wrong numbers: its provider is not trusted again
+            log.warning("wrong result: %s", exc.message, extra=ctx)
+            self.apply(sm.WrongResultCaught(pid, *key, exc.message))
+            return
         except ValidationError as exc:
             log.warning("invalid result: %s", exc.message, extra=ctx)
             self.apply(sm.SubtaskFailed(pid, *key, f"invalid result: {exc.message}", True))
@@ -560,6 +596,14 @@ class Head:
         """A draining provider finishes what it has and is given nothing new."""
         self.apply(sm.DrainRequested(provider_id, draining))
         self.events.emit("node.draining" if draining else "node.undrained", provider_id=provider_id)
+        return self.node_view(provider_id)
+
+    def clear_quarantine(self, provider_id: str) -> dict[str, Any]:
+        """An operator trusts a quarantined provider again: it gets work from now on."""
+        self.apply(sm.QuarantineCleared(provider_id))
+        self._save_quarantine()
+        log.warning("provider cleared of quarantine by an operator", extra={"provider_id": provider_id})
+        self.events.emit("node.cleared", provider_id=provider_id)
         return self.node_view(provider_id)
 
     def nodes(self) -> list[dict[str, Any]]:

@@ -28,6 +28,13 @@ Reliability rules held here:
   * a subtask not finished by its deadline, or whose provider died, goes to another;
   * a result is accepted once per subtask, only for an attempt that was issued in this
     head incarnation (run); later or duplicate results are ignored (idempotent);
+  * a provider that sends a wrong result (one that fails its planner's check of its values: ``WrongResult``,
+    ``WrongResultCaught``) is *quarantined*: no more work, what it holds is taken back (told to stop, run
+    elsewhere, no strike), its later results are ignored, and it stays so (by id, and by CURVE key) until
+    an operator clears it (``QuarantineCleared``), also across its re-registrations;
+  * an unmeasured provider's own claim of speed counts for at most ``CLAIM_TRUST`` (4) times the fastest
+    other provider's known speed (``_claim_caps``), and a first measurement that far below the claim
+    replaces it (``Provider.learn``): a false claim takes one job's share, not every job's;
   * the members of a collective group (``SubtaskPlan.group``: one torch.distributed process group) are
     never moved or copied: when one is lost, fails or misses its ack or deadline, every member is
     stopped and settled as ABANDONED, and the planner plans that work again (``Planner.abandoned``).
@@ -54,7 +61,7 @@ from common.errors import Conflict, DcfError, NotFound
 from common.jobs import JobState
 from common.tasks import ProviderSpec, SubtaskPlan
 
-from .entities import Job, Lag, Provider, ProviderInfo, Stopping, SubState, Subtask, service_seconds
+from .entities import CLAIM_TRUST, Job, Lag, Provider, ProviderInfo, Stopping, SubState, Subtask, service_seconds
 from .stimuli import (
     DISCONNECTED,
     LEFT,
@@ -79,9 +86,11 @@ from .stimuli import (
     ProviderHealthy,
     ProviderLeft,
     ProviderLost,
+    ProviderQuarantined,
     ProviderRegistered,
     ProviderStuck,
     ProviderUnhealthy,
+    QuarantineCleared,
     RegisterAgain,
     Reschedule,
     ResultMerged,
@@ -96,10 +105,15 @@ from .stimuli import (
     SubtaskProgress,
     SubtaskReport,
     Tick,
+    WrongResultCaught,
 )
 
 __all__ = ["Action", "ClusterState", "Dispatch", "Job", "JobFailed", "JobFinished", "JobStarted", "JobState",
            "ProviderInfo", "ProviderLost", "SubState", "Subtask", "Timing", "service_seconds"]
+
+
+#: quarantine entries kept (``ClusterState.quarantine``): the oldest go first
+MAX_QUARANTINED = 10_000
 
 
 def _head_default(name: str) -> Any:
@@ -140,6 +154,9 @@ class ClusterState:
         self.providers: dict[str, Provider] = {}
         self.jobs: dict[str, Job] = {}
         self.subscribed_topics: set[str] = set()
+        #: providers caught sending wrong results: "id:<provider id>" and "key:<CURVE key>" -> why. It outlives
+        #: the provider's registrations (and the head: the I/O layer stores and reloads it)
+        self.quarantine: dict[str, str] = {}
         self._wall = 0.0  # the wall clock of the stimulus being handled (``handle``)
         self.counters: dict[str, int] = {
             "subtasks_dispatched": 0, "subtasks_completed": 0, "subtasks_failed": 0,
@@ -148,6 +165,8 @@ class ClusterState:
             "groups_abandoned": 0,  # collective groups that lost a member (their work is planned again)
             "providers_unhealthy": 0,  # marked unhealthy: acks missed in a row, result channel silent
             "providers_stuck": 0,  # marked stuck: a straggler, nothing finished since
+            "providers_quarantined": 0,  # caught sending a wrong result: no work until an operator clears it
+            "results_wrong": 0,  # results that failed their planner's check of their values
         }
 
     # ---- the one entry -------------------------------------------------------------------
@@ -165,7 +184,8 @@ class ClusterState:
         info = ev.info
         old = self.providers.get(info.provider_id)
         prov = Provider(info, last_seen=now,
-                        subscribed=info.provider_id in self.subscribed_topics)
+                        subscribed=info.provider_id in self.subscribed_topics, key=ev.key)
+        prov.quarantined = self._quarantined_as(info.provider_id, ev.key)
         if old is not None:
             prov.draining = old.draining
             prov.assigned = old.assigned
@@ -316,6 +336,63 @@ class ClusterState:
         if prov.alive and prov.disconnected_at is None:
             prov.disconnected_at = now
         return []
+
+    def _quarantined_as(self, provider_id: str, key: str) -> str | None:
+        """Why this provider id or CURVE key is quarantined; None if neither is."""
+        return self.quarantine.get(f"id:{provider_id}") or (self.quarantine.get(f"key:{key}") if key else None)
+
+    def _on_wrong(self, ev: WrongResultCaught, now: float) -> list[Action]:
+        """A wrong result: its provider is quarantined first (so the subtask, queued again without a strike,
+        goes elsewhere), then the attempt is heard as failed."""
+        self.counters["results_wrong"] += 1
+        prov = self.providers.get(ev.provider_id)
+        if prov is None or ev.incarnation != self.incarnation:
+            return []
+        actions = [] if prov.quarantined is not None else self._quarantine(prov, ev, now)
+        actions += self._on_failed(SubtaskFailed(ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.incarnation,
+                                                 f"wrong result: {ev.error}", True), now)
+        return actions + self._schedule(now)
+
+    def _quarantine(self, prov: Provider, ev: WrongResultCaught, now: float) -> list[Action]:
+        """No more work for it: what it holds of running jobs is stopped and queued again (no strike: the
+        subtask is not at fault) and will be run by others; it stays quarantined until cleared."""
+        pid = prov.info.provider_id
+        reason = f"wrong result for job {ev.job_id[:8]} subtask {ev.subtask}: {ev.error}"[:300]
+        prov.quarantined = reason
+        self.quarantine[f"id:{pid}"] = reason
+        if prov.key:
+            self.quarantine[f"key:{prov.key}"] = reason
+        while len(self.quarantine) > MAX_QUARANTINED:  # bounded: liars under ever new ids (no CURVE)
+            del self.quarantine[next(iter(self.quarantine))]
+        self.counters["providers_quarantined"] += 1
+        actions: list[Action] = []
+        taken = 0
+        for job_id, index in sorted(prov.assigned):
+            job = self.jobs.get(job_id)
+            if job is None or job.state is not JobState.RUNNING or (job_id, index) in prov.stopping:
+                continue
+            sub = job.subtasks[index]
+            if self._stop(pid, job, sub, now):
+                actions.append(StopSubtasks(pid, job_id, index))
+            if sub.provider_id == pid and sub.state in (SubState.SENT, SubState.RUNNING):
+                if sub.group is not None:
+                    actions += self._abandon(job, sub.group, now, f"member {pid[:8]} quarantined")
+                else:
+                    self._requeue(job, sub)
+                taken += 1
+        return [ProviderQuarantined(pid, ev.job_id, ev.subtask, reason, taken), *actions]
+
+    def _on_clear(self, ev: QuarantineCleared, now: float) -> list[Action]:
+        prov = self.providers.get(ev.provider_id)
+        if prov is None:
+            raise NotFound(f"no provider {ev.provider_id}")
+        if prov.quarantined is None:
+            raise Conflict(f"provider {ev.provider_id} is not quarantined")
+        prov.quarantined = None
+        self.quarantine.pop(f"id:{ev.provider_id}", None)
+        if prov.key:
+            self.quarantine.pop(f"key:{prov.key}", None)
+        return self._schedule(now)
 
     def _on_drain(self, ev: DrainRequested, now: float) -> list[Action]:
         prov = self.providers.get(ev.provider_id)
@@ -468,8 +545,8 @@ class ClusterState:
         self._finished_work(ev, now)
         self._report_stopped(ev)
         sub = self._live_subtask(ev)
-        if sub is None or sub.tried[attempt - 1] != provider_id:
-            self.counters["results_ignored"] += 1
+        if sub is None or sub.tried[attempt - 1] != provider_id or (prov is not None and prov.quarantined):
+            self.counters["results_ignored"] += 1  # late, duplicate, or from a provider caught wrong
             return heard
         job = self.jobs[job_id]
         stops: list[Action] = []
@@ -744,6 +821,7 @@ class ClusterState:
         task = tasks.get(job.task_type)
         providers: list[ProviderSpec] = []
         reasons: list[str] = []
+        caps = self._claim_caps(job.task_type)
         for prov in self.providers.values():
             if not prov.ready:
                 if prov.alive and prov.subscribed and not prov.draining:  # unhealthy or stuck
@@ -754,7 +832,7 @@ class ClusterState:
             if job.task_type not in prov.info.task_types:
                 reasons.append(f"{prov.info.name} lacks task type {job.task_type}")
                 continue
-            provider = prov.spec(job.task_type)
+            provider = prov.spec(job.task_type, None if prov.measured(job.task_type) else caps(prov))
             why = task.eligible(provider, job.params, job.inputs)
             if why:
                 reasons.append(why)
@@ -766,6 +844,26 @@ class ClusterState:
         if not reasons:
             return [], "waiting for providers: none is connected"
         return [], "waiting for a suitable provider: " + "; ".join(sorted(set(reasons)))
+
+    def _claim_caps(self, task_type: str) -> Callable[[Provider], float | None]:
+        """The most an unmeasured provider's own claim of speed may count for: ``CLAIM_TRUST`` times the
+        fastest known speed (learned, or claimed) of any other live provider; no cap when it is alone. A
+        provider claiming 9e6 GFLOP/s beside honest ones at 50 then counts as 200 until its speed is measured,
+        and its first measurement replaces the claim (``Provider.learn``)."""
+        best: tuple[float, str] = (0.0, "")
+        second = 0.0
+        for prov in self.providers.values():
+            if not prov.alive:
+                continue
+            speed = prov.gflops(task_type)
+            if speed > best[0]:
+                best, second = (speed, prov.info.provider_id), best[0]
+            elif speed > second:
+                second = speed
+        def cap(prov: Provider) -> float | None:
+            other = second if prov.info.provider_id == best[1] else best[0]
+            return CLAIM_TRUST * other if other else None
+        return cap
 
     def _order(self, w: ProviderSpec) -> tuple[float, int, float]:
         """Who a job goes to first: the least loaded (seconds of work out, to the millisecond), then the
@@ -862,4 +960,5 @@ _HANDLERS: dict[type, str] = {
     JobFailRequested: "_on_fail_requested", JobForgotten: "_on_forgotten", SubtaskAcked: "_on_acked",
     ResultReceived: "_on_result", ResultMerged: "_on_merged", SubtaskFailed: "_on_failed", Tick: "_on_tick",
     Reschedule: "_on_reschedule", SubtaskProgress: "_on_progress", SubtaskCancelled: "_on_cancelled",
+    WrongResultCaught: "_on_wrong", QuarantineCleared: "_on_clear",
 }

@@ -17,6 +17,8 @@ from .entities import Job, ProviderInfo
 @dataclass(frozen=True)
 class ProviderRegistered:
     info: ProviderInfo
+    #: the CURVE public key (Z85) it registered with; "" without CURVE. A quarantine holds for the key too
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,21 @@ class SubtaskFailed(SubtaskReport):
 
 
 @dataclass(frozen=True)
+class WrongResultCaught(SubtaskReport):
+    """A result failed its planner's check of its values (``WrongResult``): the attempt failed, and the
+    provider that sent it is quarantined."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class QuarantineCleared:
+    """An operator trusts this provider again (``POST /v1/nodes/{id}/clear``)."""
+
+    provider_id: str
+
+
+@dataclass(frozen=True)
 class SubtaskProgress(SubtaskReport):
     """A provider says how far it got with a running subtask: ``done`` of ``total`` of its own units."""
 
@@ -148,7 +165,8 @@ class Reschedule:
 
 Stimulus = (ProviderRegistered | HeartbeatReceived | SubscriptionChanged | ProviderDisconnected | ProviderLeft
             | DrainRequested | JobAdded | CancelRequested | JobFailRequested | JobForgotten | SubtaskAcked
-            | ResultReceived | ResultMerged | SubtaskFailed | SubtaskProgress | SubtaskCancelled | Tick | Reschedule)
+            | ResultReceived | ResultMerged | SubtaskFailed | SubtaskProgress | SubtaskCancelled | Tick | Reschedule
+            | WrongResultCaught | QuarantineCleared)
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -254,6 +272,18 @@ class ProviderStuck:
 
 
 @dataclass(frozen=True)
+class ProviderQuarantined:
+    """This provider sent a wrong result (``reason``): it gets no more work until an operator clears it, what
+    it holds is taken back and run elsewhere (``taken_back`` subtasks), and its later results are ignored."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    reason: str
+    taken_back: int
+
+
+@dataclass(frozen=True)
 class ProviderHealthy:
     """A provider marked ``was`` (``"unhealthy"`` or ``"stuck"``) is given work again."""
 
@@ -285,4 +315,4 @@ class PlannerEffects:
 
 Action = (Dispatch | JobStarted | JobFinished | JobFailed | JobCancelled | ProviderLost | Straggler | MergeResult
           | RegisterAgain | PlannerEffects | StopSubtasks | GroupAbandoned | ProviderUnhealthy | ProviderStuck
-          | ProviderHealthy | AskReconnect)
+          | ProviderHealthy | AskReconnect | ProviderQuarantined)

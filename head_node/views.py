@@ -43,7 +43,7 @@ def provider_row(prov: Provider, now: float) -> dict[str, Any]:
         "memory_bytes": info.memory_bytes, "cores": info.cores,
         "gflops": round(shown, 2), "benchmark_gflops": round(info.gflops, 2),
         "task_types": sorted(info.task_types), "dtypes": sorted(info.dtypes),
-        "version": info.version, "state": prov.state, "shares_state_dir": prov.local,
+        "version": info.version, "state": prov.state, "quarantined": prov.quarantined, "shares_state_dir": prov.local,
         "assigned": len(prov.assigned), "queued": prov.queued,
         "subtasks_done": prov.subtasks_done, "last_heartbeat_s": round(now - prov.last_seen, 3),
     }

@@ -186,6 +186,9 @@ def _add_job_commands(sub: Subparsers, shared: argparse.ArgumentParser) -> None:
     j.add_argument("--state", choices=STATE_NAMES)
     j.add_argument("--limit", type=int, default=50)
     sub.add_parser("nodes", help="list providers", parents=[shared])
+    cl = sub.add_parser("clear", help="trust a quarantined provider again (one caught sending a wrong result)",
+                        parents=[shared])
+    cl.add_argument("provider", help="its name, id, or the first 8 characters of its id (as `dcf nodes` shows)")
 
 
 def _add_local_commands(sub: Subparsers, shared: argparse.ArgumentParser) -> None:
@@ -646,6 +649,20 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     header = ("NAME", "ID", "STATE", "DEVICE", "DEVICE NAME", "GFLOP/S", "MEM GiB", "CORES", "ASSIGNED",
               "DONE", "HEARTBEAT")
     _emit(args, nodes, _table(header, rows) if rows else "no providers connected")
+    for n in nodes:
+        if n.get("quarantined") and not args.json:
+            print(f"{n['name']} ({n['provider_id'][:8]}) is quarantined: {n['quarantined']}; "
+                  f"`dcf clear {n['provider_id'][:8]}` trusts it again", file=sys.stderr)
+    return 0
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        named = [n["provider_id"] for n in client.nodes() if n["name"] == args.provider]
+        if len(named) > 1:
+            raise ValidationError(f"{len(named)} providers are named {args.provider!r}: give its id")
+        view = client.clear_quarantine(named[0] if named else args.provider)
+    _emit(args, view, f"{view['name']} ({view['provider_id'][:8]}) {view['state']}: it gets work again")
     return 0
 
 
@@ -754,5 +771,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"submit": cmd_submit, "status": cmd_status, "result": cmd_result, "jobs": cmd_jobs,
-            "nodes": cmd_nodes, "cancel": cmd_cancel, "delete": cmd_delete, "up": cmd_up, "demo": cmd_demo,
+            "nodes": cmd_nodes, "clear": cmd_clear, "cancel": cmd_cancel, "delete": cmd_delete, "up": cmd_up,
+            "demo": cmd_demo,
             "keys": lambda args: keys_cli.cmd_keys(args, _emit)}

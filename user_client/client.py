@@ -630,6 +630,10 @@ class Client:
     def nodes(self) -> list[dict[str, Any]]:
         return self._json_list("GET", "/v1/nodes")
 
+    def clear_quarantine(self, provider_id: str) -> dict[str, Any]:
+        """Trust a quarantined provider again (one caught sending a wrong result): it gets work again."""
+        return self._json("POST", f"/v1/nodes/{provider_id}/clear")
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ValidationError
+from ..errors import ValidationError, WrongResult
 from . import wire
 from .base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, SplitPlanner, SplitTask, SubtaskPlan, checkpoint
 from .registry import register
@@ -144,7 +144,7 @@ class MatMulPlanner(SplitPlanner):
         found = self._freivalds.check(self.job.operands["a"][r0:r0 + rows], block)
         if not found.ok:
             self.rejected += 1
-            raise ValidationError(f"matmul result rows {r0}..{r0 + rows - 1}"
+            raise WrongResult(f"matmul result rows {r0}..{r0 + rows - 1}"
                                   f"{' (written in place)' if not arrays else ''} failed Freivalds' check: "
                                   f"{found.describe(r0)}")
         self._unverified[r0] = found.unverified

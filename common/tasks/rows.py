@@ -58,14 +58,18 @@ def row_blocks(count: int, providers: Sequence[ProviderSpec], bytes_per_row: int
     """(worker, first row, rows): shares by speed (as many workers as the work is worth, see
     ``provider_shares``), each cut into blocks that fit half the worker's memory beside
     ``fixed_bytes`` (data every block needs, e.g. matmul's B)."""
+    def budget(provider: ProviderSpec) -> int:
+        return int(provider.memory_bytes * MEMORY_FRACTION) - fixed_bytes
+
+    fit = [w for w in providers if budget(w) >= bytes_per_row]  # one too small for a row gets no share
+    if not fit:
+        most = max(providers, key=lambda w: w.memory_bytes) if providers else None
+        raise ValidationError(f"{what} does not fit the memory of any provider"
+                              + (f" (the largest reports {most.memory_bytes} bytes)" if most else ""))
     blocks = []
     row0 = 0
-    for provider, rows in provider_shares(count, providers, flops_per_row):
-        budget = int(provider.memory_bytes * MEMORY_FRACTION) - fixed_bytes
-        if budget < bytes_per_row:
-            raise ValidationError(f"{what} does not fit the memory of provider {provider.provider_id[:8]} "
-                                  f"({provider.memory_bytes} bytes)")
-        chunk = max(1, min(rows, budget // bytes_per_row))
+    for provider, rows in provider_shares(count, fit, flops_per_row):
+        chunk = max(1, min(rows, budget(provider) // bytes_per_row))
         for start in range(row0, row0 + rows, chunk):
             blocks.append((provider, start, min(chunk, row0 + rows - start)))
         row0 += rows

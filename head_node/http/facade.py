@@ -86,6 +86,8 @@ class HeadApi(Protocol):
 
     def drain(self, provider_id: str, draining: bool = True) -> dict[str, Any]: ...
 
+    def clear_quarantine(self, provider_id: str) -> dict[str, Any]: ...
+
     def snapshot(self) -> dict[str, Any]:
         """Everything the dashboard and /metrics show (``time``, ``uptime_s``, ``nodes``, ``jobs``,
         ``counters``, ``finished``, ...)."""

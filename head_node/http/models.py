@@ -152,7 +152,9 @@ class NodeView(Reply):
     dtypes: list[str]
     version: str
     state: str = Field(description="ready, connecting, draining, unhealthy (acks missed: no new work, told to "
-                             "reconnect), stuck (compute hung: no new work) or dead")
+                             "reconnect), stuck (compute hung: no new work), quarantined (sent a wrong result: "
+                             "no work until cleared) or dead")
+    quarantined: str | None = Field(None, description="why it is quarantined; null: trusted")
     shares_state_dir: bool
     assigned: int = Field(description="subtasks assigned and not finished")
     subtasks_done: int

@@ -1,4 +1,4 @@
-"""Providers: the table, one provider's detail, drain and undrain."""
+"""Providers: the table, one provider's detail, drain and undrain, clearing a quarantine."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ async def drain(provider_id: ProviderId, head: HeadDep) -> dict[str, Any]:
 @router.post("/{provider_id}/undrain", response_model=NodeView, responses=NODE_NOT_FOUND)
 async def undrain(provider_id: ProviderId, head: HeadDep) -> dict[str, Any]:
     return head.drain(provider_id, False)
+
+
+@router.post("/{provider_id}/clear", response_model=NodeView, responses=NODE_NOT_FOUND)
+async def clear(provider_id: ProviderId, head: HeadDep) -> dict[str, Any]:
+    """Trust a quarantined provider again (it was caught sending a wrong result): it gets work from now on.
+    409 if it is not quarantined."""
+    return head.clear_quarantine(provider_id)

@@ -175,7 +175,7 @@ def test_provider_without_keys_is_refused_and_an_enrolled_one_gets_in(head: Loca
         a, b = rng.standard_normal((120, 80)), rng.standard_normal((80, 60))
         with Client(head.url, token=head.api_token) as c:
             assert [n["name"] for n in c.nodes()] == ["gpu1"]
-            np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+            np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12, atol=1e-10)
     finally:
         _stop(enrolled)
     # an unknown name fails in one line, and a head without keys is named

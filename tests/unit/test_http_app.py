@@ -128,6 +128,11 @@ class FakeHead:
         row["state"] = "draining" if draining else "ready"
         return row
 
+    def clear_quarantine(self, provider_id: str) -> dict[str, Any]:
+        row = self.node_view(provider_id)
+        row["state"] = "ready"
+        return row
+
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
         return {"time": now, "epoch": self.incarnation, "uptime_s": 3.5, "queue": "embedded", "queue_connected": True,

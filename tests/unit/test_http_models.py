@@ -51,7 +51,7 @@ def test_metrics_view_round_trips_an_observer_with_samples_curves_and_alerts() -
     obs = Observer()
     node: dict[str, Any] = {"provider_id": "p" * 32, "name": "local-0", "host": "h", "os": "Linux", "device": "cpu",
             "device_name": "x86", "memory_bytes": 1 << 33, "cores": 4, "gflops": 10, "benchmark_gflops": 9.5,
-            "task_types": ["matmul"], "dtypes": ["float64"], "version": "0.1.0", "state": "ready",
+            "task_types": ["matmul"], "dtypes": ["float64"], "version": "0.1.0", "state": "ready", "quarantined": None,
             "shares_state_dir": False, "assigned": 0, "subtasks_done": 2, "last_heartbeat_s": 0.1}
     for t, flops in ((100.0, 0.0), (101.0, 2e9), (102.0, 2e9)):
         obs.sample({"time": t, "nodes": [node]}, {node["provider_id"]: flops})

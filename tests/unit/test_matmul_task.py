@@ -213,9 +213,17 @@ def test_split_float32_uses_smaller_items(mm):
 
 def test_split_b_does_not_fit(mm):
     w = provider(memory_bytes=1024)
-    with pytest.raises(ValidationError, match="does not fit the memory") as info:
+    with pytest.raises(ValidationError, match="does not fit the memory of any provider") as info:
         mm.split({}, metas(10, 100, 100), [w])
-    assert w.provider_id[:8] in info.value.message
+    assert "the largest reports 1024 bytes" in info.value.message
+
+
+def test_split_skips_a_provider_too_small_for_a_row(mm):
+    """One provider reporting memory_bytes=1 (or an honest small one) gets no share; it does not fail the job."""
+    tiny, big = provider(memory_bytes=1), provider(memory_bytes=16 * 2**30)
+    plans = mm.split({}, metas(100, 100, 100), [tiny, big])
+    assert {p.provider_id for p in plans} == {big.provider_id}
+    assert sum(p.params["rows"] for p in plans) == 100
 
 
 def test_split_b_fits_but_not_one_row(mm):
