@@ -113,15 +113,6 @@ class WrongResult(ValidationError):
     code = "wrong_result"
 
 
-class NoSpace(DcfError):
-    """The head's state dir has no room for what a request or a job needs (an upload, a job's output files,
-    the job store's commit): that one request or job fails with this error, the head goes on. Freeing space
-    (deleting finished jobs) makes new ones fit again."""
-
-    code = "no_space"
-    http_status = 507
-
-
 class NotFound(DcfError):
     code = "not_found"
     http_status = 404

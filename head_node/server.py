@@ -27,6 +27,7 @@ from common.protocol.batch import JobSpec
 from . import quarantine, views
 from . import state as st
 from . import stimuli as sm
+from .entities import Provider
 from .events import EventBus
 from .jobqueue import AmqpQueue, EmbeddedQueue, JobQueue
 from .lifecycle import Lifecycle
@@ -319,7 +320,7 @@ class Head:
             self.counters["bytes_out"] += arr.nbytes
         return reply
 
-    def _holds_blob(self, prov: st.Provider, blob_id: object) -> bool:
+    def _holds_blob(self, prov: Provider, blob_id: object) -> bool:
         """Whether a subtask assigned to this provider belongs to a job with this blob among its inputs."""
         if prov.quarantined is not None:
             return False

@@ -132,7 +132,7 @@ def test_allowed_provider_computes_over_curve(cluster: LocalCluster) -> None:
     a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 150))
     with Client(cluster.url) as c:
         assert _names(c) == {"local-0"}
-        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12, atol=1e-10)
     head_log = (cluster.log_dir / "head.log").read_text()
     assert "CURVE on" in head_log
 
@@ -283,11 +283,11 @@ def test_head_kill_and_restart_with_curve(tmp_path: Path) -> None:
             Client(cl.url) as c:
         rng = np.random.default_rng(3)
         a, b = rng.standard_normal((400, 300)), rng.standard_normal((300, 200))
-        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12, atol=1e-10)
         cl.kill_head()
         cl.start_head()
         cl.wait_ready(2, timeout=60)
-        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12, atol=1e-10)
 
 
 def test_garbage_on_the_curve_ports_changes_nothing(cluster: LocalCluster) -> None:
@@ -311,4 +311,4 @@ def test_garbage_on_the_curve_ports_changes_nothing(cluster: LocalCluster) -> No
     a, b = rng_np.standard_normal((200, 100)), rng_np.standard_normal((100, 50))
     with Client(cluster.url) as c:
         assert c.health()["status"] == "ok"
-        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12)
+        np.testing.assert_allclose(c.matmul(a, b, timeout=60), a @ b, rtol=1e-12, atol=1e-10)

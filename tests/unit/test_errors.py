@@ -33,7 +33,7 @@ from user_client.client import Client
 WIRE_CODES = {
     "error": "DcfError", "bad_config": "ConfigError", "bad_message": "ProtocolError", "bad_version": "VersionMismatch",
     "bad_request": "BadRequest", "method_not_allowed": "MethodNotAllowed", "http_error": "HttpError",
-    "invalid": "ValidationError", "too_large": "TooLarge", "wrong_result": "WrongResult", "no_space": "NoSpace",
+    "invalid": "ValidationError", "too_large": "TooLarge", "wrong_result": "WrongResult",
     "not_found": "NotFound", "conflict": "Conflict",
     "unauthorized": "Unauthorized", "unknown_provider": "UnknownProvider", "internal": "InternalError",
     "head_unreachable": "HeadUnreachable", "queue_unavailable": "QueueUnavailable", "timeout": "WaitTimeout",

@@ -13,7 +13,7 @@ from common.errors import Conflict, NotFound
 from common.tasks import rows
 from head_node import quarantine, stimuli
 from head_node.state import ClusterState, JobState, SubState
-from tests.unit.test_state import connect, dispatches, hexid, make_info, make_job, result, rows_by_provider
+from tests.unit.test_state import connect, dispatches, hexid, make_info, make_job, result, rows_by_provider, sent_to
 
 BIG = 1000  # 2e9 flop per job: large enough to learn a speed from
 
@@ -144,7 +144,7 @@ def test_a_claim_far_above_its_first_measurement_is_dropped(cs):
     cs.handle(stimuli.JobAdded(job), 0.0)
     for sub in job.subtasks:
         seconds = sub.cost / 50e9  # both compute at 50 GFLOP/s
-        assert result(cs, sub.provider_id, job.job_id, sub.index, sub.attempt, cs.incarnation, seconds, seconds)
+        assert result(cs, sent_to(sub), job.job_id, sub.index, sub.attempt, cs.incarnation, seconds, seconds)
         cs.handle(stimuli.ResultMerged(job.job_id), seconds)
     assert cs.providers[liar.provider_id].gflops("matmul") == pytest.approx(50.0, rel=0.01)
     nxt = make_job(m=BIG, k=BIG, n=BIG, created_at=1.0)
