@@ -212,7 +212,7 @@ class Provider:
         if flops < MEASURABLE_FLOPS or elapsed <= 0:
             return
         measured = min(MAX_GFLOPS, max(MIN_GFLOPS, flops / elapsed / 1e9))
-        if task_type not in self.speed and measured * CLAIM_TRUST < self.info.gflops:  # its claim: not believed
+        if not self.measured(task_type) and measured * CLAIM_TRUST < self.info.gflops:  # its claim: not believed
             self.speed[task_type] = measured
         else:
             self.speed[task_type] = (1 - SPEED_WEIGHT) * self.gflops(task_type) + SPEED_WEIGHT * measured

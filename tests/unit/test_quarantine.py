@@ -126,22 +126,24 @@ def test_a_wrong_result_from_an_earlier_head_run_is_ignored(cs):
 
 
 # ---- claims of speed -------------------------------------------------------------------------------------
-def test_an_unmeasured_claim_counts_for_at_most_claim_trust_times_the_fastest_other(cs):
+def false_claim_beside_an_honest_one(cs: ClusterState):
+    """A provider claiming 9e6 GFLOP/s and an honest one at 50, both ready, and a job of BIG rows split."""
     liar, honest = make_info(9e6), make_info(50.0)
     connect(cs, liar)
     connect(cs, honest)
     job = make_job(m=BIG, k=BIG, n=BIG)
     cs.handle(stimuli.JobAdded(job), 0.0)
+    return liar, honest, job
+
+
+def test_an_unmeasured_claim_counts_for_at_most_claim_trust_times_the_fastest_other(cs):
+    liar, honest, job = false_claim_beside_an_honest_one(cs)
     got = rows_by_provider(job)
     assert got[liar.provider_id] == 800 and got[honest.provider_id] == 200  # 4 x 50 : 50, not 9e6 : 50
 
 
 def test_a_claim_far_above_its_first_measurement_is_dropped(cs):
-    liar, honest = make_info(9e6), make_info(50.0)
-    connect(cs, liar)
-    connect(cs, honest)
-    job = make_job(m=BIG, k=BIG, n=BIG)
-    cs.handle(stimuli.JobAdded(job), 0.0)
+    liar, honest, job = false_claim_beside_an_honest_one(cs)
     for sub in job.subtasks:
         seconds = sub.cost / 50e9  # both compute at 50 GFLOP/s
         assert result(cs, sent_to(sub), job.job_id, sub.index, sub.attempt, cs.incarnation, seconds, seconds)
