@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,6 +42,26 @@ def check_port_free(port: int, host: str = "127.0.0.1", what: str = "HTTP") -> N
             raise ConfigError(f"{what} port {port} on {host} is already in use ({exc.strerror or exc}): another "
                               "dcf head or another program listens there; choose another port "
                               "(e.g. dcf up --http-port N)") from None
+
+
+def poll_head(url: str, probe: Callable[[Client], bool], timeout: float, what: str, *,
+              proc: subprocess.Popen[bytes] | None = None, token: str | None = None,
+              context: Callable[[], str] = str) -> None:
+    """Ask ``probe`` (a Client on ``url``) every 50 ms until it is true. An unreachable head counts as
+    false; ``proc`` (the head's process) exiting is DcfError, ``timeout`` WaitTimeout, each naming
+    ``what`` and ``context()`` (where the logs are)."""
+    end = time.monotonic() + timeout
+    with Client(url, token=token, timeout=5, reconnect_wait=0) as client:
+        while time.monotonic() < end:
+            if proc is not None and proc.poll() is not None:
+                raise DcfError(f"{what}: it exited with code {proc.returncode} {context()}".rstrip())
+            try:
+                if probe(client):
+                    return
+            except (HeadUnreachable, OSError):
+                pass
+            time.sleep(0.05)
+    raise WaitTimeout(f"{what} within {timeout:.0f}s {context()}".rstrip())
 
 
 def free_port() -> int:
@@ -170,18 +191,8 @@ class LocalCluster:
         self._wait(ready, timeout, f"{count} providers did not become ready")
 
     def _wait(self, probe: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
-        end = time.monotonic() + timeout
-        with Client(self.url, token=self.api_token or None, timeout=5, reconnect_wait=0) as client:
-            while time.monotonic() < end:
-                if proc is not None and proc.poll() is not None:
-                    raise DcfError(f"{what}: it exited with code {proc.returncode} (logs in {self.log_dir})")
-                try:
-                    if probe(client):
-                        return
-                except HeadUnreachable:
-                    pass
-                time.sleep(0.05)
-        raise WaitTimeout(f"{what} within {timeout:.0f}s (logs in {self.log_dir})")
+        poll_head(self.url, probe, timeout, what, proc=proc, token=self.api_token or None,
+                  context=lambda: f"(logs in {self.log_dir})")
 
     def kill_head(self) -> None:
         if self.head is not None:

@@ -25,6 +25,7 @@ import numpy as np
 
 from common.errors import DcfError
 from tests.conftest import amqp_reachable
+from tests.linkpipe import delayed_pipe
 from user_client import Client
 from user_client.local import LocalCluster, free_port
 
@@ -523,37 +524,6 @@ class SlowLink:
                 w.close()
 
     async def _pipe(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        async def send() -> None:
-            while True:
-                due, chunk = await queue.get()
-                if not chunk:
-                    with contextlib.suppress(OSError):
-                        writer.write_eof()
-                    return
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                writer.write(chunk)
-                await writer.drain()
-
-        sender = asyncio.create_task(send())
-        link_free = 0.0
-        try:
-            while True:
-                chunk = await reader.read(1 << 16)
-                now = loop.time()
-                if not chunk:
-                    queue.put_nowait((now, b""))
-                    break
-                self.bytes[name] += len(chunk)
-                link_free = max(now, link_free) + len(chunk) / self.rate
-                queue.put_nowait((link_free + self.latency, chunk))
-            await sender
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
-            writer.close()
+        def counted(n: int) -> None:
+            self.bytes[name] += n
+        await delayed_pipe(reader, writer, self.latency, self.rate, counted)
