@@ -106,6 +106,14 @@ class TooLarge(ValidationError):
     http_status = 413
 
 
+class NoSpace(DcfError):
+    """The head's state dir has no room for an upload, an array or a job's output files (its file system is
+    full, or would leave less than the head's reserve free): that one request or job fails, the head goes on."""
+
+    code = "no_space"
+    http_status = 507
+
+
 class WrongResult(ValidationError):
     """A provider's result is the right shape but the wrong numbers: it failed the head's check of its values
     (Freivalds' for matmul). The provider that sent it is quarantined."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import numpy as np
 
 from common import layout, security
 from common.arrays import ArrayMeta
-from common.errors import ConfigError, DcfError, NotFound, TooLarge, ValidationError
+from common.errors import ConfigError, DcfError, NoSpace, NotFound, TooLarge, ValidationError
 from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
 
 log = logging.getLogger("dcf.head.store")
@@ -45,6 +46,84 @@ def replace_file(tmp: Path, final: Path, fsync: bool) -> None:
     os.replace(tmp, final)
     if fsync:
         fsync_dir(final.parent)
+
+
+# ---- room in the state dir ------------------------------------------------------------------
+#: what an out-of-space error says, whatever ran out (files or the job store): clients and tests match it
+NO_SPACE = "no space left in the state dir"
+#: the space kept free in the state dir's file system: a new blob or output file that would leave less is
+#: refused (``NoSpace``), so that what needs little but must not fail has room: the job store's commits
+#: (a job's outcome, a deletion that frees space), digest files, the head's start. 1/50 of the file system,
+#: at least 4 MiB (SQLite's WAL grows to ~4 MiB between checkpoints), at most 64 MiB.
+RESERVE_MIN = 4 << 20
+RESERVE_MAX = 64 << 20
+#: errno values that mean the file system (or the user's quota) is full
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def reserve_bytes(total: int) -> int:
+    """The space kept free on a file system of ``total`` bytes."""
+    return min(RESERVE_MAX, max(RESERVE_MIN, total // 50))
+
+
+def no_space(root: Path, what: str, detail: str = "") -> NoSpace:
+    """The one error for a full state dir: what did not fit, and what to do."""
+    return NoSpace(f"{NO_SPACE} ({root}): no room for {what}{f' ({detail})' if detail else ''}; delete "
+                   "finished jobs (dcf delete) or free space on its file system")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full: an OSError ENOSPC/EDQUOT, or SQLite's SQLITE_FULL
+    ("database or disk is full")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # SQLITE_FULL
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_is_no_space(root: Path, what: str) -> Iterator[None]:
+    """Turn an ENOSPC (or SQLITE_FULL) raised inside into ``NoSpace`` naming ``what``; other errors pass."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        if is_disk_full(exc):
+            raise no_space(root, what, str(exc)) from None
+        raise
+
+
+def check_room(root: Path, nbytes: int, what: str) -> None:
+    """NoSpace unless ``nbytes`` more fit in the state dir's file system with its reserve still free."""
+    try:
+        st = os.statvfs(root)
+    except (OSError, AttributeError):  # no statvfs (Windows): the allocation itself says
+        return
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    keep = reserve_bytes(total)
+    if nbytes + keep > free:
+        raise no_space(root, f"{what} of {_mib(nbytes)}", f"{_mib(free)} free, {_mib(keep)} of it kept in reserve")
+
+
+def preallocate(root: Path, fd: int, size: int, what: str) -> None:
+    """Reserve the blocks of the first ``size`` bytes of an open file now (``posix_fallocate``): a file
+    written later through a memory map cannot then meet a full disk, which is SIGBUS, the end of the process,
+    not an error. ENOSPC here is ``NoSpace``. A file system that cannot preallocate keeps the file as it is
+    (sparse: the space check before, ``check_room``, is then the only guard)."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise no_space(root, f"{what} of {_mib(size)}", exc.strerror or str(exc)) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        log.warning("cannot preallocate %s in %s (%s): written sparse", what, root, exc.strerror)
 
 
 # ---- checksums ------------------------------------------------------------------------------
@@ -136,27 +215,34 @@ class BlobWriter:
             self.expected = hlen + self.meta.nbytes
             if self.expected > self.max_bytes:
                 raise TooLarge(f"array of {self.meta.nbytes} bytes exceeds the {self.max_bytes} byte limit")
+            # the whole file's room, now: a full state dir refuses the upload before its bytes come
+            check_room(self.store.root, self.expected, "an upload")
+            preallocate(self.store.root, self.file.fileno(), self.expected, "an upload")
             chunk, self.head = self.head, b""
         if self.received > self.expected:
             raise ValidationError(f"body longer than the .npy header declares ({self.expected} bytes)")
-        self.file.write(chunk)
+        with disk_full_is_no_space(self.store.root, "an upload"):
+            self.file.write(chunk)
         self.hash.update(chunk)
 
     def finish(self, fsync: bool) -> tuple[str, ArrayMeta]:
         if self.meta is None or self.received != self.expected:
             raise ValidationError(f"truncated .npy upload: got {self.received} of "
                                   f"{self.expected or 'unknown'} bytes")
-        self.file.close()
         final = self.store.blob_path(self.blob_id)
-        write_digest(final, self.hash.hexdigest(), fsync)
-        replace_file(self.tmp, final, fsync)  # with fsync: bytes and name
+        with disk_full_is_no_space(self.store.root, "an upload"):
+            self.file.close()  # its last buffered bytes are written here
+            write_digest(final, self.hash.hexdigest(), fsync)
+            replace_file(self.tmp, final, fsync)  # with fsync: bytes and name
         self.store.metas[self.blob_id] = self.meta
         self.store.trust(final)
         return self.blob_id, self.meta
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk may refuse the buffered rest: the file goes anyway
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
+        digest_path(self.store.blob_path(self.blob_id)).unlink(missing_ok=True)
 
 
 class BlobStore:
@@ -211,8 +297,14 @@ class BlobStore:
             raise
         blob_id = uuid.uuid4().hex
         final = self.blob_path(blob_id)
-        write_digest(final, file_digest(path), fsync)  # one read of a file the client just wrote (cached)
-        replace_file(path, final, fsync)
+        try:
+            with disk_full_is_no_space(self.root, "an upload"):
+                write_digest(final, file_digest(path), fsync)  # one read of a file the client just wrote (cached)
+                replace_file(path, final, fsync)
+        except NoSpace:
+            path.unlink(missing_ok=True)
+            digest_path(final).unlink(missing_ok=True)
+            raise
         self.metas[blob_id] = meta
         self.trust(final)
         return blob_id, meta
@@ -243,10 +335,18 @@ class BlobStore:
         blob_id = uuid.uuid4().hex
         path = self.blob_path(blob_id)
         tmp = path.with_name(f".{blob_id}.part")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-        write_digest(path, file_digest(tmp), fsync=False)
-        replace_file(tmp, path, fsync=False)
+        arr = np.ascontiguousarray(arr)
+        check_room(self.root, arr.nbytes, "an array")
+        try:
+            with disk_full_is_no_space(self.root, "an array"):
+                with open(tmp, "wb") as f:
+                    np.save(f, arr, allow_pickle=False)
+                write_digest(path, file_digest(tmp), fsync=False)
+                replace_file(tmp, path, fsync=False)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            digest_path(path).unlink(missing_ok=True)
+            raise
         self.trust(path)
         return blob_id
 
@@ -291,14 +391,40 @@ class BlobStore:
         return layout.output_path(self.root, job_id, name)
 
     def create_outputs(self, job_id: str, metas: dict[str, ArrayMeta], incarnation: str) -> dict[str, np.ndarray]:
-        """Fresh output files for a job run by this head incarnation (older runs' files are removed)."""
+        """Fresh output files for a job run by this head incarnation (older runs' files are removed), their
+        blocks allocated before they are mapped: results written into them (by the head, or by a co-located
+        provider that maps them too) cannot meet a full disk. NoSpace, with no file left, if they do not fit."""
         folder = layout.job_dir(self.root, job_id)
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".*.part"):
             stale.unlink(missing_ok=True)
-        return {name: np.lib.format.open_memmap(layout.output_part_path(self.root, job_id, name, incarnation),
-                                                mode="w+", dtype=meta.dtype, shape=meta.shape)
-                for name, meta in metas.items()}
+        paths = {name: layout.output_part_path(self.root, job_id, name, incarnation) for name in metas}
+        try:
+            check_room(self.root, sum(m.nbytes for m in metas.values()), "the job's output files")
+            return {name: self._output_file(paths[name], meta) for name, meta in metas.items()}
+        except BaseException:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            raise
+
+    def _output_file(self, path: Path, meta: ArrayMeta) -> np.ndarray:
+        """One output file: its .npy header written, its whole length allocated, then mapped r+ (numpy's
+        ``open_memmap(mode="w+")`` makes a sparse file, whose first write to a page with no block is SIGBUS)."""
+        info = {"descr": np.lib.format.dtype_to_descr(np.dtype(meta.dtype)), "fortran_order": False,
+                "shape": tuple(meta.shape)}
+        with disk_full_is_no_space(self.root, "the job's output files"), open(path, "wb") as f:
+            try:
+                np.lib.format.write_array_header_1_0(f, info)
+            except ValueError:  # a header too long for format 1.0
+                f.seek(0)
+                f.truncate()
+                np.lib.format.write_array_header_2_0(f, info)
+            f.flush()
+            size = f.tell() + meta.nbytes
+            preallocate(self.root, f.fileno(), size, "the job's output files")
+            if os.fstat(f.fileno()).st_size < size:  # not preallocated: its full length, sparse
+                f.truncate(size)
+        return np.lib.format.open_memmap(path, mode="r+")
 
     def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], incarnation: str, fsync: bool,
                        copy: bool = False) -> None:
@@ -308,16 +434,23 @@ class BlobStore:
         for name, arr in arrays.items():
             part = layout.output_part_path(self.root, job_id, name, incarnation)
             final = self.output_path(job_id, name)
-            if copy:
-                tmp = final.with_name(f".{name}.copy")
-                shutil.copyfile(part, tmp)
-                part.unlink(missing_ok=True)
-                part = tmp
-            if fsync:  # without it the shared page cache already holds every byte
-                arr.flush()  # type: ignore[attr-defined]
-                with open(part, "rb+") as f:
-                    os.fsync(f.fileno())
-            write_digest(final, file_digest(part), fsync)  # the bytes assembled, before they are published
+            with disk_full_is_no_space(self.root, "the job's result"):
+                if copy:
+                    tmp = final.with_name(f".{name}.copy")
+                    try:
+                        size = os.stat(part).st_size
+                        check_room(self.root, size, "a copy of the job's result")
+                        shutil.copyfile(part, tmp)  # write(), not a map: a full disk is ENOSPC, never SIGBUS
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        raise
+                    part.unlink(missing_ok=True)
+                    part = tmp
+                if fsync:  # without it the shared page cache already holds every byte
+                    arr.flush()  # type: ignore[attr-defined]
+                    with open(part, "rb+") as f:
+                        os.fsync(f.fileno())
+                write_digest(final, file_digest(part), fsync)  # the bytes assembled, before they are published
             os.replace(part, final)
             self.trust(final)
         if fsync:

@@ -34,6 +34,7 @@ WIRE_CODES = {
     "error": "DcfError", "bad_config": "ConfigError", "bad_message": "ProtocolError", "bad_version": "VersionMismatch",
     "bad_request": "BadRequest", "method_not_allowed": "MethodNotAllowed", "http_error": "HttpError",
     "invalid": "ValidationError", "too_large": "TooLarge", "wrong_result": "WrongResult",
+    "no_space": "NoSpace",
     "not_found": "NotFound", "conflict": "Conflict",
     "unauthorized": "Unauthorized", "unknown_provider": "UnknownProvider", "internal": "InternalError",
     "head_unreachable": "HeadUnreachable", "queue_unavailable": "QueueUnavailable", "timeout": "WaitTimeout",
@@ -219,3 +220,22 @@ def test_a_hand_typed_job_id_is_sent_as_a_valid_request_target():
     assert target("/v1/jobs/a b/cancel") == "/v1/jobs/a%20b/cancel"
     assert target("/v1/jobs/é?wait=2.5") == "/v1/jobs/%C3%A9?wait=2.5"
     assert target("/v1/jobs?state=done&limit=5") == "/v1/jobs?state=done&limit=5"
+
+
+def test_disk_full_is_recognised_and_named() -> None:
+    import errno
+    import sqlite3
+
+    from head_node import store
+
+    assert store.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert store.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not store.is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert store.is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert store.reserve_bytes(64 << 20) == store.RESERVE_MIN and store.reserve_bytes(1 << 40) == store.RESERVE_MAX
+    with pytest.raises(errors.NoSpace, match=store.NO_SPACE) as caught, \
+            store.disk_full_is_no_space(Path("/state"), "an upload"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.http_status == 507 and caught.value.code == "no_space"
+    with pytest.raises(OSError), store.disk_full_is_no_space(Path("/state"), "an upload"):
+        raise OSError(errno.EACCES, "Permission denied")
