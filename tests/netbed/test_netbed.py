@@ -7,6 +7,7 @@ crosses its host's link, as between real machines:
 * a provider host's cable is pulled (its switch port down: no process is touched): the head declares it
   dead within its heartbeat bound, the job it held finishes on the others, and when the cable is back
   the same process is ready again and gets work;
+* a provider host partitioned (iptables DROP, the link up) and healed: the same outcome;
 * shaped links: one host behind a 100 Mbit/s tbf, one with 20 ms of delay (user-space proxy) and 1 %
   packet loss (iptables statistic): jobs stay right, nobody is declared dead, and the slow link gets
   less of each later job.
@@ -111,6 +112,25 @@ def test_unplugged_host_is_declared_dead_and_serves_again_when_plugged_back(bed:
     assert max(shares) > 0, shares
     figures.append(f"unplugged p3: declared dead after {dead_after:.2f} s (heartbeat {HEARTBEAT} s), ready "
                    f"{back_after:.2f} s after it was plugged back; its shares of the next jobs {shares}")
+
+
+def test_partitioned_host_is_declared_dead_and_serves_again_when_healed(bed: NetBed, client: Client,
+                                                                       figures: list[str]) -> None:
+    """iptables DROP on the host, its link up: the same outcome as a pulled cable."""
+    rng = np.random.default_rng(4)
+    bed.wait_ready(3)
+    victim = bed.hosts["p2"]
+    bed.partition(victim)
+    try:
+        assert bed.carrier(victim)  # the cable is in: only its packets are dropped
+        dead_after = bed.wait_state("p2", {"dead"}, timeout=30)
+        matmul(client, rng)  # the others serve
+    finally:
+        bed.heal(victim)
+    back_after = bed.wait_state("p2", {"ready"}, timeout=60)
+    assert dead_after <= 3 * HEARTBEAT + 3.0, dead_after
+    assert victim.proc is not None and victim.proc.poll() is None
+    figures.append(f"partitioned p2: declared dead after {dead_after:.2f} s, ready {back_after:.2f} s after healing")
 
 
 def test_shaped_links_jobs_stay_right_and_the_slow_link_gets_less_work(bed: NetBed, client: Client,
