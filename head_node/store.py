@@ -119,7 +119,7 @@ def preallocate(root: Path, fd: int, size: int, what: str) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        if exc.errno in _FULL_ERRNOS:
+        if is_disk_full(exc):
             raise no_space(root, f"{what} of {_mib(size)}", exc.strerror or str(exc)) from None
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
@@ -408,23 +408,14 @@ class BlobStore:
             raise
 
     def _output_file(self, path: Path, meta: ArrayMeta) -> np.ndarray:
-        """One output file: its .npy header written, its whole length allocated, then mapped r+ (numpy's
-        ``open_memmap(mode="w+")`` makes a sparse file, whose first write to a page with no block is SIGBUS)."""
-        info = {"descr": np.lib.format.dtype_to_descr(np.dtype(meta.dtype)), "fortran_order": False,
-                "shape": tuple(meta.shape)}
-        with disk_full_is_no_space(self.root, "the job's output files"), open(path, "wb") as f:
-            try:
-                np.lib.format.write_array_header_1_0(f, info)
-            except ValueError:  # a header too long for format 1.0
-                f.seek(0)
-                f.truncate()
-                np.lib.format.write_array_header_2_0(f, info)
-            f.flush()
-            size = f.tell() + meta.nbytes
-            preallocate(self.root, f.fileno(), size, "the job's output files")
-            if os.fstat(f.fileno()).st_size < size:  # not preallocated: its full length, sparse
-                f.truncate(size)
-        return np.lib.format.open_memmap(path, mode="r+")
+        """One output file, mapped, with its whole length allocated before anything is written through the map
+        (numpy's ``open_memmap(mode="w+")`` makes a sparse file, whose first write to a page with no block is
+        SIGBUS; its own header and last byte are plain writes, so a full disk there is ENOSPC)."""
+        with disk_full_is_no_space(self.root, "the job's output files"):
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=meta.dtype, shape=meta.shape)
+            with open(path, "rb+") as f:
+                preallocate(self.root, f.fileno(), os.fstat(f.fileno()).st_size, "the job's output files")
+        return arr
 
     def commit_outputs(self, job_id: str, arrays: dict[str, np.ndarray], incarnation: str, fsync: bool,
                        copy: bool = False) -> None:

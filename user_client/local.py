@@ -13,13 +13,14 @@ own client reads the token there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,6 +63,22 @@ def poll_head(url: str, probe: Callable[[Client], bool], timeout: float, what: s
                 pass
             time.sleep(0.05)
     raise WaitTimeout(f"{what} within {timeout:.0f}s {context()}".rstrip())
+
+
+def terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM every process still running (head and providers stop cleanly on it), then SIGKILL any that
+    has not exited ``grace`` seconds later."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def free_port() -> int:
@@ -200,16 +217,7 @@ class LocalCluster:
             self.head.wait()
 
     def stop(self) -> None:
-        procs = [p for p in [*self.providers, self.head] if p is not None and p.poll() is None]
-        for p in procs:
-            p.terminate()  # SIGTERM on POSIX: head and providers stop cleanly
-        end = time.monotonic() + 10
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate([p for p in [*self.providers, self.head] if p is not None])  # SIGTERM: they stop cleanly
         for f in self._logs:
             f.close()
         self._logs.clear()

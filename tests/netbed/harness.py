@@ -48,7 +48,7 @@ from typing import IO, Any
 
 from common.errors import DcfError
 from user_client import Client
-from user_client.local import free_port, poll_head
+from user_client.local import free_port, poll_head, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "dcfnb-"
@@ -423,7 +423,7 @@ class NetBed:
         host = self.hosts[name]
         for p in [host.proc, *host.extra]:
             if p is not None:
-                _terminate([p])
+                terminate([p])
         host.proc, host.extra = None, []
 
     def stop(self) -> None:
@@ -435,9 +435,9 @@ class NetBed:
         head = self.hosts.get("head")
         head_proc = head.proc if head is not None else None
         # the providers first (they leave cleanly while the head still answers), then the head
-        _terminate([p for h in self.hosts.values() for p in [h.proc, *h.extra] if p is not None and p is not head_proc])
+        terminate([p for h in self.hosts.values() for p in [h.proc, *h.extra] if p is not None and p is not head_proc])
         if head_proc is not None:
-            _terminate([head_proc])
+            terminate([head_proc])
         for h in self.hosts.values():
             h.proc, h.extra = None, []
         if self.forwarder is not None:
@@ -615,16 +615,3 @@ class NetBed:
         finally:
             self.plug(host)
 
-
-def _terminate(procs: Sequence[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        with contextlib.suppress(ProcessLookupError):
-            p.terminate()
-    end = time.monotonic() + grace
-    for p in live:
-        try:
-            p.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
