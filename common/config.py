@@ -57,6 +57,8 @@ def zmtp_heartbeat_ms(heartbeat_interval: float) -> tuple[int, int]:
 API_TOKEN_FILE: Final = "api-token"
 #: the folder in a head's state dir holding its CURVE keys (``dcf keys generate``'s layout)
 KEY_DIR: Final = "keys"
+#: the head's job-message signing key in the state dir (security.queue_key)
+QUEUE_KEY_FILE: Final = "queue.key"
 
 
 def is_loopback_url(url: str) -> bool:
@@ -187,6 +189,9 @@ HEAD_OPTIONS = [
     Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); empty: embedded store"),
     Option("amqp_queue", str, "dcf.jobs", "RabbitMQ queue of this head's jobs (heads sharing a vhost need "
            "different ones)", _queue_name, "1-200 printable ASCII characters, not starting with amq."),
+    Option("amqp_republish_after", float, 30.0, "seconds an accepted job may stay undelivered to the head while "
+           "it has room for more (another consumer of its queue took it) before the head publishes it again",
+           _positive, "> 0"),
     _port_opt("http_port", 8080, "REST API port"),
     *PORT_OPTIONS,
     *COMMON_OPTIONS,
@@ -360,6 +365,7 @@ class HeadSettings(Settings):
     state_dir: str
     amqp_url: str
     amqp_queue: str
+    amqp_republish_after: float
     http_port: int
     registration_port: int
     task_port: int

@@ -259,6 +259,20 @@ class Defaults:
 def ensure_api_token(path: Path) -> tuple[str, bool]:
     """The API token in ``path``, created (random, 256 bits, owner-only 0600) when there is none;
     (token, created?). An empty, malformed or unreadable file is a ConfigError naming it."""
+    return _ensure_secret(path, "API token", "or give --api-token")
+
+
+def queue_key(state_dir: Path) -> bytes:
+    """The key that signs the head's job messages on RabbitMQ (``STATE_DIR/queue.key``, created on
+    first use like the API token): every head of this state dir (a standby too) signs and checks
+    with it, and a message without its signature is never run (PROTOCOL.md section 13)."""
+    from .config import QUEUE_KEY_FILE
+
+    return _ensure_secret(state_dir / QUEUE_KEY_FILE, "queue key", "but the jobs queued under the old one "
+                                                                   "are then dropped")[0].encode("ascii")
+
+
+def _ensure_secret(path: Path, what: str, hint: str) -> tuple[str, bool]:
     import secrets
 
     try:
@@ -276,10 +290,10 @@ def ensure_api_token(path: Path) -> tuple[str, bool]:
                 f.write(token + "\n")
             return token, True
     except OSError as exc:
-        raise ConfigError(f"cannot create or read the API token file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot create or read the {what} file {path}: {exc.strerror or exc}") from None
     if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
-        raise ConfigError(f"{path}: not an API token (16 or more printable characters, no spaces); delete it "
-                          "and the head creates a new one, or give --api-token")
+        raise ConfigError(f"{path}: not a {what} (16 or more printable characters, no spaces); delete it "
+                          f"and the head creates a new one, {hint}")
     return token, False
 
 

@@ -2,8 +2,8 @@
 (SSE), and forwarded to sinks (the RabbitMQ topic exchange ``dcf.events`` when configured).
 
 Kinds: node.registered, node.left, node.lost, node.draining, node.undrained, job.accepted,
-job.started, job.progress, job.done, job.failed, job.cancelled, job.metrics, straggler,
-queue.lost, queue.restored.
+job.started, job.progress, job.done, job.failed, job.cancelled, job.metrics, job.republished (an
+accepted job the queue never delivered back, published again), straggler, queue.lost, queue.restored.
 
 A job's events come in order, ``job.accepted`` first; ``job.started``, ``job.progress`` and the end events
 (``job.done``, ``job.failed``, ``job.cancelled``) carry the job's one progress (``done``, ``total``, ``unit``:

@@ -56,6 +56,7 @@ ALERTS: dict[str, tuple[str, str]] = {
     "job.failed": ("job failed", "error"),
     "straggler": ("straggler", "warning"),
     "job.regroup": ("training group re-formed", "warning"),
+    "job.republished": ("job published again (another consumer of the queue took it)", "warning"),
     "queue.lost": ("job queue unreachable", "error"),
     "queue.restored": ("job queue back", "info"),
 }

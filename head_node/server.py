@@ -47,12 +47,14 @@ class Head:
         self.state.quarantine.update(quarantine.load(self.root))
         self.blobs = BlobStore(self.root)
         self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
-        self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, queue_name=cfg.amqp_queue) if cfg.amqp_url
-                                else EmbeddedQueue(self.store))
+        self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, security.queue_key(self.root),
+                                          queue_name=cfg.amqp_queue, republish_after=cfg.amqp_republish_after)
+                                if cfg.amqp_url else EmbeddedQueue(self.store))
         self.events = EventBus()
         if isinstance(self.queue, AmqpQueue):
             self.events.sinks.append(self.queue.publish_event)
             self.queue.on_state = self._queue_state
+            self.queue.on_republish = self._republished
         self.jobs = Lifecycle(cfg, self.root, self.incarnation, self.blobs, self.store, self.queue, self.events,
                               self.apply)
         self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
@@ -116,6 +118,11 @@ class Head:
     def _queue_state(self, connected: bool) -> None:
         """The broker went away or came back: an event (dashboard alert, `dcf.events` once back)."""
         self.events.emit("queue.restored" if connected else "queue.lost", queue=self.queue.name)
+
+    def _republished(self, job_ids: list[str]) -> None:
+        """Accepted jobs the queue never delivered back were published again: one event each."""
+        for job_id in job_ids:
+            self.events.emit("job.republished", job_id=job_id, queue=self.queue.name)
 
     # ---- the one way state changes ------------------------------------------------------------
     def apply(self, stimulus: sm.Stimulus) -> list[sm.Action]:

@@ -736,6 +736,11 @@ class JobStore:
         for row in cur.fetchall():
             yield self._row(row)
 
+    def unfinished_ids(self) -> tuple[str, ...]:
+        """The ids of ``unfinished()``, oldest first: the cheap form, for a frequent look."""
+        return tuple(r[0] for r in self.db.execute("SELECT job_id FROM jobs WHERE accepted = 1 AND "
+                                              "state IN ('queued', 'running') ORDER BY created_at"))
+
     def discard_unaccepted(self) -> int:
         """Submissions cut off before their id was returned (a head crash between the row and the
         queue's confirm): no job for anyone. Tombstoned, so that a message published for one after

@@ -20,6 +20,8 @@ and ``check_fields``, with which a task type checks the nested ``params`` of its
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -430,6 +432,33 @@ def encode_job_message(record: Mapping[str, Any]) -> bytes:
     return body
 
 
+def job_message(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The job message's fields of a stored job row (which holds more: state, times, stats)."""
+    return {name: record.get(name) for name in JOB_MESSAGE if name != "inline" or record.get("inline")}
+
+
+#: the AMQP header that carries a job message's signature (PROTOCOL.md section 13)
+JOB_SIGNATURE_HEADER = "dcf-signature"
+
+
+def sign_job_message(body: bytes, key: bytes) -> str:
+    """The signature of a job message's body: HMAC-SHA256 under the state dir's queue key, in hex."""
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def check_job_signature(body: bytes, signature: object, key: bytes) -> None:
+    """ProtocolError unless ``signature`` (the message's ``dcf-signature`` header) is the body's, under
+    ``key``: a message no head of this state dir published (injected by someone with broker
+    credentials) never runs."""
+    if isinstance(signature, bytes):
+        signature = signature.decode("ascii", "replace")
+    if not isinstance(signature, str):
+        raise ProtocolError(f"job message has no {JOB_SIGNATURE_HEADER} header: not published by a head")
+    if not hmac.compare_digest(signature.encode("ascii", "replace"), sign_job_message(body, key).encode()):
+        raise ProtocolError(f"job message has a wrong {JOB_SIGNATURE_HEADER}: not published by a head of this "
+                            "state dir (another queue key), or changed on the way")
+
+
 def decode_job_message(body: bytes) -> dict[str, Any]:
     """The job message's fields (job_id, type, params, inputs, outputs, nodes, created_at), every
     one checked; unknown fields are dropped. Raises TooLarge, VersionMismatch or ProtocolError."""
@@ -453,7 +482,7 @@ def decode_job_message(body: bytes) -> dict[str, Any]:
     _array_metas("job message: inputs", record["inputs"], _INPUT_META)
     _array_metas("job message: outputs", record["outputs"], _OUTPUT_META, identifiers=True)
     _inline_inputs(record["inputs"], record.get("inline") or {})
-    return {name: record.get(name) for name in JOB_MESSAGE if name != "inline" or record.get("inline")}
+    return job_message(record)
 
 
 def _inline_inputs(inputs: Mapping[str, Any], inline: Mapping[Any, Any]) -> None:

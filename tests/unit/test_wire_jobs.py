@@ -14,7 +14,14 @@ import pytest
 
 from common.errors import ProtocolError, TooLarge, VersionMismatch
 from common.jobs import JobRecord
-from common.protocol import MAX_JOB_MESSAGE_BYTES, decode_job_message, encode_job_message
+from common.protocol import (
+    JOB_SIGNATURE_HEADER,
+    MAX_JOB_MESSAGE_BYTES,
+    decode_job_message,
+    encode_job_message,
+    job_message,
+    sign_job_message,
+)
 from head_node.jobqueue import AmqpQueue
 from head_node.store import JobStore
 
@@ -213,10 +220,16 @@ def test_params_values_are_the_task_types_to_check():
     assert decode_job_message(encode_job_message(rec))["params"] == rec["params"]
 
 
-# ---- the AMQP consumer: a malformed message is logged and dropped ------------------------------------
+# ---- the AMQP consumer: a malformed or unsigned message is logged and dropped ------------------------
+KEY = b"k" * 43
+
+
 class FakeMessage:
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, signature: object = "") -> None:
         self.body = body
+        self.message_id = JOB_ID
+        self.headers = {} if signature is None else {
+            JOB_SIGNATURE_HEADER: signature or sign_job_message(body, KEY)}
         self.outcome: str | None = None
 
     async def ack(self) -> None:
@@ -226,14 +239,61 @@ class FakeMessage:
         self.outcome = f"reject(requeue={requeue})"
 
 
-def consume(tmp_path: Path, body: bytes) -> tuple[FakeMessage, list[dict[str, Any]], JobStore]:
+def consume(tmp_path: Path, body: bytes, signature: object = "") -> tuple[FakeMessage, list[dict[str, Any]],
+                                                                         JobStore]:
     store = JobStore(tmp_path / "jobs.sqlite3")
-    queue = AmqpQueue("amqp://guest:guest@127.0.0.1/", store)
+    queue = AmqpQueue("amqp://guest:guest@127.0.0.1/", store, KEY)
     delivered: list[dict[str, Any]] = []
     queue.deliver = lambda rec, ack: delivered.append(rec)
-    message = FakeMessage(body)
+    message = FakeMessage(body, signature)
     asyncio.run(queue._on_message(message))
     return message, delivered, store
+
+
+@pytest.mark.parametrize("signature", [None, "0" * 64, b"zz", 7, sign_job_message(b"another body", KEY),
+                                       sign_job_message(encode_job_message(record()), b"another key" * 4)])
+def test_a_job_message_without_the_heads_signature_never_runs(tmp_path, caplog, signature):
+    message, delivered, store = consume(tmp_path, encode_job_message(record()), signature)
+    assert message.outcome == "reject(requeue=False)"
+    assert delivered == [] and store.list() == []
+    assert f"{JOB_SIGNATURE_HEADER}" in caplog.text and "not published by a head" in caplog.text
+
+
+def test_a_signed_message_changed_on_the_way_is_dropped(tmp_path):
+    body = encode_job_message(record())
+    tampered = encode_job_message(record(nodes=1))
+    message, delivered, _ = consume(tmp_path, tampered, sign_job_message(body, KEY))
+    assert message.outcome == "reject(requeue=False)" and delivered == []
+
+
+def test_a_stored_row_gives_back_its_message(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    inputs = {**record()["inputs"], "a": {"dtype": "float32", "shape": [4, 3]}}
+    rec = record(nodes=2, inputs=inputs, inline={"a": b"\0" * 48})
+    store.insert(rec, accepted=True)
+    row = store.get(JOB_ID)
+    assert row is not None and job_message(row) == rec
+    assert decode_job_message(encode_job_message(job_message(row))) == rec
+
+
+def test_accepted_jobs_the_queue_does_not_deliver_are_published_again_in_time(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    queue = AmqpQueue("amqp://guest:guest@127.0.0.1/", store, KEY, prefetch=2, republish_after=10)
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    for i, job_id in enumerate(ids):
+        store.insert(record(job_id=job_id, created_at=1700000000.0 + i), accepted=True)
+    store.insert(record(job_id=uuid.uuid4().hex), accepted=False)  # not accepted: not the queue's
+    queue.held.add(ids[0])  # delivered, running
+    assert queue.missing_jobs(100.0) == []  # first seen missing now
+    assert queue.missing_jobs(109.0) == []
+    assert [m["job_id"] for m in queue.missing_jobs(110.0)] == ids[1:]
+    assert queue.missing_jobs(115.0) == []  # given another 10 s before the next try
+    queue.held.add(ids[1])  # it came back after all
+    assert [m["job_id"] for m in queue.missing_jobs(120.0)] == []  # full: the rest wait in the broker
+    queue.held.discard(ids[0])
+    store.update(ids[0], state="done")
+    assert [m["job_id"] for m in queue.missing_jobs(121.0)] == []  # room again: ids[2] seen missing anew
+    assert [m["job_id"] for m in queue.missing_jobs(131.0)] == [ids[2]]
 
 
 @pytest.mark.parametrize("body", [b"garbage", raw(v=2), raw(job_id="x"), raw(nodes=0),
