@@ -203,6 +203,13 @@ HEAD_OPTIONS = [
     _port_opt("rendezvous_port", 5558, "TCP port of the training rendezvous: the torch.distributed TCPStore the "
               "head starts for `--sync allreduce` jobs (providers connect to it, then to each other)"),
     Option("max_upload_bytes", int, 8 * 1024**3, "largest accepted upload (bytes)", _positive, "> 0"),
+    Option("blob_ttl", float, 3600.0, "seconds an uploaded blob that no job uses is kept, then deleted (so are "
+           "files left in STATE_DIR/incoming); 0: kept until deleted", _non_negative, ">= 0"),
+    Option("max_unused_bytes", int, 32 * 1024**3, "bytes of uploaded blobs that no job uses the head keeps at "
+           "once; an upload past it is refused with 507 no_space", _positive, "> 0"),
+    Option("max_jobs", int, 10_000, "most unfinished jobs the head holds at once (with RabbitMQ: those it took "
+           "from the queue); a submission past it is refused with 503 too_many_jobs, which clients wait on and "
+           "retry like an unreachable queue", _positive, ">= 1"),
     Option("fsync", _bool, False, "also survive power loss: fsync operands before accepting a job, results, "
            "checkpoints and models before reporting them, and every job-store commit (off: files and commits "
            "reach the OS before any acknowledgement, which survives any crash of the head process)"),
@@ -379,6 +386,9 @@ class HeadSettings(Settings):
     max_attempts: int
     rendezvous_port: int
     max_upload_bytes: int
+    blob_ttl: float
+    max_unused_bytes: int
+    max_jobs: int
     fsync: bool
     accept_empty_store: bool
     api_token: str = field(repr=False)

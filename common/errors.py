@@ -162,6 +162,13 @@ class QueueUnavailable(HeadUnreachable):
     code = "queue_unavailable"
 
 
+class TooManyJobs(QueueUnavailable):
+    """The head holds as many unfinished jobs as it may (``--max-jobs``): the job was not accepted.
+    A queue that is full for now, so a client waits and tries again as for ``QueueUnavailable``."""
+
+    code = "too_many_jobs"
+
+
 class WaitTimeout(DcfError, TimeoutError):
     """Waiting (for a job to end, a local cluster to come up) took longer than allowed. Also a
     ``TimeoutError``, so ``except TimeoutError`` catches it."""

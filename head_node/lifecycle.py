@@ -23,7 +23,7 @@ import numpy as np
 
 from common import config, layout, tasks
 from common.arrays import from_bytes
-from common.errors import Conflict, DcfError, HeadUnreachable, ValidationError
+from common.errors import Conflict, DcfError, HeadUnreachable, TooManyJobs, ValidationError
 from common.jobs import JobRecord, JobState
 from common.protocol.batch import MAX_INLINE_BYTES, JobSpec
 from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
@@ -105,6 +105,7 @@ class Lifecycle:
                 raise
         if not records:
             return [replayed[i] for i in range(len(specs))]
+        self._room_for(len(records))
         messages = [r.message() for r in records]
         ids = [r.job_id for r in records]
         self.store.insert_many(messages, accepted=False,
@@ -130,6 +131,14 @@ class Lifecycle:
             fresh = iter(ids)
             return [replayed[i] if i in replayed else next(fresh) for i in range(len(specs))]
         return ids
+
+    def _room_for(self, count: int) -> None:
+        """TooManyJobs unless the head may hold ``count`` more unfinished jobs (``--max-jobs``): each
+        costs memory (its planner, inline operands) and a share of every scheduling pass."""
+        held = len(self.active) + len(self.parked)
+        if held + count > self.cfg.max_jobs:
+            raise TooManyJobs(f"the head holds {held} unfinished jobs and takes at most {self.cfg.max_jobs} "
+                              f"(--max-jobs); {count} more were not accepted: try again as jobs finish")
 
     async def _replayed(self, specs: Sequence[JobSpec]) -> dict[int, str]:
         """Index -> job id of the specs whose idempotency key a stored job was submitted with (a

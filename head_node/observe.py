@@ -457,8 +457,11 @@ class _SnapshotCollector(Collector):
         jobs = GaugeMetricFamily("dcf_jobs", "Jobs by state: live jobs, and jobs finished since the head "
                                  "started.", labels=["state"])
         counts = dict.fromkeys(JOB_STATES, 0)
-        for job in snapshot.get("jobs", ()):
-            counts[job["state"]] = counts.get(job["state"], 0) + 1
+        if "live_counts" in snapshot:  # the live jobs by state (the snapshot lists only the oldest queued)
+            counts.update(snapshot["live_counts"])
+        else:
+            for job in snapshot.get("jobs", ()):
+                counts[job["state"]] = counts.get(job["state"], 0) + 1
         for state, n in now.by_state.items():
             counts[state] = counts.get(state, 0) + n
         for state, n in counts.items():

@@ -33,8 +33,12 @@ from .jobqueue import AmqpQueue, EmbeddedQueue, JobQueue
 from .lifecycle import Lifecycle
 from .store import BlobStore, JobStore, Outcome
 from .transport import Transport
+from .uploads import UnusedBlobs
 
 log = logging.getLogger("dcf.head")
+#: the queued jobs a snapshot describes in full, the oldest (the rest are counted in ``live_counts``):
+#: the sampler takes one a second, and 4000 never-run jobs' views took 65% of its core
+SNAPSHOT_QUEUED = 100
 
 
 class Head:
@@ -47,6 +51,7 @@ class Head:
         self.state.quarantine.update(quarantine.load(self.root))
         self.blobs = BlobStore(self.root)
         self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
+        self.uploads = UnusedBlobs(self.blobs, self.store, cfg.blob_ttl, cfg.max_unused_bytes)
         self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, security.queue_key(self.root),
                                           queue_name=cfg.amqp_queue, republish_after=cfg.amqp_republish_after)
                                 if cfg.amqp_url else EmbeddedQueue(self.store))
@@ -83,6 +88,8 @@ class Head:
         self._start_security()
         self.transport.start(self)
         (self.root / layout.MARKER).write_text(self.incarnation)
+        self.uploads.sweep(time.time())
+        self._tasks.append(asyncio.create_task(self._sweep_uploads()))
         if isinstance(self.queue, AmqpQueue):  # the API serves (and refuses jobs) while RabbitMQ is away
             self._tasks.append(asyncio.create_task(self.queue.start(self.jobs.deliver)))
         else:
@@ -114,6 +121,19 @@ class Head:
             self.zap.stop()
         await self.transport.stop()
         self.store.close()
+
+    async def _sweep_uploads(self) -> None:
+        """Unused uploads past ``--blob-ttl`` go (uploads.UnusedBlobs), until the head stops."""
+        while True:
+            await asyncio.sleep(self.uploads.interval)
+            try:
+                self.uploads.sweep(time.time())
+            except OSError as exc:  # the state dir unreadable for a moment: the next sweep tries again
+                log.warning("could not sweep unused uploads: %s", exc)
+
+    def admit_upload(self, nbytes: int) -> None:
+        """NoSpace unless an upload of ``nbytes`` keeps the unused uploads within ``--max-unused-bytes``."""
+        self.uploads.admit(nbytes, time.time())
 
     def _queue_state(self, connected: bool) -> None:
         """The broker went away or came back: an event (dashboard alert, `dcf.events` once back)."""
@@ -627,12 +647,17 @@ class Head:
         """Everything the dashboard and /metrics show, in one read-only dict."""
         now, clock = time.time(), time.monotonic()  # shown, and what the state machine's times are on
         names = views.provider_names(self.state.providers)
-        live = [self._live_view(j, names) for j in self.state.jobs.values()
-                if not j.state.terminal]
+        live, counts = [], {JobState.QUEUED.value: 0, JobState.RUNNING.value: 0}
+        for job in self.state.jobs.values():  # in the order they came: the oldest queued ones first
+            if job.state.terminal:
+                continue
+            counts[job.state.value] += 1
+            if job.state is not JobState.QUEUED or counts[JobState.QUEUED.value] <= SNAPSHOT_QUEUED:
+                live.append(self._live_view(job, names))
         return {
             "time": now, "epoch": self.incarnation, "uptime_s": clock - self._started_t, "queue": self.queue.name,
             "queue_connected": self.queue.is_connected,
-            "nodes": views.provider_rows(self.state.providers, clock), "jobs": live,
+            "nodes": views.provider_rows(self.state.providers, clock), "jobs": live, "live_counts": counts,
             "counters": {**self.state.counters, **self.counters, "bad_messages": self.transport.bad_messages,
                          **({"curve_refused": self.zap.denied} if self.zap is not None else {})},
             "finished": list(self.finished),

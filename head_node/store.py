@@ -188,8 +188,9 @@ def fsync_dir(path: Path) -> None:
 class BlobWriter:
     """Receives a .npy file in chunks, validating its header first and its length last."""
 
-    def __init__(self, store: BlobStore, max_bytes: int) -> None:
+    def __init__(self, store: BlobStore, max_bytes: int, admit: Callable[[int], None] | None = None) -> None:
         self.store = store
+        self.admit = admit  # told the file's size once its header is read; raises to refuse it
         self.blob_id = uuid.uuid4().hex
         self.tmp = store.blob_dir / f".{self.blob_id}.part"
         self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
@@ -215,6 +216,8 @@ class BlobWriter:
             self.expected = hlen + self.meta.nbytes
             if self.expected > self.max_bytes:
                 raise TooLarge(f"array of {self.meta.nbytes} bytes exceeds the {self.max_bytes} byte limit")
+            if self.admit is not None:  # the quota of unused uploads (uploads.UnusedBlobs)
+                self.admit(self.expected)
             # the whole file's room, now: a full state dir refuses the upload before its bytes come
             check_room(self.store.root, self.expected, "an upload")
             preallocate(self.store.root, self.file.fileno(), self.expected, "an upload")
@@ -264,8 +267,8 @@ class BlobStore:
     def blob_path(self, blob_id: str) -> Path:
         return layout.blob_path(self.root, blob_id)
 
-    def writer(self, max_bytes: int) -> BlobWriter:
-        return BlobWriter(self, max_bytes)
+    def writer(self, max_bytes: int, admit: Callable[[int], None] | None = None) -> BlobWriter:
+        return BlobWriter(self, max_bytes, admit)
 
     def adopt(self, upload_id: str, max_bytes: int, fsync: bool) -> tuple[str, ArrayMeta]:
         """Take a .npy file a co-located client wrote into ``incoming/``: validate it like an
@@ -749,6 +752,15 @@ class JobStore:
         for job_id in ids:
             self.delete(job_id)
         return len(ids)
+
+    def blob_ids_in_use(self) -> set[str]:
+        """The blobs some stored job (in any state, accepted or not yet) names among its inputs."""
+        used: set[str] = set()
+        for (inputs,) in self.db.execute("SELECT inputs FROM jobs"):
+            for meta in (json.loads(inputs) if inputs else {}).values():
+                if isinstance(meta, dict) and isinstance(meta.get("blob"), str):
+                    used.add(meta["blob"])
+        return used
 
     def blob_in_use(self, blob_id: str, except_job: str) -> bool:
         cur = self.db.execute("SELECT 1 FROM jobs WHERE job_id != ? AND inputs LIKE ? LIMIT 1",

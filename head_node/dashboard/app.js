@@ -269,8 +269,10 @@
     const ready = state.nodes.filter((n) => n.state === "ready").length;
     $("t-providers").textContent = ready + " / " + state.nodes.length;
     const live = snap.jobs || [];
-    const running = live.filter((j) => j.state === "running").length;
-    $("t-jobs").textContent = running + " / " + (live.length - running);
+    const counts = snap.live_counts;  // the snapshot lists only the oldest 100 queued jobs
+    const running = counts ? counts.running : live.filter((j) => j.state === "running").length;
+    const queued = counts ? counts.queued : live.length - running;
+    $("t-jobs").textContent = running + " / " + queued;
     const total = state.series.total;
     const last = total.length ? total[total.length - 1] : 0;
     const recent = total.slice(-10);

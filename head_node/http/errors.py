@@ -77,5 +77,7 @@ ERROR_DESCRIPTIONS = {
     409: "the request does not fit the job's state, or a short id matches more than one",
     413: "too large",
     422: "invalid request",
-    503: "the job queue (RabbitMQ) is unreachable: the job was not accepted",
+    503: "the job queue (RabbitMQ) is unreachable, or the head holds --max-jobs unfinished jobs: the job was not "
+         "accepted",
+    507: "no room: the head's state dir is full, or it holds --max-unused-bytes of uploads no job uses",
 }

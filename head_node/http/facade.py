@@ -62,6 +62,9 @@ class HeadApi(Protocol):
     def stopping(self) -> asyncio.Event:
         """Set once the head is stopping: open event streams end then."""
 
+    def admit_upload(self, nbytes: int) -> None:
+        """Raise NoSpace unless an upload of ``nbytes`` is within the quota of unused uploads."""
+
     async def submit(self, spec: JobSpec) -> str: ...
 
     async def submit_many(self, specs: list[JobSpec], wait: float) -> list[dict[str, Any]]: ...

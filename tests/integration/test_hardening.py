@@ -138,6 +138,139 @@ def test_connections_without_a_request_are_closed(guarded: LocalCluster) -> None
             s.close()
 
 
+# ---- A7: event streams are capped ---------------------------------------------------------------------
+def _open_stream(port: int) -> tuple[socket.socket, bytes]:
+    """A raw ``GET /v1/stream?period=0.2``: the socket and what came back first (status line and, for
+    an admitted stream, its first snapshot)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(f"GET /v1/stream?period=0.2 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    got = b""
+    while not _complete(got):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return s, got
+
+
+def _complete(got: bytes) -> bool:
+    """An admitted stream's head and first snapshot, or a refusal's head and whole body."""
+    head, sep, body = got.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    if head.startswith(b"HTTP/1.1 200"):
+        return b"event: snapshot" in body
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return len(body) >= length
+
+
+def test_event_streams_are_capped_and_the_head_keeps_answering(guarded: LocalCluster) -> None:
+    """100 streams at period=0.2 took /v1/health to 5 s. Now 32 are admitted (each raised to 0.5 s),
+    the next 8 get 503 at once, /v1/health answers while they run, and a slot frees when one closes."""
+    from head_node.http.live import MAX_STREAMS, MIN_PERIOD_S
+
+    admitted: list[socket.socket] = []
+    try:
+        for _ in range(MAX_STREAMS):
+            s, first = _open_stream(guarded.http_port)
+            assert first.startswith(b"HTTP/1.1 200") and b"event: snapshot" in first, first[:300]
+            admitted.append(s)
+        for _ in range(8):
+            s, first = _open_stream(guarded.http_port)
+            s.close()
+            assert first.startswith(b"HTTP/1.1 503"), first[:300]
+            assert b"event streams are open already" in first, first[:300]
+        took = []
+        with Client(guarded.url, token=TOKEN, timeout=10) as c:
+            for _ in range(10):
+                t0 = time.perf_counter()
+                assert c.health()["status"] == "ok"
+                took.append(time.perf_counter() - t0)
+        window, seen = 2.6, b""
+        one = admitted[0]
+        one.settimeout(0.2)
+        end = time.monotonic() + window
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                seen += one.recv(65536)
+        snapshots = seen.count(b"event: snapshot")
+        assert 2 <= snapshots <= window / MIN_PERIOD_S + 1, snapshots  # 0.5 s apart, not the 0.2 asked
+        print(f"{MAX_STREAMS} streams open, 8 more refused with 503; /v1/health median "
+              f"{sorted(took)[len(took) // 2] * 1e3:.1f} ms, max {max(took) * 1e3:.1f} ms; {snapshots} snapshots "
+              f"in {window} s on one stream (period 0.2 asked, {MIN_PERIOD_S} given)")
+        admitted.pop().close()
+        deadline = time.monotonic() + 15
+        while True:  # the closed stream's slot frees once the head notices (at its next message)
+            s, first = _open_stream(guarded.http_port)
+            if first.startswith(b"HTTP/1.1 200"):
+                admitted.append(s)
+                break
+            s.close()
+            assert time.monotonic() < deadline, "no stream admitted after one closed"
+            time.sleep(0.2)
+    finally:
+        for s in admitted:
+            s.close()
+
+
+# ---- A7: a cap on the jobs the head holds ------------------------------------------------------------
+def test_submissions_past_max_jobs_are_refused_until_jobs_finish() -> None:
+    """2000 never-run jobs took the head to 476 MiB: ``--max-jobs`` bounds what it holds. Past it a
+    submission is refused whole (503 too_many_jobs, nothing recorded); once jobs finish there is room."""
+    from common.errors import TooManyJobs
+
+    a = np.eye(3)
+    spec = {"type": "matmul", "inputs": {"a": a, "b": a}}
+    with LocalCluster(0, heartbeat=0.5, threads=1, head_args=["--max-jobs", "5"]) as cl, \
+            Client(cl.url, queue_wait=0) as c:
+        held = c.submit_many([spec] * 4)
+        with pytest.raises(TooManyJobs, match="holds 4 unfinished jobs and takes at most 5"):
+            c.submit_many([spec] * 2)  # all or nothing
+        held.append(c.submit_matmul(a, a))
+        with pytest.raises(TooManyJobs):
+            c.submit_matmul(a, a)
+        assert len(c.jobs()) == 5
+        cl.add_provider()
+        c.gather(held, timeout=60)
+        deadline = time.monotonic() + 10
+        while True:  # a finished job leaves the scheduler once its outcome is committed
+            try:
+                job = c.submit_matmul(a, a)
+                break
+            except TooManyJobs:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        np.testing.assert_array_equal(c.gather([job], timeout=60)[0]["c"], a)
+
+
+# ---- A7: unused uploads expire, and are bounded ---------------------------------------------------------
+@pytest.mark.parametrize("shared_files", ["off", "auto"])  # PUT /v1/blobs, and adopt from incoming/
+def test_unused_uploads_expire_and_are_bounded(shared_files: str) -> None:
+    """Orphan uploads were kept for ever (300 MB in 1 s). Now one no job uses is deleted after
+    --blob-ttl, one a job uses stays, and past --max-unused-bytes an upload gets 507 until a job uses
+    what is there."""
+    from common.errors import NoSpace, NotFound
+
+    a = np.arange(64 * 64, dtype=np.float64).reshape(64, 64)  # 32 KiB
+    head_args = ["--blob-ttl", "1.5", "--max-unused-bytes", str(48 * 1024)]
+    with LocalCluster(1, heartbeat=0.5, threads=1, head_args=head_args) as cl, \
+            Client(cl.url, shared_files=shared_files, queue_wait=0) as c:
+        first = c.upload(a)["blob_id"]
+        with pytest.raises(NoSpace, match="--max-unused-bytes"):
+            c.upload(a)  # 64 KiB of unused uploads would be past 48
+        used = c.submit("matmul", {"a": first, "b": first})  # now a job uses it: room again
+        c.wait(used, timeout=60)
+        orphan = c.upload(a)["blob_id"]
+        time.sleep(4)  # past the TTL, and a sweep (every TTL / 2)
+        with pytest.raises(NotFound, match=orphan):
+            c.submit("matmul", {"a": orphan, "b": first})
+        again = c.submit("matmul", {"a": first, "b": first})  # the used one stayed
+        assert c.wait(again, timeout=60)["state"] == "done"
+        np.testing.assert_allclose(c.result(again), a @ a)
+        assert "uploads no job used" in (cl.log_dir / "head.log").read_text(errors="replace")
+
+
 # ---- B8: a busy ZeroMQ port -------------------------------------------------------------------------
 def test_a_busy_zeromq_port_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:

@@ -74,6 +74,9 @@ class FakeHead:
     def last_asked(self) -> tuple[str, Any]:
         return self.asked[-1]
 
+    def admit_upload(self, nbytes: int) -> None:
+        self.asked.append(("admit_upload", nbytes))
+
     async def submit(self, spec: JobSpec) -> str:
         self.asked.append(("submit", spec))
         return JOB
