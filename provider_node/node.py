@@ -80,6 +80,9 @@ class Slot:
 
     msg: protocol.Message
     cancelled: bool = False  # a cancel came: dropped if queued, stopped at its next block if running
+    #: the head forgot this provider (declared it dead, or restarted) and re-queued what it held:
+    #: dropped if queued, stopped if running, never answered
+    forgotten: bool = False
 
     @property
     def key(self) -> Key:
@@ -218,6 +221,7 @@ class ProviderNode:
             if isinstance(command, SendRegister):
                 if command.again:
                     log.warning("the head does not know this provider (restarted?); registering again")
+                    self._forget_all()
                 io.pirate.send(self.register_frames(), now)
             elif isinstance(command, SendHeartbeat):
                 io.pirate.send(self.heartbeat_frames(), now)
@@ -333,6 +337,22 @@ class ProviderNode:
             log.info("cancelled by the head: %d queued subtasks dropped%s", len(queued),
                      ", the running one stops" if len(queued) < len(hit) else "", extra={"job_id": job_id})
 
+    def _forget_all(self) -> None:
+        """The head no longer knows this provider: it re-queued every subtask the provider held (or it
+        restarted, and they are of its old epoch). They are dropped, the running one stopped at its next
+        block, none answered: a stale one must not hold the compute thread (a training group's member
+        waiting for peers that will never come would hold it for the collective timeout)."""
+        with self.lock:
+            held = list(self.in_hand.values())
+            if self.running is not None and self.running not in held:
+                held.append(self.running)
+            for slot in held:
+                slot.forgotten = True
+            self.in_hand.clear()
+        if held:
+            log.warning("dropped the %d subtasks this provider held: the head re-queued them", len(held),
+                        extra={"provider_id": self.provider_id})
+
     def _is_quick(self, msg: protocol.Message) -> bool:
         if self.cfg.delay:  # a simulated slow device must not hold up heartbeats
             return False
@@ -363,7 +383,7 @@ class ProviderNode:
                 if slot is None:
                     return
                 with self.lock:
-                    if slot.cancelled:  # dropped by a cancel while queued (already answered)
+                    if slot.cancelled or slot.forgotten:  # dropped while queued (a cancel was answered)
                         continue
                     self.running = slot
                 frames = self._execute(slot, out.progress(slot))
@@ -387,9 +407,10 @@ class ProviderNode:
             time.sleep(self.cfg.delay)
         t0 = time.perf_counter()
         shared = msg.get("shared")
-        device = SubtaskDevice(self.device, lambda: slot.cancelled or self.stopping.is_set(), report)
+        device = SubtaskDevice(self.device, lambda: slot.cancelled or slot.forgotten or self.stopping.is_set(),
+                               report)
         try:
-            if slot.cancelled:
+            if slot.cancelled or slot.forgotten:
                 raise SubtaskCancelled("cancelled before it started")
             task = tasks.get(msg["task_type"])
             task.check_params(msg["params"])
@@ -398,7 +419,7 @@ class ProviderNode:
             else:
                 outputs = task.run(msg["params"], msg.arrays, device)
         except SubtaskCancelled:
-            if not slot.cancelled:
+            if slot.forgotten or not slot.cancelled:  # forgotten, or this provider is shutting down
                 return None
             log.info("subtask stopped after %.3fs: its job was cancelled", time.perf_counter() - t0, extra=ctx)
             return protocol.encode("cancelled", fields)

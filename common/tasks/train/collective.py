@@ -40,16 +40,29 @@ JOIN_POLL_S = 0.002
 def run_round(sub: Mapping[str, Any], arrays: Sequence[np.ndarray], device: Device) -> list[np.ndarray]:
     """One member's round of ``steps`` steps: rank 0 returns [parameters, *optimizer state, metrics], the
     others [metrics]; metrics are [loss_sum, samples, correct, compute seconds]."""
-    import torch
-    import torch.nn.functional as F
-
     flat = ModelRunner.model(sub, device)
     optimizer = _optimizer(sub, arrays, device, flat)
-    steps, batch = int(sub["steps"]), int(sub["batch_size"])
-    idx = np.asarray(arrays[1], dtype=np.int64).reshape(steps, -1)
+    idx = np.asarray(arrays[1], dtype=np.int64).reshape(int(sub["steps"]), -1)
     data = sub["data"]
     x_all, y_all = ModelRunner.data(device, data, "x"), ModelRunner.data(device, data, "y")
     group = _group(sub, device)
+    try:
+        return _steps(sub, idx, device, flat, optimizer, group, (x_all, y_all))
+    except BaseException:
+        # stopped, failed or timed out: the group is dropped, which closes its connections, so a peer
+        # still in a collective with this member fails at once instead of at its timeout
+        device.cache.pop(("allreduce-group", sub["job_id"]), None)
+        device.cache.pop(("allreduce-state", sub["job_id"]), None)
+        raise
+
+
+def _steps(sub: Mapping[str, Any], idx: np.ndarray, device: Device, flat: Any, optimizer: Any, group: Group,
+           data: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    import torch
+    import torch.nn.functional as F
+
+    steps, batch = int(sub["steps"]), int(sub["batch_size"])
+    x_all, y_all = data
     net = flat.model
     loss_sum, correct, busy = 0.0, 0, 0.0
     for k in range(steps):
