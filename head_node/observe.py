@@ -323,6 +323,8 @@ COUNTER_HELP = {
     "bytes_in": "Result bytes received from providers over sockets.",
     "bytes_out": "Operand bytes sent to providers over sockets.",
     "bad_messages": "Malformed messages dropped.",
+    "subscriptions_refused": "Task-port subscriptions refused: the empty topic, a prefix, or another CURVE key's "
+                             "provider id.",
 }
 #: the events that end a job, and the job's final state
 FINISH_KINDS = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"}

@@ -659,6 +659,7 @@ class Head:
             "queue_connected": self.queue.is_connected,
             "nodes": views.provider_rows(self.state.providers, clock), "jobs": live, "live_counts": counts,
             "counters": {**self.state.counters, **self.counters, "bad_messages": self.transport.bad_messages,
+                         "subscriptions_refused": self.transport.refused_subscriptions,
                          **({"curve_refused": self.zap.denied} if self.zap is not None else {})},
             "finished": list(self.finished),
         }

@@ -15,6 +15,16 @@ provider's Lazy Pirate closes and reopens its REQ after every lost reply, fetch 
 ROUTER cannot name the provider behind a connection that closed (ZMQ_ROUTER_NOTIFY is draft API); its
 heartbeats only free what dead REQ peers held.
 
+Subscriptions are the head's to grant (``XPUB_MANUAL``): a subscription is applied to its connection
+only when its topic is exactly a provider id (``ID_RE``), never the empty topic or a prefix, which
+would see every provider's subtasks; with CURVE also only when the id belongs to the subscribing key
+(the key it registered with, or, for an id not yet registered, the key that subscribes first: the
+binding ``check_key`` then holds the register to). In this mode libzmq reports an unsubscribe (with
+no key) for every connection that subscribed to a topic and ended, granted or not, so the head counts
+the connections of each topic (``_count``) and the provider's task connection is gone when none is
+left. An unsubscribe sent by another key than the owner's is ignored (not counted): such an insider
+can delay the owner's disconnect being noticed (its missed heartbeats then tell), never cause one.
+
 It knows no job and no state: decoded messages go to the ``Handlers`` it is given (the head), and
 what they answer goes back. A socket loop never dies of one bad message.
 """
@@ -43,6 +53,9 @@ ROUTER_BATCH_S = 0.005
 ROUTER_MAX_MESSAGE = 1 << 20
 #: with CURVE, at most this many provider ids bound to keys
 MAX_PROVIDER_KEYS = 10_000
+#: the most topics whose subscribed connections are counted (ids are random: a flood of made-up ones
+#: must not grow the table); past it a new topic is not counted, so its end is seen by heartbeats
+MAX_SUBSCRIBED_TOPICS = 100_000
 PROVIDER_TYPES = ("register", "heartbeat", "unregister", "fetch")
 RESULT_TYPES = ("ack", "result", "failed", "progress", "cancelled")
 
@@ -75,6 +88,10 @@ class Transport:
         #: with CURVE: provider id -> the public key it registered with; its later messages must carry it
         self.provider_keys: dict[str, str] = {}
         self.bad_messages = 0
+        #: subscriptions not granted: the empty topic, a prefix, another key's provider id
+        self.refused_subscriptions = 0
+        #: provider id -> the connections subscribed to its topic (``_count``)
+        self.subscribers: dict[str, int] = {}
         self._tasks: list[asyncio.Task[Any]] = []
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -93,8 +110,10 @@ class Transport:
         self.xpub = self.ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.LINGER, 0)
         # VERBOSE: every subscribe comes up, an unsubscribe only when the topic's last subscriber
-        # leaves (VERBOSER would let any subscriber's unsubscribe mark a provider not ready)
+        # leaves (VERBOSER would let any subscriber's unsubscribe mark a provider not ready);
+        # MANUAL: a subscription is applied only when the head grants it (``_grant``)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
         zmtp_heartbeats(self.xpub, self.cfg.heartbeat_interval)
         self.xpub.copy_threshold = COPY_THRESHOLD
@@ -190,13 +209,13 @@ class Transport:
             if not frame or frame[0] not in (0, 1):
                 continue
             topic = frame[1:].decode("ascii", "replace")
-            if not protocol.ID_RE.fullmatch(topic):
-                continue
             try:
                 if frame[0] == 1:
-                    handlers.on_subscription(topic, True)
-                else:  # the last SUB connection of this topic ended (or it unsubscribed itself)
-                    handlers.on_disconnect(topic)
+                    self._count(topic, +1)
+                    if self._grant(topic, user_id(frames[0])):
+                        handlers.on_subscription(topic, True)
+                elif self._counts(topic, user_id(frames[0])) and self._count(topic, -1) == 0:
+                    handlers.on_disconnect(topic)  # the last SUB connection of this topic ended
             except Exception:
                 log.exception("error handling a subscription")
 
@@ -229,21 +248,74 @@ class Transport:
             except Exception:
                 log.exception("error in the scheduler tick")
 
+    # ---- subscriptions ----------------------------------------------------------------------
+    def _grant(self, topic: str, key: str) -> bool:
+        """Apply the subscription just received to its connection if ``topic`` is a provider id the
+        subscriber may read (module docstring); True when applied."""
+        if not protocol.ID_RE.fullmatch(topic):
+            self._refused(f"refused a subscription to {topic[:40]!r}: only a provider's own id is a topic")
+            return False
+        if self.keys is not None:
+            owner = self.provider_keys.get(topic)
+            if owner is None and key:
+                try:
+                    self._bind_key(topic, key)
+                except Conflict:
+                    owner = ""
+                else:
+                    owner = key
+            if owner != key:
+                self._refused(f"refused a subscription to provider {topic[:8]}'s topic from another CURVE key")
+                return False
+        self.xpub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        return True
+
+    def _refused(self, why: str) -> None:
+        """Count a refused subscription; log the first and then every 100th (a flood stays a few lines)."""
+        self.refused_subscriptions += 1
+        if self.refused_subscriptions == 1 or self.refused_subscriptions % 100 == 0:
+            log.warning("%s (%d refused so far)", why, self.refused_subscriptions)
+
+    def _counts(self, topic: str, key: str) -> bool:
+        """Whether an unsubscribe of ``topic`` counts: libzmq's as a connection that subscribed ended (no
+        key), or the owner's; never another key's (it may not end the provider's subscription)."""
+        if not protocol.ID_RE.fullmatch(topic):
+            return False
+        return self.keys is None or not key or self.provider_keys.get(topic) == key
+
+    def _count(self, topic: str, change: int) -> int:
+        """The connections subscribed to ``topic``, granted or not, after ``change``. With XPUB_MANUAL
+        libzmq reports an unsubscribe for every connection that ends (not only the topic's last), so the
+        head counts: the provider's task connection is gone when none is left."""
+        if not protocol.ID_RE.fullmatch(topic):
+            return -1
+        left = max(0, self.subscribers.get(topic, 0) + change)
+        if left:
+            if topic in self.subscribers or len(self.subscribers) < MAX_SUBSCRIBED_TOPICS:
+                self.subscribers[topic] = left
+        else:
+            self.subscribers.pop(topic, None)
+        return left
+
     # ---- CURVE identities -------------------------------------------------------------------
+    def _bind_key(self, pid: str, key: str) -> None:
+        """``pid`` belongs to ``key`` from now on (Conflict when the table is full of live ids)."""
+        if len(self.provider_keys) >= MAX_PROVIDER_KEYS:  # bounded: forget ids the state forgot
+            self.provider_keys = {p: k for p, k in self.provider_keys.items() if self.known(p)}
+            if len(self.provider_keys) >= MAX_PROVIDER_KEYS:
+                raise Conflict("too many providers are registered")
+        self.provider_keys[pid] = key
+
     def check_key(self, msg: protocol.Message, frame: zmq.Frame, register: bool = False) -> None:
-        """With CURVE, a provider id belongs to the key it first registered with: another allowed
-        key cannot heartbeat, unregister or send results in its name."""
+        """With CURVE, a provider id belongs to the key it first registered (or subscribed) with:
+        another allowed key cannot heartbeat, unregister or send results in its name."""
         if self.keys is None:
             return
         key = user_id(frame)
         pid = check_id(msg["provider_id"], "provider_id")
         owner = self.provider_keys.get(pid)
         if owner is None and register and key:
-            if len(self.provider_keys) >= MAX_PROVIDER_KEYS:  # bounded: forget ids the state forgot
-                self.provider_keys = {p: k for p, k in self.provider_keys.items() if self.known(p)}
-                if len(self.provider_keys) >= MAX_PROVIDER_KEYS:
-                    raise Conflict("too many providers are registered")
-            self.provider_keys[pid] = key
+            self._bind_key(pid, key)
             return
         if owner is None:
             raise UnknownProvider("register again")

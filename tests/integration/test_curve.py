@@ -185,10 +185,12 @@ def test_stranger_receives_no_subtasks_and_cannot_inject_results(
     stranger_keys = _keys(cluster, stranger / "providers" / "stranger.key_secret")
     with Client(cluster.url) as c:
         refused_before = _counters(c)["curve_refused"]
+        provider = next(n["provider_id"] for n in c.nodes() if n["name"] == "local-0")
     snoop_bad = _socket(zctx, zmq.SUB, cluster, "task", stranger_keys)
-    snoop_ok = _socket(zctx, zmq.SUB, cluster, "task", _allowed_keys(cluster))  # positive control
-    for s in (snoop_bad, snoop_ok):
-        s.setsockopt(zmq.SUBSCRIBE, b"")
+    # positive control: local-0's own key on its own topic (the only subscription the head grants it)
+    snoop_ok = _socket(zctx, zmq.SUB, cluster, "task", _allowed_keys(cluster))
+    snoop_bad.setsockopt(zmq.SUBSCRIBE, b"")
+    snoop_ok.setsockopt(zmq.SUBSCRIBE, provider.encode())
     push_bad = _socket(zctx, zmq.PUSH, cluster, "result", stranger_keys)
     assert cluster.key_dir is not None
     other_secret, _ = security.generate_provider(cluster.key_dir, "other")  # allowed, but not local-0's
@@ -199,7 +201,6 @@ def test_stranger_receives_no_subtasks_and_cannot_inject_results(
     try:
         time.sleep(0.5)  # let the subscriptions reach the head
         with Client(cluster.url) as c:
-            provider = next(n["provider_id"] for n in c.nodes() if n["name"] == "local-0")
             before = _counters(c)
             job = c.submit_matmul(a, b)
             seen_ok: list[protocol.Message] = []
@@ -239,6 +240,48 @@ def test_stranger_receives_no_subtasks_and_cannot_inject_results(
     finally:
         for s in (snoop_bad, snoop_ok, push_bad, push_ok):
             s.close(linger=0)
+
+
+def test_an_allowed_key_cannot_read_or_unsubscribe_another_providers_topic(
+        cluster: LocalCluster, zctx: zmq.Context) -> None:
+    """CURVE's known gap (issue 15 §4, issue 14 A4): an allowed insider key subscribed to the empty
+    topic, a prefix or another provider's id and read its operands. Now the head grants a key only the
+    topics of the ids it owns; the insider's unsubscribe of the provider's topic does not mark it lost.
+    Positive control: the provider's own key on its own topic sees the subtask."""
+    assert cluster.key_dir is not None
+    insider_secret, _ = security.generate_provider(cluster.key_dir, "insider")  # allowed
+    time.sleep(1.5)  # the head re-reads its allow-list
+    with Client(cluster.url) as c:
+        provider = next(n["provider_id"] for n in c.nodes() if n["name"] == "local-0")
+        refused_before = _counters(c)["subscriptions_refused"]
+        insiders = [_socket(zctx, zmq.SUB, cluster, "task", _keys(cluster, insider_secret)) for _ in range(3)]
+        for sock, topic in zip(insiders, (b"", provider[:4].encode(), provider.encode()), strict=True):
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        own = _socket(zctx, zmq.SUB, cluster, "task", _allowed_keys(cluster))
+        own.setsockopt(zmq.SUBSCRIBE, provider.encode())
+        try:
+            _wait_for(lambda: _counters(c)["subscriptions_refused"] >= refused_before + 3, 10,
+                      "the insider's three subscriptions to be refused")
+            insiders[2].setsockopt(zmq.UNSUBSCRIBE, provider.encode())  # not its topic to end
+            time.sleep(2.0)  # past the disconnect grace (0.5 s) and heartbeats at 0.5 s
+            assert next(n["state"] for n in c.nodes() if n["provider_id"] == provider) == "ready"
+            a = np.arange(12.0).reshape(4, 3)
+            job = c.submit_matmul(a, a.T)
+            assert own.poll(30_000), "the provider's own key saw no subtask: the test proves nothing"
+            c.wait(job, timeout=60)
+            np.testing.assert_allclose(c.result(job), a @ a.T)
+            for sock in insiders:
+                assert not sock.poll(200), "an insider key received another provider's subtask"
+        finally:
+            for sock in (*insiders, own):
+                sock.close(linger=0)
+    print(f"insider subscriptions refused: {_counters_after(cluster) - refused_before} (empty topic, a prefix, "
+          "another key's provider id); its unsubscribe ignored; the provider's own key served")
+
+
+def _counters_after(cluster: LocalCluster) -> int:
+    with Client(cluster.url) as c:
+        return int(_counters(c)["subscriptions_refused"])
 
 
 def test_key_added_to_the_allow_list_is_accepted_without_restart(cluster: LocalCluster, stranger: Path) -> None:

@@ -602,11 +602,13 @@ def test_other_subscriber_leaving_keeps_the_provider_ready(zctx: zmq.Context) ->
 
 # ---- forged results for a live job ------------------------------------------------------------------
 def _snoop(zctx: zmq.Context, cluster: LocalCluster) -> zmq.Socket:
-    """A SUB that also receives the subtasks sent to the real providers. It subscribes to everything
-    (topic b""), never to a provider's id: see test_other_subscriber_leaving_keeps_the_provider_ready."""
+    """A SUB that also receives the subtasks sent to the real providers: subscribed to each one's exact
+    id, which a head without CURVE grants to anyone who knows it (the empty topic it never grants; the
+    subscriber leaving keeps them ready: test_other_subscriber_leaving_keeps_the_provider_ready)."""
     sub = zctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    for pid in _ready_ids(cluster):
+        sub.setsockopt(zmq.SUBSCRIBE, pid.encode())
     sub.connect(_endpoint(cluster, "task"))
     time.sleep(0.3)
     return sub

@@ -103,6 +103,40 @@ def test_placeholder_secrets_are_refused(args: list[str], tmp_path: Path) -> Non
     assert len(head.stderr.strip().splitlines()) == 1, head.stderr
 
 
+# ---- A2: no subscription sees every provider's subtasks ------------------------------------------------
+def test_the_empty_topic_and_prefixes_see_no_subtasks(guarded: LocalCluster) -> None:
+    """Without CURVE a subscriber to the empty topic saw every provider's operands. Now the head grants
+    only exact provider ids (here, with no keys, to anyone who knows one: the positive control)."""
+    import zmq
+
+    from common import protocol
+
+    with Client(guarded.url, token=TOKEN) as c:
+        provider = c.nodes()[0]["provider_id"]
+        ctx = zmq.Context()
+        socks = []
+        try:
+            for topic in (b"", provider[:1].encode(), provider[:31].encode(), provider.encode()):
+                sock = ctx.socket(zmq.SUB)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://127.0.0.1:{guarded.ports['task']}")
+                sock.setsockopt(zmq.SUBSCRIBE, topic)
+                socks.append(sock)
+            time.sleep(0.5)  # the subscriptions reach the head
+            a = np.arange(6.0).reshape(2, 3)
+            job = c.submit_matmul(a, a.T)
+            assert socks[-1].poll(30_000), "the exact id's subscriber saw nothing: the test proves nothing"
+            assert protocol.decode(socks[-1].recv_multipart()[1:])["job_id"] == job
+            c.wait(job, timeout=60)
+            for sock in socks[:-1]:
+                assert not sock.poll(200), "a subscriber to the empty topic or a prefix received a subtask"
+            assert c.http.get("/v1/metrics").json()["counters"]["subscriptions_refused"] >= 3
+        finally:
+            for sock in socks:
+                sock.close()
+            ctx.term()
+
+
 # ---- A7: slow loris ---------------------------------------------------------------------------------
 def test_connections_without_a_request_are_closed(guarded: LocalCluster) -> None:
     """60 connections: 30 send nothing, 30 a request line and then a header byte a second. All are
