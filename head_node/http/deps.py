@@ -48,6 +48,14 @@ def check_token(request: Request, head: HeadApi, query_token: str | None = None)
                    request.client.host if request.client else "?", query_token)
 
 
+def carries_token(request: Request, head: HeadApi) -> bool:
+    """Whether the request carries the API token (or none is configured): a quiet check, for a public
+    route that tells token holders more (no warning, no 401)."""
+    token = head.cfg.api_token
+    return not token or hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                            f"Bearer {token}".encode())
+
+
 def require_bearer(token: str | None, authorization: str, client: str, query_token: str | None = None) -> None:
     """The one token check (also of the ASGI front, ``fast.py``), in constant time: pass if ``token``
     is unset or the header (or ``query_token``) carries it, else log and raise ``Unauthorized``."""

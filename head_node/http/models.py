@@ -124,7 +124,8 @@ class BlobInfo(Reply):
 class Health(Reply):
     status: str = Field(description='"ok"')
     version: str
-    epoch: str = Field(description="this head process's run id")
+    epoch: str | None = Field(None, description="this head process's run id; only to a request with the API "
+                                                "token (or from a head without one)")
     queue: str = Field(description="the job queue: embedded, or RabbitMQ")
     queue_connected: bool
     task_types: list[str]

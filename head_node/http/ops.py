@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from common import __version__, tasks
 
 from ..observe import observe_once
-from .deps import HeadDep, LiveDep, require_token, require_token_or_query
+from .deps import HeadDep, LiveDep, carries_token, require_token, require_token_or_query
 from .errors import documented
 from .live import event_stream
 from .models import Health, Info, MetricsView
@@ -31,10 +31,13 @@ guarded = APIRouter(tags=["ops"], dependencies=[Depends(require_token)], respons
 streams = APIRouter(tags=["ops"], dependencies=[Depends(require_token_or_query)], responses=documented(401, 422))
 
 
-@public.get("/v1/health", response_model=Health)
-async def health(head: HeadDep) -> dict[str, Any]:
-    return {"status": "ok", "version": __version__, "epoch": head.incarnation, "queue": head.queue.name,
-            "queue_connected": head.queue.is_connected, "task_types": tasks.names()}
+@public.get("/v1/health", response_model=Health, response_model_exclude_none=True)
+async def health(request: Request, head: HeadDep) -> dict[str, Any]:
+    """Liveness, open to anyone; the head's run id (``epoch``) only with the API token: messages of the
+    provider protocol carry it, so it is not handed to strangers."""
+    return {"status": "ok", "version": __version__, "queue": head.queue.name,
+            "queue_connected": head.queue.is_connected, "task_types": tasks.names(),
+            "epoch": head.incarnation if carries_token(request, head) else None}
 
 
 @public.get("/", include_in_schema=False)

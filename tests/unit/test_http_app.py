@@ -316,6 +316,18 @@ def test_one_token_check_on_every_route_but_health(tmp_path: Path) -> None:
         assert http.get("/").status_code == 200 and http.get("/static/app.js").status_code == 200
 
 
+def test_health_gives_the_heads_run_id_only_with_the_token(tmp_path: Path) -> None:
+    """``/v1/health`` is for anyone (liveness); the epoch, which provider-protocol messages carry, only for
+    token holders (issue 14 A8: it was handed to anyone)."""
+    head = FakeHead(tmp_path, token=TOKEN)
+    with TestClient(create_app(head), raise_server_exceptions=False) as http:
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            body = http.get("/v1/health", headers=headers).json()
+            assert body["status"] == "ok" and "epoch" not in body and "state_dir" not in body
+        body = http.get("/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert body["epoch"] == head.incarnation
+
+
 # ---- the schemas ------------------------------------------------------------------------------------
 def response_ref(spec: dict[str, Any], path: str, method: str, status: str) -> str:
     schema = spec["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
