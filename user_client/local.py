@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
+
 from common import config, layout, security
 from common.config import HeadSettings
 from common.errors import ConfigError, DcfError, HeadUnreachable, WaitTimeout
@@ -176,7 +178,12 @@ class LocalCluster:
     def _our_head_answers(self, client: Client) -> bool:
         """The head answering is the one started here: its run id (``epoch``) is the one it wrote in
         this cluster's state dir, not another head's that took the port meanwhile."""
-        epoch = client.health().get("epoch")
+        token = self.api_token  # read each time: a secure head writes its token file on its first start
+        try:  # the epoch is only given with the token
+            reply = client.http.get("/v1/health", headers={"Authorization": f"Bearer {token}"} if token else {})
+            epoch = reply.json().get("epoch") if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return False
         return epoch is not None and epoch == layout.read_marker(self.state_dir)
 
     def add_provider(self, *extra: str) -> subprocess.Popen[bytes]:
