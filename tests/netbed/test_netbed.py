@@ -139,6 +139,10 @@ def test_shaped_links_jobs_stay_right_and_the_slow_link_gets_less_work(bed: NetB
     bed.wait_ready(3)
     bed.stop_provider("p2")  # back through a 20 ms delaying proxy in its own namespace
     bed.add_provider("p2", delay=0.02)
+    # p3 anew too: what the head learnt of it in the unplug test (a result held up by TCP's backoff
+    # after the cable came back) is not this test's subject, and small shares unlearn it slowly
+    bed.stop_provider("p3")
+    bed.add_provider("p3")
     bed.loss("p2", 1.0)
     bed.shape("p1", 100_000_000)
     try:
@@ -152,7 +156,7 @@ def test_shaped_links_jobs_stay_right_and_the_slow_link_gets_less_work(bed: NetB
     clean = [s.get("nb-p3", 0.0) for s in shares]
     figures.append(f"p1 at 100 Mbit/s: its shares {slow}; p3 (clean) {clean}; p2 (20 ms, 1 % loss) "
                    f"{[s.get('nb-p2', 0.0) for s in shares]}")
-    # (p2's first process left cleanly: its old row is not a death)
+    # (p2's and p3's first processes left cleanly: their old rows are not deaths)
     assert all("ready" in states[h.provider_name] and "dead" not in states[h.provider_name]
                for h in bed.providers()), states
     # 8 MB of B alone takes 0.64 s down p1's link against ~10 ms on the others: the head, measuring what a
