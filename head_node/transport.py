@@ -109,9 +109,8 @@ class Transport:
         self.router.copy_threshold = COPY_THRESHOLD
         self.xpub = self.ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.LINGER, 0)
-        # VERBOSE: every subscribe comes up, an unsubscribe only when the topic's last subscriber
-        # leaves (VERBOSER would let any subscriber's unsubscribe mark a provider not ready);
-        # MANUAL: a subscription is applied only when the head grants it (``_grant``)
+        # VERBOSE: every subscribe comes up; MANUAL: a subscription is applied only when the head grants
+        # it (``_grant``), and an unsubscribe comes up for every connection that ends (``_count``)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         self.xpub.setsockopt(zmq.SNDHWM, 100_000)
