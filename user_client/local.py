@@ -140,8 +140,16 @@ class LocalCluster:
 
     @property
     def api_token(self) -> str:
-        """The token the head created in its state dir (``secure``), else ""."""
-        return config.local_api_token(self.state_dir) if self.secure else ""
+        """The head's API token: the one it created in its state dir (``secure``), the one given in
+        ``head_args`` (``--api-token``) or its environment (``DCF_API_TOKEN``); "" for none."""
+        if self.secure:
+            return config.local_api_token(self.state_dir)
+        for i, arg in enumerate(self.head_args):
+            if arg == "--api-token" and i + 1 < len(self.head_args):
+                return self.head_args[i + 1]
+            if arg.startswith("--api-token="):
+                return arg.split("=", 1)[1]
+        return self.env.get("DCF_API_TOKEN", "")
 
     def port_args(self) -> list[str]:
         return ["--registration-port", str(self.ports["registration"]), "--task-port", str(self.ports["task"]),
