@@ -460,6 +460,8 @@ class BlobStore:
 _COLUMNS = ("job_id", "type", "params", "inputs", "outputs", "nodes", "state", "accepted",
             "created_at", "started_at", "finished_at", "error", "stats", "inline", "results")
 _JSON_COLUMNS = ("params", "inputs", "outputs", "stats")
+#: the rows of accepted jobs not finished yet, oldest first (``unfinished``, ``unfinished_ids``)
+_UNFINISHED = "accepted = 1 AND state IN ('queued', 'running') ORDER BY created_at"
 #: name -> raw bytes, as msgpack (small inputs sent with the job; small results kept in the row)
 _BYTES_COLUMNS = ("inline", "results")
 
@@ -734,15 +736,13 @@ class JobStore:
         return [self._row(r) for r in self.db.execute(sql, (*args, limit))]
 
     def unfinished(self) -> Iterator[dict[str, Any]]:
-        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE accepted = 1 AND "
-                              "state IN ('queued', 'running') ORDER BY created_at")
+        cur = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE {_UNFINISHED}")
         for row in cur.fetchall():
             yield self._row(row)
 
     def unfinished_ids(self) -> tuple[str, ...]:
         """The ids of ``unfinished()``, oldest first: the cheap form, for a frequent look."""
-        return tuple(r[0] for r in self.db.execute("SELECT job_id FROM jobs WHERE accepted = 1 AND "
-                                              "state IN ('queued', 'running') ORDER BY created_at"))
+        return tuple(r[0] for r in self.db.execute(f"SELECT job_id FROM jobs WHERE {_UNFINISHED}"))
 
     def discard_unaccepted(self) -> int:
         """Submissions cut off before their id was returned (a head crash between the row and the

@@ -85,6 +85,11 @@ class Slot:
     forgotten: bool = False
 
     @property
+    def dropped(self) -> bool:
+        """Cancelled or forgotten: not to run (queued), or to stop at its next block (running)."""
+        return self.cancelled or self.forgotten
+
+    @property
     def key(self) -> Key:
         return (self.msg["job_id"], self.msg["subtask"], self.msg["epoch"])
 
@@ -383,7 +388,7 @@ class ProviderNode:
                 if slot is None:
                     return
                 with self.lock:
-                    if slot.cancelled or slot.forgotten:  # dropped while queued (a cancel was answered)
+                    if slot.dropped:  # dropped while queued (a cancel was answered)
                         continue
                     self.running = slot
                 frames = self._execute(slot, out.progress(slot))
@@ -407,10 +412,9 @@ class ProviderNode:
             time.sleep(self.cfg.delay)
         t0 = time.perf_counter()
         shared = msg.get("shared")
-        device = SubtaskDevice(self.device, lambda: slot.cancelled or slot.forgotten or self.stopping.is_set(),
-                               report)
+        device = SubtaskDevice(self.device, lambda: slot.dropped or self.stopping.is_set(), report)
         try:
-            if slot.cancelled or slot.forgotten:
+            if slot.dropped:
                 raise SubtaskCancelled("cancelled before it started")
             task = tasks.get(msg["task_type"])
             task.check_params(msg["params"])

@@ -52,8 +52,12 @@ def carries_token(request: Request, head: HeadApi) -> bool:
     """Whether the request carries the API token (or none is configured): a quiet check, for a public
     route that tells token holders more (no warning, no 401)."""
     token = head.cfg.api_token
-    return not token or hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                            f"Bearer {token}".encode())
+    return not token or _bearer_is(token, request.headers.get("authorization", ""))
+
+
+def _bearer_is(token: str, authorization: str) -> bool:
+    """Whether ``authorization`` is exactly ``Bearer <token>``, compared in constant time."""
+    return hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
 
 
 def require_bearer(token: str | None, authorization: str, client: str, query_token: str | None = None) -> None:
@@ -61,10 +65,9 @@ def require_bearer(token: str | None, authorization: str, client: str, query_tok
     is unset or the header (or ``query_token``) carries it, else log and raise ``Unauthorized``."""
     if not token:
         return
-    expected = f"Bearer {token}".encode()
-    if hmac.compare_digest(authorization.encode(), expected):
+    if _bearer_is(token, authorization):
         return
-    if query_token is not None and hmac.compare_digest(f"Bearer {query_token}".encode(), expected):
+    if query_token is not None and _bearer_is(token, f"Bearer {query_token}"):
         return
     REJECTIONS.warn(client)
     raise Unauthorized("missing or wrong bearer token")
