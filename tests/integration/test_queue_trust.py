@@ -13,14 +13,13 @@ import uuid
 from collections.abc import Iterator
 
 import numpy as np
+import pika
 import pytest
 
 from common.jobs import JobRecord
 from common.protocol import JOB_SIGNATURE_HEADER, encode_job_message, sign_job_message
 from user_client import Client
 from user_client.local import LocalCluster
-
-pika = pytest.importorskip("pika")
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
