@@ -105,7 +105,7 @@ class Thief:
         ch.basic_consume(queue, take)
         self.ready.set()
         while not self.stop.is_set():
-            conn.process_data_events(time_limit=0.05)
+            conn.sleep(0.05)  # serves the consumer meanwhile
         conn.close()
 
     def close(self) -> None:
