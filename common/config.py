@@ -125,6 +125,14 @@ def _non_negative(v: float) -> bool:
     return math.isfinite(v) and v >= 0
 
 
+def _fraction(v: float) -> bool:
+    return math.isfinite(v) and 0 <= v <= 1
+
+
+def _amqp_urls(v: str) -> bool:
+    return all(u.strip().startswith(("amqp://", "amqps://")) for u in v.split(",")) if v else True
+
+
 def _bool(text: str) -> bool:
     low = str(text).strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -186,9 +194,14 @@ SHARED_FILES = Option(
 HEAD_OPTIONS = [
     Option("host", str, "0.0.0.0", "address the head binds its ZeroMQ and HTTP ports to"),
     Option("state_dir", str, "./dcf-state", "directory of the job store, operands and results"),
-    Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); empty: embedded store"),
+    Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); several, comma-separated: "
+           "nodes of one cluster, tried in turn when the one in use is lost; empty: embedded store", _amqp_urls,
+           "amqp:// or amqps:// URLs, comma-separated"),
     Option("amqp_queue", str, "dcf.jobs", "RabbitMQ queue of this head's jobs (heads sharing a vhost need "
            "different ones)", _queue_name, "1-200 printable ASCII characters, not starting with amq."),
+    Option("amqp_queue_type", str, "classic", "type of the jobs queue: classic (one broker node) or quorum "
+           "(replicated over a RabbitMQ cluster's nodes by Raft: survives losing a minority of them)",
+           choices=("classic", "quorum")),
     Option("amqp_republish_after", float, 30.0, "seconds an accepted job may stay undelivered to the head while "
            "it has room for more (another consumer of its queue took it) before the head publishes it again",
            _positive, "> 0"),
@@ -200,6 +213,9 @@ HEAD_OPTIONS = [
     Option("min_deadline", float, 60.0, "minimum seconds a subtask may run before it is given to another "
            "provider", _positive, "> 0"),
     Option("max_attempts", int, 5, "attempts per subtask before its job fails", _positive, ">= 1"),
+    Option("verify_rate", float, 0.0, "fraction of the subtasks without a check of their own (training gradients "
+           "and local-SGD rounds, predictions) also run on a second provider and compared; a provider outvoted "
+           "is quarantined (matmul is always checked by Freivalds' algorithm)", _fraction, "0-1"),
     _port_opt("rendezvous_port", 5558, "TCP port of the training rendezvous: the torch.distributed TCPStore the "
               "head starts for `--sync allreduce` jobs (providers connect to it, then to each other)"),
     Option("max_upload_bytes", int, 8 * 1024**3, "largest accepted upload (bytes)", _positive, "> 0"),
@@ -372,6 +388,7 @@ class HeadSettings(Settings):
     state_dir: str
     amqp_url: str
     amqp_queue: str
+    amqp_queue_type: str
     amqp_republish_after: float
     http_port: int
     registration_port: int
@@ -384,6 +401,7 @@ class HeadSettings(Settings):
     ack_timeout: float
     min_deadline: float
     max_attempts: int
+    verify_rate: float
     rendezvous_port: int
     max_upload_bytes: int
     blob_ttl: float
