@@ -4,7 +4,10 @@
   accepted jobs are delivered again when the head starts.
 * ``AmqpQueue``: a durable RabbitMQ queue ``dcf.jobs``; persistent messages, publisher
   confirms, manual ack only once the job's outcome is stored. Unacked jobs come back
-  after a head crash or a broker restart. Messages hold the job spec and blob ids,
+  after a head crash or a broker restart. The queue is classic (one node) or quorum
+  (``--amqp-queue-type quorum``: replicated over a cluster's nodes by Raft, a publish
+  confirmed once a majority holds it); ``--amqp-url`` may name several nodes of one
+  cluster, and a lost connection is made again to each in turn. Messages hold the job spec and blob ids,
   never bulk data (claim-check): ``protocol.encode_job_message`` writes them and
   ``protocol.decode_job_message`` checks every field of what comes back.
 
@@ -42,7 +45,10 @@ log = logging.getLogger("dcf.head.queue")
 Ack = Callable[[], Awaitable[None]]
 Deliver = Callable[[dict[str, Any], Ack], None]
 
+#: seconds between rounds of connection attempts after the connection was lost (every node is tried each round)
 RECONNECT_S = 1.0
+#: at start, while no node answers, the wait between rounds doubles up to this
+START_BACKOFF_MAX = 10.0
 #: how often the head looks for accepted jobs the queue has not delivered to it
 MISSING_CHECK_S = 2.0
 JOB_QUEUE = "dcf.jobs"
@@ -104,19 +110,24 @@ class AmqpQueue:
     name = "rabbitmq"
 
     def __init__(self, url: str, store: JobStore, key: bytes, prefetch: int = 1000, queue_name: str = JOB_QUEUE,
-                 republish_after: float = 30.0) -> None:
+                 republish_after: float = 30.0, queue_type: str = "classic") -> None:
         #: called with True/False when the broker connection comes back / goes away
         self.on_state: Callable[[bool], None] | None = None
         #: called with the ids of accepted jobs published again (they never came back)
         self.on_republish: Callable[[list[str]], None] | None = None
-        self.url = url
+        self.urls = node_urls(url)
+        if not self.urls:
+            raise ValueError("AmqpQueue needs at least one amqp:// URL")
+        self.node = 0  # index in ``urls`` of the node in use, or tried next
         self.queue_name = queue_name
+        self.queue_type = queue_type
         self.store = store
         self.key = key
         self.prefetch = prefetch
         self.republish_after = republish_after
         self.connection: Any = None
         self.channel: Any = None
+        self.exchange: Any = None
         self.deliver: Deliver | None = None
         self.connected = asyncio.Event()
         #: job ids delivered on the current connection and not acked yet
@@ -124,64 +135,107 @@ class AmqpQueue:
         #: accepted, unfinished job id not held -> when (monotonic) it was first seen so
         self.missing: dict[str, float] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def url(self) -> str:
+        """The URL of the node in use (or tried next)."""
+        return self.urls[self.node]
 
     @property
     def is_connected(self) -> bool:
         return self.connected.is_set()
 
     async def start(self, deliver: Deliver) -> None:
-        """Connect (retrying with backoff while the broker is down) and consume. The head runs
-        this in the background: its API answers, and refuses submissions, until it is done."""
+        """Connect (retrying with backoff while no node answers) and consume. The head runs this in the
+        background: its API answers, and refuses submissions, until it is done."""
         self.deliver = deliver
         _discard_unaccepted(self.store)
-        delay = 0.5
-        while True:
-            try:
-                await self._connect()
-                return
-            except Exception as exc:  # broker down at start: keep trying, with backoff
-                log.warning("RabbitMQ at %s unreachable (%s); retrying in %.1fs", _safe(self.url), exc, delay)
-                if self.connection is not None:
-                    with contextlib.suppress(Exception):
-                        await self.connection.close()
-                    self.connection = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        await self._connect_any(START_BACKOFF_MAX)
+
+    async def _connect_any(self, backoff_max: float) -> None:
+        """Connect to a node, trying each of ``urls`` in turn from the one in use; between rounds in which
+        none answered, wait (doubling, up to ``backoff_max`` seconds)."""
+        delay = min(0.5, backoff_max)
+        while not self._closing:
+            for _ in self.urls:
+                try:
+                    await self._connect()
+                    return
+                except Exception as exc:  # node down, or refusing: try the next one
+                    log.warning("RabbitMQ at %s: %s", _safe(self.url), _connect_error(exc, self))
+                    await self._drop_connection()
+                    self.node = (self.node + 1) % len(self.urls)
+            log.warning("no RabbitMQ node of %d reachable; retrying in %.1fs", len(self.urls), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, backoff_max)
 
     async def _connect(self) -> None:
         import aio_pika
 
-        # reconnect every second while the broker is away (aio-pika's default is 5 s): jobs are
-        # accepted again about a second after RabbitMQ is back
-        self.connection = await aio_pika.connect_robust(self.url, timeout=10, reconnect_interval=RECONNECT_S)
-        self.connection.reconnect_callbacks.add(self._on_reconnect)
-        self.connection.close_callbacks.add(self._on_close)
-        self.channel = await self.connection.channel(publisher_confirms=True)
-        await self.channel.set_qos(prefetch_count=self.prefetch)
-        queue = await self.channel.declare_queue(self.queue_name, durable=True)
+        connection = await aio_pika.connect(self.url, timeout=10)
+        self.connection = connection
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.prefetch)
+        queue = await channel.declare_queue(self.queue_name, durable=True, arguments=self.queue_arguments())
+        events_channel = await connection.channel(publisher_confirms=False)
+        exchange = await events_channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        self.channel, self.exchange = channel, exchange
+        connection.close_callbacks.add(self._on_close)
+        for ch in (channel, events_channel):  # a channel the broker closed ends the connection: all is redone
+            ch.close_callbacks.add(self._on_channel_close)
         await queue.consume(self._on_message, no_ack=False)
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_missing())
-        self.events_channel = await self.connection.channel(publisher_confirms=False)
-        self.exchange = await self.events_channel.declare_exchange(
-            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         self.connected.set()
-        log.info("job queue: RabbitMQ queue %s at %s", self.queue_name, _safe(self.url))
+        log.info("job queue: RabbitMQ %s queue %s at %s", self.queue_type, self.queue_name, _safe(self.url))
 
-    def _on_close(self, *args: Any) -> None:
+    def queue_arguments(self) -> dict[str, Any] | None:
+        """The jobs queue's declaration arguments: a quorum queue is replicated over the cluster's nodes."""
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else None
+
+    async def _drop_connection(self) -> None:
+        connection, self.connection = self.connection, None
+        self.channel = self.exchange = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _on_channel_close(self, channel: Any, *args: Any) -> None:
+        connection = self.connection
+        if self._closing or connection is None or connection.is_closed:
+            return
+        log.warning("RabbitMQ closed a channel (%s); connecting again", args[0] if args else "no reason given")
+        task = asyncio.ensure_future(connection.close())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _on_close(self, connection: Any, *args: Any) -> None:
+        if connection is not self.connection:  # one given up already (a failed connect, a stale close)
+            return
         was_up = self.connected.is_set()
         self.connected.clear()
         self.held.clear()  # the broker takes back what this connection held, and delivers it again
         self.missing.clear()
-        log.warning("RabbitMQ connection lost; reconnecting")
+        self.connection = self.channel = self.exchange = None
+        if self._closing:
+            return
+        log.warning("RabbitMQ connection to %s lost; reconnecting%s", _safe(self.url),
+                    f" (nodes: {len(self.urls)})" if len(self.urls) > 1 else "")
         if was_up and self.on_state is not None:
             self.on_state(False)
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
 
-    def _on_reconnect(self, *args: Any) -> None:
-        self.connected.set()
-        log.info("RabbitMQ connection restored")
-        if self.on_state is not None:
-            self.on_state(True)
+    async def _reconnect(self) -> None:
+        """After a lost connection: every node in turn, about every second (jobs are accepted again about a
+        second after a node is back)."""
+        await asyncio.sleep(0)  # let aio-pika finish closing the old connection first
+        await self._connect_any(RECONNECT_S)
+        if self.connected.is_set():
+            log.info("RabbitMQ connection restored (%s)", _safe(self.url))
+            if self.on_state is not None:
+                self.on_state(True)
 
     async def _on_message(self, message: Any) -> None:
         try:
@@ -267,12 +321,13 @@ class AmqpQueue:
 
         import aio_pika
 
-        if event.kind in LOCAL_EVENTS or not self.connected.is_set() or getattr(self, "exchange", None) is None:
+        exchange = self.exchange
+        if event.kind in LOCAL_EVENTS or not self.connected.is_set() or exchange is None:
             return
         body = json.dumps(event.to_dict(), default=str).encode()
         message = aio_pika.Message(body, content_type="application/json", type=event.kind,
                                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
-        task = asyncio.ensure_future(self.exchange.publish(message, routing_key=event.kind, mandatory=False))
+        task = asyncio.ensure_future(exchange.publish(message, routing_key=event.kind, mandatory=False))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception never retrieved"
 
     async def publish_many(self, records: list[dict[str, Any]]) -> None:
@@ -295,11 +350,12 @@ class AmqpQueue:
                                    f"({type(exc).__name__}); try again") from None
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-        if self.connection is not None:
-            await self.connection.close()
+        self._closing = True
+        for task in (self._watch, self._reconnecting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._drop_connection()
 
 
 def _discard_unaccepted(store: JobStore) -> None:
@@ -307,6 +363,22 @@ def _discard_unaccepted(store: JobStore) -> None:
     if count:
         log.warning("%d submissions were cut off before they were accepted (no id was returned): discarded",
                     count)
+
+
+def node_urls(url: str) -> list[str]:
+    """The broker nodes of ``--amqp-url``: one URL, or several, comma-separated (nodes of one cluster)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def _connect_error(exc: BaseException, queue: AmqpQueue) -> str:
+    """What a failed connection attempt says in the log; a queue declared with other arguments (a classic
+    queue of that name where a quorum queue is asked, or the reverse) says how to mend it."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "PRECONDITION_FAILED" in text and "x-queue-type" in text:
+        return (f"queue {queue.queue_name} exists on the broker with another type than {queue.queue_type} "
+                f"(--amqp-queue-type); a queue's type cannot change: use another --amqp-queue, or drain and "
+                f"delete the old queue ({text})")
+    return text
 
 
 def _safe(url: str) -> str:
