@@ -247,6 +247,14 @@ class Subtask:
     reported: dict[str, float] = field(default_factory=dict)
     group: str | None = None  # members of one collective (``SubtaskPlan.group``): they live and die together
     unfit_since: float | None = None  # pending, and no ready provider could take it, since then
+    #: selected for verification (``--verify-rate``): its result is merged only once two providers' results agree
+    verify: bool = False
+    #: the providers whose results of it the head holds (not merged: they did not agree), in the order they came;
+    #: it is never sent to one of them again
+    witnesses: list[str] = field(default_factory=list)
+    #: the provider whose result the head is comparing with the witnesses' (between ``CompareResult`` and
+    #: ``ResultsCompared``, within one call of the I/O layer): it is not sent anywhere meanwhile
+    comparing: str | None = None
 
 
 @dataclass
@@ -271,6 +279,9 @@ class Job:
     stats: dict[str, Any] = field(default_factory=dict)
 
     done_count: int = 0  # subtasks settled: DONE or ABANDONED (neither is ever left)
+    selected: int = 0  # subtasks selected for verification (``--verify-rate``)
+    verified: int = 0  # of those, the ones whose result two providers agreed on
+    disagreements: int = 0  # results that agreed with none of the results held of their subtask
     #: subtask index -> units of progress its providers reported of it while it runs (not yet merged)
     partial: dict[int, float] = field(default_factory=dict)
 
@@ -288,12 +299,21 @@ class Job:
             return Progress(self.done_count, len(self.subtasks), "subtasks")
 
     def summary(self) -> dict[str, Any]:
-        """The planner's stats; a task type's bug there loses the stats, never the job's outcome."""
+        """The planner's stats, and those of its verification (``verification``); a task type's bug there loses the
+        planner's stats, never the job's outcome."""
         try:
-            return dict(self.planner.summary())
+            return {**self.planner.summary(), **self.verification()}
         except Exception:
             log.exception("the planner's summary failed", extra={"job_id": self.job_id})
+            return self.verification()
+
+    def verification(self) -> dict[str, Any]:
+        """``{"verify": ...}`` for a job with subtasks selected by ``--verify-rate``: how many were (``selected``),
+        how many were verified (two providers agreed), and how many results agreed with no other; else {}."""
+        if not self.selected:
             return {}
+        return {"verify": {"method": "replicas", "selected": self.selected, "verified": self.verified,
+                           "disagreements": self.disagreements}}
 
     def shares(self) -> dict[str, float]:
         """provider id -> fraction of the job's work (by cost) it computed."""

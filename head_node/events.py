@@ -3,7 +3,8 @@
 
 Kinds: node.registered, node.left, node.lost, node.draining, node.undrained, job.accepted,
 job.started, job.progress, job.done, job.failed, job.cancelled, job.metrics, job.republished (an
-accepted job the queue never delivered back, published again), straggler, queue.lost, queue.restored.
+accepted job the queue never delivered back, published again), job.disagreement (two providers' results of a
+subtask picked by ``--verify-rate`` differ), straggler, queue.lost, queue.restored.
 
 A job's events come in order, ``job.accepted`` first; ``job.started``, ``job.progress`` and the end events
 (``job.done``, ``job.failed``, ``job.cancelled``) carry the job's one progress (``done``, ``total``, ``unit``:

@@ -54,6 +54,10 @@ class ActiveJob:
     bytes_in: int = 0
     #: the outputs are small: held in memory and stored in the job's row, not in files
     inline_outputs: bool = False
+    #: results held to verify subtasks (``--verify-rate``, ``HoldResult``): subtask index -> provider id -> its
+    #: arrays; dropped once the subtask's result is merged, and with the job. Memory only: a restarted head plans
+    #: (or sends) the subtasks again and verifies them anew
+    held: dict[int, dict[str, list[np.ndarray]]] = field(default_factory=dict)
 
     @property
     def by_file(self) -> bool:
@@ -381,7 +385,7 @@ class Lifecycle:
         base = act.record if act is not None else JobRecord(
             job.job_id, job.task_type, job.params, {k: m.to_dict() for k, m in job.inputs.items()},
             {k: m.to_dict() for k, m in job.outputs.items()}, job.nodes, job.created_at)
-        stats = {**job.stats, **(act.live_stats() if act is not None else {})}
+        stats = {**job.stats, **job.verification(), **(act.live_stats() if act is not None else {})}
         return replace(base, state=job.state, started_at=job.started_at, finished_at=job.finished_at,
                        error=job.error, stats=stats)
 

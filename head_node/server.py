@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -30,7 +31,7 @@ from . import stimuli as sm
 from .entities import Provider
 from .events import EventBus
 from .jobqueue import AmqpQueue, EmbeddedQueue, JobQueue
-from .lifecycle import Lifecycle
+from .lifecycle import ActiveJob, Lifecycle
 from .store import BlobStore, JobStore, Outcome
 from .transport import Transport
 from .uploads import UnusedBlobs
@@ -47,13 +48,16 @@ class Head:
         self.root = Path(cfg.state_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.incarnation = uuid.uuid4().hex  # this head process's run id: results of earlier runs are stale
-        self.state = st.ClusterState(self.incarnation, st.Timing.of(cfg))
+        # --verify-rate: which subtasks are verified is keyed by a secret no provider sees (drawn anew each run)
+        verification = st.Verification(cfg.verify_rate, os.urandom(32))
+        self.state = st.ClusterState(self.incarnation, st.Timing.of(cfg), verification)
         self.state.quarantine.update(quarantine.load(self.root))
         self.blobs = BlobStore(self.root)
         self.store = JobStore(self.root / "jobs.sqlite3", fsync=cfg.fsync)
         self.uploads = UnusedBlobs(self.blobs, self.store, cfg.blob_ttl, cfg.max_unused_bytes)
         self.queue: JobQueue = (AmqpQueue(cfg.amqp_url, self.store, security.queue_key(self.root),
-                                          queue_name=cfg.amqp_queue, republish_after=cfg.amqp_republish_after)
+                                          queue_name=cfg.amqp_queue, republish_after=cfg.amqp_republish_after,
+                                          queue_type=cfg.amqp_queue_type)
                                 if cfg.amqp_url else EmbeddedQueue(self.store))
         self.events = EventBus()
         if isinstance(self.queue, AmqpQueue):
@@ -180,6 +184,8 @@ class Head:
             self._health(action)
         elif isinstance(action, sm.ProviderQuarantined):
             self._quarantined(action)
+        elif isinstance(action, sm.ResultDisagreed):
+            self._disagreed(action)
 
     def _started(self, job_id: str) -> None:
         job = self.state.jobs[job_id]  # its row stays queued: the scheduler holds it (list_jobs)
@@ -241,6 +247,16 @@ class Head:
         self.events.emit("node.quarantined", provider_id=a.provider_id, name=prov.info.name if prov else "",
                          job_id=a.job_id, subtask=a.subtask, reason=a.reason, taken_back=a.taken_back)
         self._save_quarantine()
+        for act in self.jobs.active.values():  # its held results witness nothing any more (the state machine's rule)
+            for held in act.held.values():
+                held.pop(a.provider_id, None)
+
+    def _disagreed(self, a: sm.ResultDisagreed) -> None:
+        """A result of a subtask being verified agreed with none held of it: another provider decides."""
+        log.warning("results disagree (--verify-rate): %s; another provider decides", a.why,
+                    extra={"job_id": a.job_id, "subtask": a.subtask, "provider_id": a.provider_id})
+        self.events.emit("job.disagreement", job_id=a.job_id, subtask=a.subtask, provider_id=a.provider_id,
+                         witnesses=list(a.witnesses), why=a.why)
 
     def _save_quarantine(self) -> None:
         try:
@@ -267,8 +283,9 @@ class Head:
         fields = {"job_id": d.job_id, "subtask": d.subtask, "attempt": d.attempt, "epoch": self.incarnation,
                   "task_type": job.task_type, "params": sub.params, "cost": float(sub.cost)}
         arrays: list[np.ndarray] = []
-        if job.planner.shares_files and act.by_file and self.state.providers[d.provider_id].local:
-            # co-located provider: it maps the operands and writes the result in place
+        if job.planner.shares_files and act.by_file and self.state.providers[d.provider_id].local and not sub.verify:
+            # co-located provider: it maps the operands and writes the result in place (not a subtask being
+            # verified: its result must come back as arrays, to be held or compared before it is merged)
             fields["shared"] = {"inputs": act.record.blob_ids(), "outputs": sorted(job.outputs)}
             act.by_reference.add((d.subtask, d.attempt))
         else:
@@ -434,11 +451,49 @@ class Head:
             return
         now = time.monotonic()  # the state machine's clock, and the planner's
         actions = self.state.handle(sm.ResultReceived(pid, *key, elapsed=float(msg["elapsed_s"])), now, time.time())
-        self._run([a for a in actions if not isinstance(a, sm.MergeResult)])  # e.g. stop a beaten copy
-        if not any(isinstance(a, sm.MergeResult) for a in actions):
+        verdict = self._result_actions(actions)  # e.g. stop a beaten copy
+        if isinstance(verdict, sm.CompareResult):
+            compared = self._compare(job, act, verdict, params, msg.arrays)
+            if compared is None:
+                return
+            verdict = self._result_actions(self.state.handle(compared, now, time.time()))
+        elif verdict is None:
             log.info("ignored late or duplicate result", extra=ctx)
-            return
-        self._merge(job, act, params, msg, now, ctx)
+        if isinstance(verdict, sm.HoldResult):
+            act.held.setdefault(verdict.subtask, {})[verdict.provider_id] = msg.arrays
+            log.debug("result held until another provider's agrees (--verify-rate)", extra=ctx)
+        elif isinstance(verdict, sm.MergeResult):
+            act.held.pop(verdict.subtask, None)
+            self._merge(job, act, params, msg, now, ctx)
+
+    def _result_actions(self, actions: list[sm.Action]) -> sm.MergeResult | sm.HoldResult | sm.CompareResult | None:
+        """Carry out what the state machine answered a result with, but what to do with the result itself: that
+        is returned (merge, hold or compare it; None: ignore it)."""
+        verdicts = (sm.MergeResult, sm.HoldResult, sm.CompareResult)
+        self._run([a for a in actions if not isinstance(a, verdicts)])
+        return next((a for a in actions if isinstance(a, verdicts)), None)
+
+    def _compare(self, job: st.Job, act: ActiveJob, a: sm.CompareResult, params: dict[str, Any],
+                 arrays: list[np.ndarray]) -> sm.ResultsCompared | None:
+        """This result against each held one of its subtask (the planner's ``compare``); None if the planner failed
+        (its job fails)."""
+        held = act.held.get(a.subtask, {})
+        verdicts: list[tuple[str, str | None]] = []
+        try:
+            for witness in a.witnesses:
+                if witness in held:
+                    verdicts.append((witness, job.planner.compare(params, held[witness], arrays)))
+        except DcfError as exc:  # the planner gives up on the job
+            self.apply(sm.JobFailRequested(job.job_id, exc.message))
+            return None
+        except Exception as exc:  # a task type's bug in compare fails its job
+            self.apply(sm.JobFailRequested(job.job_id, _bug(job, "could not compare two results", exc)))
+            return None
+        for witness, why in verdicts:  # a disagreement is logged (a warning) by the state machine's answer
+            log.debug("result %s %s's (--verify-rate)%s", "agrees with" if why is None else "disagrees with",
+                      witness[:8], f": {why}" if why else "",
+                      extra={"job_id": a.job_id, "subtask": a.subtask, "provider_id": a.provider_id})
+        return sm.ResultsCompared(a.provider_id, a.job_id, a.subtask, a.attempt, tuple(verdicts))
 
     def _on_progress(self, msg: protocol.Message, pid: str, key: tuple[str, int, int, str]) -> None:
         """How far a running subtask got (optional message): the job's progress and the provider's flops."""

@@ -37,7 +37,15 @@ Reliability rules held here:
     replaces it (``Provider.learn``): a false claim takes one job's share, not every job's;
   * the members of a collective group (``SubtaskPlan.group``: one torch.distributed process group) are
     never moved or copied: when one is lost, fails or misses its ack or deadline, every member is
-    stopped and settled as ABANDONED, and the planner plans that work again (``Planner.abandoned``).
+    stopped and settled as ABANDONED, and the planner plans that work again (``Planner.abandoned``);
+  * with ``--verify-rate p`` (``Verification``), a fraction p of the subtasks without a check of their values
+    (``Planner.checks_values`` False, no group) is selected, unpredictably to providers, when planned. Such a
+    subtask's first result is held, not merged (``HoldResult``: the I/O layer keeps its arrays), and the subtask
+    goes to another provider, never to one whose result is held (its *witnesses*); the next result is compared
+    with the held ones (``CompareResult``, then ``ResultsCompared``): agreeing with one, it is merged, and every
+    witness it disagreed with, outvoted two to one, is quarantined; agreeing with none, it is held too and a
+    further provider decides, up to ``MAX_WITNESSES`` results, when the job fails. A job never merges a result
+    of such a subtask that no second provider agreed with; it waits (and says so) for a provider to check it.
 
 Speed learning: each accepted result of a big enough subtask refines its provider's throughput
 for that task type (the registered benchmark is the prior), and later splits, provider choices
@@ -51,6 +59,7 @@ a smaller share of later jobs; subtasks queued behind each other are not charged
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
@@ -69,10 +78,12 @@ from .stimuli import (
     Action,
     AskReconnect,
     CancelRequested,
+    CompareResult,
     Dispatch,
     DrainRequested,
     GroupAbandoned,
     HeartbeatReceived,
+    HoldResult,
     JobAdded,
     JobCancelled,
     JobFailed,
@@ -93,8 +104,10 @@ from .stimuli import (
     QuarantineCleared,
     RegisterAgain,
     Reschedule,
+    ResultDisagreed,
     ResultMerged,
     ResultReceived,
+    ResultsCompared,
     Stimulus,
     StopSubtasks,
     Straggler,
@@ -109,11 +122,13 @@ from .stimuli import (
 )
 
 __all__ = ["Action", "ClusterState", "Dispatch", "Job", "JobFailed", "JobFinished", "JobStarted", "JobState",
-           "ProviderInfo", "ProviderLost", "SubState", "Subtask", "Timing", "service_seconds"]
+           "ProviderInfo", "ProviderLost", "SubState", "Subtask", "Timing", "Verification", "service_seconds"]
 
 
 #: quarantine entries kept (``ClusterState.quarantine``): the oldest go first
 MAX_QUARANTINED = 10_000
+#: results of one verified subtask held, no two agreeing, before its job fails (``--verify-rate``)
+MAX_WITNESSES = 4
 
 
 def _head_default(name: str) -> Any:
@@ -147,10 +162,31 @@ class Timing:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
 
 
+@dataclass(frozen=True)
+class Verification:
+    """``--verify-rate``: the fraction of the subtasks without a check of their values that also run on a second
+    provider, and the head's secret that picks them. A subtask (job id, index) is selected iff
+    ``blake2b(job id:index, key=secret) / 2**64 < rate``: a pure function (a test replays it), and unpredictable
+    to a provider, which never sees the secret (the head draws it from the OS at start)."""
+
+    rate: float = _head_default("verify_rate")
+    secret: bytes = b""
+
+    def selects(self, job_id: str, index: int) -> bool:
+        if self.rate <= 0.0:
+            return False
+        if self.rate >= 1.0:
+            return True
+        digest = hashlib.blake2b(f"{job_id}:{index}".encode(), key=self.secret, digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < self.rate
+
+
 class ClusterState:
-    def __init__(self, incarnation: str, timing: Timing | None = None) -> None:
+    def __init__(self, incarnation: str, timing: Timing | None = None,
+                 verification: Verification | None = None) -> None:
         self.incarnation = incarnation
         self.timing = timing or Timing()
+        self.verification = verification or Verification()
         self.providers: dict[str, Provider] = {}
         self.jobs: dict[str, Job] = {}
         self.subscribed_topics: set[str] = set()
@@ -167,6 +203,9 @@ class ClusterState:
             "providers_stuck": 0,  # marked stuck: a straggler, nothing finished since
             "providers_quarantined": 0,  # caught sending a wrong result: no work until an operator clears it
             "results_wrong": 0,  # results that failed their planner's check of their values
+            "results_verified": 0,  # subtasks selected by --verify-rate whose result two providers agreed on
+            "results_disagreed": 0,  # results of such a subtask that agreed with none held of it
+            "results_outvoted": 0,  # held results that two agreeing providers outvoted (their providers quarantined)
         }
 
     # ---- the one entry -------------------------------------------------------------------
@@ -348,39 +387,67 @@ class ClusterState:
         prov = self.providers.get(ev.provider_id)
         if prov is None or ev.incarnation != self.incarnation:
             return []
-        actions = [] if prov.quarantined is not None else self._quarantine(prov, ev, now)
+        reason = f"wrong result for job {ev.job_id[:8]} subtask {ev.subtask}: {ev.error}"
+        actions = [] if prov.quarantined is not None else self._quarantine(prov, ev.job_id, ev.subtask, reason, now)
         actions += self._on_failed(SubtaskFailed(ev.provider_id, ev.job_id, ev.subtask, ev.attempt, ev.incarnation,
                                                  f"wrong result: {ev.error}", True), now)
         return actions + self._schedule(now)
 
-    def _quarantine(self, prov: Provider, ev: WrongResultCaught, now: float) -> list[Action]:
+    def _quarantine(self, prov: Provider, job_id: str, subtask: int, reason: str, now: float) -> list[Action]:
         """No more work for it: what it holds of running jobs is stopped and queued again (no strike: the
-        subtask is not at fault) and will be run by others; it stays quarantined until cleared."""
+        subtask is not at fault) and will be run by others, and no result of it held to verify a subtask counts
+        any more; it stays quarantined until cleared. ``job_id`` and ``subtask``: where it was caught."""
         pid = prov.info.provider_id
-        reason = f"wrong result for job {ev.job_id[:8]} subtask {ev.subtask}: {ev.error}"[:300]
+        reason = reason[:300]
         prov.quarantined = reason
-        self.quarantine[f"id:{pid}"] = reason
-        if prov.key:
-            self.quarantine[f"key:{prov.key}"] = reason
-        while len(self.quarantine) > MAX_QUARANTINED:  # bounded: liars under ever new ids (no CURVE)
-            del self.quarantine[next(iter(self.quarantine))]
-        self.counters["providers_quarantined"] += 1
+        self._mark_quarantined(pid, prov.key, reason)
         actions: list[Action] = []
         taken = 0
-        for job_id, index in sorted(prov.assigned):
-            job = self.jobs.get(job_id)
-            if job is None or job.state is not JobState.RUNNING or (job_id, index) in prov.stopping:
+        for held_job, index in sorted(prov.assigned):
+            job = self.jobs.get(held_job)
+            if job is None or job.state is not JobState.RUNNING or (held_job, index) in prov.stopping:
                 continue
             sub = job.subtasks[index]
             if self._stop(pid, job, sub, now):
-                actions.append(StopSubtasks(pid, job_id, index))
+                actions.append(StopSubtasks(pid, held_job, index))
             if sub.provider_id == pid and sub.state in (SubState.SENT, SubState.RUNNING):
                 if sub.group is not None:
                     actions += self._abandon(job, sub.group, now, f"member {pid[:8]} quarantined")
                 else:
                     self._requeue(job, sub)
                 taken += 1
-        return [ProviderQuarantined(pid, ev.job_id, ev.subtask, reason, taken), *actions]
+        return [ProviderQuarantined(pid, job_id, subtask, reason, taken), *actions]
+
+    def _quarantine_id(self, provider_id: str, job_id: str, subtask: int, reason: str, now: float) -> list[Action]:
+        """Quarantine a provider by id, also one no longer in the provider table (it left after its result was
+        held); nothing if it already is."""
+        prov = self.providers.get(provider_id)
+        if prov is not None:
+            return [] if prov.quarantined is not None else self._quarantine(prov, job_id, subtask, reason, now)
+        if f"id:{provider_id}" in self.quarantine:
+            return []
+        self._mark_quarantined(provider_id, "", reason[:300])
+        return [ProviderQuarantined(provider_id, job_id, subtask, reason[:300], 0)]
+
+    def _mark_quarantined(self, provider_id: str, key: str, reason: str) -> None:
+        """The quarantine list holds it (by id and by CURVE key), and its held results witness nothing."""
+        self.quarantine[f"id:{provider_id}"] = reason
+        if key:
+            self.quarantine[f"key:{key}"] = reason
+        while len(self.quarantine) > MAX_QUARANTINED:  # bounded: liars under ever new ids (no CURVE)
+            del self.quarantine[next(iter(self.quarantine))]
+        self.counters["providers_quarantined"] += 1
+        self._drop_witness(provider_id)
+
+    def _drop_witness(self, provider_id: str) -> None:
+        """A provider caught lying: its results held to verify subtasks are not believed (a held result is only a
+        witness, never merged, so nothing merged needs redoing)."""
+        for job in self.jobs.values():
+            if job.state is not JobState.RUNNING or not job.selected:
+                continue
+            for sub in job.subtasks:
+                if sub.verify and not sub.state.settled and provider_id in sub.witnesses:
+                    sub.witnesses.remove(provider_id)
 
     def _on_clear(self, ev: QuarantineCleared, now: float) -> list[Action]:
         prov = self.providers.get(ev.provider_id)
@@ -533,7 +600,8 @@ class ClusterState:
             prov.last_result_at = max(prov.last_result_at, now)
 
     def _on_result(self, ev: ResultReceived, now: float) -> list[Action]:
-        """[MergeResult] if this result is the one to merge; [] if late, duplicate or unknown.
+        """[MergeResult] if this result is the one to merge; for a subtask being verified (``Subtask.verify``),
+        [HoldResult] for its first result and [CompareResult] for the next ones; [] if late, duplicate or unknown.
 
         ``elapsed`` is the compute time the provider reports; an accepted result teaches the head
         the provider's speed from the service time it observed (``service_seconds``), measured from
@@ -545,10 +613,28 @@ class ClusterState:
         self._finished_work(ev, now)
         self._report_stopped(ev)
         sub = self._live_subtask(ev)
-        if sub is None or sub.tried[attempt - 1] != provider_id or (prov is not None and prov.quarantined):
-            self.counters["results_ignored"] += 1  # late, duplicate, or from a provider caught wrong
+        if (sub is None or sub.tried[attempt - 1] != provider_id or (prov is not None and prov.quarantined)
+                or provider_id in sub.witnesses or sub.comparing is not None):
+            self.counters["results_ignored"] += 1  # late, duplicate, from a provider caught wrong, or held already
             return heard
         job = self.jobs[job_id]
+        stops = self._took(job, sub, prov, ev, free_at, now)
+        if not sub.verify:
+            self._done(job, sub, provider_id)
+            return [MergeResult(provider_id, job_id, index, attempt), *stops, *heard]
+        sub.state, sub.provider_id, sub.straggling = SubState.PENDING, None, False  # held or compared: not merged
+        if sub.witnesses:
+            sub.comparing = provider_id
+            return [CompareResult(provider_id, job_id, index, attempt, tuple(sub.witnesses)), *stops, *heard]
+        sub.witnesses.append(provider_id)
+        return [HoldResult(provider_id, job_id, index, attempt), *stops, *heard,
+                *self._guarded(job, now, partial(self._assign_pending, job, now))]
+
+    def _took(self, job: Job, sub: Subtask, prov: Provider | None, ev: ResultReceived, free_at: float,
+              now: float) -> list[Action]:
+        """A provider's result of a live attempt was taken (to merge, hold or compare): it is free of the subtask,
+        the other copies out are told to stop, and its speed is learned. Returns the stops."""
+        provider_id, job_id, index, attempt = ev.provider_id, ev.job_id, ev.subtask, ev.attempt
         stops: list[Action] = []
         for pid in dict.fromkeys(sub.tried):  # a speculative copy may be out on another provider: stop it
             if pid == provider_id:
@@ -556,19 +642,79 @@ class ClusterState:
                     prov.assigned.discard((job_id, index))
             elif self._stop(pid, job, sub, now):
                 stops.append(StopSubtasks(pid, job_id, index))
-        sub.state = SubState.DONE
-        job.done_count += 1
         job.partial.pop(index, None)
-        sub.done_by = provider_id
         if prov is not None:
             prov.subtasks_done += 1
             prov.flops_done += sub.cost * (1.0 - sub.reported.get(provider_id, 0.0))  # the rest of it
             sent_at = sub.sent[attempt - 1] if attempt <= len(sub.sent) else sub.sent_at
             seconds = service_seconds(ev.elapsed, sent_at, free_at, now)
-            prov.learn(self.jobs[job_id].task_type, sub.cost, seconds)  # the next split uses it
+            prov.learn(job.task_type, sub.cost, seconds)  # the next split uses it
         sub.reported.clear()
+        return stops
+
+    def _done(self, job: Job, sub: Subtask, provider_id: str) -> None:
+        """The subtask's result from this provider is the one merged."""
+        sub.state = SubState.DONE
+        job.done_count += 1
+        sub.done_by = provider_id
         self.counters["subtasks_completed"] += 1
-        return [MergeResult(provider_id, job_id, index, attempt), *stops, *heard]
+
+    def _on_compared(self, ev: ResultsCompared, now: float) -> list[Action]:
+        """The I/O layer compared a result with those held of its subtask (``CompareResult``). Agreeing with one,
+        it is merged (``MergeResult``); agreeing with none, it is held too (``HoldResult``) and another provider
+        decides. Witnesses the I/O layer did not compare (it holds no result of theirs) count for nothing."""
+        job = self.jobs.get(ev.job_id)
+        if job is None or job.state is not JobState.RUNNING or not 0 <= ev.subtask < len(job.subtasks):
+            return []
+        sub = job.subtasks[ev.subtask]
+        if sub.comparing != ev.provider_id or sub.state.settled:
+            return []
+        sub.comparing = None
+        verdicts = {w: why for w, why in ev.verdicts if w in sub.witnesses}
+        sub.witnesses = [w for w in sub.witnesses if w in verdicts]
+        agreed = next((w for w, why in verdicts.items() if why is None), None)
+        if agreed is None:
+            return self._disagreed(job, sub, ev, verdicts, now)
+        return self._verified(job, sub, ev, agreed, verdicts, now)
+
+    def _verified(self, job: Job, sub: Subtask, ev: ResultsCompared, agreed: str, verdicts: dict[str, str | None],
+                  now: float) -> list[Action]:
+        """Two providers agree: the subtask is done with the newer result, and each witness that disagreed with it,
+        outvoted two to one, is quarantined."""
+        self._done(job, sub, ev.provider_id)
+        job.verified += 1
+        self.counters["results_verified"] += 1
+        actions: list[Action] = [MergeResult(ev.provider_id, ev.job_id, ev.subtask, ev.attempt)]
+        outvoted = [(w, why) for w, why in verdicts.items() if why is not None]
+        for witness, why in outvoted:
+            self.counters["results_outvoted"] += 1
+            reason = (f"outvoted for job {ev.job_id[:8]} subtask {ev.subtask}: its result disagrees with those of "
+                      f"{self._name(agreed)} and {self._name(ev.provider_id)}, which agree: {why}")
+            actions += self._quarantine_id(witness, ev.job_id, ev.subtask, reason, now)
+        if outvoted:  # what the outvoted held goes elsewhere; this job ends, if it does, once its result is merged
+            actions += self._schedule(now, but=job) + self._guarded(job, now, partial(self._assign_pending, job, now))
+        return actions
+
+    def _disagreed(self, job: Job, sub: Subtask, ev: ResultsCompared, verdicts: dict[str, str | None],
+                   now: float) -> list[Action]:
+        """No result held agrees with this one: it is held too, and the subtask goes to yet another provider; once
+        ``MAX_WITNESSES`` results disagree, the job fails."""
+        sub.witnesses.append(ev.provider_id)
+        job.disagreements += 1
+        self.counters["results_disagreed"] += 1
+        why = "; ".join(f"against {self._name(w)}'s: {why}" for w, why in verdicts.items())
+        told = ResultDisagreed(ev.provider_id, ev.job_id, ev.subtask, tuple(verdicts), why)
+        if len(sub.witnesses) >= MAX_WITNESSES:
+            names = ", ".join(self._name(w) for w in sub.witnesses)
+            return [told, *self._fail(job, now, f"subtask {sub.index}: the results of providers {names} all "
+                                                f"disagree (--verify-rate); {why}"[:1000])]
+        return [HoldResult(ev.provider_id, ev.job_id, ev.subtask, ev.attempt), told,
+                *self._guarded(job, now, partial(self._assign_pending, job, now))]
+
+    def _name(self, provider_id: str) -> str:
+        """A provider's name, for messages (its id's first 8 characters once it left)."""
+        prov = self.providers.get(provider_id)
+        return prov.info.name if prov is not None else provider_id[:8]
 
     def _on_merged(self, ev: ResultMerged, now: float) -> list[Action]:
         job = self.jobs.get(ev.job_id)
@@ -606,10 +752,19 @@ class ClusterState:
     def _add_subtasks(self, job: Job, plans: Sequence[SubtaskPlan], now: float) -> list[Action]:
         actions: list[Action] = []
         for p in plans:
-            sub = Subtask(len(job.subtasks), p.params, p.cost, group=p.group)
+            sub = Subtask(len(job.subtasks), p.params, p.cost, group=p.group,
+                          verify=self._selected(job, len(job.subtasks), p))
+            job.selected += sub.verify
             job.subtasks.append(sub)
             actions.append(self._send(job, sub, p.provider_id, now))
         return actions
+
+    def _selected(self, job: Job, index: int, plan: SubtaskPlan) -> bool:
+        """Whether ``--verify-rate`` picks this new subtask: one without a check of its values (its planner's
+        ``checks_values``), not a collective's member, that its planner lets a second provider run."""
+        if self.verification.rate <= 0.0 or plan.group is not None or job.planner.checks_values:
+            return False
+        return job.planner.verifiable(plan.params) and self.verification.selects(job.job_id, index)
 
     def _on_failed(self, ev: SubtaskFailed, now: float) -> list[Action]:
         heard = self._heard(ev, now, finished=True)
@@ -803,7 +958,7 @@ class ClusterState:
         providers, _ = self.eligible_providers(job)
         task = tasks.get(job.task_type)
         idle = [w for w in providers if w.provider_id != slow and not self.providers[w.provider_id].assigned
-                and task.fits(w, sub.params, job.inputs)]
+                and w.provider_id not in sub.witnesses and task.fits(w, sub.params, job.inputs)]
         if not idle:
             return []
         self.counters["subtasks_speculative"] += 1
@@ -872,10 +1027,12 @@ class ClusterState:
         prov = self.providers[w.provider_id]
         return round(prov.load(), 3), len(prov.assigned), -w.gflops
 
-    def _schedule(self, now: float) -> list[Action]:
+    def _schedule(self, now: float, but: Job | None = None) -> list[Action]:
+        """A scheduling pass over every job (``but`` that one), the oldest first."""
         actions: list[Action] = []
         for job in sorted(self.jobs.values(), key=lambda j: j.created_at):
-            actions += self._guarded(job, now, partial(self._schedule_job, job, now))
+            if job is not but:
+                actions += self._guarded(job, now, partial(self._schedule_job, job, now))
         return actions
 
     def _schedule_job(self, job: Job, now: float) -> list[Action]:
@@ -912,10 +1069,11 @@ class ClusterState:
         return [JobStarted(job.job_id), *actions]
 
     def _assign_pending(self, job: Job, now: float) -> list[Action]:
-        pending = [s for s in job.subtasks if s.state is SubState.PENDING]
+        pending = [s for s in job.subtasks if s.state is SubState.PENDING and s.comparing is None]
         if not pending:
             return []
-        providers, why = self.eligible_providers(job)
+        eligible, why = self.eligible_providers(job)
+        providers = eligible
         if job.nodes:  # keep to the providers the job already uses once it has its cap
             used = {p for s in job.subtasks for p in (s.provider_id, s.done_by) if p}
             in_use = [w for w in providers if w.provider_id in used]
@@ -924,7 +1082,13 @@ class ClusterState:
         task = tasks.get(job.task_type)
         actions: list[Action] = []
         for sub in pending:
-            fit = [w for w in providers if task.fits(w, sub.params, job.inputs)]
+            fit = [w for w in providers if w.provider_id not in sub.witnesses and task.fits(w, sub.params, job.inputs)]
+            if not fit and sub.witnesses:  # its verification may go past the job's --nodes cap
+                fit = [w for w in eligible if w.provider_id not in sub.witnesses
+                       and task.fits(w, sub.params, job.inputs)]
+            if not fit and sub.witnesses and any(task.fits(w, sub.params, job.inputs) for w in eligible):
+                job.waiting = self._verifier_wanted(sub)  # only providers whose results of it are held could take it
+                continue
             if not fit:
                 sub.unfit_since = now if sub.unfit_since is None else sub.unfit_since
                 job.waiting = why or job.planner.stalled(sub.params, now - sub.unfit_since)  # may fail the job
@@ -937,6 +1101,15 @@ class ClusterState:
         if actions:
             job.waiting = None
         return actions
+
+    def _verifier_wanted(self, sub: Subtask) -> str:
+        """Why a subtask being verified waits: every provider that could take it has sent a result of it."""
+        held = " and ".join(self._name(w) for w in sub.witnesses)
+        if len(sub.witnesses) == 1:
+            return (f"waiting for a second provider to verify subtask {sub.index} (--verify-rate): only {held} "
+                    "could take it, and its result is held")
+        return (f"waiting for another provider to verify subtask {sub.index} (--verify-rate): the results of {held} "
+                "disagree")
 
     def _send(self, job: Job, sub: Subtask, provider_id: str, now: float) -> Dispatch:
         sub.state = SubState.SENT
@@ -960,5 +1133,5 @@ _HANDLERS: dict[type, str] = {
     JobFailRequested: "_on_fail_requested", JobForgotten: "_on_forgotten", SubtaskAcked: "_on_acked",
     ResultReceived: "_on_result", ResultMerged: "_on_merged", SubtaskFailed: "_on_failed", Tick: "_on_tick",
     Reschedule: "_on_reschedule", SubtaskProgress: "_on_progress", SubtaskCancelled: "_on_cancelled",
-    WrongResultCaught: "_on_wrong", QuarantineCleared: "_on_clear",
+    WrongResultCaught: "_on_wrong", QuarantineCleared: "_on_clear", ResultsCompared: "_on_compared",
 }

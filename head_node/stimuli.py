@@ -134,6 +134,18 @@ class WrongResultCaught(SubtaskReport):
 
 
 @dataclass(frozen=True)
+class ResultsCompared:
+    """The I/O layer compared the result ``CompareResult`` named with the results held of its subtask (the planner's
+    ``compare``): ``verdicts`` holds (witness, None if the two agree, else what differs) for each witness compared."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+    verdicts: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
 class QuarantineCleared:
     """An operator trusts this provider again (``POST /v1/nodes/{id}/clear``)."""
 
@@ -166,7 +178,7 @@ class Reschedule:
 Stimulus = (ProviderRegistered | HeartbeatReceived | SubscriptionChanged | ProviderDisconnected | ProviderLeft
             | DrainRequested | JobAdded | CancelRequested | JobFailRequested | JobForgotten | SubtaskAcked
             | ResultReceived | ResultMerged | SubtaskFailed | SubtaskProgress | SubtaskCancelled | Tick | Reschedule
-            | WrongResultCaught | QuarantineCleared)
+            | WrongResultCaught | QuarantineCleared | ResultsCompared)
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -238,6 +250,41 @@ class MergeResult:
     job_id: str
     subtask: int
     attempt: int
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    """Keep this result's arrays, unmerged, until its job ends: its subtask is being verified (``--verify-rate``) and
+    no other provider's result agreed with it yet. The subtask goes to another provider."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Compare this result with the held results of ``witnesses`` (the planner's ``compare``), then send
+    ``ResultsCompared``; it answers ``MergeResult`` if one agreed, ``HoldResult`` if none did."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    attempt: int
+    witnesses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResultDisagreed:
+    """A result of a subtask being verified agreed with none of the results held of it (``why``: what differed
+    from each): another provider must decide."""
+
+    provider_id: str
+    job_id: str
+    subtask: int
+    witnesses: tuple[str, ...]
+    why: str
 
 
 @dataclass(frozen=True)
@@ -315,4 +362,4 @@ class PlannerEffects:
 
 Action = (Dispatch | JobStarted | JobFinished | JobFailed | JobCancelled | ProviderLost | Straggler | MergeResult
           | RegisterAgain | PlannerEffects | StopSubtasks | GroupAbandoned | ProviderUnhealthy | ProviderStuck
-          | ProviderHealthy | AskReconnect | ProviderQuarantined)
+          | ProviderHealthy | AskReconnect | ProviderQuarantined | HoldResult | CompareResult | ResultDisagreed)

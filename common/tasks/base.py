@@ -13,6 +13,7 @@ comes out of ``effects`` and the head writes it):
   ``validate``  check params and input arrays, return the output arrays' metadata
   ``eligible``  can this provider run subtasks of this job (device, dtype)?
   ``planner``   the job's planner: ``plan`` subtasks, ``subtask_inputs``, ``check_result``, ``merge``
+                (and, for ``--verify-rate``, ``compare`` two providers' results of one subtask)
 Provider side:
   ``run``       compute one subtask on a device, return its result arrays
   ``run_into``  (``SplitTask`` only) compute it in place, on a provider sharing the head's state dir
@@ -33,7 +34,16 @@ from ..errors import TaskError
 from ..protocol import Field, LocalData, check_fields
 
 __all__ = ["ArrayMeta", "Device", "Effect", "JobContext", "Metrics", "Planner", "SaveFile", "SplitPlanner",
-           "SplitTask", "SubtaskCancelled", "SubtaskPlan", "TaskType", "ProviderSpec", "checkpoint"]
+           "SplitTask", "SubtaskCancelled", "SubtaskPlan", "TaskType", "ProviderSpec", "checkpoint", "compare_arrays",
+           "tolerance"]
+
+#: (relative, absolute) tolerance of ``compare_arrays`` per float dtype: two honest providers' results differ by
+#: rounding (another BLAS, device or summation order), far less than this relative to the array's largest value
+FLOAT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float16": (1e-2, float(np.finfo(np.float16).tiny)),
+    "float32": (1e-4, float(np.finfo(np.float32).tiny)),
+    "float64": (1e-10, float(np.finfo(np.float64).tiny)),
+}
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,10 @@ class Planner(ABC):
     #: a result a co-located provider wrote in place (no arrays) is checked too: ``check_result(params, [])``,
     #: and the planner reads the block from ``JobContext.results`` (matmul: Freivalds' check)
     checks_in_place: bool = False
+    #: ``check_result`` checks the values of a result, not only its shape (matmul: Freivalds' check). Subtasks of a
+    #: planner that does not are the candidates of ``--verify-rate``: a fraction of them is run on a second provider
+    #: and the two results compared (``compare``)
+    checks_values: bool = False
 
     @abstractmethod
     def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
@@ -202,9 +216,79 @@ class Planner(ABC):
         """Entries for the job's stats (shown by `dcf status` and the API)."""
         return {}
 
+    def verifiable(self, sub_params: Mapping[str, Any]) -> bool:
+        """Whether this subtask may be run on a second provider to verify its result (``--verify-rate``; only
+        asked when ``checks_values`` is False, never for a collective group's member). False for a subtask only
+        one provider can run (e.g. on data only it holds): its verification would wait for good. Default True."""
+        return True
+
+    def compare(self, sub_params: Mapping[str, Any], a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> str | None:
+        """Two providers' results of one subtask (both passed ``check_result``): None if they agree, else what
+        differs, in a few words (it is logged, and names why a provider outvoted by two others was quarantined).
+        Honest providers must always agree: allow for rounding, never for randomness. The default,
+        ``compare_arrays``: the same arrays, NaN/Inf where the other has them, floats within ``FLOAT_TOLERANCES``
+        of the array's largest magnitude, anything else equal."""
+        return compare_arrays(a, b)
+
     def finish(self, now: float) -> list[SaveFile]:
         """Files the finished job leaves (e.g. a trained model), written before it counts as done."""
         return []
+
+
+def tolerance(dtype: np.dtype[Any]) -> tuple[float, float]:
+    """(relative, absolute) tolerance of ``compare_arrays`` for an array of ``dtype``: (0, 0) unless it is a float."""
+    return FLOAT_TOLERANCES.get(np.dtype(dtype).name, (0.0, 0.0))
+
+
+def compare_arrays(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> str | None:
+    """None if two results agree: as many arrays, each pair of the same dtype and shape, NaN and each infinity in
+    the same places, and the other elements within ``tolerance``: ``max|x - y| <= rtol * max(max|x|, max|y|) + atol``
+    (integers and other dtypes: equal). Else what differs first, e.g. "array 0: 1 of 4096 elements differ, the first
+    at 17, by up to 0.5 (tolerance 2.3e-06)"."""
+    if len(a) != len(b):
+        return f"{len(a)} arrays against {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        why = _compare_array(np.asarray(x), np.asarray(y))
+        if why is not None:
+            return f"array {i}: {why}" if len(a) > 1 else why
+    return None
+
+
+def _compare_array(x: np.ndarray, y: np.ndarray) -> str | None:
+    if x.dtype != y.dtype:
+        return f"dtype {x.dtype} against {y.dtype}"
+    if x.shape != y.shape:
+        return f"shape {list(x.shape)} against {list(y.shape)}"
+    if x.dtype.kind != "f":
+        return _differing(x != y)
+    nan_x = np.isnan(x)
+    if not np.array_equal(nan_x, np.isnan(y)):
+        return f"NaN where the other has a number: {_differing(nan_x != np.isnan(y))}"
+    finite_x, finite_y = np.isfinite(x), np.isfinite(y)
+    inf_off = (finite_x != finite_y) | (~finite_x & ~nan_x & (x != y))  # NaN in the same places: the rest is ±Inf
+    if inf_off.any():
+        return f"Inf where the other has another value: {_differing(inf_off)}"
+    if not finite_x.any():
+        return None
+    fx, fy = x[finite_x], y[finite_x]
+    rtol, atol = tolerance(x.dtype)
+    allowed = rtol * max(float(np.abs(fx).max()), float(np.abs(fy).max())) + atol
+    off = np.abs(fx.astype(np.float64) - fy.astype(np.float64))
+    worst = float(off.max())
+    if worst <= allowed:
+        return None
+    differing = _differing(off > allowed, np.flatnonzero(finite_x), x.size)
+    return f"{differing}, by up to {worst:.3g} (tolerance {allowed:.3g})"
+
+
+def _differing(differs: np.ndarray, where: np.ndarray | None = None, size: int | None = None) -> str | None:
+    """How many elements differ and the flat index of the first (``where``: the flat index in the array of each
+    entry of ``differs``, ``size`` the array's); None if none does."""
+    flat = np.flatnonzero(differs)
+    if not flat.size:
+        return None
+    first = int(flat[0] if where is None else where[flat[0]])
+    return f"{flat.size} of {differs.size if size is None else size} elements differ, the first at {first}"
 
 
 class TaskType(ABC):

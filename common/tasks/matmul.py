@@ -125,6 +125,8 @@ class MatMulPlanner(SplitPlanner):
 
     #: the head calls ``check_result(sub_params, [])`` for a block a co-located provider wrote in place
     checks_in_place = True
+    #: every block's values are checked: ``--verify-rate`` never runs one twice
+    checks_values = True
 
     def __init__(self, task: SplitTask, job: JobContext) -> None:
         super().__init__(task, job)

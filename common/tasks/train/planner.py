@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import TaskError, ValidationError, WaitTimeout
-from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile, SubtaskPlan
+from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile, SubtaskPlan, compare_arrays, tolerance
 from ..rows import proportional_rows, provider_shares
 from . import models
 from .datasets import content_hash
@@ -61,6 +61,11 @@ MAX_ABANDONED_ROUNDS = 8
 REGROUP_SETTLE_S = 1.0
 #: allreduce: weight of the newest measurement in a member's samples-per-second average
 RATE_WEIGHT = 0.5
+#: ``--verify-rate``: the subtask kinds run on a second provider and compared (eval rounds only score the model)
+VERIFIED_KINDS = ("grad", "local")
+#: two honest results of one subtask may count this fraction of its samples (at least one) correct differently: a
+#: near tie between two classes can go either way on another device
+CORRECT_SLACK = 0.01
 _EMPTY = np.zeros(0, dtype=np.float32)
 _EMPTY.flags.writeable = False
 
@@ -114,7 +119,7 @@ class TrainPlanner(Planner):
         self.round: dict[str, Any] | None = None
         self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
-        self._async_out: dict[int, tuple[str, int]] = {}  # async: shard -> (provider, batch number)
+        self._async_out: dict[int, tuple[str, int, int]] = {}  # async: shard -> (provider, batch number, version)
         self._next_shard = 0
         # allreduce: the training group (provider ids in rank order), its generation (bumped whenever the
         # group is formed anew), the members holding the state of the current version, measured speeds
@@ -299,8 +304,8 @@ class TrainPlanner(Planner):
         return False
 
     def subtask_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
-        # a re-sent async subtask whose version was dropped gets today's parameters; its result is
-        # then judged by the old version (too stale: the batch runs again)
+        # every copy of a subtask gets the parameters it was planned on (``_new_version`` keeps the versions the
+        # async batches out were computed on): a re-sent one, and one run on a second provider to verify the first
         if sub["kind"] == "allreduce":
             return self._allreduce_inputs(sub)
         params = self.params.get(sub["version"], self.params[self.version])
@@ -310,6 +315,20 @@ class TrainPlanner(Planner):
 
     def check_result(self, sub_params: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> None:
         TrainTask.check_result(sub_params, arrays)
+
+    def verifiable(self, sub_params: Mapping[str, Any]) -> bool:
+        """Gradients and local-SGD rounds, on the job's uploaded data (a shard of a provider's own data may exist on
+        that provider only: its verification could wait for good)."""
+        return sub_params["kind"] in VERIFIED_KINDS and "local" not in sub_params["data"]
+
+    def compare(self, sub_params: Mapping[str, Any], a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> str | None:
+        """The gradient (or parameter) vectors at float32's tolerance (``compare_arrays``), then their
+        ``[loss, samples, correct]``: the samples equal, the loss sums at float32's tolerance (they are float32
+        sums), the correct counts within ``CORRECT_SLACK``."""
+        why = compare_arrays(a[:-1], b[:-1])
+        if why is not None:
+            return f"the {'gradient' if sub_params['kind'] == 'grad' else 'parameter'} vectors differ: {why}"
+        return _compare_metrics(a[-1], b[-1])
 
     def merge(self, sub: Mapping[str, Any], arrays: Sequence[np.ndarray], now: float) -> None:
         loss_sum = float(arrays[-1][0])
@@ -455,10 +474,13 @@ class TrainPlanner(Planner):
         self._new_version()
 
     def _new_version(self) -> None:
+        """A new version of the parameters; the last ``max_staleness + 2`` are kept, and (async) each one a batch out
+        was computed on: a copy of it (re-sent, or run on a second provider to verify it) gets the same parameters."""
         self.version += 1
         self.params[self.version] = self.flat.parameters_numpy()
         keep = self.p["max_staleness"] + 2
-        for v in [v for v in self.params if v < self.version - keep]:
+        out = {version for _, _, version in self._async_out.values()}
+        for v in [v for v in self.params if v < self.version - keep and v not in out]:
             del self.params[v]
 
     def _after_steps(self, steps: int, loss: float, acc: float, samples: int, now: float) -> None:
@@ -634,7 +656,7 @@ class TrainPlanner(Planner):
             return [] if self._async_out else self._eval_round(providers)
         if not self._async_queue and not self._async_out:
             self._async_queue = list(range(self.step_in_epoch, self.steps_per_epoch))
-        busy = {pid for pid, _ in self._async_out.values()}
+        busy = {pid for pid, _, _ in self._async_out.values()}
         plans = []
         for w in providers:  # one batch in flight per provider
             if not self._async_queue:
@@ -649,7 +671,7 @@ class TrainPlanner(Planner):
         self._next_shard += 1
         shard = self._next_shard
         self.idx[shard] = order[batch_no * b:(batch_no + 1) * b]
-        self._async_out[shard] = (w.provider_id, batch_no)
+        self._async_out[shard] = (w.provider_id, batch_no, self.version)
         return SubtaskPlan(w.provider_id, {**self._base("grad", 0, shard, "train"), "batch": batch_no},
                            self._flops(b, 3))
 
@@ -744,6 +766,21 @@ class TrainPlanner(Planner):
                             "stale_gradients_dropped": self.stale_dropped}}
         return [SaveFile("model.pt", _torch_bytes(self.model.state_dict())),
                 SaveFile("model.json", json.dumps(meta, indent=2).encode())]
+
+
+def _compare_metrics(a: np.ndarray, b: np.ndarray) -> str | None:
+    """Two results' ``[loss sum, samples, correct]``: None if they agree."""
+    (loss_a, n_a, correct_a), (loss_b, n_b, correct_b) = (float(v) for v in a), (float(v) for v in b)
+    if n_a != n_b:
+        return f"{n_a:g} samples against {n_b:g}"
+    if math.isnan(loss_a) != math.isnan(loss_b):
+        return f"loss sum {loss_a:g} against {loss_b:g}"
+    rtol, _ = tolerance(np.dtype(np.float32))
+    if not math.isnan(loss_a) and abs(loss_a - loss_b) > rtol * max(abs(loss_a), abs(loss_b), 1.0):
+        return f"loss sum {loss_a:.9g} against {loss_b:.9g}"
+    if abs(correct_a - correct_b) > max(1.0, CORRECT_SLACK * n_a):
+        return f"{correct_a:g} of {n_a:g} samples right against {correct_b:g}"
+    return None
 
 
 def _backend(members: Sequence[ProviderSpec]) -> str:
