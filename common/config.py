@@ -148,6 +148,15 @@ def head_url(text: str) -> str:
     return text if "://" in text else "http://" + text
 
 
+def head_urls(text: str) -> str:
+    """``head_url`` of each of several comma-separated URLs."""
+    return ",".join(head_url(u) for u in str(text).split(",") if u.strip())
+
+
+def _http_urls(v: str) -> bool:
+    return bool(v) and all(_http_url(u) for u in v.split(","))
+
+
 def _http_url(v: str) -> bool:
     import urllib.parse
 
@@ -196,7 +205,7 @@ HEAD_OPTIONS = [
     Option("state_dir", str, "./dcf-state", "directory of the job store, operands and results"),
     Option("amqp_url", str, "", "RabbitMQ URL (amqp://user:pass@host:5672/vhost); several, comma-separated: "
            "nodes of one cluster, tried in turn when the one in use is lost; empty: embedded store", _amqp_urls,
-           "amqp:// or amqps:// URLs, comma-separated"),
+           "an amqp:// or amqps:// URL, or several comma-separated"),
     Option("amqp_queue", str, "dcf.jobs", "RabbitMQ queue of this head's jobs (heads sharing a vhost need "
            "different ones)", _queue_name, "1-200 printable ASCII characters, not starting with amq."),
     Option("amqp_queue_type", str, "classic", "type of the jobs queue: classic (one broker node) or quorum "
@@ -205,6 +214,13 @@ HEAD_OPTIONS = [
     Option("amqp_republish_after", float, 30.0, "seconds an accepted job may stay undelivered to the head while "
            "it has room for more (another consumer of its queue took it) before the head publishes it again",
            _positive, "> 0"),
+    Option("amqp_heartbeat", float, 5.0, "seconds of broker heartbeat timeout on the connection holding the "
+           "leader lock (docs/RELIABILITY.md, 'Standby head'): an active head cut off from the broker stops "
+           "dispatching within half of it, and a standby takes over after it (at once when the active head dies)",
+           lambda v: _positive(v) and v >= 1, ">= 1"),
+    Option("standby", _bool, False, "wait as a standby head (needs --amqp-url and the active head's state dir): "
+           "answer 'standby, active is X' and become the active head when the one holding the broker's leader "
+           "lock loses it; without it, a head that finds another active refuses to start"),
     _port_opt("http_port", 8080, "REST API port"),
     *PORT_OPTIONS,
     *COMMON_OPTIONS,
@@ -243,7 +259,8 @@ HEAD_OPTIONS = [
 ]
 
 PROVIDER_OPTIONS = [
-    Option("head", str, "127.0.0.1", "host name or address of the head"),
+    Option("head", str, "127.0.0.1", "host name or address of the head; several, comma-separated (an active "
+           "head and its standbys): the provider follows whichever is active"),
     *PORT_OPTIONS,
     *COMMON_OPTIONS,
     Option("device", str, "auto", "compute device", choices=("auto", "cpu", "cuda", "mps")),
@@ -262,8 +279,10 @@ PROVIDER_OPTIONS = [
 ]
 
 CLIENT_OPTIONS = [
-    Option("head_url", head_url, "http://127.0.0.1:8080", "URL of the head's REST API (`HOST:PORT` means "
-           "`http://HOST:PORT`)", _http_url, "an http:// or https:// URL with a host", flag_name="--head"),
+    Option("head_url", head_urls, "http://127.0.0.1:8080", "URL of the head's REST API (`HOST:PORT` means "
+           "`http://HOST:PORT`); several, comma-separated (an active head and its standbys): the client follows "
+           "whichever is active", _http_urls, "an http:// or https:// URL with a host, or several comma-separated",
+           flag_name="--head"),
     Option("api_token", str, "", "bearer token for the REST API", flag_name="--token"),
     Option("queue_wait", float, 60.0, "seconds a submission waits (retrying) while the head's job queue "
            "(RabbitMQ) is unreachable; 0: fail at once", _non_negative, ">= 0"),
@@ -390,6 +409,8 @@ class HeadSettings(Settings):
     amqp_queue: str
     amqp_queue_type: str
     amqp_republish_after: float
+    amqp_heartbeat: float
+    standby: bool
     http_port: int
     registration_port: int
     task_port: int

@@ -156,6 +156,13 @@ class HeadUnreachable(DcfError):
     http_status = 503
 
 
+class StandbyHead(HeadUnreachable):
+    """The head asked is a standby (``--standby``): another head is active, or none is yet; nothing was done.
+    A client given several heads tries the next; with one, it waits as for a head that is away."""
+
+    code = "standby"
+
+
 class QueueUnavailable(HeadUnreachable):
     """The head is up but its durable job queue (RabbitMQ) is not: the job was not accepted."""
 

@@ -6,18 +6,27 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common import config, security, tasks
 from common.errors import ConfigError
 from common.logs import setup_logging
 
+from . import leader
+from .jobqueue import node_urls
+from .leader import Leadership, active_head
+
 log = logging.getLogger("dcf.head")
+T = TypeVar("T")
+#: seconds a head started without --standby tries the broker for the leader lock before it starts without it
+#: (taking it later), so that a broker down at start does not keep its API from answering
+START_LOCK_WAIT_S = 3.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import zmq
 
     try:
-        _run_loop(serve(cfg))
+        fenced = _run_loop(serve(cfg))
     except (OSError, zmq.ZMQError) as exc:  # e.g. a port in use: one line, exit 1
         log.error("cannot start: %s", exc)
         return 1
@@ -42,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", exc.message)
         print(f"dcf-head: {exc.message}", file=sys.stderr)
         return 2
+    if fenced:  # the leader lock was lost: this process starts again, as a standby (head_node/leader.py)
+        again = [sys.executable, "-m", "head_node", *(sys.argv[1:] if argv is None else argv)]
+        if not cfg.standby:
+            again.append("--standby")
+        log.warning("restarting as a standby head")
+        os.execv(sys.executable, again)
     return 0
 
 
@@ -122,26 +137,106 @@ def announce_security(cfg: config.HeadSettings, defaults: security.Defaults | No
     log.info("%s", "\n".join(lines))
 
 
-def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
+def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
     """uvloop where it is installed (faster HTTP bodies), asyncio elsewhere (e.g. Windows)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
-async def serve(cfg: config.HeadSettings) -> None:
-    import uvicorn
+class _Server:
+    """uvicorn's server, without its signal handlers (the head handles signals itself)."""
 
+    @staticmethod
+    def make(app: Any, cfg: config.HeadSettings) -> Any:
+        import uvicorn
+
+        from .http.guard import guarded_protocol, max_connections
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        # guarded: a connection that sends no complete request head in 10 s is closed (slow loris), and
+        # open connections stay below the file limit (head_node/http/guard.py)
+        return Server(uvicorn.Config(app, host=cfg.host, port=cfg.http_port, log_level="warning", access_log=False,
+                                     lifespan="off", http=guarded_protocol(), timeout_keep_alive=5,
+                                     limit_concurrency=max_connections(), h11_max_incomplete_event_size=16 * 1024,
+                                     timeout_graceful_shutdown=2))  # open SSE streams must not hold a stop
+
+
+def _on_signals(stop: Callable[..., None]) -> None:
+    # SIGHUP too (its terminal closed, e.g. under `dcf up`): a clean stop, not the default instant death
+    for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
+        signal.signal(sig, stop)
+
+
+async def take_the_lead(cfg: config.HeadSettings, sock: socket.socket) -> tuple[Leadership | None, socket.socket]:
+    """With ``--amqp-url``: the broker's leader lock, held (head_node/leader.py). A head that finds another
+    active refuses to start (ConfigError) unless ``--standby``, with which it answers as a standby on ``sock``
+    until it takes the lock. Returns the lock and the HTTP socket to serve on (None, ``sock``: no broker)."""
+    if not cfg.amqp_url:
+        if cfg.standby:
+            raise ConfigError("--standby needs --amqp-url: the broker decides which head is active")
+        return None, sock
+    lead = Leadership(node_urls(cfg.amqp_url), cfg.amqp_queue, cfg.amqp_heartbeat, strict=cfg.standby)
+    if not cfg.standby:  # alone: no waiting, and a broker down at start does not keep the head from serving
+        got = await lead.acquire(patient=False, give_up_after=START_LOCK_WAIT_S)
+        if got == "unreachable":
+            lead.hold_later()
+        if got != "taken":
+            return lead, sock
+        raise ConfigError(f"another head is active on queue {cfg.amqp_queue} (it holds the broker's leader lock "
+                          f"{lead.lock_name}); start this one with --standby to wait as its standby")
+    from .http.standby import StandbyApp
+
+    server = _Server.make(StandbyApp(Path(cfg.state_dir)), cfg)
+    stopped = asyncio.Event()
+    _on_signals(lambda *_: stopped.set())
+    log.info("standby head: waiting for the broker's leader lock %s (active head: %s)", lead.lock_name,
+             active_head(Path(cfg.state_dir)).get("url", "unknown"))
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    taking = asyncio.ensure_future(lead.acquire(patient=True))
+    await asyncio.wait([taking, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await serving
+    if not taking.done():  # stopped while waiting
+        taking.cancel()
+        await asyncio.gather(taking, return_exceptions=True)
+        await lead.close()
+        raise _Stopped
+    log.info("standby head taking over as the active head")
+    return lead, http_socket(cfg.host, cfg.http_port)  # uvicorn closed the standby's socket
+
+
+class _Stopped(Exception):  # noqa: N818 (a signal while waiting as a standby: a clean exit)
+    pass
+
+
+async def serve(cfg: config.HeadSettings) -> bool:
+    """Run the head until it is stopped (False) or fenced (True: it lost the leader lock)."""
+    try:
+        return await _serve(cfg)
+    except _Stopped:
+        log.info("standby head stopped")
+        return False
+
+
+async def _serve(cfg: config.HeadSettings) -> bool:
     from .api import create_app
     from .http.fast import FastFront
-    from .http.guard import guarded_protocol, max_connections
     from .server import Head
     from .store import check_state_dir
 
     sock = http_socket(cfg.host, cfg.http_port)
+    try:
+        lead, sock = await take_the_lead(cfg, sock)
+    except BaseException:
+        sock.close()
+        raise
     try:  # before the head opens its state dir: a job store that lost its jobs is refused (ConfigError)
         check_state_dir(Path(cfg.state_dir), cfg.accept_empty_store)
     except BaseException:
@@ -153,39 +248,44 @@ async def serve(cfg: config.HeadSettings) -> None:
         sock.close()
         raise
     head = Head(cfg)
+    head.leadership = lead
     try:
         await head.start()
     except BaseException:
         sock.close()
+        if lead is not None:
+            await lead.close()
         raise
     announce_security(cfg, defaults)
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:  # the head handles signals itself
-            yield
-
-    # guarded: a connection that sends no complete request head in 10 s is closed (slow loris), and
-    # open connections stay below the file limit (head_node/http/guard.py)
-    server = Server(uvicorn.Config(FastFront(create_app(head), head), host=cfg.host, port=cfg.http_port,
-                                   log_level="warning", access_log=False, lifespan="off",
-                                   http=guarded_protocol(), timeout_keep_alive=5,
-                                   limit_concurrency=max_connections(), h11_max_incomplete_event_size=16 * 1024,
-                                   timeout_graceful_shutdown=2))  # open SSE streams must not hold a stop
+    server = _Server.make(FastFront(create_app(head), head), cfg)
     loop = asyncio.get_running_loop()
+    if lead is not None:
+        lead.on_lost = head.fence
+        leader.announce(head.root, advertised_url(cfg), head.incarnation, cfg.fsync)
 
     def stop(*_: object) -> None:
         loop.call_soon_threadsafe(head.stopping.set)
-        loop.call_soon_threadsafe(setattr, server, "should_exit", True)
 
-    # SIGHUP too (its terminal closed, e.g. under `dcf up`): a clean stop, not the default instant death
-    for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
-        signal.signal(sig, stop)
+    _on_signals(stop)
+
+    async def stop_serving() -> None:
+        await head.stopping.wait()
+        server.should_exit = True
+
+    watcher = asyncio.ensure_future(stop_serving())
     try:
         await server.serve(sockets=[sock])
     finally:
+        watcher.cancel()
         await head.stop()
-        log.info("head stopped")
+        log.info("head stopped%s", f" (fenced: {head.fenced})" if head.fenced else "")
+    return head.fenced is not None
+
+
+def advertised_url(cfg: config.HeadSettings) -> str:
+    """The URL standbys name as the active head's: this host's, as clients would reach it."""
+    host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.http_port}"
 
 
 if __name__ == "__main__":

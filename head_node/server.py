@@ -31,6 +31,7 @@ from . import stimuli as sm
 from .entities import Provider
 from .events import EventBus
 from .jobqueue import AmqpQueue, EmbeddedQueue, JobQueue
+from .leader import Leadership
 from .lifecycle import ActiveJob, Lifecycle
 from .store import BlobStore, JobStore, Outcome
 from .transport import Transport
@@ -69,6 +70,10 @@ class Head:
         self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
         self.transport = Transport(cfg, self.keys, known=lambda pid: pid in self.state.providers)
         self.zap: Any = None
+        #: the broker's leader lock this head holds (with --amqp-url; head_node/leader.py): no dispatch without it
+        self.leadership: Leadership | None = None
+        #: why this head stopped serving as the active head (its lock lost); None while it serves
+        self.fenced: str | None = None
         self.stopping = asyncio.Event()
         self.started_at = time.time()  # shown; the uptime is counted on the monotonic clock
         self._started_t = time.monotonic()
@@ -116,6 +121,13 @@ class Head:
         log.info("CURVE on: ZeroMQ traffic encrypted; providers allowed from %s (%d keys)",
                  self.keys.allow_dir, len(self.zap.allow.keys))
 
+    def fence(self, why: str) -> None:
+        """The leader lock is lost: stop serving at once (no dispatch: ``_dispatch``; the API refuses jobs while
+        the queue is away, and ``/v1/health`` says ``fenced``); ``__main__`` then starts this process again as a
+        standby."""
+        self.fenced = why
+        self.stopping.set()
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -125,6 +137,8 @@ class Head:
             self.zap.stop()
         await self.transport.stop()
         self.store.close()
+        if self.leadership is not None:
+            await self.leadership.close()  # last: a standby takes over once this head has let go of everything
 
     async def _sweep_uploads(self) -> None:
         """Unused uploads past ``--blob-ttl`` go (uploads.UnusedBlobs), until the head stops."""
@@ -275,6 +289,11 @@ class Head:
         self.events.emit("node.lost", provider_id=a.provider_id, name=name, requeued=a.requeued, reason=a.reason)
 
     def _dispatch(self, d: sm.Dispatch) -> None:
+        if self.leadership is not None and not self.leadership.valid(time.monotonic()):
+            # fenced, or not holding the leader lock yet: a standby may be active; the ack timeout resends it
+            log.debug("dispatch held back: this head does not hold a fresh leader lock",
+                      extra={"job_id": d.job_id, "subtask": d.subtask})
+            return
         job = self.state.jobs.get(d.job_id)
         act = self.jobs.active.get(d.job_id)
         if job is None or act is None or job.state.terminal:  # it ended earlier in this batch of actions

@@ -43,9 +43,10 @@ class HeadBlobs:
     again, ``FETCH_TRIES`` times in all."""
 
     def __init__(self, open_socket: Callable[[], zmq.Socket], provider_id: Callable[[], str],
-                 timeout_ms: int = FETCH_TIMEOUT_MS) -> None:
+                 timeout_ms: int = FETCH_TIMEOUT_MS, head: Callable[[], str] = lambda: "") -> None:
         self._open_socket = open_socket  # a REQ socket connected to the head's registration port
         self._provider_id = provider_id  # the current one (it changes when the identity is renewed)
+        self._head = head  # the head in use: a thread's socket to another one is opened anew
         self._timeout_ms = timeout_ms
         self._sockets = threading.local()
 
@@ -62,7 +63,11 @@ class HeadBlobs:
 
     def _socket(self) -> zmq.Socket:
         sock: zmq.Socket | None = getattr(self._sockets, "socket", None)
+        if sock is not None and getattr(self._sockets, "head", None) != self._head():
+            self.close_thread_socket()  # the provider moved to another head (a standby took over)
+            sock = None
         if sock is None:
+            self._sockets.head = self._head()
             sock = self._sockets.socket = self._open_socket()
         return sock
 

@@ -120,10 +120,13 @@ class ProviderNode:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.shared: SharedFiles | None = None  # the head's state dir, when this process shares it
-        self.head_blobs = HeadBlobs(self._blob_socket, lambda: self.session.provider_id)
+        #: the heads it may use (an active head and its standbys: ``--head h1,h2``), and the one in use
+        self.heads = [h.strip() for h in cfg.head.split(",") if h.strip()] or [cfg.head]
+        self.head = self.heads[0]
+        self.head_blobs = HeadBlobs(self._blob_socket, lambda: self.session.provider_id, head=lambda: self.head)
         self.blobs = BlobCache(self.head_blobs)
         self.local_data = local_data.load(cfg.data)  # checked before the provider registers: a bad file stops it
-        self.device = TaskDevice(device, self.blobs, self.cfg.head, {k: h.arrays for k, h in self.local_data.items()})
+        self.device = TaskDevice(device, self.blobs, self.head, {k: h.arrays for k, h in self.local_data.items()})
         self.push_generation = 0  # bumped when the compute thread's PUSH must be opened again
 
     @property
@@ -154,7 +157,7 @@ class ProviderNode:
         return sock
 
     def endpoint(self, port: int) -> str:
-        host = self.cfg.head
+        host = self.head
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # IPv6 literal
         return f"tcp://{host}:{port}"
@@ -186,7 +189,7 @@ class ProviderNode:
         compute = threading.Thread(target=self._compute_loop, name="dcf-compute", daemon=True)
         compute.start()
         log.info("provider %s (%s, %s, %.1f GFLOP/s) connecting to %s%s", self.name, self.hardware.kind,
-                 self.hardware.name, self.gflops, self.cfg.head,
+                 self.hardware.name, self.gflops, ", ".join(self.heads),
                  f" with CURVE key {self.keys.public.decode()}" if self.keys else "",
                  extra={"provider_id": self.provider_id})
         self._carry_out(self.session.start(), io, time.monotonic())
@@ -218,6 +221,8 @@ class ProviderNode:
         lost = pirate.check(now)
         if lost is not None and lost.refused:
             self.session.on_handshake_refused()
+        elif lost is not None and len(self.heads) > 1:
+            self._next_head(io, now)
         self._carry_out(self.session.due(now), io, now)
 
     def _carry_out(self, commands: list[Command], io: MainSockets, now: float) -> None:
@@ -252,6 +257,20 @@ class ProviderNode:
             self.session.on_shared_files(now)
         log.info("registered with head %s%s", registered.incarnation[:8],
                  " (shares its state dir)" if shared else "", extra={"provider_id": self.provider_id})
+
+    def _next_head(self, io: MainSockets, now: float) -> None:
+        """The head in use did not answer: the next of ``--head`` (a standby may have taken over; a standby
+        binds no ZeroMQ port, so it never answers). Every connection moves there, and the request waiting for
+        a reply goes to it; the new head does not know this provider, says so, and it registers again."""
+        self.head = self.heads[(self.heads.index(self.head) + 1) % len(self.heads)]
+        self.device.head_host = self.head
+        log.warning("trying head %s", self.head, extra={"provider_id": self.provider_id})
+        pending = io.pirate.request
+        io.pirate.close()
+        io.pirate = self._pirate(self.cfg.request_timeout)
+        if pending is not None:
+            io.pirate.send(pending, now)
+        self._reconnect(io)
 
     def _reconnect(self, io: MainSockets) -> None:
         # a refused handshake (our key was not allowed then) is not retried by libzmq, and a head that

@@ -11,6 +11,7 @@ kept for the streamed uploads and downloads of large arrays (``Client.http``, bu
 from __future__ import annotations
 
 import http.client
+import json
 import select
 import threading
 import time
@@ -36,19 +37,35 @@ class Reply:
     content_type: str
 
 
+class _NotSent(Exception):  # noqa: N818 (internal: the connection failed before the request went out)
+    def __init__(self, error: HeadUnreachable) -> None:
+        self.error = error
+
+
 class Channel:
+    """Requests to one head, or to the first that serves of several (an active head and its standbys,
+    comma-separated in ``url``): a head that cannot be connected to, or answers that it is a standby
+    (503 ``standby``), passes the request to the next; nothing was done by it, so that is always safe."""
+
     def __init__(self, url: str, token: str | None, timeout: float) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.https = parts.scheme == "https"
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if self.https else 80)
-        self.prefix = parts.path.rstrip("/")
-        self.url = url
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()] or [url]
+        self.index = 0
+        self._use(0)
         self.timeout = timeout
         self.headers = {"authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         #: whether a connection to the head was ever made (a head was there, even if it went since)
         self.connected = False
+
+    def _use(self, index: int) -> None:
+        """Talk to head ``index`` of ``urls`` from now on."""
+        self.index = index % len(self.urls)
+        self.url = self.urls[self.index]
+        parts = urllib.parse.urlsplit(self.url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.https else 80)
+        self.prefix = parts.path.rstrip("/")
 
     def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection, and whether it served a request before."""
@@ -63,8 +80,27 @@ class Channel:
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
                 timeout: float | None = None, headers: Mapping[str, str] | None = None) -> Reply:
-        """One request; HeadUnreachable when the head cannot be reached. One with an ``Idempotency-Key``
-        header may be sent twice, so a stale kept-alive connection re-sends it as it does a GET."""
+        """One request; HeadUnreachable when no head can be reached. One with an ``Idempotency-Key``
+        header may be sent twice, so a stale kept-alive connection re-sends it as it does a GET. With
+        several heads, the next is tried when one cannot be connected to or is a standby."""
+        for tried in range(1, len(self.urls) + 1):
+            try:
+                reply = self._request_one(method, path, body, content_type, timeout, headers)
+            except _NotSent as exc:
+                if tried == len(self.urls):
+                    raise exc.error from None
+                self.close()
+                self._use(self.index + 1)
+                continue
+            if tried < len(self.urls) and reply.status == 503 and _is_standby(reply.body):
+                self.close()
+                self._use(self.index + 1)
+                continue
+            return reply
+        raise AssertionError("unreachable")
+
+    def _request_one(self, method: str, path: str, body: bytes | None, content_type: str | None,
+                     timeout: float | None, headers: Mapping[str, str] | None) -> Reply:
         headers = {**self.headers, **(headers or {})}
         resend = method == "GET" or "idempotency-key" in headers
         if content_type:
@@ -76,7 +112,12 @@ class Channel:
                 conn.sock.settimeout(conn.timeout)
             try:
                 if conn.sock is None:
-                    conn.connect()
+                    try:
+                        conn.connect()
+                    except OSError as exc:  # nothing was sent: another head may take it
+                        self.close()
+                        raise _NotSent(HeadUnreachable(f"head at {self.url} unreachable: {type(exc).__name__}: "
+                                                       f"{exc}")) from None
                     self.connected = True
                 conn.request(method, target(self.prefix + path), body=body, headers=headers)
                 resp = conn.getresponse()
@@ -101,6 +142,15 @@ class Channel:
         self._local.conn = None
         if conn is not None:
             conn.close()
+
+
+def _is_standby(body: bytes) -> bool:
+    """Whether a 503 reply says its head is a standby (error code ``standby``)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and error.get("code") == "standby"
 
 
 def _dropped(conn: http.client.HTTPConnection) -> bool:

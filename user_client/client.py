@@ -73,10 +73,9 @@ class Client:
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
                  shared_files: str | None = None, queue_wait: float | None = None, *,
                  reconnect_wait: float | None = None, settings: ClientSettings | None = None) -> None:
-        given = {"head_url": config.head_url(url) if url else None, "api_token": token,
+        given = {"head_url": config.head_urls(url) if url else None, "api_token": token,
                  "shared_files": shared_files or None, "queue_wait": queue_wait, "reconnect_wait": reconnect_wait}
         self.settings = _settings(given, settings)
-        self.url = self.settings.head_url.rstrip("/")
         self._shared: Path | None | bool = None if self.settings.shared_files == "auto" else False
         token = self.settings.api_token
         #: seconds ``submit`` keeps retrying while the head's job queue (RabbitMQ) is unreachable
@@ -93,16 +92,28 @@ class Client:
         #: it was ever connected to): a head never reached (a wrong URL) is not waited for
         self.reached = False
         self.timeout = timeout
-        self.channel = Channel(self.url, token, timeout)  # every request but streamed transfers
+        #: every request but streamed transfers; with several heads, it finds the active one
+        self.channel = Channel(self.settings.head_url, token, timeout)
         self._http: httpx.Client | None = None  # streamed uploads and downloads, built on first use
+        self._http_url = ""  # the head ``_http`` talks to
         self._pool: ThreadPoolExecutor | None = None  # submit_async's, started at its first use
 
     @property
+    def url(self) -> str:
+        """The URL of the head this client talks to (of several: the one that last served)."""
+        return self.channel.url
+
+    @property
     def http(self) -> httpx.Client:
-        """An httpx client of the head (streamed transfers of large arrays), built on first use."""
+        """An httpx client of the head (streamed transfers of large arrays), built on first use, and again
+        when the channel moved to another head."""
+        if self._http is not None and self._http_url != self.url:
+            self._http.close()
+            self._http = None
         if self._http is None:
             import httpx
 
+            self._http_url = self.url
             token = self.settings.api_token
             # no TLS context for an http:// head (redirects are not followed): it costs ~0.1 s to build
             self._http = httpx.Client(base_url=self.url, verify=self.url.startswith("https://"),

@@ -50,6 +50,11 @@ class HeadApi(Protocol):
     def root(self) -> Path: ...
 
     @property
+    def fenced(self) -> str | None:
+        """Why this head stopped serving as the active head (its leader lock lost); None while it serves."""
+        ...
+
+    @property
     def queue(self) -> QueueStatus: ...
 
     @property

@@ -122,7 +122,11 @@ class BlobInfo(Reply):
 
 
 class Health(Reply):
-    status: str = Field(description='"ok"')
+    status: str = Field(description='"ok"; "fenced": this head lost the broker\'s leader lock and stops (it '
+                                    'comes back as a standby); a standby head answers "standby"')
+    role: str = Field("active", description='"active" or "fenced" (a standby answers "standby", with "active": '
+                                            'the active head\'s URL)')
+    fenced: str | None = Field(None, description="why the head was fenced")
     version: str
     epoch: str | None = Field(None, description="this head process's run id; only to a request with the API "
                                                 "token (or from a head without one)")

@@ -35,8 +35,9 @@ streams = APIRouter(tags=["ops"], dependencies=[Depends(require_token_or_query)]
 async def health(request: Request, head: HeadDep) -> dict[str, Any]:
     """Liveness, open to anyone; the head's run id (``epoch``) only with the API token: messages of the
     provider protocol carry it, so it is not handed to strangers."""
-    return {"status": "ok", "version": __version__, "queue": head.queue.name,
+    return {"status": "fenced" if head.fenced else "ok", "version": __version__, "queue": head.queue.name,
             "queue_connected": head.queue.is_connected, "task_types": tasks.names(),
+            "role": "fenced" if head.fenced else "active", **({"fenced": head.fenced} if head.fenced else {}),
             "epoch": head.incarnation if carries_token(request, head) else None}
 
 

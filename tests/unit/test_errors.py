@@ -37,7 +37,7 @@ WIRE_CODES = {
     "no_space": "NoSpace",
     "not_found": "NotFound", "conflict": "Conflict",
     "unauthorized": "Unauthorized", "unknown_provider": "UnknownProvider", "internal": "InternalError",
-    "head_unreachable": "HeadUnreachable", "queue_unavailable": "QueueUnavailable",
+    "head_unreachable": "HeadUnreachable", "queue_unavailable": "QueueUnavailable", "standby": "StandbyHead",
     "too_many_jobs": "TooManyJobs", "timeout": "WaitTimeout",
     "task_failed": "TaskError", "bad_device": "DeviceError",
 }

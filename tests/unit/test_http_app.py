@@ -62,6 +62,7 @@ class FakeHead:
         self.incarnation = "e" * 32
         self.root = root
         self.queue = SimpleNamespace(name="embedded", is_connected=True)
+        self.fenced: str | None = None
         self.blobs = BlobStore(root)
         self.events = EventBus()
         self.stopping = asyncio.Event()

@@ -1,0 +1,169 @@
+"""A standby head elected by the broker (issue 15 §1), with real processes and the machine's RabbitMQ: head A
+on 127.0.0.1 and a standby B on 127.0.0.2 (same ports, same state dir), providers and clients given both.
+
+kill -9 of A mid-job: B takes the leader lock as soon as the broker sees A's connection end, recovers the jobs
+(the broker delivers again what A held unacked) and dispatches; every accepted job completes once with the
+right result, and a CLI waiting on a job rides through. A third head without ``--standby`` refuses to start
+while one is active."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pika
+import pytest
+
+from tests.conftest import ROOT
+from tests.promtext import parse_prometheus
+from user_client import Client
+from user_client.local import free_ports
+
+pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
+
+HOSTS = ("127.0.0.1", "127.0.0.2")
+
+
+class Heads:
+    """Two heads of one state dir and queue, and providers that know both."""
+
+    def __init__(self, amqp_url: str, root: Path) -> None:
+        self.root = root
+        self.queue = f"dcf.test.standby.{uuid.uuid4().hex[:8]}"
+        self.amqp_url = amqp_url
+        http, reg, task, result, rdv = free_ports(5)
+        self.http_port = http
+        self.ports = ["--registration-port", str(reg), "--task-port", str(task), "--result-port", str(result),
+                      "--heartbeat-interval", "0.5"]
+        self.rendezvous = str(rdv)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs = root / "logs"
+        self.logs.mkdir()
+
+    def url(self, host: str) -> str:
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def urls(self) -> str:
+        return ",".join(self.url(h) for h in HOSTS)
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (kept by the process)
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=out, cwd=ROOT,
+                                env={**os.environ, "DCF_SHARED_FILES": "off"})
+        self.procs[name] = proc
+        return proc
+
+    def head_args(self, host: str, *extra: str) -> list[str]:
+        return ["-m", "head_node", "--host", host, "--http-port", str(self.http_port), "--state-dir",
+                str(self.root / "state"), "--amqp-url", self.amqp_url, "--amqp-queue", self.queue,
+                "--amqp-heartbeat", "2", "--ack-timeout", "2", "--rendezvous-port", self.rendezvous,
+                "--insecure", *self.ports, *extra]
+
+    def start_head(self, name: str, host: str, *extra: str) -> subprocess.Popen[bytes]:
+        return self.spawn(name, self.head_args(host, *extra))
+
+    def add_provider(self, i: int) -> None:
+        self.spawn(f"provider-{i}", ["-m", "provider_node", "--head", ",".join(HOSTS), "--threads", "1",
+                                     "--name", f"p{i}", "--request-timeout", "0.5", "--delay", "0.3", *self.ports])
+
+    def health(self, host: str) -> dict:
+        try:
+            return httpx.get(f"{self.url(host)}/v1/health", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    def wait_health(self, host: str, status: str, timeout: float = 30.0) -> float:
+        t0 = time.monotonic()
+        while self.health(host).get("status") != status:
+            assert time.monotonic() - t0 < timeout, f"head on {host} not {status}: {self.log_tail()}"
+            time.sleep(0.02)
+        return time.monotonic() - t0
+
+    def dispatched(self, host: str) -> float:
+        try:
+            _, samples = parse_prometheus(httpx.get(f"{self.url(host)}/metrics", timeout=2).text)
+        except (httpx.HTTPError, AssertionError):
+            return 0.0
+        return samples.get(("dcf_subtasks_dispatched_total", frozenset()), 0.0)
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in self.logs.iterdir())
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        conn = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            conn.channel().queue_delete(self.queue)
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def heads(amqp_url: str) -> Iterator[Heads]:
+    with tempfile.TemporaryDirectory(prefix="dcf-standby-") as tmp:
+        h = Heads(amqp_url, Path(tmp))
+        try:
+            yield h
+        finally:
+            h.stop()
+
+
+def test_the_standby_takes_over_within_seconds_of_a_kill(heads: Heads) -> None:
+    a = heads.start_head("head-a", HOSTS[0], "--standby")  # a group of standbys: the broker makes one active
+    heads.wait_health(HOSTS[0], "ok")
+    heads.start_head("head-b", HOSTS[1], "--standby")
+    heads.wait_health(HOSTS[1], "standby")
+    assert heads.health(HOSTS[1])["active"] == heads.url(HOSTS[0])
+    refused = subprocess.run([sys.executable, *heads.head_args(HOSTS[1], "--http-port", str(free_ports(1)[0]))],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2 and "another head is active" in refused.stderr, refused.stderr
+    for i in range(2):
+        heads.add_provider(i)
+    with Client(heads.urls, reconnect_wait=60) as client:
+        end = time.monotonic() + 30
+        while sum(n["state"] == "ready" for n in client.nodes()) < 2:
+            assert time.monotonic() < end, heads.log_tail()
+            time.sleep(0.1)
+        jobs = [client.submit_matmul(np.eye(30) * (i + 1), np.ones((30, 30))) for i in range(8)]
+        waiting = subprocess.Popen([sys.executable, "-m", "user_client", "status", jobs[-1], "--wait"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                   env={**os.environ, "DCF_HEAD_URL": heads.urls})
+        client.wait(jobs[0], timeout=60)
+        a.kill()  # kill -9 of the active head, jobs still running and queued
+        killed = time.monotonic()
+        a.wait()
+        active = heads.wait_health(HOSTS[1], "ok")
+        while heads.dispatched(HOSTS[1]) < 1:
+            assert time.monotonic() - killed < 30, heads.log_tail()
+            time.sleep(0.02)
+        dispatching = time.monotonic() - killed
+        print(f"active head killed: the standby active {active:.2f} s later and dispatching {dispatching:.2f} s "
+              f"after the kill (broker heartbeat 2 s, provider heartbeat 0.5 s)")
+        results = client.gather(jobs, timeout=120)
+        for i, got in enumerate(results):
+            np.testing.assert_array_equal(got["c"], np.full((30, 30), i + 1.0))
+        for job in jobs:
+            kinds = [e["kind"] for e in client._json_list("GET", f"/v1/jobs/{job}/events")]
+            assert kinds.count("job.done") <= 1 and "job.failed" not in kinds, (job, kinds)
+            assert client.status(job)["state"] == "done"
+        out, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, out
+    assert "done" in out
+    assert dispatching < 5.0, f"failover took {dispatching:.2f} s (target 5 s)"
