@@ -17,11 +17,12 @@ import pika
 import pytest
 
 from tests import rabbitcluster
+from tests.chaos.harness import Figures
 from tests.conftest import IN_CI
 from user_client import Client
 from user_client.local import LocalCluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.rabbitmq]
 
 QUEUE = "dcf.test.quorum"
 JOBS = 24
@@ -83,7 +84,8 @@ def _reconnected(cl: LocalCluster, client: Client, losses: int, timeout: float =
     return time.monotonic() - t0
 
 
-def test_node_kills_mid_job_lose_nothing_and_duplicate_nothing(rabbit: rabbitcluster.RabbitCluster) -> None:
+def test_node_kills_mid_job_lose_nothing_and_duplicate_nothing(rabbit: rabbitcluster.RabbitCluster,
+                                                               figures: Figures) -> None:
     n0, n1, _ = rabbit.nodes
     head_args = ["--amqp-queue-type", "quorum", "--amqp-queue", QUEUE]
     with (LocalCluster(2, heartbeat=0.5, threads=1, amqp_url=rabbit.urls, head_args=head_args,
@@ -93,14 +95,18 @@ def test_node_kills_mid_job_lose_nothing_and_duplicate_nothing(rabbit: rabbitclu
         submitter.wait_for(5)
         running = sum(j["state"] == "running" for j in client.jobs())
         rabbit.kill(n0)  # the node the head connected to first, where the queue's leader was elected
+        figures.fault("RabbitMQ cluster node kill -9 (quorum queue)")
         took = _reconnected(cl, client, 1)
+        figures.timing("head on a live RabbitMQ node after a node kill", took)
         print(f"node {n0.name} killed with {running} jobs running: the head was on another node {took:.2f} s later")
         submitter.wait_for(10)
         rabbit.start_node(n0)
         rabbit.wait_members(3)
         running = sum(j["state"] == "running" for j in client.jobs())
         rabbit.kill(n1)
+        figures.fault("RabbitMQ cluster node kill -9 (quorum queue)")
         took = _reconnected(cl, client, 2)
+        figures.timing("head on a live RabbitMQ node after a node kill", took)
         print(f"node {n1.name} killed with {running} jobs running: the head was connected again {took:.2f} s later")
         submitter.thread.join(120)
         assert submitter.error is None, submitter.error
@@ -108,9 +114,12 @@ def test_node_kills_mid_job_lose_nothing_and_duplicate_nothing(rabbit: rabbitclu
         assert len(accepted) == JOBS
         results = client.gather([job for job, _ in accepted], timeout=120)
         for (job, scale), got in zip(accepted, results, strict=True):
-            np.testing.assert_array_equal(got["c"], np.full((40, 40), float(scale)))
+            right = bool(np.array_equal(got["c"], np.full((40, 40), float(scale))))
             kinds = [e["kind"] for e in client._json_list("GET", f"/v1/jobs/{job}/events")]
-            assert kinds.count("job.done") == 1 and "job.failed" not in kinds, (job, kinds)
+            once = kinds.count("job.done") == 1 and "job.failed" not in kinds
+            figures.job("ok" if right and once else ("wrong" if not right else "lost"))
+            assert right, job
+            assert once, (job, kinds)
         log = _head_log(cl)
     assert "job queue: RabbitMQ quorum queue" in log
     left = rabbit.ctl(rabbit.nodes[2], "list_queues", "name", "type", "--no-table-headers")

@@ -23,12 +23,13 @@ import numpy as np
 import pika
 import pytest
 
+from tests.chaos.harness import Figures
 from tests.conftest import ROOT
 from tests.promtext import parse_prometheus
 from user_client import Client
 from user_client.local import free_ports
 
-pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.rabbitmq]
 
 HOSTS = ("127.0.0.1", "127.0.0.2")
 
@@ -125,7 +126,19 @@ def heads(amqp_url: str) -> Iterator[Heads]:
             h.stop()
 
 
-def test_the_standby_takes_over_within_seconds_of_a_kill(heads: Heads) -> None:
+def _judge(client: Client, jobs: list[str], figures: Figures) -> None:
+    """Every accepted job done once, with the right result (recorded in the chaos figures)."""
+    results = client.gather(jobs, timeout=120)
+    for i, (job, got) in enumerate(zip(jobs, results, strict=True)):
+        right = bool(np.array_equal(got["c"], np.full((30, 30), i + 1.0)))
+        kinds = [e["kind"] for e in client._json_list("GET", f"/v1/jobs/{job}/events")]
+        done = client.status(job)["state"] == "done" and "job.failed" not in kinds and kinds.count("job.done") <= 1
+        figures.job("ok" if right and done else ("wrong" if not right else "lost"))
+        assert right, job
+        assert done, (job, kinds)
+
+
+def test_the_standby_takes_over_within_seconds_of_a_kill(heads: Heads, figures: Figures) -> None:
     a = heads.start_head("head-a", HOSTS[0], "--standby")  # a group of standbys: the broker makes one active
     heads.wait_health(HOSTS[0], "ok")
     heads.start_head("head-b", HOSTS[1], "--standby")
@@ -148,6 +161,7 @@ def test_the_standby_takes_over_within_seconds_of_a_kill(heads: Heads) -> None:
         client.wait(jobs[0], timeout=60)
         a.kill()  # kill -9 of the active head, jobs still running and queued
         killed = time.monotonic()
+        figures.fault("active head kill -9 (a standby waiting)")
         a.wait()
         active = heads.wait_health(HOSTS[1], "ok")
         while heads.dispatched(HOSTS[1]) < 1:
@@ -156,14 +170,86 @@ def test_the_standby_takes_over_within_seconds_of_a_kill(heads: Heads) -> None:
         dispatching = time.monotonic() - killed
         print(f"active head killed: the standby active {active:.2f} s later and dispatching {dispatching:.2f} s "
               f"after the kill (broker heartbeat 2 s, provider heartbeat 0.5 s)")
-        results = client.gather(jobs, timeout=120)
-        for i, got in enumerate(results):
-            np.testing.assert_array_equal(got["c"], np.full((30, 30), i + 1.0))
-        for job in jobs:
-            kinds = [e["kind"] for e in client._json_list("GET", f"/v1/jobs/{job}/events")]
-            assert kinds.count("job.done") <= 1 and "job.failed" not in kinds, (job, kinds)
-            assert client.status(job)["state"] == "done"
+        figures.timing("standby head dispatching after the active head's kill -9", dispatching)
+        _judge(client, jobs, figures)
         out, _ = waiting.communicate(timeout=60)
     assert waiting.returncode == 0, out
     assert "done" in out
     assert dispatching < 5.0, f"failover took {dispatching:.2f} s (target 5 s)"
+
+
+def _iptables(*args: str) -> None:
+    subprocess.run(["iptables", "-w", *args], check=True, capture_output=True, timeout=30)
+
+
+def _partition_rules(head_pid: int, broker_port: int) -> list[list[str]]:
+    """DROP rules (loopback only) for every TCP connection of the head to the broker: both directions."""
+    import psutil
+
+    ports = {c.laddr.port for c in psutil.Process(head_pid).net_connections(kind="tcp")
+             if c.raddr and c.raddr.port == broker_port}
+    assert ports, "the head has no connection to the broker"
+    return [["OUTPUT", "-o", "lo", "-p", "tcp", flag, str(port), "-j", "DROP"]
+            for port in sorted(ports) for flag in ("--sport", "--dport")]
+
+
+def _serving(heads: Heads, host: str) -> str | None:
+    """The run id of the head on ``host`` if it serves as the active head ("ok"), else None."""
+    health = heads.health(host)
+    return health.get("epoch") if health.get("status") == "ok" else None
+
+
+def test_a_partitioned_active_head_is_fenced_before_another_serves(heads: Heads, figures: Figures) -> None:
+    """Not a crash: the active head's traffic to the broker is dropped (iptables on loopback), its providers
+    and clients still reach it. It stops dispatching and serving before any other head is active, and every
+    job completes once."""
+    import shutil
+    import urllib.parse
+
+    from tests.conftest import IN_CI
+
+    if shutil.which("iptables") is None or os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("iptables and root are needed (CI=true: the partition test must run)")
+        pytest.skip("iptables and root are needed to drop the head's broker traffic")
+    a = heads.start_head("head-a", HOSTS[0], "--standby")
+    heads.wait_health(HOSTS[0], "ok")
+    heads.start_head("head-b", HOSTS[1], "--standby")
+    heads.wait_health(HOSTS[1], "standby")
+    for i in range(2):
+        heads.add_provider(i)
+    old = _serving(heads, HOSTS[0])
+    assert old
+    rules = _partition_rules(a.pid, urllib.parse.urlsplit(heads.amqp_url).port or 5672)
+    with Client(heads.urls, reconnect_wait=60) as client:
+        end = time.monotonic() + 30
+        while sum(n["state"] == "ready" for n in client.nodes()) < 2:
+            assert time.monotonic() < end, heads.log_tail()
+            time.sleep(0.1)
+        jobs = [client.submit_matmul(np.eye(30) * (i + 1), np.ones((30, 30))) for i in range(8)]
+        try:
+            for rule in rules:
+                _iptables("-I", *rule)
+            cut = time.monotonic()
+            figures.fault("active head partitioned from the broker (iptables DROP)")
+            fenced = active = None
+            while active is None:
+                assert time.monotonic() - cut < 30, heads.log_tail()
+                now = time.monotonic() - cut
+                if fenced is None and _serving(heads, HOSTS[0]) != old:
+                    fenced = now  # the partitioned head no longer serves as the active head
+                new = next((e for e in (_serving(heads, h) for h in HOSTS) if e and e != old), None)
+                if new is not None:
+                    active = now
+                time.sleep(0.01)
+        finally:
+            for rule in rules:
+                subprocess.run(["iptables", "-w", "-D", *rule], capture_output=True, timeout=30)
+        print(f"active head cut off from the broker: fenced {fenced:.2f} s later, another head active "
+              f"{active:.2f} s later (broker heartbeat 2 s)")
+        assert fenced is not None and fenced < active
+        figures.timing("partitioned head fenced (no dispatch, not serving)", fenced)
+        figures.timing("another head active after the partition", active)
+        _judge(client, jobs, figures)
+    log_a = (heads.logs / "head-a.log").read_text(errors="replace")
+    assert "leader lock lost" in log_a and "fenced" in log_a
