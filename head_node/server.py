@@ -127,6 +127,9 @@ class Head:
         standby."""
         self.fenced = why
         self.stopping.set()
+        # no more deliveries or submissions (what it held unacked goes back to the broker for the next head)
+        closing = asyncio.ensure_future(self.queue.close())
+        closing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -423,6 +426,8 @@ class Head:
         self.apply(sm.Tick())
 
     def on_result(self, msg: protocol.Message) -> None:
+        if self.fenced:  # no longer the active head: nothing more is merged or committed
+            return
         pid = check_id(msg["provider_id"], "provider_id")
         key = (msg["job_id"], msg["subtask"], msg["attempt"], msg["epoch"])
         ctx = {"job_id": key[0], "subtask": key[1], "attempt": key[2], "provider_id": pid}
