@@ -50,6 +50,8 @@ class Figures:
     detections: list[tuple[float, float]] = field(default_factory=list)
     #: other durations worth reporting, by name (head recovery, broker reconnect, ...)
     timings: dict[str, list[float]] = field(default_factory=dict)
+    #: other counts worth reporting, by name (results verified, wrong results caught, attempts refused, ...)
+    counts: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -70,6 +72,9 @@ class Figures:
     def timing(self, name: str, seconds: float) -> None:
         self.timings.setdefault(name, []).append(seconds)
 
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
     @property
     def empty(self) -> bool:
         return not (self.jobs_run or self.faults)
@@ -86,6 +91,7 @@ class Figures:
                             "over_target": sum(1 for d, t in self.detections if d > t)},
             "timings_s": {k: {"n": len(v), "max": round(max(v), 3), "median": round(statistics.median(v), 3)}
                           for k, v in sorted(self.timings.items())},
+            "counts": dict(sorted(self.counts.items())),
             "notes": self.notes,
         }
 
@@ -109,6 +115,7 @@ class Figures:
             rows.append(("dead-provider detection", "not measured", ""))
         for name, t in d["timings_s"].items():
             rows.append((f"{name} (max / median, n={t['n']})", f"{t['max']:.2f} / {t['median']:.2f} s", ""))
+        rows += [(name, str(n), "") for name, n in d["counts"].items()]
         width = max(len(r[0]) for r in rows)
         vwidth = max(len(r[1]) for r in rows)
         out = [f"seed {self.seed} ({self.seed_from}), {d['wall_s']:.0f} s"]
