@@ -189,8 +189,25 @@ async def take_the_lead(cfg: config.HeadSettings, sock: socket.socket) -> tuple[
             lead.hold_later()
         if got != "taken":
             return lead, sock
+        # the holder may be this head's own previous run, whose connection the broker has not seen end yet
+        # (a machine that went silent: up to --amqp-heartbeat)
+        wait = 2 * cfg.amqp_heartbeat
+        log.warning("the broker's leader lock %s is held; waiting up to %.0f s for it (a previous run of this "
+                    "head?)", lead.lock_name, wait)
+        with contextlib.suppress(asyncio.TimeoutError):
+            if await asyncio.wait_for(lead.acquire(patient=True), wait) == "held":
+                return lead, sock
         raise ConfigError(f"another head is active on queue {cfg.amqp_queue} (it holds the broker's leader lock "
                           f"{lead.lock_name}); start this one with --standby to wait as its standby")
+    first = await lead.acquire(patient=False, give_up_after=START_LOCK_WAIT_S)
+    if first == "held":
+        return lead, sock
+    alone = active_head(Path(cfg.state_dir))
+    if first == "taken" and alone.get("standby_group") is False:
+        await lead.close()
+        raise ConfigError(f"the active head ({alone.get('url', 'unknown')}) was started without --standby: it does "
+                          "not stop when cut off from the broker, so no standby may wait on it; start every head "
+                          "of the group with --standby")
     from .http.standby import StandbyApp
 
     server = _Server.make(StandbyApp(Path(cfg.state_dir)), cfg)
@@ -261,7 +278,7 @@ async def _serve(cfg: config.HeadSettings) -> bool:
     loop = asyncio.get_running_loop()
     if lead is not None:
         lead.on_lost = head.fence
-        leader.announce(head.root, advertised_url(cfg), head.incarnation, cfg.fsync)
+        leader.announce(head.root, advertised_url(cfg), head.incarnation, cfg.standby, cfg.fsync)
 
     def stop(*_: object) -> None:
         loop.call_soon_threadsafe(head.stopping.set)

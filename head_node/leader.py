@@ -183,11 +183,13 @@ class Leadership:
         await self._drop()
 
 
-def announce(root: Path, url: str, incarnation: str, fsync: bool) -> None:
-    """The active head says who it is, in the shared state dir (read by standbys)."""
+def announce(root: Path, url: str, incarnation: str, standby_group: bool, fsync: bool) -> None:
+    """The active head says who it is, in the shared state dir (read by standbys); ``standby_group``: it was
+    started with ``--standby`` (it fences itself, so standbys may wait on it)."""
     path = root / ACTIVE_FILE
     tmp = path.with_name(f".{ACTIVE_FILE}.tmp")
-    tmp.write_text(json.dumps({"url": url, "epoch_prefix": incarnation[:8], "since": time.time()}))
+    tmp.write_text(json.dumps({"url": url, "epoch_prefix": incarnation[:8], "since": time.time(),
+                               "standby_group": standby_group}))
     replace_file(tmp, path, fsync)
 
 

@@ -253,3 +253,13 @@ def test_a_partitioned_active_head_is_fenced_before_another_serves(heads: Heads,
         _judge(client, jobs, figures)
     log_a = (heads.logs / "head-a.log").read_text(errors="replace")
     assert "leader lock lost" in log_a and "fenced" in log_a
+
+
+def test_a_standby_refuses_to_wait_on_a_head_started_alone(heads: Heads) -> None:
+    """A head without --standby does not fence itself on a partition: a standby beside it could make two."""
+    heads.start_head("head-a", HOSTS[0])
+    heads.wait_health(HOSTS[0], "ok")
+    refused = subprocess.run([sys.executable, *heads.head_args(HOSTS[1], "--standby")], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+    assert refused.returncode == 2, refused.stderr
+    assert "was started without --standby" in refused.stderr and "start every head" in refused.stderr
