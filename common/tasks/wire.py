@@ -37,6 +37,7 @@ TRAIN_KIND: Mapping[str, Mapping[str, Field]] = {
     "eval": ROWS,
     "allreduce": {
         "rank": _INT, "world": _INT, "steps": _INT, "batch_size": _INT, "step": _INT,
+        "counts": Field((list,), items=(int,), max_len=100_000, required=False),
         "lrs": Field((list,), items=(int, float), max_len=100_000),
         "state": Field((str,), choices=frozenset({"sent", "kept"})),
         "optimizer": Field((dict,), fields={"name": Field((str,), choices=frozenset({"sgd", "adam", "adadelta"})),

@@ -74,6 +74,29 @@ def test_trains_where_the_data_lives_exactly_and_no_sample_reaches_the_head(tmp_
     assert stats["bytes_in"] % 8 == 0 and stats["bytes_in"] >= 22 * per_grad
 
 
+def test_allreduce_trains_where_the_data_lives_exactly(tmp_path) -> None:
+    """``--sync allreduce`` on provider data: one group member per shard, each computing the part of every
+    global batch its shard holds (uneven, step by step); the same parameters as one process on the
+    concatenation, and still no sample at the head."""
+    paths = shard_files(tmp_path, cuts=(500, 1100))  # 3 shards of unequal size
+    ref = reference(concatenation(paths), 1)
+    with LocalCluster(0, heartbeat=0.5, threads=1) as cl, Client(cl.url) as c:
+        for p in paths:
+            cl.add_provider("--data", f"digits={p}")
+        cl.wait_ready(3)
+        job = c.submit_train("provider:digits", epochs=1, sync="allreduce", min_providers=3, **PARAMS)
+        view = c.wait(job, timeout=300)
+        c.save_model(job, tmp_path / "model.pt")
+        blobs = [f for f in (cl.state_dir / "blobs").rglob("*") if f.is_file()] \
+            if (cl.state_dir / "blobs").exists() else []
+    assert view["state"] == "done", view
+    diff = max_diff(tmp_path / "model.pt", ref)
+    print(f"allreduce on 3 provider shards (500, 600, {len(DIGITS.x_train) - 1100} samples): max diff {diff:.2e}")
+    assert diff < 1e-5
+    assert blobs == []
+    assert set(view["shares"]) == {"local-0", "local-1", "local-2"}
+
+
 def test_a_lost_shard_is_waited_for_and_the_job_goes_on_when_it_is_back(tmp_path) -> None:
     paths = shard_files(tmp_path)
     ref = reference(concatenation(paths), 1)

@@ -42,7 +42,7 @@ def run_round(sub: Mapping[str, Any], arrays: Sequence[np.ndarray], device: Devi
     others [metrics]; metrics are [loss_sum, samples, correct, compute seconds]."""
     flat = ModelRunner.model(sub, device)
     optimizer = _optimizer(sub, arrays, device, flat)
-    idx = np.asarray(arrays[1], dtype=np.int64).reshape(int(sub["steps"]), -1)
+    idx = _step_indices(sub, np.asarray(arrays[1], dtype=np.int64))
     data = sub["data"]
     x_all, y_all = ModelRunner.data(device, data, "x"), ModelRunner.data(device, data, "y")
     group = _group(sub, device)
@@ -56,7 +56,20 @@ def run_round(sub: Mapping[str, Any], arrays: Sequence[np.ndarray], device: Devi
         raise
 
 
-def _steps(sub: Mapping[str, Any], idx: np.ndarray, device: Device, flat: Any, optimizer: Any, group: Group,
+def _step_indices(sub: Mapping[str, Any], flat: np.ndarray) -> list[np.ndarray]:
+    """This rank's sample indices, step by step: ``counts`` of them each (provider data: however many of each
+    global batch live in this member's shard), else the same number each step."""
+    steps = int(sub["steps"])
+    counts = sub.get("counts")
+    if counts is None:
+        return list(flat.reshape(steps, -1))
+    if len(counts) != steps or sum(counts) != flat.size or min(counts, default=0) < 0:
+        raise TaskError(f"allreduce: counts {counts[:8]}... do not cut {flat.size} indices into {steps} steps")
+    return np.split(flat, np.cumsum(counts)[:-1])
+
+
+def _steps(sub: Mapping[str, Any], idx: Sequence[np.ndarray], device: Device, flat: Any, optimizer: Any,
+           group: Group,
            data: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
     import torch
     import torch.nn.functional as F
@@ -69,7 +82,7 @@ def _steps(sub: Mapping[str, Any], idx: np.ndarray, device: Device, flat: Any, o
         checkpoint(device, k, steps)  # a stopped round stops between steps
         t0 = time.perf_counter()
         flat.zero_grad()
-        if idx.shape[1]:
+        if len(idx[k]):
             x, y = ModelRunner.tensors(device, x_all[idx[k]], y_all[idx[k]])
             out = net(x)
             loss = F.cross_entropy(out, y, reduction="sum")
@@ -84,7 +97,7 @@ def _steps(sub: Mapping[str, Any], idx: np.ndarray, device: Device, flat: Any, o
         with torch.no_grad():
             optimizer.step()
     device.cache[("allreduce-state", sub["job_id"])] = (int(sub["version"]) + 1, optimizer, flat)
-    metrics = np.append(metrics_array(loss_sum, int(idx.size), correct), busy)
+    metrics = np.append(metrics_array(loss_sum, sum(len(i) for i in idx), correct), busy)
     if sub["rank"] != 0:
         return [metrics]
     opt = sub["optimizer"]

@@ -535,25 +535,16 @@ class TrainPlanner(Planner):
         providers = able
         b = self.p["batch_size"]
         k = min(self.p["round_steps"], self.steps_per_epoch - self.step_in_epoch, self.total_steps - self.global_step)
+        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
+        batches = order[self.step_in_epoch * b:(self.step_in_epoch + k) * b].reshape(k, b)
+        if self.shards is not None:
+            return self._shard_allreduce_round(self.shards, providers, batches)
         members = self._membership(providers)
         known = [self._rates.get(w.provider_id) for w in members]
         weights = [r for r in known if r] if all(known) else [w.gflops for w in members]
         counts = proportional_rows(b, weights)
-        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
-        batches = order[self.step_in_epoch * b:(self.step_in_epoch + k) * b].reshape(k, b)
         rid = self._new_round("allreduce", len(members))
-        assert self.round is not None  # set by _new_round above
-        group = f"g{self._generation}.r{rid}"
-        self.round.update(steps=k, group=group)
-        self._round_inputs = (self.flat.parameters_numpy(), export_state(self.optimizer, self.p["optimizer"],
-                                                                          self.p["momentum"]))
-        lrs = self._lr_plan(k)
-        shared = {"world": len(members), "steps": k, "batch_size": b, "step": self.global_step, "lrs": lrs,
-                  "optimizer": {"name": self.p["optimizer"], "momentum": self.p["momentum"],
-                                "weight_decay": self.p["weight_decay"]},
-                  "group": {"port": int(self.rendezvous["port"]), "prefix": self._prefix(),
-                            "backend": _backend(members),
-                            "timeout": float(self.p["collective_timeout"])}}
+        group, shared = self._allreduce_shared(rid, members, k)
         plans, start = [], 0
         for rank, (w, n) in enumerate(zip(members, counts, strict=True)):
             self.idx[rank] = np.ascontiguousarray(batches[:, start:start + n]).reshape(-1)
@@ -561,6 +552,48 @@ class TrainPlanner(Planner):
             sub = {**self._base("allreduce", rid, rank, "train"), **shared, "rank": rank,
                    "state": "kept" if w.provider_id in self._warm else "sent"}
             plans.append(SubtaskPlan(w.provider_id, sub, self._flops(n * k, 3), group=group))
+        return plans
+
+    def _allreduce_shared(self, rid: int, members: Sequence[ProviderSpec], k: int) -> tuple[str, dict[str, Any]]:
+        """The round's group name and the params every member's subtask of it shares."""
+        assert self.round is not None and self.rendezvous is not None  # set by _new_round; checked by the caller
+        group = f"g{self._generation}.r{rid}"
+        self.round.update(steps=k, group=group)
+        self._round_inputs = (self.flat.parameters_numpy(), export_state(self.optimizer, self.p["optimizer"],
+                                                                          self.p["momentum"]))
+        shared = {"world": len(members), "steps": k, "batch_size": self.p["batch_size"], "step": self.global_step,
+                  "lrs": self._lr_plan(k),
+                  "optimizer": {"name": self.p["optimizer"], "momentum": self.p["momentum"],
+                                "weight_decay": self.p["weight_decay"]},
+                  "group": {"port": int(self.rendezvous["port"]), "prefix": self._prefix(),
+                            "backend": _backend(members),
+                            "timeout": float(self.p["collective_timeout"])}}
+        return group, shared
+
+    def _shard_allreduce_round(self, shards: Shards, providers: Sequence[ProviderSpec],
+                               batches: np.ndarray) -> list[SubtaskPlan]:
+        """Provider data: one member per shard (rank = shard number, a ready provider holding it), each computing
+        the part of every global batch that lives in its shard (``counts``: how many samples, step by step, often
+        uneven, possibly 0). The sum over the group is the gradient of the whole batch, as in ``_grad_round``."""
+        holders = shards.holders(providers)
+        chosen = [held[0] for held in holders]  # _shards_ready made sure each shard has one
+        if len({w.provider_id for w in chosen}) < len(chosen):
+            raise ValidationError(f"dataset provider:{shards.name}: a provider holds two of its shards; allreduce "
+                                  "needs one provider per shard")
+        members = self._membership(chosen)
+        rank_of = {w.provider_id: j for j, w in enumerate(chosen)}
+        k = batches.shape[0]
+        rid = self._new_round("allreduce", len(members))
+        group, shared = self._allreduce_shared(rid, members, k)
+        per_step = [dict(shards.split(batch)) for batch in batches]  # shard -> its local indices, each step
+        plans = []
+        for rank, w in enumerate(members):
+            j = rank_of[w.provider_id]
+            parts = [step.get(j, _NO_INDICES) for step in per_step]
+            self.idx[rank] = np.ascontiguousarray(np.concatenate(parts)) if parts else _NO_INDICES
+            sub = {**self._base("allreduce", rid, rank, "train", shards.shards[j].key), **shared, "rank": rank,
+                   "counts": [len(p) for p in parts], "state": "kept" if w.provider_id in self._warm else "sent"}
+            plans.append(SubtaskPlan(w.provider_id, sub, self._flops(int(self.idx[rank].size), 3), group=group))
         return plans
 
     def _membership(self, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
@@ -766,6 +799,9 @@ class TrainPlanner(Planner):
                             "stale_gradients_dropped": self.stale_dropped}}
         return [SaveFile("model.pt", _torch_bytes(self.model.state_dict())),
                 SaveFile("model.json", json.dumps(meta, indent=2).encode())]
+
+
+_NO_INDICES = np.zeros(0, dtype=np.int64)
 
 
 def _compare_metrics(a: np.ndarray, b: np.ndarray) -> str | None:

@@ -60,9 +60,9 @@ class TrainTask(TaskType):
             check_name(local)
             if inputs:
                 raise ValidationError(f"a train job on dataset provider:{local} takes no inputs")
-            if p["sync"] != "sync":
-                raise ValidationError(f"dataset provider:{local} trains with --sync sync (the parameter server); "
-                                      f"{p['sync']} is not supported on the providers' own data yet")
+            if p["sync"] not in ("sync", "allreduce"):
+                raise ValidationError(f"dataset provider:{local} trains with --sync sync (the parameter server) or "
+                                      f"allreduce; {p['sync']} is not supported on the providers' own data yet")
             return {}
         if set(inputs) != set(self.inputs):
             raise ValidationError(f"train needs inputs {list(self.inputs)}")
