@@ -87,3 +87,28 @@ def test_shards_of_different_shapes_do_not_make_a_dataset() -> None:
 def test_provider_dataset_names() -> None:
     assert provider_dataset({"dataset": "provider:digits"}) == "digits"
     assert provider_dataset({"dataset": "digits"}) is None and provider_dataset({}) is None
+
+
+def test_an_allreduce_member_cuts_its_indices_by_the_counts_of_each_step() -> None:
+    from common.errors import TaskError
+    from common.tasks.train.collective import _step_indices
+
+    flat = np.arange(7, dtype=np.int64)
+    steps = _step_indices({"steps": 3, "counts": [3, 0, 4]}, flat)
+    assert [s.tolist() for s in steps] == [[0, 1, 2], [], [3, 4, 5, 6]]
+    assert [s.tolist() for s in _step_indices({"steps": 2}, np.arange(4, dtype=np.int64))] == [[0, 1], [2, 3]]
+    for bad in ([3, 3], [3, 0, 3], [8, -1, 0]):
+        with pytest.raises(TaskError, match="do not cut"):
+            _step_indices({"steps": len(bad), "counts": bad}, flat)
+
+
+@pytest.mark.parametrize(("sync", "ok"), [("sync", True), ("allreduce", True), ("async", False), ("local-sgd", False)])
+def test_provider_data_trains_with_sync_or_allreduce(sync: str, ok: bool) -> None:
+    from common.tasks.train.task import TrainTask
+
+    params = {"dataset": "provider:digits", "model": "cnn", "sync": sync}
+    if ok:
+        assert TrainTask().validate(params, {}) == {}
+    else:
+        with pytest.raises(ValidationError, match=f"{sync} is not supported on the providers' own data"):
+            TrainTask().validate(params, {})
