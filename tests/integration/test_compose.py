@@ -937,8 +937,10 @@ def test_compose_stack_end_to_end(tmp_path: Path) -> None:
             t0 = time.monotonic()
             dcf("nodes")
             timings["one CLI container"] = time.monotonic() - t0
-            report = dcf("submit", "matmul", "--size", "512", "--seed", "3", "--check")
-            timings["matmul 512"] = time.monotonic() - t0
+            # 1024: 2 GFLOP, ~14 ms over two ~70 GFLOP/s providers, well above the 2 ms a share must
+            # hold (common/tasks/rows.py MIN_SHARE_SECONDS); at 512 the job can go to one provider alone
+            report = dcf("submit", "matmul", "--size", "1024", "--seed", "3", "--check")
+            timings["matmul 1024"] = time.monotonic() - t0
             assert report["state"] == "done" and report["check"] is True, report
             assert len(report["shares"]) == 2, report
             jobs = [report["job_id"]]
