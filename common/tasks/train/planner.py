@@ -46,7 +46,7 @@ from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile,
 from ..rows import proportional_rows, provider_shares
 from . import models
 from .datasets import content_hash
-from .optim import export_state, import_state, make_optimizer
+from .optim import export_state, import_state, make_optimizer, state_keys
 from .params import train_params
 from .shards import Shards, provider_dataset
 from .task import TrainTask
@@ -117,6 +117,7 @@ class TrainPlanner(Planner):
             self.shards = Shards.from_record(self.local_name, json.loads(self._saved["shards"]))
         self._shard_wait_since: float | None = None
         self.round: dict[str, Any] | None = None
+        self.ahead: dict[str, Any] | None = None  # allreduce: the round planned to run right after it
         self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
         self._async_out: dict[int, tuple[str, int, int]] = {}  # async: shard -> (provider, batch number, version)
@@ -128,7 +129,6 @@ class TrainPlanner(Planner):
         self._generation = 0
         self._warm: frozenset[str] = frozenset()
         self._rates: dict[str, float] = {}
-        self._round_inputs: tuple[np.ndarray, list[np.ndarray]] | None = None
         self._abandoned_in_a_row = 0
         self._regroup_after: float | None = None
         self.regroups = 0
@@ -222,11 +222,12 @@ class TrainPlanner(Planner):
             self.started = now
         if self.p["sync"] == "async":
             return self._plan_async(providers, outstanding, now)
-        if self.round is not None:
-            if len(self.round["parts"]) < self.round["expect"]:
-                return []
+        while self.round is not None and len(self.round["parts"]) >= self.round["expect"]:
             self._finish_round(now)
+            self.round, self.ahead = self.ahead, None  # the round planned ahead is now the one in flight
         self._checkpoint_if_due()
+        if self.round is not None:
+            return self._plan_ahead(providers) if self.p["sync"] == "allreduce" else []
         if self.finished:
             return []
         if self.step_in_epoch >= self.steps_per_epoch:
@@ -338,9 +339,10 @@ class TrainPlanner(Planner):
         if self.p["sync"] == "async" and sub["kind"] == "grad":
             self._merge_async(sub, arrays, now)
             return
-        if self.round is None or sub["round"] != self.round["id"]:
-            return  # a result of a round already closed (duplicate): ignore
-        self.round["parts"][sub["shard"]] = arrays
+        rnd = self._open_round(sub["round"])
+        if rnd is None:
+            return  # a result of a round already closed (duplicate) or abandoned: ignore
+        rnd["parts"][sub["shard"]] = arrays
 
     # ---- sync ---------------------------------------------------------------------------------
     def _shards(self, providers: Sequence[ProviderSpec], count: int) -> list[tuple[ProviderSpec, int]]:
@@ -516,7 +518,8 @@ class TrainPlanner(Planner):
     # ---- allreduce --------------------------------------------------------------------------------
     def _allreduce_round(self, providers: Sequence[ProviderSpec], now: float) -> list[SubtaskPlan]:
         """One round: ``round_steps`` global batches (never past the epoch), each split over the group by
-        measured speed; the members run them together (collective.py) and rank 0 sends the state back."""
+        measured speed; the members run them together (collective.py) and rank 0 sends the state back. The
+        round after it is planned at once (``_plan_ahead``)."""
         if self.rendezvous is None:
             raise ValidationError("allreduce needs the head's training rendezvous, and this head gave none")
         if self._regroup_after is not None:
@@ -532,69 +535,90 @@ class TrainPlanner(Planner):
                 self._waiting = ("waiting for a provider that can join an allreduce group: torch.distributed is "
                                  f"unavailable on {', '.join(w.provider_id[:8] for w in providers)}")
             return []
-        providers = able
-        b = self.p["batch_size"]
-        k = min(self.p["round_steps"], self.steps_per_epoch - self.step_in_epoch, self.total_steps - self.global_step)
-        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
-        batches = order[self.step_in_epoch * b:(self.step_in_epoch + k) * b].reshape(k, b)
         if self.shards is not None:
-            return self._shard_allreduce_round(self.shards, providers, batches)
-        members = self._membership(providers)
-        known = [self._rates.get(w.provider_id) for w in members]
-        weights = [r for r in known if r] if all(known) else [w.gflops for w in members]
-        counts = proportional_rows(b, weights)
-        rid = self._new_round("allreduce", len(members))
-        group, shared = self._allreduce_shared(rid, members, k)
-        plans, start = [], 0
-        for rank, (w, n) in enumerate(zip(members, counts, strict=True)):
-            self.idx[rank] = np.ascontiguousarray(batches[:, start:start + n]).reshape(-1)
-            start += n
-            sub = {**self._base("allreduce", rid, rank, "train"), **shared, "rank": rank,
-                   "state": "kept" if w.provider_id in self._warm else "sent"}
-            plans.append(SubtaskPlan(w.provider_id, sub, self._flops(n * k, 3), group=group))
+            members, shard_of = self._shard_members(self.shards, able)
+        else:
+            members, shard_of = self._membership(able), None
+        self.round, plans = self._allreduce_plan(members, shard_of, self.global_step * 10 + 1, ahead=False)
+        return [*plans, *self._plan_ahead(able)]
+
+    def _plan_ahead(self, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
+        """Pipelined rounds: while a round runs, the group's next round of the same epoch is already out. A
+        provider runs its subtasks in order, so every member starts it the moment it ends the round before,
+        from the state that round left it (``kept``): the head's merge of one round and its planning of the
+        next are off the members' path. Not past an epoch's end (the eval round scores the parameters the
+        last round of the epoch returns), and only while every member is still ready. If either round is
+        abandoned, both are (``abandoned``): the later one starts from the state the earlier one leaves."""
+        rnd = self.round
+        if self.ahead is not None or rnd is None or rnd["kind"] != "allreduce":
+            return []
+        step, in_epoch = self.global_step + rnd["steps"], self.step_in_epoch + rnd["steps"]
+        ready = {w.provider_id: w for w in providers}
+        if in_epoch >= self.steps_per_epoch or step >= self.total_steps or not set(rnd["members"]) <= set(ready):
+            return []
+        members = [ready[pid] for pid in rnd["members"]]
+        self.ahead, plans = self._allreduce_plan(members, rnd["shard_of"], rnd["id"] + 1, ahead=True)
         return plans
 
-    def _allreduce_shared(self, rid: int, members: Sequence[ProviderSpec], k: int) -> tuple[str, dict[str, Any]]:
-        """The round's group name and the params every member's subtask of it shares."""
-        assert self.round is not None and self.rendezvous is not None  # set by _new_round; checked by the caller
+    def _allreduce_plan(self, members: Sequence[ProviderSpec], shard_of: Sequence[int] | None, rid: int,
+                        ahead: bool) -> tuple[dict[str, Any], list[SubtaskPlan]]:
+        """A round of the group ``members`` (rank order), starting where the round in flight ends (``ahead``)
+        or where the head's state is. ``shard_of``: provider data, each member's shard (rank r computes the part
+        of every global batch in shard ``shard_of[r]``, ``counts`` of them each step, often uneven, possibly 0;
+        the sum over the group is the gradient of the whole batch, as in ``_grad_round``); else the job's
+        uploaded data, each global batch split by measured speed."""
+        assert self.rendezvous is not None  # checked by _allreduce_round
+        skip = self.round["steps"] if ahead and self.round is not None else 0
+        b, step, in_epoch = self.p["batch_size"], self.global_step + skip, self.step_in_epoch + skip
+        k = min(self.p["round_steps"], self.steps_per_epoch - in_epoch, self.total_steps - step)
+        order = epoch_order(self.p["seed"], self.epoch, self.n_train)
+        batches = order[in_epoch * b:(in_epoch + k) * b].reshape(k, b)
+        states = ["kept" if ahead or w.provider_id in self._warm else "sent" for w in members]
         group = f"g{self._generation}.r{rid}"
-        self.round.update(steps=k, group=group)
-        self._round_inputs = (self.flat.parameters_numpy(), export_state(self.optimizer, self.p["optimizer"],
-                                                                          self.p["momentum"]))
-        shared = {"world": len(members), "steps": k, "batch_size": self.p["batch_size"], "step": self.global_step,
-                  "lrs": self._lr_plan(k),
+        rnd: dict[str, Any] = {
+            "id": rid, "kind": "allreduce", "expect": len(members), "parts": {}, "steps": k, "group": group,
+            "members": tuple(w.provider_id for w in members), "shard_of": shard_of, "idx": {},
+            "inputs": (self.flat.parameters_numpy(), export_state(self.optimizer, self.p["optimizer"],
+                                                                  self.p["momentum"])) if "sent" in states else None}
+        shared = {"world": len(members), "steps": k, "batch_size": b, "step": step,
+                  "version": self.version + (1 if ahead else 0), "lrs": self._lr_plan(k, skip),
                   "optimizer": {"name": self.p["optimizer"], "momentum": self.p["momentum"],
                                 "weight_decay": self.p["weight_decay"]},
                   "group": {"port": int(self.rendezvous["port"]), "prefix": self._prefix(),
-                            "backend": _backend(members),
-                            "timeout": float(self.p["collective_timeout"])}}
-        return group, shared
+                            "backend": _backend(members), "timeout": float(self.p["collective_timeout"])}}
+        if shard_of is None:
+            known = [self._rates.get(w.provider_id) for w in members]
+            weights = [r for r in known if r] if all(known) else [w.gflops for w in members]
+            cuts = np.cumsum([0, *proportional_rows(b, weights)])
+            parts = [[batch[cuts[r]:cuts[r + 1]] for batch in batches] for r in range(len(members))]
+        else:
+            assert self.shards is not None
+            per_step = [dict(self.shards.split(batch)) for batch in batches]  # shard -> its local indices
+            parts = [[s.get(shard_of[r], _NO_INDICES) for s in per_step] for r in range(len(members))]
+        plans = []
+        for rank, w in enumerate(members):
+            rnd["idx"][rank] = np.ascontiguousarray(np.concatenate(parts[rank]))
+            if shard_of is None:
+                sub = self._base("allreduce", rid, rank, "train")
+            else:
+                assert self.shards is not None
+                sub = {**self._base("allreduce", rid, rank, "train", self.shards.shards[shard_of[rank]].key),
+                       "counts": [len(p) for p in parts[rank]]}
+            sub.update(shared, rank=rank, state=states[rank])
+            plans.append(SubtaskPlan(w.provider_id, sub, self._flops(int(rnd["idx"][rank].size), 3), group=group))
+        return rnd, plans
 
-    def _shard_allreduce_round(self, shards: Shards, providers: Sequence[ProviderSpec],
-                               batches: np.ndarray) -> list[SubtaskPlan]:
-        """Provider data: one member per shard (rank = shard number, a ready provider holding it), each computing
-        the part of every global batch that lives in its shard (``counts``: how many samples, step by step, often
-        uneven, possibly 0). The sum over the group is the gradient of the whole batch, as in ``_grad_round``."""
+    def _shard_members(self, shards: Shards, providers: Sequence[ProviderSpec]) -> tuple[list[ProviderSpec],
+                                                                                        list[int]]:
+        """Provider data: one member per shard (a ready provider holding it), and each member's shard."""
         holders = shards.holders(providers)
         chosen = [held[0] for held in holders]  # _shards_ready made sure each shard has one
         if len({w.provider_id for w in chosen}) < len(chosen):
             raise ValidationError(f"dataset provider:{shards.name}: a provider holds two of its shards; allreduce "
                                   "needs one provider per shard")
         members = self._membership(chosen)
-        rank_of = {w.provider_id: j for j, w in enumerate(chosen)}
-        k = batches.shape[0]
-        rid = self._new_round("allreduce", len(members))
-        group, shared = self._allreduce_shared(rid, members, k)
-        per_step = [dict(shards.split(batch)) for batch in batches]  # shard -> its local indices, each step
-        plans = []
-        for rank, w in enumerate(members):
-            j = rank_of[w.provider_id]
-            parts = [step.get(j, _NO_INDICES) for step in per_step]
-            self.idx[rank] = np.ascontiguousarray(np.concatenate(parts)) if parts else _NO_INDICES
-            sub = {**self._base("allreduce", rid, rank, "train", shards.shards[j].key), **shared, "rank": rank,
-                   "counts": [len(p) for p in parts], "state": "kept" if w.provider_id in self._warm else "sent"}
-            plans.append(SubtaskPlan(w.provider_id, sub, self._flops(int(self.idx[rank].size), 3), group=group))
-        return plans
+        shard_of = {w.provider_id: j for j, w in enumerate(chosen)}
+        return members, [shard_of[w.provider_id] for w in members]
 
     def _membership(self, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
         """The group, in rank order: the same as last round while the same providers are ready (ranks keep,
@@ -612,15 +636,16 @@ class TrainPlanner(Planner):
         seed = f"{self.rendezvous['secret']}:{self.job_id}:{self._generation}"
         return hashlib.sha256(seed.encode()).hexdigest()[:32]
 
-    def _lr_plan(self, steps: int) -> list[float]:
-        """The learning rate of each of the next ``steps`` steps (the schedule is not moved on by this)."""
+    def _lr_plan(self, steps: int, skip: int = 0) -> list[float]:
+        """The learning rate of each of ``steps`` steps, ``skip`` steps from now (the schedule is not moved on)."""
         groups = self.optimizer.param_groups
         if self.scheduler is None or self.p["schedule"] != "cosine":
             return [float(groups[0]["lr"])] * steps
         saved, lr0 = self.scheduler.state_dict(), [g["lr"] for g in groups]
         lrs = []
-        for _ in range(steps):
-            lrs.append(float(groups[0]["lr"]))
+        for i in range(skip + steps):
+            if i >= skip:
+                lrs.append(float(groups[0]["lr"]))
             self._scheduler_step()
         self.scheduler.load_state_dict(saved)
         for g, lr in zip(groups, lr0, strict=True):
@@ -632,12 +657,20 @@ class TrainPlanner(Planner):
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
 
+    def _open_round(self, round_id: int) -> dict[str, Any] | None:
+        """The round in flight (or the one planned ahead of it) with this id."""
+        return next((r for r in (self.round, self.ahead) if r is not None and r["id"] == round_id), None)
+
     def _allreduce_inputs(self, sub: Mapping[str, Any]) -> list[np.ndarray]:
-        assert self._round_inputs is not None  # planned with its round
-        params, state = self._round_inputs
+        rnd = self._open_round(sub["round"])
+        if rnd is None:
+            raise TaskError(f"allreduce round {sub['round']} is no longer open")
+        idx = rnd["idx"][sub["shard"]]
         if sub["state"] == "kept":  # it holds them: only its sample indices travel
-            return [_EMPTY, self.idx[sub["shard"]], *[_EMPTY for _ in state]]
-        return [params, self.idx[sub["shard"]], *state]
+            return [_EMPTY, idx, *[_EMPTY for _ in state_keys(self.p["optimizer"], self.p["momentum"])]]
+        assert rnd["inputs"] is not None  # a round with a member sent the state holds it
+        params, state = rnd["inputs"]
+        return [params, idx, *state]
 
     def _finish_allreduce(self, parts: Sequence[Sequence[np.ndarray]], now: float) -> None:
         """Rank 0's parameters and optimizer state become the head's; every member's speed is learned."""
@@ -651,22 +684,20 @@ class TrainPlanner(Planner):
             for _ in range(steps):
                 self._scheduler_step()
         self._new_version()
-        for pid, part in zip(self._members, parts, strict=True):
+        for pid, part in zip(self.round["members"], parts, strict=True):
             samples, busy = float(part[-1][1]), float(part[-1][3])
             if samples > 0 and busy > 0:
                 rate = samples / busy
                 old = self._rates.get(pid)
                 self._rates[pid] = rate if old is None else RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
-        self._warm = frozenset(self._members)
+        self._warm = frozenset(self.round["members"])
         self._abandoned_in_a_row = 0
-        self._round_inputs = None
 
     def abandoned(self, group: str, why: str, now: float) -> None:
-        if self.round is None or self.round.get("group") != group:
+        if not any(r is not None and r.get("group") == group for r in (self.round, self.ahead)):
             return
-        self.round = None
+        self.round = self.ahead = None  # the round ahead starts from the state the abandoned one leaves
         self.idx.clear()
-        self._round_inputs = None
         self._members, self._warm = (), frozenset()
         self.regroups += 1
         self._abandoned_in_a_row += 1
