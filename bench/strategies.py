@@ -2,6 +2,7 @@
 """Benchmark: the training strategies compared in one run (issue 12, item 5).
 
     .venv/bin/python bench/strategies.py [--anchors ../shared/anchors] [--rate 100e6] [--png curves.png]
+        [--repeats 3] [--only sync,allreduce]
 
 sync (parameter server), allreduce, async and local-SGD on the same data, for two models:
   * the digits CNN (2 providers), with DDP gloo (2 processes, the anchor c_ddp_digits.py) in the same run
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.95, help="test accuracy for time-to-accuracy (CNN)")
     ap.add_argument("--png", type=Path, default=Path("strategies.png"))
     ap.add_argument("--only", default="", help="comma-separated subset of strategies")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each strategy per setup and link, interleaved")
     args = ap.parse_args()
     anchors = args.anchors.resolve() if args.anchors else None
     names = [s for s in STRATEGIES if not args.only or s in args.only.split(",")]
@@ -130,17 +132,24 @@ def main() -> None:
                 # allreduce: rounds of half an epoch (a round that starts an epoch is not timed: an eval round is
                 # before it)
                 half = {"round_steps": max(1, len(ds.x_train) // params["batch_size"] // 2)}
-                for name in names:
-                    extra = {**STRATEGIES[name], **(half if name == "allreduce" else {})}
-                    res = run(c, ds, epochs, {**params, **extra}, args.target, providers)
-                    if name == "allreduce":
-                        res["member_bytes_per_step"] = 2 * (providers - 1) * 4 * size  # ring, all members
-                    results.append((model, link_name, name, res))
-                    print(f"  {link_name:>18} {name:>10}: step {res['step_ms'] or float('nan'):.2f} ms, "
-                          f"wall {res['wall_s']:.2f} s, test acc {res['test_acc']:.4f}, "
-                          f"head link {res['head_bytes_per_step'] / 1e6:.2f} MB/step", flush=True)
-                    if model == "digits CNN" and slow is None and name in ("sync", "allreduce"):
-                        ddp.append(ddp_step_ms(anchors))
+                steps: dict[str, list[float]] = {}
+                for _ in range(args.repeats):  # interleaved: sync, allreduce, ..., sync, allreduce, ...
+                    for name in names:
+                        extra = {**STRATEGIES[name], **(half if name == "allreduce" else {})}
+                        res = run(c, ds, epochs, {**params, **extra}, args.target, providers)
+                        if name == "allreduce":
+                            res["member_bytes_per_step"] = 2 * (providers - 1) * 4 * size  # ring, all members
+                        results.append((model, link_name, name, res))
+                        steps.setdefault(name, []).append(res["step_ms"] or float("nan"))
+                        print(f"  {link_name:>18} {name:>10}: step {res['step_ms'] or float('nan'):.2f} ms, "
+                              f"wall {res['wall_s']:.2f} s, test acc {res['test_acc']:.4f}, "
+                              f"head link {res['head_bytes_per_step'] / 1e6:.2f} MB/step", flush=True)
+                        if model == "digits CNN" and slow is None and name in ("sync", "allreduce"):
+                            ddp.append(ddp_step_ms(anchors))
+                if "sync" in steps and "allreduce" in steps:
+                    pairs = sorted(a / s for a, s in zip(steps["allreduce"], steps["sync"], strict=True))
+                    print(f"  {model}, {link_name}: allreduce step / sync step per interleaved pair: "
+                          f"{', '.join(f'{x:.2f}' for x in pairs)}, median {pairs[len(pairs) // 2]:.2f}", flush=True)
     print("\n| model | link | strategy | step ms | wall s | test acc | s to target | head link MB/step | "
           "member links MB/step |\n|---|---|---|---|---|---|---|---|---|")
     for model, link_name, name, res in results:
