@@ -801,11 +801,18 @@ class ClusterState:
     def _abandon(self, job: Job, group: str, now: float, why: str) -> list[Action]:
         """A member of collective ``group`` is gone or failed: the others cannot finish without it. Every
         member still out is told to stop (it stays assigned until it did) and settles as ABANDONED, never
-        merged; the planner hears why and plans the work again."""
+        merged; the planner hears why and plans the work again. A group with no member out (abandoned
+        already, with the group it was chained to) is left alone."""
+        actions = self._drop_group(job, group, now, why)
+        if not actions:
+            return []
+        return actions + self._guarded(job, now, partial(self._regroup, job, group, why, now))
+
+    def _drop_group(self, job: Job, group: str, now: float, why: str) -> list[Action]:
+        """Stop and settle every member of ``group`` still out; nothing when none is."""
         actions: list[Action] = []
-        for member in job.subtasks:
-            if member.group != group or member.state.settled:
-                continue
+        out = [m for m in job.subtasks if m.group == group and not m.state.settled]
+        for member in out:
             for pid in dict.fromkeys(member.tried):
                 if self._stop(pid, job, member, now):
                     actions.append(StopSubtasks(pid, job.job_id, member.index))
@@ -814,13 +821,20 @@ class ClusterState:
             member.reported.clear()
             job.partial.pop(member.index, None)
             job.done_count += 1
+        if not out:
+            return []
         self.counters["groups_abandoned"] += 1
         actions.append(GroupAbandoned(job.job_id, group, why))
-        return actions + self._guarded(job, now, partial(self._regroup, job, group, why, now))
+        return actions
 
     def _regroup(self, job: Job, group: str, why: str, now: float) -> list[Action]:
-        job.planner.abandoned(group, why, now)
-        return self._advance(job, now)
+        """The planner hears of the abandoned group; the groups it drops with it (a round planned to start
+        from the abandoned one's state) are abandoned too, then it is asked for work."""
+        actions: list[Action] = []
+        for other in job.planner.abandoned(group, why, now) or ():
+            if other != group:
+                actions += self._drop_group(job, other, now, f"it was to start from group {group}, abandoned: {why}")
+        return actions + self._advance(job, now)
 
     def _fail(self, job: Job, now: float, error: str) -> list[Action]:
         stops = self._finish(job, JobState.FAILED, now, error)

@@ -206,10 +206,12 @@ class Planner(ABC):
         no provider ready; to give up waiting (a timeout), ``plan`` raises a DcfError and the job fails."""
         return None
 
-    def abandoned(self, group: str, why: str, now: float) -> None:
+    def abandoned(self, group: str, why: str, now: float) -> Sequence[str]:
         """A member of subtask ``group`` (``SubtaskPlan.group``) was lost, failed or missed its deadline: the
         head has stopped every member and will merge none of their results; the planner plans the work again
-        (``plan`` is asked next). Raise a DcfError to fail the job instead. The default fails it."""
+        (``plan`` is asked next). It returns the other groups still out that it drops with this one (e.g. a
+        round planned to start from this one's results): the head stops and abandons those too, without
+        asking again. Raise a DcfError to fail the job instead. The default fails it."""
         raise TaskError(f"subtask group {group} abandoned: {why}")
 
     def summary(self) -> dict[str, Any]:

@@ -117,12 +117,29 @@ def test_abandoning_either_round_drops_both(tmp_path: Path) -> None:
     p = planner(tmp_path, round_steps=1, epochs=1, rows=128)
     a, b = spec(pid="a" * 32), spec(pid="b" * 32)
     now_, ahead = rounds(p.plan([a, b], 0, 0.0))
-    p.abandoned(ahead[0].group or "", "member failed", 1.0)
-    p.abandoned(now_[0].group or "", "member failed", 1.0)  # the other one's members fail too: counted once
+    # the head abandons the group it dropped with it, without asking again; asked anyway, nothing more happens
+    assert p.abandoned(ahead[0].group or "", "member failed", 1.0) == [now_[0].group]
+    assert p.abandoned(now_[0].group or "", "member failed", 1.0) == ()
     assert p.regroups == 1 and p.round is None and p.ahead is None
-    report(p, now_, 1.2)  # a late result of a dropped round is ignored
     again = rounds(p.plan([a, b], 0, 5.0))
     assert [s.params["step"] for s in again[0]] == [0, 0] and {s.params["state"] for s in again[0]} == {"sent"}
+    old_ids = {s.params["round"] for s in now_ + ahead}
+    assert not old_ids & {s.params["round"] for r in again for s in r}  # round ids are never given twice
+    report(p, now_, 5.2)  # a late result of a dropped round fills no slot of the new ones
+    assert p.round is not None and not p.round["parts"] and not (p.ahead or {"parts": {}})["parts"]
+
+
+def test_no_round_is_planned_ahead_when_the_group_would_change(tmp_path: Path) -> None:
+    """A provider ready to join (or a member gone) forms a new group at the next round: none goes out ahead."""
+    p = planner(tmp_path, round_steps=1, epochs=1, rows=128)
+    a, b, c = spec(pid="a" * 32), spec(pid="b" * 32), spec(pid="c" * 32)
+    now_, ahead = rounds(p.plan([a, b], 0, 0.0))
+    report(p, now_, 0.5)
+    assert p.plan([a, b, c], 0, 0.5) == []  # c is ready: nothing ahead of the round in flight
+    report(p, ahead, 1.0)
+    joined = rounds(p.plan([a, b, c], 0, 1.0))[0]  # the next round forms the group of three
+    assert {s.provider_id for s in joined} == {a.provider_id, b.provider_id, c.provider_id}
+    assert {s.params["state"] for s in joined} == {"sent"}
 
 
 def test_too_many_abandoned_rounds_fail_the_job(tmp_path: Path) -> None:

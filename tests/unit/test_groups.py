@@ -33,8 +33,9 @@ class GroupRounds(Planner):
         return [SubtaskPlan(w.provider_id, {"rank": r, "round": self.round}, 1e6, group=group)
                 for r, w in enumerate(providers)]
 
-    def abandoned(self, group: str, why: str, now: float) -> None:
+    def abandoned(self, group: str, why: str, now: float) -> Sequence[str]:
         self.abandons.append((group, why))
+        return ()
 
     def subtask_inputs(self, sub_params: Mapping[str, Any]) -> list[np.ndarray]:
         return []
@@ -127,3 +128,43 @@ def test_the_default_planner_fails_its_job_when_a_group_is_abandoned(cs) -> None
     actions = failed(cs, job.subtasks[0].provider_id or "", job.job_id, 0, 1, cs.incarnation, "boom", True, 2.0)
     assert job.state is st.JobState.FAILED and "abandoned" in (job.error or "")
     assert any(isinstance(a, stimuli.JobFailed) for a in actions)
+
+
+class ChainedRounds(GroupRounds):
+    """Plans two groups at once, the second to start from the first's results (pipelined rounds): abandoning
+    either drops both."""
+
+    def plan(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
+        if outstanding or self.finished:
+            return []
+        first = super().plan(providers, 0, now)
+        return first + super().plan(providers, 0, now)
+
+    def abandoned(self, group: str, why: str, now: float) -> Sequence[str]:
+        self.abandons.append((group, why))
+        n = int(group[1:])
+        return [f"r{n + 1 if n % 2 else n - 1}"]  # its partner: r1 with r2, r3 with r4
+
+
+def test_a_group_the_planner_drops_with_an_abandoned_one_is_stopped_and_abandoned_too(cs) -> None:
+    infos = [make_info() for _ in range(2)]
+    for info in infos:
+        connect(cs, info)
+    job = make_job()
+    job.planner = planner = ChainedRounds(rounds=1)
+    sent = dispatches(cs.handle(stimuli.JobAdded(job), 1.0))
+    assert [s.group for s in job.subtasks] == ["r1", "r1", "r2", "r2"] and len(sent) == 4
+    for sub in job.subtasks:
+        cs.handle(stimuli.SubtaskAcked(sub.tried[0], job.job_id, sub.index, 1, cs.incarnation), 1.1)
+    p0 = job.subtasks[0].tried[0]
+    actions = failed(cs, p0, job.job_id, 0, 1, cs.incarnation, "RuntimeError: Connection closed by peer", True, 2.0)
+    # both groups are settled and their members told to stop; the planner heard once, of the one that failed
+    assert [s.state for s in job.subtasks[:4]] == [SubState.ABANDONED] * 4
+    assert planner.abandons == [("r1", planner.abandons[0][1])]
+    assert {a.group for a in actions if isinstance(a, stimuli.GroupAbandoned)} == {"r1", "r2"}
+    assert {(a.provider_id, a.subtask) for a in actions if isinstance(a, stimuli.StopSubtasks)} >= {
+        (job.subtasks[1].tried[0], 1), (job.subtasks[2].tried[0], 2), (job.subtasks[3].tried[0], 3)}
+    assert cs.counters["groups_abandoned"] == 2
+    # a late result of the dropped group is not merged; the next two groups went out
+    assert not result(cs, job.subtasks[3].tried[0], job.job_id, 3, 1, cs.incarnation, 2.1)
+    assert [s.group for s in job.subtasks[4:]] == ["r3", "r3", "r4", "r4"]

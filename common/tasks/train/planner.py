@@ -118,6 +118,7 @@ class TrainPlanner(Planner):
         self._shard_wait_since: float | None = None
         self.round: dict[str, Any] | None = None
         self.ahead: dict[str, Any] | None = None  # allreduce: the round planned to run right after it
+        self._rounds = 0  # rounds planned so far: the last round id given
         self.idx: dict[int, np.ndarray] = {}  # shard key -> sample indices of subtasks in flight
         self._async_queue: list[int] = []  # async: batch numbers of this epoch still to run
         self._async_out: dict[int, tuple[str, int, int]] = {}  # async: shard -> (provider, batch number, version)
@@ -359,8 +360,15 @@ class TrainPlanner(Planner):
                 "model": self.p["model"], "model_args": self.p["model_args"], "input_shape": self.input_shape,
                 "classes": self.classes, "n_params": self.n_params, "data": ref}
 
+    def _round_id(self) -> int:
+        """A new round's id, never one given before by this planner: a late result of a dropped round can never be
+        taken for one of a later round (a restarted head's planner starts again, but the head drops results of
+        its previous run by their epoch)."""
+        self._rounds += 1
+        return self._rounds
+
     def _new_round(self, kind: str, expect: int) -> int:
-        round_id = (self.round["id"] + 1) if self.round else self.global_step * 10 + 1
+        round_id = self._round_id()
         self.round = {"id": round_id, "kind": kind, "expect": expect, "parts": {}}
         self.idx.clear()
         return round_id
@@ -528,8 +536,7 @@ class TrainPlanner(Planner):
                 return []
             self._regroup_after = None
         self._waiting = None
-        able = list(providers) if providers and _backend(providers) == "nccl" else \
-            [w for w in providers if "gloo" in w.collectives]  # who can join this group
+        able = self._joinable(providers)
         if not able:  # asked while waiting, and nobody is ready (or can join a group)
             if providers:
                 self._waiting = ("waiting for a provider that can join an allreduce group: torch.distributed is "
@@ -539,7 +546,7 @@ class TrainPlanner(Planner):
             members, shard_of = self._shard_members(self.shards, able)
         else:
             members, shard_of = self._membership(able), None
-        self.round, plans = self._allreduce_plan(members, shard_of, self.global_step * 10 + 1, ahead=False)
+        self.round, plans = self._allreduce_plan(members, shard_of, ahead=False)
         return [*plans, *self._plan_ahead(able)]
 
     def _plan_ahead(self, providers: Sequence[ProviderSpec]) -> list[SubtaskPlan]:
@@ -547,20 +554,34 @@ class TrainPlanner(Planner):
         provider runs its subtasks in order, so every member starts it the moment it ends the round before,
         from the state that round left it (``kept``): the head's merge of one round and its planning of the
         next are off the members' path. Not past an epoch's end (the eval round scores the parameters the
-        last round of the epoch returns), and only while every member is still ready. If either round is
-        abandoned, both are (``abandoned``): the later one starts from the state the earlier one leaves."""
+        last round of the epoch returns), and not when the group would change (a member not ready, or a
+        provider ready to join: the next round forms the new group). Either round abandoned drops both
+        (``abandoned``): the later one starts from the state the earlier one leaves."""
         rnd = self.round
         if self.ahead is not None or rnd is None or rnd["kind"] != "allreduce":
             return []
         step, in_epoch = self.global_step + rnd["steps"], self.step_in_epoch + rnd["steps"]
-        ready = {w.provider_id: w for w in providers}
-        if in_epoch >= self.steps_per_epoch or step >= self.total_steps or not set(rnd["members"]) <= set(ready):
+        if in_epoch >= self.steps_per_epoch or step >= self.total_steps:
             return []
+        able = self._joinable(providers)
+        try:
+            wanted = self._holders(self.shards, able) if self.shards is not None else able[: self.p["batch_size"]]
+        except (ValidationError, IndexError):  # a shard without a ready holder: the round in flight decides
+            return []
+        if {w.provider_id for w in wanted} != set(rnd["members"]):
+            return []
+        ready = {w.provider_id: w for w in wanted}
         members = [ready[pid] for pid in rnd["members"]]
-        self.ahead, plans = self._allreduce_plan(members, rnd["shard_of"], rnd["id"] + 1, ahead=True)
+        self.ahead, plans = self._allreduce_plan(members, rnd["shard_of"], ahead=True)
         return plans
 
-    def _allreduce_plan(self, members: Sequence[ProviderSpec], shard_of: Sequence[int] | None, rid: int,
+    def _joinable(self, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
+        """The providers that can join this job's training group (all of them when NCCL would be its backend)."""
+        if providers and _backend(providers) == "nccl":
+            return list(providers)
+        return [w for w in providers if "gloo" in w.collectives]
+
+    def _allreduce_plan(self, members: Sequence[ProviderSpec], shard_of: Sequence[int] | None,
                         ahead: bool) -> tuple[dict[str, Any], list[SubtaskPlan]]:
         """A round of the group ``members`` (rank order), starting where the round in flight ends (``ahead``)
         or where the head's state is. ``shard_of``: provider data, each member's shard (rank r computes the part
@@ -574,6 +595,7 @@ class TrainPlanner(Planner):
         order = epoch_order(self.p["seed"], self.epoch, self.n_train)
         batches = order[in_epoch * b:(in_epoch + k) * b].reshape(k, b)
         states = ["kept" if ahead or w.provider_id in self._warm else "sent" for w in members]
+        rid = self._round_id()
         group = f"g{self._generation}.r{rid}"
         rnd: dict[str, Any] = {
             "id": rid, "kind": "allreduce", "expect": len(members), "parts": {}, "steps": k, "group": group,
@@ -611,14 +633,19 @@ class TrainPlanner(Planner):
     def _shard_members(self, shards: Shards, providers: Sequence[ProviderSpec]) -> tuple[list[ProviderSpec],
                                                                                         list[int]]:
         """Provider data: one member per shard (a ready provider holding it), and each member's shard."""
-        holders = shards.holders(providers)
-        chosen = [held[0] for held in holders]  # _shards_ready made sure each shard has one
-        if len({w.provider_id for w in chosen}) < len(chosen):
-            raise ValidationError(f"dataset provider:{shards.name}: a provider holds two of its shards; allreduce "
-                                  "needs one provider per shard")
+        chosen = self._holders(shards, providers)
         members = self._membership(chosen)
         shard_of = {w.provider_id: j for j, w in enumerate(chosen)}
         return members, [shard_of[w.provider_id] for w in members]
+
+    @staticmethod
+    def _holders(shards: Shards, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
+        """A ready provider holding each shard, in shard order."""
+        chosen = [held[0] for held in shards.holders(providers)]  # _shards_ready made sure each shard has one
+        if len({w.provider_id for w in chosen}) < len(chosen):
+            raise ValidationError(f"dataset provider:{shards.name}: a provider holds two of its shards; allreduce "
+                                  "needs one provider per shard")
+        return chosen
 
     def _membership(self, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
         """The group, in rank order: the same as last round while the same providers are ready (ranks keep,
@@ -693,9 +720,10 @@ class TrainPlanner(Planner):
         self._warm = frozenset(self.round["members"])
         self._abandoned_in_a_row = 0
 
-    def abandoned(self, group: str, why: str, now: float) -> None:
-        if not any(r is not None and r.get("group") == group for r in (self.round, self.ahead)):
-            return
+    def abandoned(self, group: str, why: str, now: float) -> Sequence[str]:
+        rounds = [r for r in (self.round, self.ahead) if r is not None]
+        if not any(r.get("group") == group for r in rounds):
+            return ()
         self.round = self.ahead = None  # the round ahead starts from the state the abandoned one leaves
         self.idx.clear()
         self._members, self._warm = (), frozenset()
@@ -705,6 +733,7 @@ class TrainPlanner(Planner):
             raise TaskError(f"allreduce: {self._abandoned_in_a_row} rounds in a row were abandoned; last: {why}")
         self._regroup_after = now + REGROUP_SETTLE_S
         log.warning("allreduce round abandoned (%s); the group is formed again", why, extra={"job_id": self.job_id})
+        return [r["group"] for r in rounds if r.get("group") not in (None, group)]
 
     # ---- async (bounded staleness) -----------------------------------------------------------
     def _plan_async(self, providers: Sequence[ProviderSpec], outstanding: int, now: float) -> list[SubtaskPlan]:
