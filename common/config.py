@@ -216,7 +216,8 @@ HEAD_OPTIONS = [
            _positive, "> 0"),
     Option("amqp_heartbeat", float, 5.0, "seconds of broker heartbeat timeout on the connection holding the "
            "leader lock (docs/RELIABILITY.md, 'Standby head'): an active head cut off from the broker stops "
-           "dispatching within half of it, and a standby takes over after it (at once when the active head dies)",
+           "dispatching within half of it, and a standby takes over once the broker drops that connection (2-3 "
+           "times it after the last frame; at once when the active head's process dies)",
            lambda v: _positive(v) and v >= 1, ">= 1"),
     Option("standby", _bool, False, "wait as a standby head (needs --amqp-url and the active head's state dir): "
            "answer 'standby, active is X' and become the active head when the one holding the broker's leader "

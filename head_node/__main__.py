@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -27,6 +28,8 @@ T = TypeVar("T")
 #: seconds a head started without --standby tries the broker for the leader lock before it starts without it
 #: (taking it later), so that a broker down at start does not keep its API from answering
 START_LOCK_WAIT_S = 3.0
+#: seconds a standby that got the lock waits for the last active head's health check (one started alone)
+HEALTH_PROBE_S = 2.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,6 +204,7 @@ async def take_the_lead(cfg: config.HeadSettings, sock: socket.socket) -> tuple[
                           f"{lead.lock_name}); start this one with --standby to wait as its standby")
     first = await lead.acquire(patient=False, give_up_after=START_LOCK_WAIT_S)
     if first == "held":
+        await _refuse_beside_a_head_alone(cfg, lead)
         return lead, sock
     alone = active_head(Path(cfg.state_dir))
     if first == "taken" and alone.get("standby_group") is False:
@@ -225,8 +229,36 @@ async def take_the_lead(cfg: config.HeadSettings, sock: socket.socket) -> tuple[
         await asyncio.gather(taking, return_exceptions=True)
         await lead.close()
         raise _Stopped
+    await _refuse_beside_a_head_alone(cfg, lead)
     log.info("standby head taking over as the active head")
     return lead, http_socket(cfg.host, cfg.http_port)  # uvicorn closed the standby's socket
+
+
+async def _refuse_beside_a_head_alone(cfg: config.HeadSettings, lead: Leadership) -> None:
+    """A standby that got the lock while the last active head, started without --standby, still serves (its
+    broker connection dropped, which frees the lock, but such a head does not stop): two heads would dispatch.
+    It lets the lock go and refuses to start (ConfigError) rather than become the second."""
+    last = active_head(Path(cfg.state_dir))
+    url = last.get("url")
+    if last.get("standby_group") is not False or not isinstance(url, str):
+        return
+    if await asyncio.to_thread(_serves_as_active, url):
+        await lead.close()
+        raise ConfigError(f"the active head ({url}) was started without --standby and still serves, though the "
+                          "broker's leader lock was free (its broker connection dropped): this head does not take "
+                          "over beside it; start every head of the group with --standby")
+
+
+def _serves_as_active(url: str) -> bool:
+    """Whether the head at ``url`` answers its health check as an active head (not fenced, not a standby)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/health", timeout=HEALTH_PROBE_S) as resp:
+            doc = json.loads(resp.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("role") == "active"
 
 
 class _Stopped(Exception):  # noqa: N818 (a signal while waiting as a standby: a clean exit)
@@ -278,6 +310,8 @@ async def _serve(cfg: config.HeadSettings) -> bool:
     loop = asyncio.get_running_loop()
     if lead is not None:
         lead.on_lost = head.fence
+        if lead.lost is not None:  # lost while the head was starting: fenced now, not never
+            head.fence(lead.lost)
         leader.announce(head.root, advertised_url(cfg), head.incarnation, cfg.standby, cfg.fsync)
 
     def stop(*_: object) -> None:

@@ -80,6 +80,7 @@ class Leadership:
         self.lost: str | None = None  # why this head may no longer be active, once that is so
         self.on_lost: Callable[[str], None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._probe: asyncio.Future[None] | None = None  # the round trip in flight
 
     # ---- taking the lock --------------------------------------------------------------------------
     async def acquire(self, patient: bool, give_up_after: float | None = None) -> str:
@@ -131,19 +132,32 @@ class Leadership:
         return self.lost is None and self.channel is not None and now - self.confirmed < self.heartbeat / 2
 
     async def _keep(self) -> None:
-        """Round trips on the lock's connection every heartbeat/8; the lease expiring (a partition), or the
-        connection ending, loses the lock."""
+        """Round trips on the lock's connection every heartbeat/8 (one at a time, never cancelled: aiormq closes
+        a channel whose call is cancelled); the lease expiring (a partition), or the connection ending, loses the
+        lock."""
         step = self.heartbeat / 8
         while self.lost is None and self.channel is not None:
-            sent = time.monotonic()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.channel.declare_queue(self.lock_name, passive=True), step)
-                self.confirmed = max(self.confirmed, sent)
-            if self.strict and not self.valid(time.monotonic()):
-                self._lose(f"no answer from the broker for {time.monotonic() - self.confirmed:.1f} s "
+            now = time.monotonic()
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._round_trip(now))
+            if self.strict and not self.valid(now):
+                self._lose(f"no answer from the broker for {now - self.confirmed:.1f} s "
                            f"(the lease is {self.heartbeat / 2:.1f} s)")
                 return
-            await asyncio.sleep(max(0.0, step - (time.monotonic() - sent)))
+            await asyncio.sleep(step)
+
+    async def _round_trip(self, sent: float) -> None:
+        """One passive declare of the lock's queue; a channel that failed (the connection still up: a broker
+        error, not a partition) is replaced, so one bad reply never fences a head whose lock is fine."""
+        try:
+            await self.channel.declare_queue(self.lock_name, passive=True)
+        except Exception as exc:
+            log.debug("leader lock: round trip failed (%s)", exc)
+            if self.lost is None and self.connection is not None and not self.connection.is_closed:
+                with contextlib.suppress(Exception):
+                    self.channel = await self.connection.channel(publisher_confirms=False)
+            return
+        self.confirmed = max(self.confirmed, sent)
 
     def _closed(self, *args: Any) -> None:
         why = f"the broker connection holding the lock ended ({args[1] if len(args) > 1 else 'closed'})"
@@ -177,9 +191,10 @@ class Leadership:
     async def close(self) -> None:
         """Let the lock go (a clean stop: a standby takes it at once)."""
         self.lost = self.lost or "stopped"
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        for task in (self._keeper, self._probe):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._drop()
 
 

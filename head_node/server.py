@@ -426,7 +426,9 @@ class Head:
         self.apply(sm.Tick())
 
     def on_result(self, msg: protocol.Message) -> None:
-        if self.fenced:  # no longer the active head: nothing more is merged or committed
+        if self.fenced or (self.leadership is not None and not self.leadership.valid(time.monotonic())):
+            # no longer (or, on a stale lease, maybe no longer) the active head: nothing is merged or committed;
+            # the subtask's deadline sends it again, to this head's provider or the next head's
             return
         pid = check_id(msg["provider_id"], "provider_id")
         key = (msg["job_id"], msg["subtask"], msg["attempt"], msg["epoch"])

@@ -50,6 +50,9 @@ log = logging.getLogger("dcf.provider")
 
 INLINE_SECONDS = 0.02  # subtasks expected to take less run on the socket thread
 LOOP_WAKEUP_S = 0.5  # the socket loop looks at ``stopping`` at least this often
+#: with several heads (``--head h1,h2``), lost replies in a row before the next head is tried: one stall of the
+#: active head (a long merge) must not send its providers to a standby, which would declare them lost
+HEAD_PATIENCE = 2
 
 
 def runnable_task_types() -> list[str]:
@@ -221,7 +224,7 @@ class ProviderNode:
         lost = pirate.check(now)
         if lost is not None and lost.refused:
             self.session.on_handshake_refused()
-        elif lost is not None and len(self.heads) > 1:
+        elif lost is not None and len(self.heads) > 1 and lost.failures >= HEAD_PATIENCE:
             self._next_head(io, now)
         self._carry_out(self.session.due(now), io, now)
 
@@ -259,9 +262,10 @@ class ProviderNode:
                  " (shares its state dir)" if shared else "", extra={"provider_id": self.provider_id})
 
     def _next_head(self, io: MainSockets, now: float) -> None:
-        """The head in use did not answer: the next of ``--head`` (a standby may have taken over; a standby
-        binds no ZeroMQ port, so it never answers). Every connection moves there, and the request waiting for
-        a reply goes to it; the new head does not know this provider, says so, and it registers again."""
+        """The head in use did not answer ``HEAD_PATIENCE`` times in a row: the next of ``--head`` (a standby
+        may have taken over; a standby binds no ZeroMQ port, so it never answers). Every connection moves
+        there, and the request waiting for a reply goes to it; the new head does not know this provider, says
+        so, and it registers again."""
         self.head = self.heads[(self.heads.index(self.head) + 1) % len(self.heads)]
         self.device.head_host = self.head
         log.warning("trying head %s", self.head, extra={"provider_id": self.provider_id})

@@ -99,6 +99,13 @@ class Channel:
             return reply
         raise AssertionError("unreachable")
 
+    def move_on(self, failed_url: str) -> None:
+        """A request outside this channel (a streamed upload or download) found head ``failed_url`` unreachable,
+        or a standby: the next request goes to the next head, unless another thread moved on already."""
+        if len(self.urls) > 1 and self.url == failed_url:
+            self.close()
+            self._use(self.index + 1)
+
     def _request_one(self, method: str, path: str, body: bytes | None, content_type: str | None,
                      timeout: float | None, headers: Mapping[str, str] | None) -> Reply:
         headers = {**self.headers, **(headers or {})}

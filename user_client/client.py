@@ -177,11 +177,13 @@ class Client:
         fails at once."""
         away = _Reconnecting(self)
         while True:
+            url = self.url
             try:
                 result = call()
             except QueueUnavailable:
                 raise
             except HeadUnreachable as exc:
+                self.channel.move_on(url)  # several heads: a streamed call's head gone or a standby, the next
                 away.pause(exc)
             else:
                 away.back()
