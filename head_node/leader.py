@@ -70,7 +70,7 @@ class Leadership:
     def __init__(self, urls: list[str], queue_name: str, heartbeat: float, strict: bool = True) -> None:
         self.urls = [with_heartbeat(u, heartbeat) for u in urls]
         self.lock_name = f"{queue_name}.leader"
-        self.heartbeat = heartbeat
+        self.heartbeat = float(max(1, round(heartbeat)))  # what the broker is asked for (whole seconds)
         self.strict = strict
         self.node = 0
         self.connection: Any = None
