@@ -105,12 +105,23 @@ ln -sf "$plugin" "$STATE/bin/docker-compose"
 
 # ---- the Docker API: podman system service ---------------------------------------------------
 api_up() { curl -fsS --max-time 5 --unix-socket "$SOCK" http://d/_ping >/dev/null 2>&1; }
+# A service started by an earlier run from its clone keeps that folder as its working directory; once the
+# clone is deleted, every container start through the API fails ("write child: broken pipe": runc's child
+# cannot enter the cwd) while _ping still answers. Such a service is stopped and started again, from /.
+for pid in $(pgrep -f "podman system service .*unix://$SOCK" || true); do
+  if readlink "/proc/$pid/cwd" 2>/dev/null | grep -q "(deleted)$"; then
+    log "podman system service $pid runs in a deleted folder (an earlier run's clone): starting it again"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  fi
+done
 if ! api_up; then
   log "starting podman system service on $SOCK"
   rm -f "$SOCK"
-  # detached (own session, no inherited stdio): it outlives this script, for the next CI run too
-  setsid nohup podman system service --time=0 "unix://$SOCK" </dev/null >"$STATE/service.log" 2>&1 &
-  echo $! >"$STATE/service.pid"
+  # detached (own session, no inherited stdio, working directory /): it outlives this script and this
+  # clone, for the next CI run too; the pid is written by the process that becomes the service
+  setsid sh -c 'cd / && echo $$ >"$1" && exec podman system service --time=0 "unix://$2"' _ \
+    "$STATE/service.pid" "$SOCK" </dev/null >"$STATE/service.log" 2>&1 &
   for _ in $(seq 1 60); do api_up && break; sleep 0.5; done
   api_up || { echo "podman system service did not answer on $SOCK:" >&2; cat "$STATE/service.log" >&2; exit 1; }
 fi
