@@ -123,8 +123,13 @@ def test_wait_timeout_is_also_a_timeout_error():
 class FakeChannel:
     """Answers the client's requests with ``handler(method, path)`` (no network)."""
 
+    url = "http://fake-head"
+
     def __init__(self, handler: Any) -> None:
         self.handler = handler
+
+    def move_on(self, failed_url: str) -> None:
+        pass
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
                 timeout: float | None = None) -> Reply:
