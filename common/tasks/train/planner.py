@@ -228,7 +228,7 @@ class TrainPlanner(Planner):
             self.round, self.ahead = self.ahead, None  # the round planned ahead is now the one in flight
         self._checkpoint_if_due()
         if self.round is not None:
-            return self._plan_ahead(providers) if self.p["sync"] == "allreduce" else []
+            return self._plan_ahead(providers)  # nothing unless an allreduce round is in flight
         if self.finished:
             return []
         if self.step_in_epoch >= self.steps_per_epoch:
@@ -725,7 +725,6 @@ class TrainPlanner(Planner):
         if not any(r.get("group") == group for r in rounds):
             return ()
         self.round = self.ahead = None  # the round ahead starts from the state the abandoned one leaves
-        self.idx.clear()
         self._members, self._warm = (), frozenset()
         self.regroups += 1
         self._abandoned_in_a_row += 1
