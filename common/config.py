@@ -142,6 +142,24 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+#: unit suffixes ``byte_size`` reads (case-insensitive), in bytes
+BYTE_UNITS: Final = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+                     "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """A count of bytes, bare (``1000000``) or with a unit: ``512MB``, ``4GiB``, ``1.5g`` (``BYTE_UNITS``)."""
+    low = str(text).strip().lower().replace("_", "")
+    number = low.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = low[len(number):].strip()
+    if unit not in BYTE_UNITS or not number:
+        raise ValueError(f"not a size in bytes: {text!r}")
+    value = float(number) * BYTE_UNITS[unit]
+    if not math.isfinite(value):
+        raise ValueError(f"not a size in bytes: {text!r}")
+    return int(value)
+
+
 def head_url(text: str) -> str:
     """The head's URL as given, with ``http://`` put in front of a bare ``host:port``."""
     text = str(text).strip()
@@ -276,6 +294,9 @@ PROVIDER_OPTIONS = [
     Option("data", str, "", "datasets this provider holds on its own disk, `NAME=PATH.npz[,NAME=PATH.npz...]` (`X`, "
            "`y`, optionally `X_test`, `y_test`): train jobs with `--dataset provider:NAME` use them where they are, "
            "and no sample leaves this machine"),
+    Option("memory_limit", byte_size, 0, "the most memory this provider offers, in bytes or with a unit (`4GiB`, "
+           "`512MB`); 0: what its device has free. matmul splits to fit it, and allreduce training makes it a "
+           "member only of groups whose model fits it", _non_negative, ">= 0"),
     Option("delay", float, 0.0, "testing and chaos: seconds to sleep before each subtask", _non_negative, ">= 0"),
 ]
 
@@ -467,6 +488,7 @@ class ProviderSettings(Settings):
     curve_secret_key: str
     curve_server_key: str
     data: str
+    memory_limit: int
     delay: float
 
 

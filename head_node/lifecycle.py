@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from common.arrays import from_bytes
 from common.errors import Conflict, DcfError, HeadUnreachable, TooManyJobs, ValidationError
 from common.jobs import JobRecord, JobState
 from common.protocol.batch import MAX_INLINE_BYTES, JobSpec
-from common.tasks import ArrayMeta, Effect, JobContext, Metrics, SaveFile
+from common.tasks import ArrayMeta, Effect, JobContext, Metrics, ProviderSpec, SaveFile
 
 from .entities import Job
 from .events import EventBus
@@ -36,6 +36,8 @@ from .stimuli import Action, JobAdded, JobForgotten
 from .store import BlobStore, JobStore, replace_file
 
 log = logging.getLogger("dcf.head")
+#: the ready providers eligible for a job of (task type, params, inputs): ``ClusterState.ready_for``
+ReadyFor = Callable[[str, Mapping[str, Any], Mapping[str, ArrayMeta]], Sequence[ProviderSpec]]
 #: the longest a retried submission waits for the first one with its idempotency key to be accepted
 REPLAY_WAIT_S = 30.0
 
@@ -71,7 +73,8 @@ class ActiveJob:
 
 class Lifecycle:
     def __init__(self, cfg: config.HeadSettings, root: Path, incarnation: str, blobs: BlobStore, store: JobStore,
-                 queue: JobQueue, events: EventBus, apply: Callable[[Any], list[Action]]) -> None:
+                 queue: JobQueue, events: EventBus, apply: Callable[[Any], list[Action]],
+                 ready_for: ReadyFor) -> None:
         self.cfg = cfg
         self.root = root
         self.incarnation = incarnation
@@ -80,6 +83,7 @@ class Lifecycle:
         self.queue = queue
         self.events = events
         self.apply = apply  # hand a stimulus to the state machine and carry out its actions
+        self.ready_for = ready_for  # the ready providers a job would go to (the state machine's query)
         self.active: dict[str, ActiveJob] = {}
         #: submissions waiting for the broker's confirm -> a delivery of theirs that came first
         self.parked: dict[str, tuple[dict[str, Any], Ack] | None] = {}
@@ -97,6 +101,7 @@ class Lifecycle:
         """Validate every job, persist them, publish them durably; only then return their ids. All or
         nothing: one bad spec, or a queue that does not confirm them all, and none is accepted."""
         replayed = await self._replayed(specs)  # idempotency keys: a retry is its first job, not a new one
+        await self._head_imports({s.type for s in specs})
         records = []
         for i, spec in enumerate(specs):
             if i in replayed:
@@ -135,6 +140,16 @@ class Lifecycle:
             fresh = iter(ids)
             return [replayed[i] if i in replayed else next(fresh) for i in range(len(specs))]
         return ids
+
+    async def _head_imports(self, task_types: set[str]) -> None:
+        """The head-side modules of these task types imported (on a thread, once): a job is checked against the
+        providers with them (``TaskType.cannot_start``). One that fails to import fails its jobs at delivery."""
+        pending = []
+        for name in task_types:
+            if name in tasks.names():
+                pending += [self._import(m) for m in tasks.get(name).head_imports if _installed(m)]
+        if pending:
+            await asyncio.gather(*(asyncio.shield(f) for f in pending))
 
     def _room_for(self, count: int) -> None:
         """TooManyJobs unless the head may hold ``count`` more unfinished jobs (``--max-jobs``): each
@@ -209,10 +224,26 @@ class Lifecycle:
         metas = {name: self.blobs.meta(blob_id) for name, blob_id in spec.blobs.items()}
         metas.update({name: ArrayMeta.of(arr) for name, arr in spec.inline.items()})
         outputs = validate(task, spec.params, metas)
+        self._check_start(task, spec.params, metas)
         inputs = {n: ({"blob": spec.blobs[n]} if n in spec.blobs else {}) | metas[n].to_dict() for n in names}
         return JobRecord(job_id=uuid.uuid4().hex, type=task.name, params=spec.params, inputs=inputs,
                          outputs={n: m.to_dict() for n, m in outputs.items()}, nodes=spec.nodes,
                          created_at=time.time(), inline={n: a.tobytes() for n, a in spec.inline.items()})
+
+    def _check_start(self, task: tasks.TaskType, params: Mapping[str, Any], metas: Mapping[str, ArrayMeta]) -> None:
+        """ValidationError (422) when the job cannot start on the providers ready now because of who they are
+        (``TaskType.cannot_start``, e.g. an allreduce job none of them can join). A plugin's check that breaks
+        is logged and the job accepted: its planner decides when it runs."""
+        try:
+            why = task.cannot_start(params, metas, self.ready_for(task.name, params, metas))
+        except DcfError:
+            raise
+        except Exception:
+            log.exception("task type %s could not check a job against the providers; accepted", task.name)
+            return
+        if why:
+            log.warning("refused a %s job: %s", task.name, why)
+            raise ValidationError(why)
 
     # ---- deliver --------------------------------------------------------------------------
     def deliver(self, message: dict[str, Any], ack: Ack) -> None:

@@ -323,6 +323,8 @@ COUNTER_HELP = {
     "results_disagreed": "Results of a subtask picked by --verify-rate that agreed with no other held of it.",
     "results_outvoted": "Held results two agreeing providers outvoted (--verify-rate): their providers quarantined.",
     "subtasks_stopped": "Subtasks a provider stopped before finishing, when told to (a cancelled or failed job).",
+    "head_pauses": "Scheduler ticks a heartbeat interval late (the head's event loop held up): no timeout is "
+                   "judged for an interval after one, while the head reads what came meanwhile.",
     "groups_abandoned": "Collective subtask groups (allreduce rounds) abandoned because a member was lost or failed.",
     "bytes_in": "Result bytes received from providers over sockets.",
     "bytes_out": "Operand bytes sent to providers over sockets.",

@@ -66,7 +66,7 @@ class Head:
             self.queue.on_state = self._queue_state
             self.queue.on_republish = self._republished
         self.jobs = Lifecycle(cfg, self.root, self.incarnation, self.blobs, self.store, self.queue, self.events,
-                              self.apply)
+                              self.apply, self.state.ready_for)
         self.keys = security.server_keys(cfg)  # None: CURVE off (ConfigError on bad key files)
         self.transport = Transport(cfg, self.keys, known=lambda pid: pid in self.state.providers)
         self.zap: Any = None

@@ -60,7 +60,7 @@ a smaller share of later jobs; subtasks queued behind each other are not charged
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
@@ -68,7 +68,7 @@ from typing import Any
 from common import config, tasks
 from common.errors import Conflict, DcfError, NotFound
 from common.jobs import JobState
-from common.tasks import ProviderSpec, SubtaskPlan
+from common.tasks import ArrayMeta, ProviderSpec, SubtaskPlan
 
 from .entities import CLAIM_TRUST, Job, Lag, Provider, ProviderInfo, Stopping, SubState, Subtask, service_seconds
 from .stimuli import (
@@ -151,6 +151,9 @@ class Timing:
     unhealthy_after: int = 2  # acks missed in a row, nothing heard on the result channel: unhealthy
     retry_max: float = 120.0  # the longest wait of an unhealthy provider before its probation
     stuck_min: float = 5.0  # a straggler's provider finished nothing this long (at least): stuck
+    #: ticks come several times a heartbeat interval (the head's tick loop): one that came later than an interval
+    #: is the head's own pause (``ClusterState._catching_up``). Off where time jumps from tick to tick (tests)
+    detect_pauses: bool = False
 
     @property
     def dead_after(self) -> float:
@@ -159,7 +162,8 @@ class Timing:
     @classmethod
     def of(cls, settings: config.HeadSettings) -> Timing:
         """From the head's settings: every field the settings have (same names) is taken from them."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)},
+                   detect_pauses=True)
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,10 @@ class ClusterState:
             "results_verified": 0,  # subtasks selected by --verify-rate whose result two providers agreed on
             "results_disagreed": 0,  # results of such a subtask that agreed with none held of it
             "results_outvoted": 0,  # held results that two agreeing providers outvoted (their providers quarantined)
+            "head_pauses": 0,  # ticks that came more than a heartbeat interval late (``_catching_up``)
         }
+        self._last_tick: float | None = None  # the time of the last tick, and the end of a catch-up after a pause
+        self._catch_up_until = 0.0
 
     # ---- the one entry -------------------------------------------------------------------
     def handle(self, stimulus: Stimulus, now: float, wall: float | None = None) -> list[Action]:
@@ -878,11 +885,27 @@ class ClusterState:
                                                      ev.incarnation, "the provider stopped it", True), now)
 
     # ---- time ----------------------------------------------------------------------------
+    def _catching_up(self, now: float) -> bool:
+        """True for a heartbeat interval after a tick that came more than an interval late (ticks come several
+        times an interval): no timeout is judged then. Such a gap is the head's own pause, not its providers'
+        silence: its event loop was held up (a slow import holding the GIL, the machine swapping or overloaded),
+        and what the providers sent meanwhile (heartbeats, acks, results) waits unread in its sockets. Judged
+        at once, a pause longer than the timeouts would declare live providers lost and strike subtasks that
+        were acknowledged; as Cassandra's failure detector ignores a local pause, the head first reads what
+        came."""
+        last, self._last_tick = self._last_tick, now
+        if self.timing.detect_pauses and last is not None and now - last > self.timing.heartbeat_interval:
+            self.counters["head_pauses"] += 1
+            self._catch_up_until = now + self.timing.heartbeat_interval
+        return now < self._catch_up_until
+
     def _on_reschedule(self, ev: Reschedule, now: float) -> list[Action]:
         return self._schedule(now)
 
     def _on_tick(self, ev: Tick, now: float) -> list[Action]:
         actions: list[Action] = []
+        if self._catching_up(now):
+            return self._schedule(now)
         for pid, prov in list(self.providers.items()):
             gone = prov.disconnected_at
             if prov.alive and gone is not None and now - gone >= self.timing.disconnect_grace:
@@ -987,10 +1010,26 @@ class ClusterState:
 
     # ---- scheduling ----------------------------------------------------------------------
     def eligible_providers(self, job: Job) -> tuple[list[ProviderSpec], str | None]:
-        task = tasks.get(job.task_type)
+        providers, reasons = self._eligible(job.task_type, job.params, job.inputs)
+        if providers:
+            return providers, None
+        if not reasons:
+            return [], "waiting for providers: none is connected"
+        return [], "waiting for a suitable provider: " + "; ".join(sorted(set(reasons)))
+
+    def ready_for(self, task_type: str, params: Mapping[str, Any],
+                  inputs: Mapping[str, ArrayMeta]) -> list[ProviderSpec]:
+        """The ready providers a job of this type, params and inputs is eligible for, as its planner would see
+        them (a query: it changes nothing)."""
+        return self._eligible(task_type, params, inputs)[0]
+
+    def _eligible(self, task_type: str, params: Mapping[str, Any],
+                  inputs: Mapping[str, ArrayMeta]) -> tuple[list[ProviderSpec], list[str]]:
+        """The ready providers eligible for such a job, in the order it goes to them, and why the others are not."""
+        task = tasks.get(task_type)
         providers: list[ProviderSpec] = []
         reasons: list[str] = []
-        caps = self._claim_caps(job.task_type)
+        caps = self._claim_caps(task_type)
         for prov in self.providers.values():
             if not prov.ready:
                 if prov.alive and prov.subscribed and not prov.draining:  # unhealthy or stuck
@@ -998,21 +1037,17 @@ class ClusterState:
                 continue
             if prov.probation and len(prov.assigned) > len(prov.stopping):  # tried again after being unhealthy:
                 continue  # one subtask at a time (not counting those it was told to stop)
-            if job.task_type not in prov.info.task_types:
-                reasons.append(f"{prov.info.name} lacks task type {job.task_type}")
+            if task_type not in prov.info.task_types:
+                reasons.append(f"{prov.info.name} lacks task type {task_type}")
                 continue
-            provider = prov.spec(job.task_type, None if prov.measured(job.task_type) else caps(prov))
-            why = task.eligible(provider, job.params, job.inputs)
+            provider = prov.spec(task_type, None if prov.measured(task_type) else caps(prov))
+            why = task.eligible(provider, params, inputs)
             if why:
                 reasons.append(why)
                 continue
             providers.append(provider)
         providers.sort(key=self._order)
-        if providers:
-            return providers, None
-        if not reasons:
-            return [], "waiting for providers: none is connected"
-        return [], "waiting for a suitable provider: " + "; ".join(sorted(set(reasons)))
+        return providers, reasons
 
     def _claim_caps(self, task_type: str) -> Callable[[Provider], float | None]:
         """The most an unmeasured provider's own claim of speed may count for: ``CLAIM_TRUST`` times the

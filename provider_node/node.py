@@ -166,12 +166,17 @@ class ProviderNode:
         return f"tcp://{host}:{port}"
 
     # ---- messages -------------------------------------------------------------------------
+    def offered_memory(self) -> int:
+        """The memory reported at registration: what the device has free, at most ``--memory-limit``."""
+        free = self.hardware.available_memory()
+        return min(free, self.cfg.memory_limit) if self.cfg.memory_limit else free
+
     def register_frames(self) -> list[Any]:
         hardware = self.hardware
         return protocol.encode("register", {
             "provider_id": self.provider_id, "name": self.name, "host": socket.gethostname(),
             "os": f"{platform.system()} {platform.release()}", "device_kind": hardware.kind,
-            "device_name": hardware.name, "memory_bytes": hardware.available_memory(),
+            "device_name": hardware.name, "memory_bytes": self.offered_memory(),
             "cores": os.cpu_count() or 1, "task_types": runnable_task_types(), "dtypes": list(hardware.dtypes),
             "version": __version__, "gflops": float(self.gflops), "datasets": local_data.wire(self.local_data),
             "collectives": collectives(hardware.kind)})

@@ -326,6 +326,14 @@ class TaskType(ABC):
             return f"{provider.device_kind} provider does not support {', '.join(sorted(missing))}"
         return None
 
+    def cannot_start(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
+                     providers: Sequence[ProviderSpec]) -> str | None:
+        """Head side, at submission: why this job cannot start on ``providers`` (the ready ones eligible for it),
+        so that it is refused (422) rather than accepted to wait; None (the default): accept it. A job that
+        only waits for more providers to come is accepted: return a reason only when the providers there are
+        the cause."""
+        return None
+
     def check_params(self, sub_params: Mapping[str, Any]) -> None:
         """Provider side, before ``run``: raise ProtocolError unless the params of a subtask received
         over the wire fit this task type's ``params_schema``."""

@@ -400,3 +400,14 @@ def test_reconnect_wait_option():
     assert config.client_settings(["--reconnect-wait", "0"], env={}).reconnect_wait == 0.0
     with pytest.raises(ConfigError, match="DCF_RECONNECT_WAIT"):
         config.client_settings([], env={"DCF_RECONNECT_WAIT": "-1"})
+
+
+def test_memory_limit_reads_bytes_with_units_and_refuses_nonsense():
+    assert config.byte_size("4GiB") == 4 * 2**30 and config.byte_size("512MB") == 512 * 10**6
+    assert config.byte_size("1_000") == 1000 and config.byte_size("1.5g") == 1_500_000_000
+    assert config.provider_settings(["--memory-limit", "2kB"], {}).memory_limit == 2000
+    assert config.provider_settings([], {"DCF_MEMORY_LIMIT": "1MiB"}).memory_limit == 2**20
+    assert config.provider_settings([], {}).memory_limit == 0
+    for bad in ("", "GB", "4XB", "-1", "nan"):
+        with pytest.raises(ConfigError):
+            config.provider_settings(["--memory-limit", bad], {})

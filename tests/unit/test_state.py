@@ -536,6 +536,47 @@ def test_dead_after_three_missed_heartbeats(cs):
     assert cs.handle(stimuli.Tick(), 100.0) == []  # lost once
 
 
+def ticks(cs: ClusterState, start: float, end: float, step: float) -> list:
+    """The head's tick loop from ``start`` to ``end``: what the ticks asked for."""
+    actions, now = [], start
+    while now <= end + 1e-9:
+        actions += cs.handle(stimuli.Tick(), now)
+        now += step
+    return actions
+
+
+def test_the_heads_own_pause_is_not_its_providers_silence():
+    cs = ClusterState(hexid(), Timing(heartbeat_interval=1.0, detect_pauses=True))
+    p, q = make_info(), make_info()
+    connect(cs, p)
+    connect(cs, q)
+    job = make_job(m=4)
+    sent = dispatches(cs.handle(stimuli.JobAdded(job), 0.0))
+    assert not any(isinstance(a, ProviderLost | JobFailed) for a in ticks(cs, 0.25, 1.0, 0.25))
+    # the event loop is held up for 10 s (dead_after 3 s, ack timeout passed): the first tick after it judges
+    # nothing, and for an interval the head reads what waited in its sockets
+    assert cs.handle(stimuli.Tick(), 11.0) == [] and cs.counters["head_pauses"] == 1
+    for s in sent:
+        cs.handle(stimuli.SubtaskAcked(s.provider_id, job.job_id, s.subtask, s.attempt, cs.incarnation), 11.05)
+    heartbeat(cs, p.provider_id, 11.1)
+    heartbeat(cs, q.provider_id, 11.1)
+    assert not any(isinstance(a, ProviderLost | JobFailed) for a in ticks(cs, 11.25, 13.0, 0.25))
+    assert cs.providers[p.provider_id].alive and cs.providers[q.provider_id].alive
+    assert all(sub.attempt == 1 for sub in job.subtasks)  # nothing struck or sent again
+    # a provider that really went silent meanwhile is lost once the catch-up is over
+    heartbeat(cs, p.provider_id, 13.5)
+    lost = [a for a in ticks(cs, 13.25, 14.5, 0.25) if isinstance(a, ProviderLost)]
+    assert lost == [ProviderLost(q.provider_id, len([s for s in sent if s.provider_id == q.provider_id]))]
+
+
+def test_pauses_are_not_detected_where_time_jumps_from_tick_to_tick(cs):
+    p = make_info()
+    connect(cs, p)
+    cs.handle(stimuli.Tick(), 1.0)
+    assert cs.handle(stimuli.Tick(), 100.0) == [ProviderLost(p.provider_id, 0)]
+    assert cs.counters["head_pauses"] == 0
+
+
 def test_dead_provider_leaves_the_table_after_forget_after(cs):
     p, q = make_info(), make_info()
     connect(cs, p)

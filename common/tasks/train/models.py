@@ -37,20 +37,29 @@ def model_names() -> list[str]:
 
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, args: dict[str, Any] | None = None,
                 seed: int | None = None) -> Any:
-    """The model, initialised from ``seed`` (torch.manual_seed) when given."""
+    """The model, sized first (``count_parameters``), initialised from ``seed`` (torch.manual_seed) when given."""
+    import torch
+
+    count_parameters(name, input_shape, n_classes, args)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return _build(name, input_shape, n_classes, args)
+
+
+def count_parameters(name: str, input_shape: Sequence[int], n_classes: int, args: dict[str, Any] | None = None) -> int:
+    """The model's parameter count, sized on torch's ``meta`` device (no memory behind it); ValidationError
+    past ``MAX_PARAMETERS``: a huge model is refused, not allocated."""
     import torch
 
     _load_entry_points()
     if name not in _MODELS:
         raise NotFound(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
-    with torch.device("meta"):  # sized first, with no memory behind it: a huge model is refused, not allocated
+    with torch.device("meta"):
         size = n_parameters(_build(name, input_shape, n_classes, args))
     if size > MAX_PARAMETERS:
         raise ValidationError(f"model {name} with arguments {args or {}} has {size:,} parameters; a job's model may "
                               f"have at most {MAX_PARAMETERS:,}")
-    if seed is not None:
-        torch.manual_seed(seed)
-    return _build(name, input_shape, n_classes, args)
+    return size
 
 
 def _build(name: str, input_shape: Sequence[int], n_classes: int, args: dict[str, Any] | None) -> Any:

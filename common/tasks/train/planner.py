@@ -46,6 +46,7 @@ from ..base import Effect, JobContext, Metrics, Planner, ProviderSpec, SaveFile,
 from ..rows import proportional_rows, provider_shares
 from . import models
 from .datasets import content_hash
+from .members import backend, joinable, member_bytes
 from .optim import export_state, import_state, make_optimizer, state_keys
 from .params import train_params
 from .shards import Shards, provider_dataset
@@ -177,6 +178,7 @@ class TrainPlanner(Planner):
         self.classes = self._classes(*labels)
         self.model = self._model(sample)
         self.n_params = models.n_parameters(self.model)
+        self.member_bytes = member_bytes(self.n_params, self.p["optimizer"], self.p["momentum"])
         self.steps_per_epoch = self.n_train // self.p["batch_size"]
         self.total_steps = self.p["epochs"] * self.steps_per_epoch
         # parameters and gradients are views into flat buffers: a step copies the gradient in once
@@ -536,11 +538,10 @@ class TrainPlanner(Planner):
                 return []
             self._regroup_after = None
         self._waiting = None
-        able = self._joinable(providers)
+        able, why = joinable(providers, self.member_bytes)
         if not able:  # asked while waiting, and nobody is ready (or can join a group)
-            if providers:
-                self._waiting = ("waiting for a provider that can join an allreduce group: torch.distributed is "
-                                 f"unavailable on {', '.join(w.provider_id[:8] for w in providers)}")
+            if why:
+                self._waiting = "waiting for a provider that can join an allreduce group: " + "; ".join(why)
             return []
         if self.shards is not None:
             members, shard_of = self._shard_members(self.shards, able)
@@ -576,10 +577,8 @@ class TrainPlanner(Planner):
         return plans
 
     def _joinable(self, providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:
-        """The providers that can join this job's training group (all of them when NCCL would be its backend)."""
-        if providers and _backend(providers) == "nccl":
-            return list(providers)
-        return [w for w in providers if "gloo" in w.collectives]
+        """The providers that can join this job's training group (members.py)."""
+        return joinable(providers, self.member_bytes)[0]
 
     def _allreduce_plan(self, members: Sequence[ProviderSpec], shard_of: Sequence[int] | None,
                         ahead: bool) -> tuple[dict[str, Any], list[SubtaskPlan]]:
@@ -607,7 +606,7 @@ class TrainPlanner(Planner):
                   "optimizer": {"name": self.p["optimizer"], "momentum": self.p["momentum"],
                                 "weight_decay": self.p["weight_decay"]},
                   "group": {"port": int(self.rendezvous["port"]), "prefix": self._prefix(),
-                            "backend": _backend(members), "timeout": float(self.p["collective_timeout"])}}
+                            "backend": backend(members), "timeout": float(self.p["collective_timeout"])}}
         if shard_of is None:
             known = [self._rates.get(w.provider_id) for w in members]
             weights = [r for r in known if r] if all(known) else [w.gflops for w in members]
@@ -876,13 +875,6 @@ def _compare_metrics(a: np.ndarray, b: np.ndarray) -> str | None:
     if abs(correct_a - correct_b) > max(1.0, CORRECT_SLACK * n_a):
         return f"{correct_a:g} of {n_a:g} samples right against {correct_b:g}"
     return None
-
-
-def _backend(members: Sequence[ProviderSpec]) -> str:
-    """NCCL when every member is CUDA and has it, else gloo (mixed devices meet on the CPU)."""
-    if all(w.device_kind == "cuda" and "nccl" in w.collectives for w in members):
-        return "nccl"
-    return "gloo"
 
 
 def _torch_bytes(obj: Any) -> bytes:

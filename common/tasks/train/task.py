@@ -27,7 +27,7 @@ from ..registry import register
 from .optim import state_keys
 from .params import check_dataset, metrics_array, train_params
 from .runner import ModelRunner, has_torch
-from .shards import check_name, provider_dataset
+from .shards import Shards, check_name, provider_dataset
 
 
 class TrainTask(TaskType):
@@ -78,6 +78,30 @@ class TrainTask(TaskType):
         # float32 everywhere, gradients come back as CPU float32; on the providers' own data, the planner picks
         # the providers holding it (and says what it waits for when none does: a start timeout applies)
         return None
+
+    def cannot_start(self, params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta],
+                     providers: Sequence[ProviderSpec]) -> str | None:
+        """An allreduce job none of whose ready providers can join its group (members.py): without
+        torch.distributed, or without the memory its model needs on each member (sized on torch's meta device,
+        with at least 2 classes when ``classes`` is not given: the labels are not read at submission)."""
+        p = train_params(params)
+        local = provider_dataset(p)
+        if local is not None:
+            providers = [w for w in providers if any(d.name == local for d in w.datasets)]
+        if p["sync"] != "allreduce" or not providers:
+            return None
+        from .members import member_bytes, refusal
+
+        shards = None
+        try:
+            shards = Shards.found(local, providers) if local is not None else None
+            shape = shards.shape if shards is not None else list(inputs["x"].shape[1:])
+        except (ValidationError, KeyError):  # shards that do not fit together fail the job when it starts
+            return refusal(providers, 0, p["min_providers"], shards)
+        from .models import count_parameters
+
+        n_params = count_parameters(p["model"], shape, p["classes"] or 2, p["model_args"])
+        return refusal(providers, member_bytes(n_params, p["optimizer"], p["momentum"]), p["min_providers"], shards)
 
     def fits(self, provider: ProviderSpec, sub_params: Mapping[str, Any], inputs: Mapping[str, ArrayMeta]) -> bool:
         """A subtask on a provider's own data goes only to a provider holding that data (a replica)."""
