@@ -25,7 +25,7 @@ class ArrayMeta:
 
     @classmethod
     def of(cls, arr: np.ndarray) -> ArrayMeta:
-        return cls(arr.dtype.name, tuple(int(d) for d in arr.shape))
+        return cls(arr.dtype.name, arr.shape)  # numpy's shape is a tuple of Python ints
 
 
 def from_bytes(meta: dict[str, Any], data: bytes) -> np.ndarray:

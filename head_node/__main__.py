@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -138,6 +139,21 @@ def announce_security(cfg: config.HeadSettings, defaults: security.Defaults | No
         ]
     lines.append("  opt out (trusted network only): --insecure")
     log.info("%s", "\n".join(lines))
+
+
+#: the cyclic garbage collector's thresholds on a running head (CPython's default: 700, 10, 10). Each job makes
+#: a few hundred objects, nearly all freed by reference counting; with the defaults a head holding 10,000 tiny
+#: jobs spent about 1 s of CPU in 12 full collections of 66 ms (bench/tasks.py, 11,000 jobs): about 9% of its
+#: time per job. With these, and what start-up made frozen out of the collector's view, 0.28 s.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """What start-up made (modules, settings, recovered jobs) moved out of the collector's view, and the
+    thresholds raised (``GC_THRESHOLDS``): cycles are still collected, a few times less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -307,6 +323,7 @@ async def _serve(cfg: config.HeadSettings) -> bool:
         raise
     announce_security(cfg, defaults)
     server = _Server.make(FastFront(create_app(head), head), cfg)
+    tune_gc()
     loop = asyncio.get_running_loop()
     if lead is not None:
         lead.on_lost = head.fence

@@ -134,8 +134,8 @@ class Lifecycle:
             self.events.emit("job.accepted", job_id=record.job_id, type=record.type)
         for job_id in ids:
             early = self.parked.pop(job_id, None)
-            if early is not None:
-                self.deliver(*early)
+            if early is not None:  # just accepted: neither held nor ended (no look at its row)
+                self._enter(*early)
         if replayed:
             fresh = iter(ids)
             return [replayed[i] if i in replayed else next(fresh) for i in range(len(specs))]
@@ -259,6 +259,12 @@ class Lifecycle:
         if row is not None and JobState(row["state"]).terminal:
             asyncio.ensure_future(ack())
             return
+        self._enter(message, ack)
+
+    def _enter(self, message: dict[str, Any], ack: Ack) -> None:
+        """A delivered job that is not held yet nor ended (``deliver`` looked; a job this head has just accepted
+        is neither) enters the scheduler, once the modules its task type needs on the head are imported."""
+        job_id = message["job_id"]
         try:
             task = tasks.get(message["type"])
         except DcfError as exc:
