@@ -172,6 +172,9 @@ class Provider:
     queued: int = 0
     #: entries of its last heartbeat's ``running`` (queued or running), where the head read it; None: not read
     held: int | None = None
+    #: task type -> the last ``spec`` made for it, reused while the speed it counts is the same (``info`` is fixed:
+    #: a registration makes a new Provider). A scheduling pass asks for every ready provider's spec, per job
+    _specs: dict[str, ProviderSpec] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ready(self) -> bool:
@@ -203,8 +206,12 @@ class Provider:
         """What a planner sees of it; ``cap``: the most its speed may count for (an unmeasured claim)."""
         info = self.info
         speed = self.gflops(task_type) if cap is None else min(cap, self.gflops(task_type))
-        return ProviderSpec(info.provider_id, speed, info.memory_bytes, info.device_kind, info.dtypes,
-                            info.datasets, info.collectives)
+        made = self._specs.get(task_type)
+        if made is not None and made.gflops == speed:  # its info is fixed: a registration makes a new Provider
+            return made
+        made = self._specs[task_type] = ProviderSpec(info.provider_id, speed, info.memory_bytes, info.device_kind,
+                                                     info.dtypes, info.datasets, info.collectives)
+        return made
 
     def learn(self, task_type: str, flops: float, elapsed: float) -> None:
         """Fold one finished subtask into the throughput estimate for its task type: ``elapsed``

@@ -381,8 +381,9 @@ class Lifecycle:
         self.store.update(job.job_id, state=job.state.value, started_at=job.started_at, finished_at=job.finished_at,
                           error=job.error, stats=stats, **({"results": inline} if inline else {}))
         outcome = job.state.value
-        log.info("job %s%s", outcome, f": {job.error}" if job.error and outcome != "done" else "",
-                 extra={"job_id": job.job_id})
+        # a job done is an event (job.done), not news for the log: a head doing 2,000 jobs a second logs none
+        log.log(logging.DEBUG if outcome == "done" else logging.INFO, "job %s%s", outcome,
+                f": {job.error}" if job.error and outcome != "done" else "", extra={"job_id": job.job_id})
         self.events.emit(f"job.{outcome}", job_id=job.job_id, error=job.error, seconds=stats.get("compute_s"),
                          **stats["progress"])  # the job's progress as it ended (a cancelled one: not 100%)
         # only once the outcome is committed: the queue forgets the job, its waiters hear of it

@@ -14,7 +14,7 @@ from . import wire
 from .base import ArrayMeta, Device, JobContext, Planner, ProviderSpec, SplitPlanner, SplitTask, SubtaskPlan, checkpoint
 from .registry import register
 from .rows import MEMORY_FRACTION, check_block, fits_rows, place_rows, proportional_rows, row_blocks, row_chunks
-from .verify import Freivalds
+from .verify import EXACT_MAX_TERMS, Freivalds, exact_check
 
 __all__ = ["MEMORY_FRACTION", "MatMul", "MatMulPlanner", "proportional_rows"]
 
@@ -141,14 +141,19 @@ class MatMulPlanner(SplitPlanner):
             block = arrays[0]
         else:  # written in place into the job's output file by a co-located provider
             block = self.job.results["c"][r0:r0 + rows]
-        if self._freivalds is None:  # B r once per job, at its first result
-            self._freivalds = Freivalds.of(self.job.operands["b"], _SECRET)
-        found = self._freivalds.check(self.job.operands["a"][r0:r0 + rows], block)
+        a, b = self.job.operands["a"][r0:r0 + rows], self.job.operands["b"]
+        exact = rows * b.shape[0] * b.shape[1] <= EXACT_MAX_TERMS
+        if exact:  # a small block: recomputed (cheaper than Freivalds' vectors)
+            found = exact_check(a, b, block)
+        else:
+            if self._freivalds is None:  # B r once per job, at its first result
+                self._freivalds = Freivalds.of(b, _SECRET)
+            found = self._freivalds.check(a, block)
         if not found.ok:
             self.rejected += 1
+            check = "the exact check" if exact else "Freivalds' check"
             raise WrongResult(f"matmul result rows {r0}..{r0 + rows - 1}"
-                                  f"{' (written in place)' if not arrays else ''} failed Freivalds' check: "
-                                  f"{found.describe(r0)}")
+                              f"{' (written in place)' if not arrays else ''} failed {check}: {found.describe(r0)}")
         self._unverified[r0] = found.unverified
 
     def summary(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from common.errors import ValidationError
 from common.tasks import ArrayMeta
 from common.tasks.base import JobContext
 from common.tasks.matmul import MatMulPlanner
-from common.tasks.verify import Freivalds
+from common.tasks.verify import EXACT_MAX_TERMS, Freivalds, exact_check
 
 DTYPES = ("float64", "float32")
 
@@ -227,7 +227,7 @@ def test_the_shape_and_dtype_are_still_checked_first() -> None:
 
 
 def test_every_job_draws_its_own_vector() -> None:
-    a, b = np.ones((4, 3)), np.random.default_rng(2).standard_normal((3, 50))
+    a, b = np.ones((4, 300)), np.random.default_rng(2).standard_normal((300, 50))  # past EXACT_MAX_TERMS
     vectors = []
     for _ in range(3):
         p = planner(a, b)
@@ -236,3 +236,62 @@ def test_every_job_draws_its_own_vector() -> None:
         vectors.append(p._freivalds.r)
     assert not np.array_equal(vectors[0], vectors[1]) and not np.array_equal(vectors[1], vectors[2])
     assert all(0.5 <= abs(x) <= 1.0 for v in vectors for x in v)
+
+
+# ---- small blocks: the exact check ---------------------------------------------------------------------------
+SMALL = [(1, 1, 1), (4, 4, 4), (3, 17, 5), (16, 64, 32), (2, 4096, 4)]  # at most EXACT_MAX_TERMS terms
+
+
+def test_small_blocks_take_the_exact_check() -> None:
+    assert all(m * k * n <= EXACT_MAX_TERMS for m, k, n in SMALL)
+    a, b = np.ones((4, 4)), np.ones((4, 4))
+    p = planner(a, b)
+    p.check_result(block(0, 4), [a @ b])
+    assert p._freivalds is None  # no vectors drawn for it
+    with pytest.raises(ValidationError, match=r"rows 0\.\.3 failed the exact check: 1 of 4 rows wrong: row 2 off by 1"):
+        wrong = a @ b
+        wrong[2, 3] += 1.0
+        p.check_result(block(0, 4), [wrong])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "positive", "large", "tiny", "scales", "integers", "cancelling"])
+def test_the_exact_check_never_fails_a_correct_result(dtype: str, kind: str) -> None:
+    rng = np.random.default_rng(abs(hash(("exact", dtype, kind))) % 2**32)
+    for m, k, n in SMALL:
+        a, b = _data(kind, dtype, m, k, n, rng)
+        results = [a @ b, _sequential(a, b), (a[:, ::-1] @ b[::-1]).astype(dtype)]
+        for c in results:
+            found = exact_check(a, b, c)
+            assert found.ok and found.unverified == 0, (kind, m, k, n, found.describe(0))
+
+
+def test_the_exact_check_catches_a_change_of_one_unit_of_rounding_past_its_bound() -> None:
+    rng = np.random.default_rng(4)
+    for dtype in DTYPES:
+        a, b = _data("normal", dtype, 16, 64, 32, rng)
+        c = a @ b
+        wrong = c.copy()
+        wrong[5, 7] += 1e-3 * np.abs(c[5]).max()  # far below Freivalds' noise floor for big blocks: still caught
+        found = exact_check(a, b, wrong)
+        assert found.bad.tolist() == [5] and found.error[0] > found.tolerance[0]
+
+
+def test_the_exact_check_with_nan_inf_and_overflow() -> None:
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((20, 10)), rng.standard_normal((10, 8))
+    a[2, 1], b[3, 6] = np.nan, np.nan  # row 2 of C and its column 6: not verified
+    c = a @ b
+    found = exact_check(a, b, c)
+    assert found.ok and found.unverified == 20  # every row has its column-6 entry unverified
+    wrong = c.copy()
+    wrong[7, 1] = np.nan  # where the product is finite: caught
+    found = exact_check(a, b, wrong)
+    assert found.bad.tolist() == [7] and np.isnan(found.error[0])
+    big_a = rng.standard_normal((4, 8)).astype("float32")
+    big_a[:2] *= 1e36
+    big_b = rng.standard_normal((8, 3)).astype("float32") * 1e3
+    with np.errstate(all="ignore"):
+        over = big_a @ big_b
+    found = exact_check(big_a, big_b, over)
+    assert found.ok and found.unverified == 2
