@@ -13,8 +13,9 @@ accepted durably (embedded: committed to the job store; rabbitmq: confirmed by t
 
 dcf is measured three ways:
   * batch:      ``Client.map("matmul", [...])``: 1000 jobs per request, then gathered (and forgotten);
-  * one by one: ``Client.submit_async(...)`` once per job (one request each, a few in flight, as
-                Ray's ``.remote``), then ``Client.gather``;
+  * one by one: ``Client.submit_async(...)`` once per job (as Ray's ``.remote``), then ``Client.gather``;
+                the client's outbox sends each job at once while a request is free (4 in flight) and
+                the jobs submitted meanwhile together in the next (user_client/outbox.py);
   * round trip: ``Client.matmul(A, B)``: one request (submit, wait, result inline).
 Each round runs dcf (every store) and then each peer once; the ratios are per round, and their
 median is printed. Not a test: nothing here passes or fails.

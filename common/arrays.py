@@ -7,6 +7,17 @@ from typing import Any
 
 import numpy as np
 
+_NAMES: dict[np.dtype[Any], str] = {}
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """numpy's name of a dtype ("float32"), remembered: ``dtype.name`` is a Python property that builds it
+    anew each time (~2 µs), and the head asks for it a few times per job."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = dtype.name
+    return name
+
 
 @dataclass(frozen=True)
 class ArrayMeta:
@@ -25,7 +36,7 @@ class ArrayMeta:
 
     @classmethod
     def of(cls, arr: np.ndarray) -> ArrayMeta:
-        return cls(arr.dtype.name, arr.shape)  # numpy's shape is a tuple of Python ints
+        return cls(dtype_name(arr.dtype), arr.shape)  # numpy's shape is a tuple of Python ints
 
 
 def from_bytes(meta: dict[str, Any], data: bytes) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,6 +39,7 @@ from common.errors import (
 from common.jobs import TERMINAL_NAMES, JobState
 
 from .channel import Channel, Reply
+from .outbox import Outbox
 
 if TYPE_CHECKING:  # numpy, the batch codec, the array helpers and httpx load when first needed
     import httpx
@@ -50,7 +51,7 @@ CHUNK = 4 * 1024 * 1024
 #: jobs per batch request of ``submit_many``/``map``/``gather``
 BATCH_JOBS = 1000
 MSGPACK = "application/msgpack"
-#: submissions of ``submit_async`` in flight at once
+#: requests of ``submit_async`` in flight at once
 SUBMIT_THREADS = 4
 Results = dict[str, "np.ndarray"]  # a job's outputs by name
 TERMINAL = TERMINAL_NAMES  # the states a job ends in
@@ -96,7 +97,7 @@ class Client:
         self.channel = Channel(self.settings.head_url, token, timeout)
         self._http: httpx.Client | None = None  # streamed uploads and downloads, built on first use
         self._http_url = ""  # the head ``_http`` talks to
-        self._pool: ThreadPoolExecutor | None = None  # submit_async's, started at its first use
+        self._outbox = Outbox(self.submit_many, SUBMIT_THREADS, BATCH_JOBS)  # submit_async's (threads at first use)
 
     @property
     def url(self) -> str:
@@ -122,8 +123,7 @@ class Client:
         return self._http
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._outbox.close()
         self.channel.close()
         if self._http is not None:
             self._http.close()
@@ -367,11 +367,10 @@ class Client:
                      nodes: int | None = None) -> Future[str]:
         """Submit one job without waiting for the head: a future of its id, set once the head accepted
         it durably (or of the error). Submissions overlap on a few connections, as Ray's ``.remote``
-        calls do; ``gather`` takes the futures."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="dcf-submit")
-        spec = {"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes}
-        return self._pool.submit(lambda: self.submit_many([spec])[0])
+        calls do, and those made while others are in flight share a request (outbox.py); ``gather``
+        takes the futures."""
+        return self._outbox.put({"type": task_type, "inputs": inputs, "params": params or {}, "nodes": nodes,
+                                 "idempotency_key": new_idempotency_key()})
 
     def gather(self, job_ids: Sequence[str | Future[str]], timeout: float | None = None, forget: bool = False,
                first: Sequence[dict[str, Any]] = ()) -> list[Results]:

@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ..arrays import dtype_name
 from ..errors import ProtocolError, TooLarge, ValidationError, VersionMismatch
 from ..npyfmt import ACCEPTED_DTYPES
 
@@ -100,11 +101,11 @@ class GatherRequest:
 def pack_array(arr: np.ndarray) -> dict[str, Any]:
     """An array as a msgpack map; its buffer goes as bin without a copy when it is C-ordered."""
     arr = np.ascontiguousarray(arr)
-    if arr.dtype.name not in ACCEPTED_DTYPES:
+    if dtype_name(arr.dtype) not in ACCEPTED_DTYPES:
         raise ValidationError(f"dtype {arr.dtype} cannot travel inline; use one of {', '.join(ACCEPTED_DTYPES)}")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.reshape(-1).data.cast("B")}
+    return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "data": arr.reshape(-1).data.cast("B")}
 
 
 def unpack_array(what: str, obj: Any, max_bytes: int = MAX_INLINE_BYTES) -> np.ndarray:

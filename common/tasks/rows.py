@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import dtype_name
 from ..errors import ValidationError
 from .base import ProviderSpec
 
@@ -98,7 +99,7 @@ def check_block(task: str, arrays: Sequence[np.ndarray], dtype: str, shape: tupl
     if len(arrays) != 1:
         raise ValidationError(f"{task} result must be one array, got {len(arrays)}")
     got = arrays[0]
-    if got.dtype.name != dtype or tuple(got.shape) != tuple(shape):
+    if dtype_name(got.dtype) != dtype or tuple(got.shape) != tuple(shape):
         raise ValidationError(f"{task} result is {got.dtype.name}{list(got.shape)}, expected {dtype}{list(shape)}")
 
 

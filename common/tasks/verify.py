@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..arrays import dtype_name
+
 __all__ = ["C_ROUND", "EXACT_MAX_TERMS", "TAU", "BlockCheck", "Freivalds", "exact_check"]
 
 #: Hoeffding's multiple of ||e_i||: a correct row fails with probability 2·exp(-TAU²/2), about 5e-18
@@ -211,7 +213,7 @@ class Freivalds:
         x = rng.uniform(-1.0, 1.0, nv)
         r = np.copysign(0.5 + 0.5 * np.abs(x), x)  # |r_j| in [0.5, 1], either sign
         y = matvec(b, r, cols)
-        u, tiny, most = _LIMITS[b.dtype.name]
+        u, tiny, most = _LIMITS[dtype_name(b.dtype)]
         y_norm, r_norm = math.sqrt(float(y @ y)), math.sqrt(float(r @ r))
         slope = (TAU * _provider_gamma(k, u) * b_fro  # the provider's rounding, over the secret r
                  + _gamma(k, _U64) * y_norm  # A_i · y in float64
@@ -246,7 +248,7 @@ def exact_check(a_rows: np.ndarray, b: np.ndarray, c_rows: np.ndarray) -> BlockC
     with np.errstate(all="ignore"):  # NaN and Inf are expected (and handled) here
         a64, b64 = _f64(a_rows), _f64(b)
         k = int(b.shape[0])
-        u, tiny, most = _LIMITS[c_rows.dtype.name]
+        u, tiny, most = _LIMITS[dtype_name(c_rows.dtype)]
         scale = np.abs(a64) @ np.abs(b64)
         slack = (_gamma(k, u) + 2 * _gamma(k, _U64)) * (1 + 1e-6)
         tol = scale * slack + 2 * k * (tiny + _TINY64)

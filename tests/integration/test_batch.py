@@ -90,6 +90,20 @@ def test_submit_async_and_gather(client: Client) -> None:
         np.testing.assert_allclose(got["c"], (a * i) @ a.T)
 
 
+def test_submit_async_shares_requests_and_a_bad_job_fails_alone(client: Client) -> None:
+    a = np.arange(6.0).reshape(2, 3)
+    futures = [client.submit_async("matmul", {"a": a * i, "b": a.T}) for i in range(200)]
+    bad = client.submit_async("matmul", {"a": a, "b": a})  # (2, 3) @ (2, 3): refused
+    more = [client.submit_async("matmul", {"a": a * i, "b": a.T}) for i in range(200, 260)]
+    with pytest.raises(ValidationError, match="inner dimensions|shape"):
+        bad.result(60)
+    ids = [f.result(60) for f in futures + more]
+    assert len(set(ids)) == 260  # each job once: a request refused for the bad one made none of them
+    out = client.gather(ids, timeout=60, forget=True)
+    for i, got in enumerate(out):
+        np.testing.assert_allclose(got["c"], (a * i) @ a.T)
+
+
 def test_gather_of_a_deleted_job_is_not_found(client: Client) -> None:
     job = client.submit_matmul(np.ones((2, 2)), np.ones((2, 2)))
     np.testing.assert_array_equal(client.gather([job])[0]["c"], np.full((2, 2), 2.0))
