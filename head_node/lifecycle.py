@@ -234,6 +234,8 @@ class Lifecycle:
         """ValidationError (422) when the job cannot start on the providers ready now because of who they are
         (``TaskType.cannot_start``, e.g. an allreduce job none of them can join). A plugin's check that breaks
         is logged and the job accepted: its planner decides when it runs."""
+        if type(task).cannot_start is tasks.TaskType.cannot_start:  # no check: no look at the providers
+            return
         try:
             why = task.cannot_start(params, metas, self.ready_for(task.name, params, metas))
         except DcfError:
