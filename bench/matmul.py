@@ -71,14 +71,16 @@ def time_cli(url: str, a_path: Path, b_path: Path, c_path: Path, repeats: int, e
 
 def anchor(anchors: Path, python: str, script: str, n: int, repeats: int) -> float | None:
     try:
-        out = subprocess.run([python, str(anchors / script), "--sizes", str(n), "--repeats", str(repeats)],
-                             capture_output=True, text=True, timeout=600, cwd=anchors,
+        out = subprocess.run([python, str(anchors.resolve() / script), "--sizes", str(n), "--repeats", str(repeats)],
+                             capture_output=True, text=True, timeout=600, cwd=anchors.resolve(),
                              env={"PATH": "/usr/bin:/bin", "HOME": tempfile.mkdtemp(),
                                   "RAY_USAGE_STATS_ENABLED": "0",
                                   # Ray on loopback only (its node address is 127.0.0.1, not the VM's)
                                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-        line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
-        return float(json.loads(line)["sizes"][str(n)]["median"])
+        lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"exit {out.returncode}, printed no result: {out.stderr.strip()[-300:]}")
+        return float(json.loads(lines[-1])["sizes"][str(n)]["median"])
     except Exception as exc:  # optional comparison: report and go on
         print(f"  ({script} failed: {exc})")
         return None

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -30,7 +28,7 @@ from typing import Any, BinaryIO
 import msgpack
 import numpy as np
 
-from common import layout, security
+from common import digests, layout, security
 from common.arrays import ArrayMeta
 from common.errors import ConfigError, DcfError, NoSpace, NotFound, TooLarge, ValidationError
 from common.npyfmt import MAX_NPY_HEADER, parse_npy_header
@@ -127,46 +125,14 @@ def preallocate(root: Path, fd: int, size: int, what: str) -> None:
 
 
 # ---- checksums ------------------------------------------------------------------------------
-#: every blob and output file has a SHA-256 digest of its bytes (header included) beside it, in
-#: ``.<file name>.sha256``: the ``hashlib.sha256`` of the CPU (SHA-NI) runs at 1.7-1.8 GB/s here, twice
-#: blake2b's 0.9 GB/s: 76 ms for a 4096² float64 array (128 MiB)
-DIGEST = "sha256"
-
-
-def digest_path(path: Path) -> Path:
-    """Where the digest of a stored file is kept: a hidden file beside it."""
-    return path.with_name(f".{path.name}.{DIGEST}")
-
-
-def file_digest(path: Path) -> str:
-    """The hex SHA-256 of a file's bytes, read through a mapping (no copy; the hash releases the GIL)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return hashlib.sha256().hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return hashlib.sha256(mapped).hexdigest()
-
-
 def write_digest(path: Path, digest: str, fsync: bool) -> None:
-    """Record ``digest`` for the file ``path`` (before that file is renamed into place)."""
-    final = digest_path(path)
+    """Record ``digest`` (common/digests.py) for the file ``path`` (before that file is renamed into place); a
+    digest of the earlier algorithm left beside it goes."""
+    final = digests.digest_path(path)
     tmp = final.with_name(final.name + ".part")
-    tmp.write_text(f"{DIGEST} {digest}\n")
+    tmp.write_text(digests.digest_line(digest))
     replace_file(tmp, final, fsync)
-
-
-def read_digest(path: Path) -> str | None:
-    """The digest recorded for ``path``; None if none was (a file stored before checksums existed);
-    "" if the digest file is unreadable."""
-    try:
-        text = digest_path(path).read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError):
-        return ""
-    algo, _, digest = text.strip().partition(" ")
-    return digest if algo == DIGEST and len(digest) == 64 else ""
+    digests.digest_path(path, digests.LEGACY).unlink(missing_ok=True)
 
 
 def _signature(path: Path) -> tuple[int, int, int, int]:
@@ -199,7 +165,7 @@ class BlobWriter:
         self.expected = 0
         self.received = 0
         self.max_bytes = max_bytes
-        self.hash = hashlib.sha256()  # of every byte written: the blob's digest, with no second read
+        self.hash = digests.new_hash()  # of every byte written: the blob's digest, with no second read
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -245,7 +211,7 @@ class BlobWriter:
         with contextlib.suppress(OSError):  # a full disk may refuse the buffered rest: the file goes anyway
             self.file.close()
         self.tmp.unlink(missing_ok=True)
-        digest_path(self.store.blob_path(self.blob_id)).unlink(missing_ok=True)
+        digests.remove_digests(self.store.blob_path(self.blob_id))
 
 
 class BlobStore:
@@ -302,11 +268,11 @@ class BlobStore:
         final = self.blob_path(blob_id)
         try:
             with disk_full_is_no_space(self.root, "an upload"):
-                write_digest(final, file_digest(path), fsync)  # one read of a file the client just wrote (cached)
+                write_digest(final, digests.file_digest(path), fsync)  # one read of a file the client just wrote
                 replace_file(path, final, fsync)
         except NoSpace:
             path.unlink(missing_ok=True)
-            digest_path(final).unlink(missing_ok=True)
+            digests.remove_digests(final)
             raise
         self.metas[blob_id] = meta
         self.trust(final)
@@ -344,11 +310,11 @@ class BlobStore:
             with disk_full_is_no_space(self.root, "an array"):
                 with open(tmp, "wb") as f:
                     np.save(f, arr, allow_pickle=False)
-                write_digest(path, file_digest(tmp), fsync=False)
+                write_digest(path, digests.file_digest(tmp), fsync=False)
                 replace_file(tmp, path, fsync=False)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            digest_path(path).unlink(missing_ok=True)
+            digests.remove_digests(path)
             raise
         self.trust(path)
         return blob_id
@@ -358,7 +324,7 @@ class BlobStore:
         path = self.blob_path(blob_id)
         existed = path.exists()
         path.unlink(missing_ok=True)
-        digest_path(path).unlink(missing_ok=True)
+        digests.remove_digests(path)
         self.verified.pop(path, None)
         return existed
 
@@ -379,12 +345,13 @@ class BlobStore:
             raise NotFound(f"{what} is missing from the state dir") from None
         if self.verified.get(path) == sig:
             return
-        expected = read_digest(path)
-        if expected is not None:
-            actual = file_digest(path) if expected else ""
-            if actual != expected:
+        recorded = digests.read_digest(path)
+        if recorded is not None:
+            algorithm, expected = recorded
+            actual = digests.file_digest(path, algorithm) if expected else ""
+            if not expected or actual != expected:  # an unreadable digest file is no proof either
                 why = "its checksum file is unreadable" if not expected else (
-                    f"{DIGEST} {actual[:16]}..., stored {expected[:16]}...")
+                    f"{algorithm} {actual[:16]}..., stored {expected[:16]}...")
                 log.error("%s is corrupt: checksum mismatch (%s; %s)", what, path, why)
                 raise error(f"{what} is corrupt: checksum mismatch ({why}); its bytes are not served")
         self.verified[path] = sig
@@ -444,7 +411,7 @@ class BlobStore:
                     arr.flush()  # type: ignore[attr-defined]
                     with open(part, "rb+") as f:
                         os.fsync(f.fileno())
-                write_digest(final, file_digest(part), fsync)  # the bytes assembled, before they are published
+                write_digest(final, digests.file_digest(part), fsync)  # the bytes assembled, before they are published
             os.replace(part, final)
             self.trust(final)
         if fsync:

@@ -681,25 +681,19 @@ def _settings(given: dict[str, Any], base: ClientSettings | None) -> ClientSetti
 
 
 def _verify_shared(path: Path, what: str) -> None:
-    """A result file read from the head's state dir has the SHA-256 the head recorded beside it (in
-    ``.<file name>.sha256``, head_node/store.py) when it published it; InternalError if not, as over
-    HTTP. The file is hashed through a mapping (no copy: ~76 ms for 128 MiB); no digest file (a result
-    stored before checksums existed): taken as it is."""
-    import hashlib
-    import mmap
+    """A result file read from the head's state dir has the digest the head recorded beside it
+    (common/digests.py) when it published it; InternalError if not, as over HTTP. The file is hashed
+    through a mapping (no copy); no digest file (a result stored before checksums existed): taken as it is."""
+    from common import digests
 
-    try:
-        text = path.with_name(f".{path.name}.sha256").read_text()
-    except FileNotFoundError:
+    recorded = digests.read_digest(path)
+    if recorded is None:
         return
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    algo, _, expected = text.strip().partition(" ")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        actual = hashlib.sha256(mapped).hexdigest()
-    if algo != "sha256" or actual != expected:
-        raise InternalError(f"{what} is corrupt: checksum mismatch (sha256 {actual[:16]}..., stored "
-                            f"{expected[:16] or 'unreadable'}...); its bytes are not used")
+    algorithm, expected = recorded
+    actual = digests.file_digest(path, algorithm or digests.ALGORITHM)
+    if not expected or actual != expected:
+        raise InternalError(f"{what} is corrupt: checksum mismatch ({algorithm or digests.ALGORITHM} {actual[:16]}..., "
+                            f"stored {expected[:16] or 'unreadable'}...); its bytes are not used")
 
 
 def _write_npy(path: Path, header: bytes, arr: np.ndarray, progress: Progress | None) -> None:

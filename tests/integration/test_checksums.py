@@ -48,7 +48,7 @@ def test_a_changed_result_is_refused_not_served(cluster: LocalCluster, shared: s
     with Client(cluster.url, shared_files=shared) as client:
         job, _, _, want = _job(client, 1)
         path = layout.output_path(cluster.state_dir, job, "c")
-        assert (path.parent / ".c.npy.sha256").read_text().startswith("sha256 ")
+        assert (path.parent / ".c.npy.xxh3_128").read_text().startswith("xxh3_128 ")
         np.testing.assert_allclose(client.result(job), want)  # unchanged: served, and right
         _spoil(path)
         with pytest.raises(InternalError, match=f"result c of job {job} is corrupt: checksum mismatch"):
@@ -68,13 +68,13 @@ def test_a_corrupt_operand_fails_its_job_clearly(cluster: LocalCluster, shared: 
         a, b = rng.random((64, 64)), rng.random((64, 64))
         blob_a, blob_b = client.upload(a)["blob_id"], client.upload(b)["blob_id"]
         path = layout.blob_path(cluster.state_dir, blob_a)
-        assert (path.parent / f".{path.name}.sha256").exists()
+        assert (path.parent / f".{path.name}.xxh3_128").exists()
         _spoil(path)
         job = client.submit("matmul", {"a": blob_a, "b": blob_b})
         with pytest.raises(TaskError, match=f"blob {blob_a} is corrupt: checksum mismatch"):
             client.wait(job, timeout=60)
         client.delete(job)
-        assert not path.exists() and not (path.parent / f".{path.name}.sha256").exists()
+        assert not path.exists() and not (path.parent / f".{path.name}.xxh3_128").exists()
 
 
 def test_after_a_restart_files_are_checked_once(tmp_path: Path) -> None:
@@ -108,6 +108,6 @@ def test_files_stored_before_checksums_are_served_as_they_are(cluster: LocalClus
     """A state dir from an earlier version has no digest files: its results are still served."""
     with Client(cluster.url, shared_files="off") as client:
         job, _, _, want = _job(client, 6)
-        os.unlink(layout.job_dir(cluster.state_dir, job) / ".c.npy.sha256")
+        os.unlink(layout.job_dir(cluster.state_dir, job) / ".c.npy.xxh3_128")
         os.utime(layout.output_path(cluster.state_dir, job, "c"))  # changed since the head checked it
         np.testing.assert_allclose(client.result(job), want)

@@ -51,7 +51,7 @@ def test_old_unused_blobs_and_stray_incoming_files_go_and_the_rest_stay(parts) -
     sweep = UnusedBlobs(blobs, store, ttl=3600, max_bytes=1 << 30).sweep(NOW)
     assert sweep.deleted == 2 and sweep.kept == 1  # old_unused and the stray file; new_unused kept
     assert not blobs.blob_path(old_unused).exists() and not stray.exists()
-    assert not (blobs.blob_dir / f".{old_unused}.npy.sha256").exists()  # its digest went with it
+    assert not (blobs.blob_dir / f".{old_unused}.npy.xxh3_128").exists()  # its digest went with it
     for blob_id in (new_unused, old_used, old_pending):
         assert blobs.blob_path(blob_id).exists()
     assert fresh.exists()
