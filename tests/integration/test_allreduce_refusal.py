@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,7 @@ def ids(cl: LocalCluster) -> dict[str, str]:
         return {n["name"]: n["provider_id"] for n in c.nodes()}
 
 
-def test_a_job_no_ready_provider_can_join_is_refused_naming_them(cluster: LocalCluster) -> None:
+def test_a_job_no_ready_provider_can_join_is_refused_naming_them(cluster: LocalCluster, tmp_path: Path) -> None:
     cluster.add_provider("--memory-limit", "1kB")
     cluster.wait_ready(1)
     out = run_cli("submit", "train", *ALLREDUCE, "--no-wait", url=cluster.url)
@@ -59,7 +60,7 @@ def test_a_job_no_ready_provider_can_join_is_refused_naming_them(cluster: LocalC
 
     cluster.add_provider()
     cluster.wait_ready(3)
-    out = run_cli("--json", "submit", "train", *ALLREDUCE, url=cluster.url, timeout=180)
+    out = run_cli("--json", "submit", "train", *ALLREDUCE, "-o", str(tmp_path / "m.pt"), url=cluster.url, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     with Client(cluster.url) as c:
         view = c.status(json.loads(out.stdout)["job_id"])
