@@ -214,6 +214,7 @@ class ClusterState:
         }
         self._last_tick: float | None = None  # the time of the last tick, and the end of a catch-up after a pause
         self._catch_up_until = 0.0
+        self._judged_since_pause = True
 
     # ---- the one entry -------------------------------------------------------------------
     def handle(self, stimulus: Stimulus, now: float, wall: float | None = None) -> list[Action]:
@@ -892,12 +893,18 @@ class ClusterState:
         and what the providers sent meanwhile (heartbeats, acks, results) waits unread in its sockets. Judged
         at once, a pause longer than the timeouts would declare live providers lost and strike subtasks that
         were acknowledged; as Cassandra's failure detector ignores a local pause, the head first reads what
-        came."""
+        came. A head whose every tick is late (overloaded for good) still judges: a catch-up is granted again
+        only after a tick that judged."""
         last, self._last_tick = self._last_tick, now
-        if self.timing.detect_pauses and last is not None and now - last > self.timing.heartbeat_interval:
+        late = self.timing.detect_pauses and last is not None and now - last > self.timing.heartbeat_interval
+        if late and self._judged_since_pause:
             self.counters["head_pauses"] += 1
             self._catch_up_until = now + self.timing.heartbeat_interval
-        return now < self._catch_up_until
+            self._judged_since_pause = False
+        if now < self._catch_up_until:
+            return True
+        self._judged_since_pause = True
+        return False
 
     def _on_reschedule(self, ev: Reschedule, now: float) -> list[Action]:
         return self._schedule(now)

@@ -569,6 +569,16 @@ def test_the_heads_own_pause_is_not_its_providers_silence():
     assert lost == [ProviderLost(q.provider_id, len([s for s in sent if s.provider_id == q.provider_id]))]
 
 
+def test_a_head_whose_every_tick_is_late_still_declares_a_silent_provider_lost():
+    cs = ClusterState(hexid(), Timing(heartbeat_interval=1.0, detect_pauses=True))
+    p = make_info()
+    connect(cs, p)
+    lost = []
+    for now in (2.0, 4.0, 6.0, 8.0):  # every tick 2 s late: one catch-up, then judged anyway
+        lost += [a for a in cs.handle(stimuli.Tick(), now) if isinstance(a, ProviderLost)]
+    assert lost == [ProviderLost(p.provider_id, 0)] and cs.counters["head_pauses"] >= 1
+
+
 def test_pauses_are_not_detected_where_time_jumps_from_tick_to_tick(cs):
     p = make_info()
     connect(cs, p)
