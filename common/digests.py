@@ -75,6 +75,20 @@ def read_digest(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def mismatch(path: Path) -> str | None:
+    """Why ``path``'s bytes do not match the digest recorded beside it ("its checksum file is unreadable", or
+    the two digests' heads), or None: they match, or no digest was recorded (a file stored before checksums
+    existed). The file is hashed only when a digest was read."""
+    recorded = read_digest(path)
+    if recorded is None:
+        return None
+    algorithm, expected = recorded
+    if not expected:  # an unreadable digest file is no proof either
+        return "its checksum file is unreadable"
+    actual = file_digest(path, algorithm)
+    return None if actual == expected else f"{algorithm} {actual[:16]}..., stored {expected[:16]}..."
+
+
 def remove_digests(path: Path) -> None:
     """A stored file's digest files, of either algorithm, removed (the file is deleted or replaced)."""
     for algorithm in (ALGORITHM, LEGACY):

@@ -345,15 +345,10 @@ class BlobStore:
             raise NotFound(f"{what} is missing from the state dir") from None
         if self.verified.get(path) == sig:
             return
-        recorded = digests.read_digest(path)
-        if recorded is not None:
-            algorithm, expected = recorded
-            actual = digests.file_digest(path, algorithm) if expected else ""
-            if not expected or actual != expected:  # an unreadable digest file is no proof either
-                why = "its checksum file is unreadable" if not expected else (
-                    f"{algorithm} {actual[:16]}..., stored {expected[:16]}...")
-                log.error("%s is corrupt: checksum mismatch (%s; %s)", what, path, why)
-                raise error(f"{what} is corrupt: checksum mismatch ({why}); its bytes are not served")
+        why = digests.mismatch(path)
+        if why is not None:
+            log.error("%s is corrupt: checksum mismatch (%s; %s)", what, path, why)
+            raise error(f"{what} is corrupt: checksum mismatch ({why}); its bytes are not served")
         self.verified[path] = sig
 
     # ---- job outputs -----------------------------------------------------------------

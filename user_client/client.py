@@ -686,14 +686,9 @@ def _verify_shared(path: Path, what: str) -> None:
     through a mapping (no copy); no digest file (a result stored before checksums existed): taken as it is."""
     from common import digests
 
-    recorded = digests.read_digest(path)
-    if recorded is None:
-        return
-    algorithm, expected = recorded
-    actual = digests.file_digest(path, algorithm or digests.ALGORITHM)
-    if not expected or actual != expected:
-        raise InternalError(f"{what} is corrupt: checksum mismatch ({algorithm or digests.ALGORITHM} {actual[:16]}..., "
-                            f"stored {expected[:16] or 'unreadable'}...); its bytes are not used")
+    why = digests.mismatch(path)
+    if why is not None:
+        raise InternalError(f"{what} is corrupt: checksum mismatch ({why}); its bytes are not used")
 
 
 def _write_npy(path: Path, header: bytes, arr: np.ndarray, progress: Progress | None) -> None:
