@@ -147,7 +147,7 @@ class Lifecycle:
         pending = []
         for name in task_types:
             if name in tasks.names():
-                pending += [self._import(m) for m in tasks.get(name).head_imports if _installed(m)]
+                pending += [self._import(m) for m in tasks.get(name).head_imports if m in self.imports or _installed(m)]
         if pending:
             await asyncio.gather(*(asyncio.shield(f) for f in pending))
 
